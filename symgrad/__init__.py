@@ -1,0 +1,18 @@
+"""symgrad: a symbolic-to-numeric derivative compiler.
+
+Write the forward math of an op once, as a SymPy expression; symgrad derives its gradients
+symbolically, makes them numerically stable, and compiles them into cached Numba kernels.
+
+>>> import numpy as np, sympy as sp, symgrad as sg
+>>> x = sp.Symbol("x", real=True)
+>>> op = sg.elementwise(x**2, inputs=[x], name="square")
+>>> op.vjp(np.array([3.0]), np.array([1.0]))[0]
+array([6.])
+"""
+
+from ._version import __version__
+from .api import builtin, elementwise
+from .builtins import BUILTINS
+from .errors import SymgradError
+
+__all__ = ["BUILTINS", "SymgradError", "__version__", "builtin", "elementwise"]

@@ -1,0 +1,126 @@
+"""The ``symgrad`` command line.
+
+``symgrad demo``
+    derive and compile every built-in op, check values and gradients against PyTorch in float64
+    (if torch is installed) and print a table. It stands in for the main job until
+    ``symgrad finetune`` exists.
+``symgrad derive NAME``
+    print the derivation of a built-in op.
+``symgrad cache {path,clear}``
+    show or empty the kernel cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import __version__
+from .api import builtin
+from .builtins import BUILTINS, Builtin
+from .errors import SymgradError
+from .runtime.cache import cache_dir, clear_cache
+
+
+def _sample(entry: Builtin, rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    arrays = []
+    for domain in entry.domain:
+        if domain.kind == "uniform":
+            arrays.append(rng.uniform(domain.low, domain.high, n))
+        else:
+            arrays.append(rng.normal(size=n) * domain.scale)
+    return arrays
+
+
+def _relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    scale = max(float(np.max(np.abs(ref))), 1e-300)
+    return float(np.max(np.abs(ours - ref)) / scale)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        import torch
+    except ImportError:
+        torch = None
+        print("torch is not installed: showing symgrad's results without the reference check")
+    rng = np.random.default_rng(args.seed)
+    print(f"symgrad {__version__} — kernel cache: {cache_dir()}")
+    print(f"{'op':<16} {'compile s':>9} {'value err':>10} {'grad err':>10}")
+    worst = 0.0
+    for name, entry in BUILTINS.items():
+        start = time.perf_counter()
+        op = builtin(name)
+        arrays = _sample(entry, rng, args.size)
+        grad_out = rng.normal(size=args.size)
+        value, grads = op.value_and_vjp(*arrays, grad_output=grad_out)
+        elapsed = time.perf_counter() - start
+        if torch is None:
+            print(f"{name:<16} {elapsed:>9.2f} {'-':>10} {'-':>10}")
+            continue
+        tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
+        ref = entry.torch_ref(torch, *tensors, **entry.params)
+        ref.backward(torch.tensor(grad_out))
+        value_err = _relative_error(value, ref.detach().numpy())
+        grad_err = max(
+            _relative_error(g, t.grad.numpy())
+            for g, t, checked in zip(grads, tensors, entry.torch_grads, strict=True)
+            if checked
+        )
+        worst = max(worst, value_err, grad_err)
+        print(f"{name:<16} {elapsed:>9.2f} {value_err:>10.1e} {grad_err:>10.1e}")
+    if torch is not None:
+        ok = worst <= 1e-10
+        print(f"largest relative difference from torch (float64): {worst:.1e} — "
+              f"{'agrees' if ok else 'DISAGREES'}")
+        return 0 if ok else 1
+    return 0
+
+
+def cmd_derive(args: argparse.Namespace) -> int:
+    print(builtin(args.name).derivation().to_text())
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    if args.action == "clear":
+        print(f"removed {clear_cache()} cached module(s) from {cache_dir()}")
+    else:
+        print(cache_dir())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="symgrad", description="symbolic-to-numeric derivative compiler"
+    )
+    parser.add_argument("--version", action="version", version=f"symgrad {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="derive, compile and check every built-in op against torch")
+    demo.add_argument("--size", type=int, default=10_000, help="elements per op (default 10000)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.set_defaults(func=cmd_demo)
+    derive = sub.add_parser("derive", help="print the derivation of a built-in op")
+    derive.add_argument("name", choices=sorted(BUILTINS), metavar="NAME",
+                        help=f"one of: {', '.join(sorted(BUILTINS))}")
+    derive.set_defaults(func=cmd_derive)
+    cache = sub.add_parser("cache", help="show (path) or empty (clear) the kernel cache")
+    cache.add_argument("action", choices=["path", "clear"])
+    cache.set_defaults(func=cmd_cache)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SymgradError as err:
+        print(f"symgrad: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The one error hierarchy of symgrad.
+
+Every error symgrad raises on bad input is a :class:`SymgradError`.  Subclasses also derive
+from the builtin exception a caller would naturally catch (``ValueError`` for bad values and
+shapes, ``TypeError`` for bad types), so ``except ValueError`` keeps working.  A message says
+what is wrong, shows the offending value, and says what to do.
+"""
+
+from __future__ import annotations
+
+
+class SymgradError(Exception):
+    """Base class of every error symgrad raises on bad input."""
+
+
+class DefinitionError(SymgradError, ValueError):
+    """An op definition is malformed (inputs, names, constants, indices)."""
+
+
+class UnboundSymbolError(DefinitionError):
+    """A free symbol of a formula is neither an input, a dim, nor a bound constant."""
+
+
+class UnsupportedFunctionError(DefinitionError):
+    """A formula uses a function that symgrad cannot differentiate or compile."""
+
+
+class NonDifferentiableError(DefinitionError):
+    """Differentiating a formula produced a construct that has no numeric meaning."""
+
+
+class CodegenError(SymgradError, ValueError):
+    """The code generator met an expression it cannot print as Numba source."""
+
+
+class ShapeError(SymgradError, ValueError):
+    """Array shapes do not fit an op (mismatched inputs, wrong rank, inconsistent dims)."""
+
+
+class DTypeError(SymgradError, TypeError):
+    """An array has a dtype symgrad does not compute in (only float32 and float64)."""
+
+
+class CacheError(SymgradError, OSError):
+    """The kernel cache directory cannot be used."""
+
+
+class ArgumentError(SymgradError, TypeError):
+    """An op was called with the wrong number or kind of arguments."""

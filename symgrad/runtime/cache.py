@@ -1,0 +1,153 @@
+"""The on-disk kernel cache: generated modules, verified, imported, compiled by Numba.
+
+Layout: ``<cache dir>/<op name>_<digest>.py``, one module per op, where ``digest`` hashes the
+op's spec key with the *toolchain fingerprint* (symgrad's version and own source files, and the
+versions of SymPy, NumPy, Numba and llvmlite) — a change to any of them names a new file, so a
+stale kernel is never picked up.  Numba's own cache (``njit(cache=True)``) sits beside it in
+``__pycache__``.
+
+Every file carries the sha256 of its body in its header; a file whose body does not match (torn
+write, disk corruption, a hand edit) is rewritten, never trusted.  Files are written to a
+temporary name and renamed into place (atomic on POSIX), so two processes compiling the same op
+at once both succeed.  The directory is ``$SYMGRAD_CACHE_DIR`` if set, else
+``$XDG_CACHE_HOME/symgrad`` (``~/.cache/symgrad``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+from .._version import __version__
+from ..errors import CacheError
+
+_HEADER_HASH = re.compile(r"^# body-sha256 ([0-9a-f]{64})$", re.MULTILINE)
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    """The kernel cache directory (created if missing)."""
+    env = os.environ.get("SYMGRAD_CACHE_DIR")
+    if env:
+        path = Path(env).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = Path(base) / "symgrad"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CacheError(
+            f"cannot create the kernel cache directory {path}: {err}. Point SYMGRAD_CACHE_DIR "
+            "at a writable directory"
+        ) from err
+    if not os.access(path, os.W_OK):
+        raise CacheError(
+            f"the kernel cache directory {path} is not writable: point SYMGRAD_CACHE_DIR at a "
+            "writable directory"
+        )
+    return path
+
+
+@lru_cache(maxsize=1)
+def toolchain_fingerprint() -> str:
+    """A hash of everything besides the spec that shapes a compiled kernel."""
+    import llvmlite
+    import numba
+    import numpy
+    import sympy
+
+    digest = hashlib.sha256()
+    for part in (__version__, sympy.__version__, numpy.__version__, numba.__version__,
+                 llvmlite.__version__):
+        digest.update(part.encode() + b"\0")
+    for file in sorted(_PACKAGE_ROOT.rglob("*.py")):
+        digest.update(file.relative_to(_PACKAGE_ROOT).as_posix().encode() + b"\0")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def module_path(name: str, key: str) -> Path:
+    """Where the module of op ``name`` with spec ``key`` lives in the cache."""
+    digest = hashlib.sha256(f"{key}|{toolchain_fingerprint()}".encode()).hexdigest()[:24]
+    return cache_dir() / f"{name}_{digest}.py"
+
+
+def verified_text(path: Path) -> str | None:
+    """The file's text if its body matches the hash in its header, else None."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    match = _HEADER_HASH.search(text)
+    if match is None:
+        return None
+    body = text[match.end() + 1 :]
+    if hashlib.sha256(body.encode()).hexdigest() != match.group(1):
+        return None
+    return text
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_source(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` unless a verified identical copy is already there.
+
+    A file that fails verification is replaced, and Numba's cached binaries of it dropped.
+    """
+    if verified_text(path) == text:
+        return
+    if path.exists():
+        purge_compiled(path)
+    _atomic_write(path, text)
+
+
+def purge_compiled(path: Path) -> None:
+    """Delete Numba's cached binaries (index and data files) of the module at ``path``."""
+    pycache = path.parent / "__pycache__"
+    if pycache.is_dir():
+        for item in pycache.glob(f"{path.stem}.*"):
+            try:
+                item.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def import_module(path: Path) -> ModuleType:
+    """Import the generated module at ``path`` under a unique private name."""
+    name = f"_symgrad_kernels_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - a .py path always has one
+        raise CacheError(f"cannot import the generated module {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def clear_cache() -> int:
+    """Delete every cached kernel; returns the number of modules removed."""
+    root = cache_dir()
+    count = 0
+    for file in root.glob("*.py"):
+        file.unlink()
+        count += 1
+    shutil.rmtree(root / "__pycache__", ignore_errors=True)
+    return count

@@ -1,0 +1,229 @@
+"""ElementwiseOp: the checked Python wrapper around an op's compiled kernels.
+
+Numba does not bounds-check, so every argument is checked here before a kernel runs: the number
+of arrays, their dtypes (float32 or float64, one dtype per call), and their shapes (NumPy
+broadcasting; a gradient is summed back to the shape of its input).  Non-contiguous arrays are
+copied to contiguous ones.  Results have the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+import numpy as np
+
+from ..errors import ArgumentError, DTypeError, ShapeError
+from ..symbolic.derive import Derivation
+from ..symbolic.spec import OpSpec
+from .cache import import_module, purge_compiled, verified_text
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+Reduction = Literal["none", "sum", "mean"]
+
+
+def _as_float_array(value: object, what: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype not in _FLOATS:
+        raise DTypeError(
+            f"{what} has dtype {array.dtype}; symgrad computes in float32 or float64: convert "
+            f"it first, e.g. np.asarray(x, dtype=np.float64)"
+        )
+    return array
+
+
+def _unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``grad`` (of the broadcast shape) back down to an input's ``shape``."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + k for k, n in enumerate(shape) if n == 1 and grad.shape[lead + k] != 1
+    )
+    return grad.sum(axis=axes).reshape(shape)
+
+
+class ElementwiseOp:
+    """A compiled elementwise op.  Create it with :func:`symgrad.elementwise`.
+
+    ``op(*arrays)`` is the forward, ``op.vjp(*arrays, grad_output)`` the gradients,
+    ``op.value_and_vjp`` both in one pass; ``op.source`` is the generated Numba source and
+    ``op.derivation()`` the symbolic derivation behind it.
+    """
+
+    def __init__(
+        self,
+        spec: OpSpec,
+        path: Path,
+        derive: Callable[[], Derivation],
+        derivation: Derivation | None = None,
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.input_names = tuple(s.name for s in spec.inputs)
+        self._path = path
+        self._derive = derive
+        self._derivation = derivation
+        self._module: ModuleType | None = None
+        self._recovered = False
+
+    # -- introspection ---------------------------------------------------------------------
+
+    @property
+    def source(self) -> str:
+        """The generated Numba source of this op's kernels."""
+        text = verified_text(self._path)
+        if text is None:
+            raise FileNotFoundError(f"the kernel source of {self.name!r} vanished from {self._path}")
+        return text
+
+    def derivation(self) -> Derivation:
+        """The symbolic derivation behind the kernels (derived on first use if loaded warm)."""
+        if self._derivation is None:
+            self._derivation = self._derive()
+        return self._derivation
+
+    def __repr__(self) -> str:
+        consts = "".join(f", {k}={v!r}" for k, v in self.spec.constants)
+        return f"<symgrad elementwise op {self.name}({', '.join(self.input_names)}{consts})>"
+
+    # -- kernel calls ----------------------------------------------------------------------
+
+    def _kernel(self, name: str) -> Any:
+        if self._module is None:
+            self._module = import_module(self._path)
+        return getattr(self._module, name)
+
+    def _run(self, name: str, *args: Any) -> Any:
+        try:
+            return self._kernel(name)(*args)
+        except Exception:
+            # A corrupt Numba cache file fails on load: drop the binaries, re-import, retry once.
+            if self._recovered:
+                raise
+            self._recovered = True
+            purge_compiled(self._path)
+            self._module = None
+            return self._kernel(name)(*args)
+
+    def _inputs(self, arrays: tuple[object, ...]) -> tuple[list[np.ndarray], tuple[int, ...], np.dtype]:
+        n = len(self.input_names)
+        if len(arrays) != n:
+            raise ArgumentError(
+                f"op {self.name!r} takes {n} input array(s) ({', '.join(self.input_names)}), "
+                f"got {len(arrays)}"
+            )
+        given = [np.asarray(a) if isinstance(a, np.ndarray) else a for a in arrays]
+        dtypes = {a.dtype for a in given if isinstance(a, np.ndarray)}
+        if len(dtypes) > 1:
+            listing = ", ".join(
+                f"{nm}: {a.dtype}" for nm, a in zip(self.input_names, given, strict=True)
+                if isinstance(a, np.ndarray)
+            )
+            raise DTypeError(
+                f"op {self.name!r}: inputs have different dtypes ({listing}); cast them to one "
+                "dtype, float32 or float64"
+            )
+        dtype = dtypes.pop() if dtypes else np.dtype(np.float64)
+        checked = []
+        for nm, a in zip(self.input_names, given, strict=True):
+            if isinstance(a, np.ndarray):
+                checked.append(_as_float_array(a, f"op {self.name!r} input {nm!r}"))
+            else:  # a Python scalar or list takes the arrays' dtype
+                raw = np.asarray(a)
+                if raw.dtype.kind not in "iuf" or raw.dtype == np.bool_:
+                    _as_float_array(raw, f"op {self.name!r} input {nm!r}")
+                checked.append(raw.astype(dtype))
+        try:
+            shape = np.broadcast_shapes(*(a.shape for a in checked))
+        except ValueError:
+            listing = ", ".join(
+                f"{nm}: {a.shape}" for nm, a in zip(self.input_names, checked, strict=True)
+            )
+            raise ShapeError(
+                f"op {self.name!r}: input shapes do not match and do not broadcast ({listing}); "
+                "give arrays of one shape, or shapes NumPy can broadcast together"
+            ) from None
+        return checked, shape, dtype
+
+    @staticmethod
+    def _flat(arrays: list[np.ndarray], shape: tuple[int, ...]) -> list[np.ndarray]:
+        return [np.ascontiguousarray(np.broadcast_to(a, shape)).reshape(-1) for a in arrays]
+
+    def _cotangent(self, grad_output: object, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, int]:
+        g = np.asarray(grad_output)
+        if g.dtype.kind not in "iuf" or g.dtype == np.bool_:
+            raise DTypeError(
+                f"op {self.name!r}: grad_output has dtype {g.dtype}; give a float array"
+            )
+        if g.ndim == 0:
+            return np.full(1, g, dtype=dtype), 0
+        if g.shape != shape:
+            raise ShapeError(
+                f"op {self.name!r}: grad_output has shape {g.shape}, the output has shape "
+                f"{shape}; give a cotangent of the output's shape (or a scalar)"
+            )
+        return np.ascontiguousarray(g, dtype=dtype).reshape(-1), 1
+
+    def __call__(self, *arrays: object) -> np.ndarray:
+        """Forward: ``f`` applied element by element; inputs broadcast, output of their dtype."""
+        checked, shape, dtype = self._inputs(arrays)
+        flat = self._flat(checked, shape)
+        out = np.empty(flat[0].shape, dtype=dtype)
+        self._run("forward", *flat, out)
+        return out.reshape(shape)
+
+    def vjp(self, *arrays_and_grad: object) -> tuple[np.ndarray, ...]:
+        """``op.vjp(*inputs, grad_output)``: one gradient per input, of its shape and dtype.
+
+        ``grad_output`` has the output's shape (or is a scalar, broadcast).
+        """
+        if not arrays_and_grad:
+            raise ArgumentError(f"op {self.name!r}: vjp takes the inputs and then grad_output")
+        *arrays, grad_output = arrays_and_grad
+        checked, shape, dtype = self._inputs(tuple(arrays))
+        flat = self._flat(checked, shape)
+        g, step = self._cotangent(grad_output, shape, dtype)
+        grads = [np.empty(flat[0].shape, dtype=dtype) for _ in flat]
+        self._run("vjp", *flat, g, step, *grads)
+        return tuple(
+            _unbroadcast(gr.reshape(shape), a.shape) for gr, a in zip(grads, checked, strict=True)
+        )
+
+    def value_and_vjp(
+        self, *arrays: object, grad_output: object = 1.0, reduction: Reduction = "none"
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """Value and gradients in one pass over memory.
+
+        ``reduction="none"``: the elementwise values, and ``grad_output`` of the output's shape
+        (or a scalar).  ``"sum"`` / ``"mean"``: the reduced value as a 0-d array, and the
+        gradients of ``grad_output * sum`` (or mean) — the form of a loss.
+        """
+        checked, shape, dtype = self._inputs(arrays)
+        flat = self._flat(checked, shape)
+        grads = [np.empty(flat[0].shape, dtype=dtype) for _ in flat]
+        if reduction == "none":
+            g, step = self._cotangent(grad_output, shape, dtype)
+            out = np.empty(flat[0].shape, dtype=dtype)
+            self._run("value_and_vjp", *flat, g, step, out, *grads)
+            value = out.reshape(shape)
+        elif reduction in ("sum", "mean"):
+            g = np.asarray(grad_output)
+            if g.ndim != 0 or g.dtype.kind not in "iuf" or g.dtype == np.bool_:
+                raise ArgumentError(
+                    f"op {self.name!r}: with reduction={reduction!r} grad_output is a real "
+                    f"scalar, got {grad_output!r}"
+                )
+            count = max(1, int(np.prod(shape)))
+            scale = float(g) / count if reduction == "mean" else float(g)
+            total = self._run("value_and_vjp_sum", *flat, scale, *grads)
+            value = np.asarray(total / count if reduction == "mean" else total, dtype=dtype)
+        else:
+            raise ArgumentError(
+                f"op {self.name!r}: reduction must be 'none', 'sum' or 'mean', got {reduction!r}"
+            )
+        return value, tuple(
+            _unbroadcast(gr.reshape(shape), a.shape) for gr, a in zip(grads, checked, strict=True)
+        )

@@ -1,0 +1,96 @@
+"""Simplification with a time budget.
+
+``sympy.simplify`` can take minutes on a large derivative.  :func:`bounded_simplify` tries a
+ladder of rewrites, cheapest first, and keeps the one with the fewest operations; the expensive
+``sympy.simplify`` rung runs under a wall-clock budget (a ``SIGALRM`` timer, available on the
+main thread of a POSIX process) and is skipped where no timer can be set.  The result is always
+mathematically equal to the input: every rung is an identity-preserving SymPy rewrite.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import sympy as sp
+
+#: Default budget in seconds for the expensive rung; ``SYMGRAD_SIMPLIFY_SECONDS`` overrides it.
+DEFAULT_BUDGET = 2.0
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def _budget_from_env() -> float:
+    raw = os.environ.get("SYMGRAD_SIMPLIFY_SECONDS")
+    if raw is None:
+        return DEFAULT_BUDGET
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        return DEFAULT_BUDGET
+
+
+@contextmanager
+def _deadline(seconds: float) -> Iterator[bool]:
+    """Raise :class:`_OutOfTime` inside the block after ``seconds``; yields whether it can."""
+    can_time = (
+        seconds > 0
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not can_time:
+        yield False
+        return
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise _OutOfTime
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+_CHEAP: tuple[Callable[[sp.Expr], sp.Expr], ...] = (
+    sp.expand,
+    sp.factor_terms,
+    lambda e: sp.factor_terms(sp.expand(e)),
+    sp.cancel,
+)
+
+
+def bounded_simplify(expr: sp.Expr, budget: float | None = None) -> sp.Expr:
+    """The smallest (by ``count_ops``) of several SymPy simplifications of ``expr``.
+
+    ``budget`` bounds the time spent in ``sympy.simplify`` (default
+    :data:`DEFAULT_BUDGET`, or the environment variable ``SYMGRAD_SIMPLIFY_SECONDS``).
+    """
+    budget = _budget_from_env() if budget is None else budget
+    best, best_ops = expr, sp.count_ops(expr)
+
+    def consider(candidate: sp.Expr) -> None:
+        nonlocal best, best_ops
+        ops = sp.count_ops(candidate)
+        if ops < best_ops:
+            best, best_ops = candidate, ops
+
+    for rewrite in _CHEAP:
+        try:
+            consider(rewrite(expr))
+        except (sp.PolynomialError, TypeError, ValueError, NotImplementedError):
+            continue  # a rung that does not apply to this expression
+    with _deadline(budget) as timed:
+        if timed:
+            try:
+                consider(sp.simplify(best))
+            except _OutOfTime:
+                pass
+    return best

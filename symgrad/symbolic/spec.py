@@ -1,0 +1,156 @@
+"""OpSpec: a validated op definition, the input of every later stage.
+
+:func:`elementwise_spec` checks a user's formula at definition time — names, inputs, constants,
+unbound symbols — and returns a frozen :class:`OpSpec` whose ``key`` (a content hash) names the
+op's compiled kernels in the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import keyword
+import numbers
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import sympy as sp
+
+from ..errors import DefinitionError, UnboundSymbolError
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An elementwise op: ``out = expr(*inputs)``, applied element by element.
+
+    ``inputs`` are real symbols (the user's symbols, re-declared ``real=True`` so that
+    ``Abs`` and ``sign`` differentiate as on the real line); ``expr`` has every constant
+    substituted.  ``constants`` keeps the user's bindings for printouts.
+    """
+
+    name: str
+    expr: sp.Expr
+    inputs: tuple[sp.Symbol, ...]
+    constants: tuple[tuple[str, float], ...]
+    fastmath: bool = False
+    parallel: bool = False
+
+    @property
+    def key(self) -> str:
+        """A content hash of everything that determines the generated code."""
+        text = "|".join(
+            [
+                "elementwise",
+                self.name,
+                sp.srepr(self.expr),
+                ",".join(s.name for s in self.inputs),
+                repr(self.constants),
+                f"fastmath={self.fastmath}",
+                f"parallel={self.parallel}",
+            ]
+        )
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_name(name: object) -> str:
+    """An op name: a Python identifier (it names generated functions and cache files)."""
+    if not isinstance(name, str) or not _NAME.match(name) or keyword.iskeyword(name):
+        raise DefinitionError(
+            f"op name {name!r} is not usable: give a Python identifier such as 'softsign' "
+            "(letters, digits and underscores, not starting with a digit, not a keyword)"
+        )
+    return name
+
+
+def _as_number(symbol: sp.Symbol, value: object) -> sp.Expr:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, sp.Number)):
+        raise DefinitionError(
+            f"constant {symbol} = {value!r} ({type(value).__name__}) is not a real number: "
+            "bind constants to int, float or a SymPy number"
+        )
+    number = sp.sympify(value)
+    if not (number.is_real and number.is_finite):
+        raise DefinitionError(f"constant {symbol} = {value!r} is not a finite real number")
+    return number
+
+
+def bind_constants(
+    expr: sp.Expr, constants: Mapping[sp.Symbol | str, object] | None, reserved: Iterable[str]
+) -> tuple[sp.Expr, tuple[tuple[str, float], ...]]:
+    """Substitute ``constants`` into ``expr``; reject unknown, unused or clashing names."""
+    reserved = set(reserved)
+    by_name = {s.name: s for s in expr.free_symbols if isinstance(s, sp.Symbol)}
+    substitutions: dict[sp.Symbol, sp.Expr] = {}
+    record: list[tuple[str, float]] = []
+    for key, value in (constants or {}).items():
+        name = key.name if isinstance(key, sp.Symbol) else key
+        if not isinstance(name, str):
+            raise DefinitionError(f"constant key {key!r} is neither a SymPy Symbol nor a name")
+        if name in reserved:
+            raise DefinitionError(
+                f"{name!r} is declared both as an input and as a constant: drop one of the two"
+            )
+        if name not in by_name:
+            raise DefinitionError(
+                f"constant {name!r} does not occur in the formula {expr}: remove it or fix its "
+                f"name (the formula's symbols are {sorted(by_name)})"
+            )
+        number = _as_number(by_name[name], value)
+        substitutions[by_name[name]] = number
+        record.append((name, float(number)))
+    return expr.xreplace(substitutions), tuple(sorted(record))
+
+
+def elementwise_spec(
+    expr: object,
+    inputs: Iterable[sp.Symbol],
+    name: str,
+    constants: Mapping[sp.Symbol | str, object] | None = None,
+    fastmath: bool = False,
+    parallel: bool = False,
+) -> OpSpec:
+    """Validate an elementwise definition and return its :class:`OpSpec`."""
+    name = check_name(name)
+    try:
+        formula = sp.sympify(expr, strict=True)
+    except (sp.SympifyError, TypeError) as err:
+        raise DefinitionError(f"op {name!r}: the formula {expr!r} is not a SymPy expression") from err
+    if not isinstance(formula, sp.Expr) or isinstance(formula, sp.Indexed):
+        raise DefinitionError(
+            f"op {name!r}: the formula must be a scalar SymPy expression, got "
+            f"{type(formula).__name__} {formula}"
+        )
+    if formula.has(sp.Indexed, sp.IndexedBase):
+        raise DefinitionError(
+            f"op {name!r}: the formula uses indexed tensors; use symgrad.tensor_op for index "
+            "notation, symgrad.elementwise for scalar formulas"
+        )
+    inputs = tuple(inputs)
+    if not inputs:
+        raise DefinitionError(f"op {name!r}: give at least one input symbol in inputs=[...]")
+    for symbol in inputs:
+        if not isinstance(symbol, sp.Symbol):
+            raise DefinitionError(
+                f"op {name!r}: input {symbol!r} is not a SymPy Symbol; declare inputs with "
+                "sympy.Symbol('x', real=True)"
+            )
+    names = [s.name for s in inputs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DefinitionError(f"op {name!r}: input names repeat: {duplicates}")
+
+    formula, bound = bind_constants(formula, constants, reserved=names)
+    unbound = sorted(
+        s.name for s in formula.free_symbols if not (isinstance(s, sp.Symbol) and s.name in names)
+    )
+    if unbound:
+        raise UnboundSymbolError(
+            f"op {name!r}: symbol(s) {unbound} are neither inputs ({names}) nor bound constants; "
+            f"add them to inputs=[...] or bind them with constants={{{unbound[0]}: value}}"
+        )
+    real_inputs = tuple(sp.Symbol(n, real=True) for n in names)
+    by_name = dict(zip(names, real_inputs, strict=True))
+    formula = formula.xreplace({s: by_name[s.name] for s in formula.free_symbols})
+    return OpSpec(name, formula, real_inputs, bound, fastmath=fastmath, parallel=parallel)

@@ -1,0 +1,212 @@
+"""The stabilization pass: rewrite overflow-prone forms onto stable primitives.
+
+Applied to forward formulas *and* to derived expressions, bottom-up, to a fixed point.  Each
+rule is a function ``(node) -> node | None`` in :data:`RULES`, with a one-line reason; every
+application is recorded as a :class:`Rewrite` so derivation printouts can show it.
+
+Rules (``σ`` is :class:`~symgrad.symbolic.functions.sigmoid`):
+
+* ``(1 + exp(a))**-n``, paired with ``exp(a)`` factors → ``σ(a)`` / ``σ(-a)`` powers
+  (``exp(a)/(1+exp(a))`` and ``1/(1+exp(-a))`` overflow for large ``|a|``);
+* ``log(1 + exp(a))`` → ``softplus(a)``;
+* ``log(σ(a))`` → ``-softplus(-a)`` (``log`` of an underflowed sigmoid is ``-inf``);
+* ``1 - σ(a)`` → ``σ(-a)`` (cancellation loses all digits when σ(a) ≈ 1);
+* ``c·softplus(a) - c·a`` → ``c·softplus(-a)`` (the same cancellation, one level up);
+* ``exp(a) - 1`` → ``expm1(a)`` and ``log(1 + u)`` → ``log1p(u)`` (accuracy near 0).
+
+:func:`canonicalize` goes the other way (``σ(-a)`` → ``1 - σ(a)``, ``softplus(-a)`` →
+``softplus(a) - a``) so that simplification can cancel terms; the derivation stage
+canonicalizes, simplifies, then stabilizes again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sympy as sp
+from sympy.codegen.cfunctions import expm1, log1p
+
+from .functions import sigmoid, softplus
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One application of a stabilization rule."""
+
+    rule: str
+    why: str
+    before: sp.Expr
+    after: sp.Expr
+
+
+@dataclass(frozen=True)
+class Stabilized:
+    """The result of :func:`stabilize`: the rewritten expression and what was applied."""
+
+    expr: sp.Expr
+    rewrites: tuple[Rewrite, ...]
+
+
+def _one_plus_exp_arg(base: sp.Expr) -> sp.Expr | None:
+    """``a`` if ``base`` is ``1 + exp(a)``, else None."""
+    if isinstance(base, sp.Add) and len(base.args) == 2 and sp.S.One in base.args:
+        other = base.args[0] if base.args[1] == sp.S.One else base.args[1]
+        if isinstance(other, sp.exp):
+            return other.args[0]
+    return None
+
+
+def _sigmoid_from_ratio(node: sp.Expr) -> sp.Expr | None:
+    """``exp(a)**k * (1 + exp(a))**-n`` → ``σ(a)**k * σ(-a)**(n-k)``."""
+    factors = list(sp.Mul.make_args(node)) if isinstance(node, sp.Mul) else [node]
+    for idx, factor in enumerate(factors):
+        if not (isinstance(factor, sp.Pow) and factor.exp.is_Integer and factor.exp < 0):
+            continue
+        a = _one_plus_exp_arg(factor.base)
+        if a is None:
+            continue
+        n = int(-factor.exp)
+        rest = factors[:idx] + factors[idx + 1 :]
+        paired = 0
+        for j, other in enumerate(rest):
+            if isinstance(other, sp.exp) and paired < n:
+                k = sp.simplify(other.args[0] / a)
+                if k.is_Integer and 0 < k <= n:
+                    paired = int(k)
+                    rest = rest[:j] + rest[j + 1 :]
+                    break
+        return sp.Mul(*rest) * sigmoid(a) ** paired * sigmoid(-a) ** (n - paired)
+    return None
+
+
+def _softplus_from_log(node: sp.Expr) -> sp.Expr | None:
+    if isinstance(node, sp.log):
+        a = _one_plus_exp_arg(node.args[0])
+        if a is not None:
+            return softplus(a)
+    return None
+
+
+def _log_sigmoid(node: sp.Expr) -> sp.Expr | None:
+    if isinstance(node, sp.log) and isinstance(node.args[0], sigmoid):
+        return -softplus(-node.args[0].args[0])
+    return None
+
+
+def _one_minus_sigmoid(node: sp.Expr) -> sp.Expr | None:
+    """``±(1 - σ(a))`` inside a sum → ``±σ(-a)``."""
+    if not isinstance(node, sp.Add):
+        return None
+    for one in (sp.S.One, sp.S.NegativeOne):
+        if one not in node.args:
+            continue
+        for term in node.args:
+            coeff, rest = term.as_coeff_Mul()
+            if coeff == -one and isinstance(rest, sigmoid):
+                others = [t for t in node.args if t is not term and t != one]
+                return sp.Add(one * sigmoid(-rest.args[0]), *others)
+    return None
+
+
+def _softplus_minus_argument(node: sp.Expr) -> sp.Expr | None:
+    if not isinstance(node, sp.Add):
+        return None
+    for term in node.args:
+        coeff, rest = term.as_coeff_Mul()
+        if not isinstance(rest, softplus):
+            continue
+        a = rest.args[0]
+        others = sp.Add(*[t for t in node.args if t is not term])
+        merged = sp.expand(others + coeff * a)
+        if len(sp.Add.make_args(merged)) < len(sp.Add.make_args(others)) or (
+            merged == 0 and others != 0
+        ):
+            return coeff * softplus(-a) + merged
+    return None
+
+
+def _expm1(node: sp.Expr) -> sp.Expr | None:
+    if isinstance(node, sp.Add) and sp.S.NegativeOne in node.args:
+        for term in node.args:
+            if isinstance(term, sp.exp):
+                others = [t for t in node.args if t is not term and t != sp.S.NegativeOne]
+                return sp.Add(expm1(term.args[0]), *others)
+    return None
+
+
+def _log1p(node: sp.Expr) -> sp.Expr | None:
+    if isinstance(node, sp.log) and isinstance(node.args[0], sp.Add):
+        inner = node.args[0]
+        if sp.S.One in inner.args and _one_plus_exp_arg(inner) is None:
+            return log1p(inner - 1)
+    return None
+
+
+Rule = Callable[[sp.Expr], "sp.Expr | None"]
+
+RULES: tuple[tuple[str, str, Rule], ...] = (
+    ("sigmoid", "exp(a)/(1+exp(a)) overflows for large |a|: evaluate σ by sign", _sigmoid_from_ratio),
+    ("softplus", "log(1+exp(a)) overflows for large a: max(a,0) + log1p(exp(-|a|))", _softplus_from_log),
+    ("log_sigmoid", "log(σ(a)) is -inf once σ(a) underflows: -softplus(-a)", _log_sigmoid),
+    ("one_minus_sigmoid", "1 - σ(a) cancels all digits when σ(a) ≈ 1: σ(-a)", _one_minus_sigmoid),
+    ("softplus_shift", "softplus(a) - a cancels for large a: softplus(-a)", _softplus_minus_argument),
+    ("expm1", "exp(a) - 1 loses digits near a = 0: expm1(a)", _expm1),
+    ("log1p", "log(1 + u) loses digits near u = 0: log1p(u)", _log1p),
+)
+
+
+def stabilize(expr: sp.Expr) -> Stabilized:
+    """Rewrite ``expr`` bottom-up with :data:`RULES` until no rule applies."""
+    log: list[Rewrite] = []
+    memo: dict[sp.Basic, sp.Basic] = {}
+
+    def apply_rules(node: sp.Basic, rules: tuple[tuple[str, str, Rule], ...]) -> sp.Basic:
+        for _ in range(50):  # a rule's output is itself revisited; 50 is far beyond any chain
+            for name, why, rule in rules:
+                out = rule(node) if isinstance(node, sp.Expr) else None
+                if out is not None and out != node:
+                    log.append(Rewrite(name, why, node, out))
+                    node = out
+                    break
+            else:
+                return node
+        return node
+
+    def visit(node: sp.Basic) -> sp.Basic:
+        if node in memo:
+            return memo[node]
+        # Pre-order first, so a ratio ``exp(a)/(1+exp(a))`` is seen whole before its
+        # denominator alone is rewritten.
+        result = apply_rules(node, RULES[:1])
+        if result.args:
+            new_args = tuple(visit(arg) for arg in result.args)
+            if new_args != result.args:
+                result = result.func(*new_args)
+        result = apply_rules(result, RULES)
+        if result != node and result not in memo:
+            result = visit(result)
+        memo[node] = result
+        return result
+
+    return Stabilized(visit(expr), tuple(log))
+
+
+def canonicalize(expr: sp.Expr) -> sp.Expr:
+    """Write ``σ(-a)`` as ``1 - σ(a)`` and ``softplus(-a)`` as ``softplus(a) - a``.
+
+    A canonical sign lets simplification cancel terms (``y·softplus(-z) + (1-y)·softplus(z)``
+    becomes ``softplus(z) - y·z``); :func:`stabilize` undoes it where it would lose digits.
+    """
+
+    def flip(node: sp.Expr) -> sp.Expr:
+        a = node.args[0]
+        if not a.could_extract_minus_sign():
+            return node
+        if isinstance(node, sigmoid):
+            return 1 - sigmoid(-a)
+        return softplus(-a) + a
+
+    return expr.replace(
+        lambda e: isinstance(e, (sigmoid, softplus)), flip  # type: ignore[arg-type]
+    )
