@@ -9,19 +9,25 @@ verified module for the same spec and toolchain, derivation is skipped (it runs 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TypeVar
 
 import sympy as sp
 
 from .builtins import get_builtin
-from .codegen.emit import emit_elementwise
+from .codegen.emit import KernelSource, emit_elementwise
+from .codegen.lower import emit_tensor
 from .codegen.printer import check_supported
 from .runtime.cache import module_path, verified_text, write_source
 from .runtime.elementwise import ElementwiseOp
+from .runtime.tensor import TensorOp
 from .symbolic.derive import Derivation, derive_elementwise
+from .symbolic.index import TensorDerivation, derive_tensor, tensor_spec
 from .symbolic.spec import OpSpec, elementwise_spec
 
-_OPS: dict[str, ElementwiseOp] = {}
+_OPS: dict[str, ElementwiseOp | TensorOp] = {}
+D = TypeVar("D")
 
 
 def _derive_checked(spec: OpSpec) -> Derivation:
@@ -68,15 +74,68 @@ def elementwise(
     """
     spec = elementwise_spec(expr, inputs, name, constants, fastmath=fastmath, parallel=parallel)
     if spec.key in _OPS:
-        return _OPS[spec.key]
+        return _OPS[spec.key]  # type: ignore[return-value]
     check_supported(spec.expr, spec.name)
-    path = module_path(spec.name, spec.key)
-    derivation = None
-    if verified_text(path) is None:
-        derivation = _derive_checked(spec)
-        source = emit_elementwise(derivation, spec.key, fastmath, parallel)
-        write_source(path, source.text)
+    path, derivation = _build(
+        spec.name, spec.key, lambda: _derive_checked(spec),
+        lambda d: emit_elementwise(d, spec.key, fastmath, parallel),
+    )
     op = ElementwiseOp(spec, path, lambda: _derive_checked(spec), derivation)
+    _OPS[spec.key] = op
+    return op
+
+
+def _build(name: str, key: str, derive: Callable[[], D], emit: Callable[[D], KernelSource]) -> tuple[Path, D | None]:
+    """The cached module of an op, derived and emitted only when the cache has no valid copy."""
+    path = module_path(name, key)
+    if verified_text(path) is not None:
+        return path, None
+    derivation = derive()
+    write_source(path, emit(derivation).text)
+    return path, derivation
+
+
+def tensor_op(
+    expr: sp.Expr,
+    out: Iterable[sp.Symbol],
+    inputs: Iterable[sp.IndexedBase],
+    name: str,
+    constants: Mapping[sp.Symbol | str, object] | None = None,
+) -> TensorOp:
+    """Compile a tensor formula in index notation into an op with derived VJPs.
+
+    Args:
+        expr: the output element, over ``IndexedBase`` tensors declared with symbolic shapes,
+            the output indices and ``sympy.Sum``s over declared dims (or :func:`index_sum`).
+        out: the output indices, in axis order (empty for a scalar output).
+        inputs: the input tensors, in call order.
+        name: a Python identifier naming the op.
+        constants: values for other free symbols (e.g. ``{eps: 1e-5}``).
+
+    >>> import numpy as np, sympy as sp, symgrad as sg
+    >>> b, i, j = sp.symbols("b i j", integer=True)
+    >>> B, N, M = sp.symbols("B N M", integer=True, positive=True)
+    >>> X = sp.IndexedBase("X", shape=(B, N))
+    >>> W = sp.IndexedBase("W", shape=(M, N))
+    >>> matvec = sg.tensor_op(sp.Sum(W[i, j] * X[b, j], (j, 0, N - 1)), out=(b, i),
+    ...                       inputs=[X, W], name="doc_matmul")
+    >>> matvec(np.ones((2, 3)), np.arange(12.0).reshape(4, 3))
+    array([[ 3., 12., 21., 30.],
+           [ 3., 12., 21., 30.]])
+    """
+    spec = tensor_spec(expr, out, inputs, name, constants)
+    if spec.key in _OPS:
+        return _OPS[spec.key]  # type: ignore[return-value]
+    check_supported(spec.expr, spec.name)
+
+    def derive() -> TensorDerivation:
+        derivation = derive_tensor(spec)
+        for p in derivation.partials:
+            check_supported(p.final, spec.name, f"the gradient of {p.wrt}")
+        return derivation
+
+    path, derivation = _build(spec.name, spec.key, derive, lambda d: emit_tensor(d, spec.key))
+    op = TensorOp(spec, path, derive, derivation)
     _OPS[spec.key] = op
     return op
 

@@ -1,0 +1,403 @@
+"""Tensor ops in index notation: validation, Kronecker-delta contraction, VJP derivation.
+
+A tensor op's output element is a SymPy expression over ``IndexedBase`` tensors, the free
+output indices and explicit ``Sum``s over declared dims::
+
+    Y[b, i] = Sum(W[i, j] * X[b, j], (j, 0, N - 1)) + c[i]
+
+The VJP of input ``X`` (indices ``k``) is ``grad_X[k] = Σ_out grad_Y[out] · ∂Y[out]/∂X[k]``.
+``sympy.diff`` of the body with respect to ``X[k]`` gives ``KroneckerDelta``s; :func:`contract`
+removes them — ``Σ_j δ(j, k) f(j) → f(k)`` when ``k`` ranges over the same values as ``j`` —
+after distributing sums over the terms of their bodies and pulling out factors that do not
+depend on the summation index.  ``Sum.doit()`` is never used: it crashes on layer norm and
+leaves ``Piecewise`` range guards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import sympy as sp
+from sympy.concrete.expr_with_limits import ExprWithLimits
+
+from ..errors import DefinitionError, NonDifferentiableError, UnboundSymbolError
+from .spec import bind_constants, check_name
+from .stabilize import Rewrite, stabilize
+
+Range = tuple[sp.Expr, sp.Expr]  # inclusive (low, high)
+
+
+class ReduceMax(ExprWithLimits):
+    """``max`` of ``body`` over an index range: ``ReduceMax(f(j), (j, lo, hi))``.
+
+    Introduced only by stabilization (the max shift of log-sum-exp), never differentiated.
+    """
+
+    def _eval_is_real(self) -> bool | None:
+        return self.function.is_real
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A validated tensor op (see the module docstring).
+
+    ``out`` are the output's index symbols, ``ranges`` the inclusive range of every free index,
+    ``dims`` the dim symbols, bound from the arrays' shapes at call time.
+    """
+
+    name: str
+    expr: sp.Expr
+    out: tuple[sp.Symbol, ...]
+    inputs: tuple[sp.IndexedBase, ...]
+    dims: tuple[sp.Symbol, ...]
+    ranges: tuple[tuple[sp.Symbol, Range], ...]
+    constants: tuple[tuple[str, float], ...]
+
+    @property
+    def out_shape(self) -> tuple[sp.Expr, ...]:
+        r = dict(self.ranges)
+        return tuple(r[i][1] - r[i][0] + 1 for i in self.out)
+
+    @property
+    def key(self) -> str:
+        text = "|".join(
+            ["tensor", self.name, sp.srepr(self.expr), sp.srepr(self.out),
+             sp.srepr(tuple((b.label, b.shape) for b in self.inputs)), repr(self.constants)]
+        )
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def index_sum(body: sp.Expr, *indices: sp.Symbol) -> sp.Expr:
+    """``Sum`` over ``indices`` with bounds inferred from where they index a declared tensor.
+
+    >>> import sympy as sp
+    >>> j, b = sp.symbols("j b", integer=True)
+    >>> N, B = sp.symbols("N B", integer=True, positive=True)
+    >>> X = sp.IndexedBase("X", shape=(B, N))
+    >>> index_sum(X[b, j], j)
+    Sum(X[b, j], (j, 0, N - 1))
+    """
+    ranges = _infer_ranges(body, "index_sum")
+    limits = []
+    for index in indices:
+        if index not in ranges:
+            raise DefinitionError(
+                f"index_sum: index {index} does not index any tensor of shape-declared "
+                f"IndexedBase in {body}; give explicit bounds with sympy.Sum(body, ({index}, 0, n - 1))"
+            )
+        lo, hi = ranges[index]
+        limits.append((index, lo, hi))
+    return sp.Sum(body, *limits)
+
+
+def _infer_ranges(expr: sp.Expr, op: str) -> dict[sp.Symbol, Range]:
+    """The range of every index symbol used directly as a tensor subscript."""
+    ranges: dict[sp.Symbol, Range] = {}
+    for access in expr.atoms(sp.Indexed):
+        shape = access.base.shape
+        if shape is None:
+            raise DefinitionError(
+                f"op {op!r}: tensor {access.base} has no declared shape; declare it with "
+                f"sympy.IndexedBase({str(access.base.label)!r}, shape=(B, N))"
+            )
+        if len(shape) != len(access.indices):
+            raise DefinitionError(
+                f"op {op!r}: {access} uses {len(access.indices)} indices but "
+                f"{access.base} has {len(shape)} dims {tuple(shape)}"
+            )
+        for index, dim in zip(access.indices, shape, strict=True):
+            if isinstance(index, sp.Symbol):
+                new = (sp.S.Zero, dim - 1)
+                if index in ranges and sp.simplify(ranges[index][1] - new[1]) != 0:
+                    raise DefinitionError(
+                        f"op {op!r}: index {index} runs over dims {ranges[index][1] + 1} and "
+                        f"{dim} in different tensors; use separate indices"
+                    )
+                ranges.setdefault(index, new)
+    return ranges
+
+
+def tensor_spec(
+    expr: object,
+    out: Iterable[sp.Symbol],
+    inputs: Iterable[sp.IndexedBase],
+    name: str,
+    constants: Mapping[sp.Symbol | str, object] | None = None,
+) -> TensorSpec:
+    """Validate a tensor-op definition and return its :class:`TensorSpec`."""
+    name = check_name(name)
+    formula = sp.sympify(expr)
+    if not isinstance(formula, sp.Expr):
+        raise DefinitionError(f"op {name!r}: the formula must be a SymPy expression, got {formula!r}")
+    out = tuple(out)
+    inputs = tuple(inputs)
+    if not inputs:
+        raise DefinitionError(f"op {name!r}: give at least one input tensor in inputs=[...]")
+    for base in inputs:
+        if not isinstance(base, sp.IndexedBase):
+            raise DefinitionError(
+                f"op {name!r}: input {base!r} is not a sympy.IndexedBase; declare tensors with "
+                "sympy.IndexedBase('X', shape=(B, N))"
+            )
+        if base.shape is None:
+            raise DefinitionError(
+                f"op {name!r}: input tensor {base} has no shape; declare it with "
+                f"sympy.IndexedBase({str(base.label)!r}, shape=(B, N))"
+            )
+    labels = [str(b.label) for b in inputs]
+    if len(set(labels)) != len(labels):
+        raise DefinitionError(f"op {name!r}: input tensor names repeat: {labels}")
+    for index in out:
+        if not isinstance(index, sp.Symbol):
+            raise DefinitionError(f"op {name!r}: output index {index!r} is not a Symbol")
+    if len(set(out)) != len(out):
+        raise DefinitionError(f"op {name!r}: output indices repeat: {out}")
+    used = {str(a.base.label) for a in formula.atoms(sp.Indexed)}
+    unknown = sorted(used - set(labels))
+    if unknown:
+        raise UnboundSymbolError(
+            f"op {name!r}: tensor(s) {unknown} are used but not declared in inputs=[...] "
+            f"({labels})"
+        )
+
+    dims = sorted(
+        {s for b in inputs for d in b.shape for s in sp.sympify(d).free_symbols}, key=str
+    )
+    formula, bound = bind_constants(
+        formula, constants, reserved=[*labels, *(str(i) for i in out), *(str(d) for d in dims)]
+    )
+    ranges = _infer_ranges(formula, name)
+    for index in out:
+        if index not in ranges:
+            raise DefinitionError(
+                f"op {name!r}: output index {index} does not index any input tensor, so its "
+                "range is unknown"
+            )
+    free = {s for s in formula.free_symbols if not isinstance(s, sp.Indexed)}
+    free -= {b.label for b in inputs}
+    free -= set(dims)
+    loose = sorted(str(s) for s in free - set(out))
+    if loose:
+        raise UnboundSymbolError(
+            f"op {name!r}: symbol(s) {loose} are free in the formula but are neither output "
+            f"indices ({[str(i) for i in out]}), dims ({[str(d) for d in dims]}) nor bound "
+            "constants; sum over them, add them to out=(...), or bind them with constants={...}"
+        )
+    return TensorSpec(
+        name, formula, out, inputs, tuple(dims),
+        tuple((i, ranges[i]) for i in out), bound,
+    )
+
+
+# -- contraction ---------------------------------------------------------------------------
+
+
+def _same_range(a: Range, b: Range) -> bool:
+    return sp.simplify(a[0] - b[0]) == 0 and sp.simplify(a[1] - b[1]) == 0
+
+
+def _contract_term(term: sp.Expr, var: sp.Symbol, rng: Range, ranges: dict[sp.Symbol, Range]) -> sp.Expr:
+    """``Σ_var term`` for one product ``term``: contract a delta, or pull out what is constant."""
+    factors = sp.Mul.make_args(term)
+    for f in factors:
+        if isinstance(f, sp.KroneckerDelta) and var in f.args:
+            other = f.args[1] if f.args[0] == var else f.args[0]
+            if var in other.free_symbols:
+                continue
+            other_range = ranges.get(other) if isinstance(other, sp.Symbol) else None
+            if other_range is not None and _same_range(other_range, rng):
+                rest = sp.Mul(*[g for g in factors if g is not f])
+                return rest.xreplace({var: other})
+    inside = [f for f in factors if var in f.free_symbols]
+    outside = [f for f in factors if var not in f.free_symbols]
+    count = rng[1] - rng[0] + 1
+    if not inside:
+        return sp.Mul(*outside) * count
+    return sp.Mul(*outside) * sp.Sum(sp.Mul(*inside), (var, rng[0], rng[1]))
+
+
+def _terms(expr: sp.Expr) -> tuple[sp.Expr, ...]:
+    """Additive terms of ``expr`` with products distributed over sums (top level only)."""
+    expanded = sp.expand(expr, deep=False, power_exp=False, power_base=False, log=False,
+                         multinomial=False, basic=False)
+    return sp.Add.make_args(expanded)
+
+
+def rename_bound(expr: sp.Expr) -> sp.Expr:
+    """Give every ``Sum``/``ReduceMax`` its own summation symbols (``j`` → ``j_1``, ``j_2``...).
+
+    SymPy lets nested sums reuse a name (layer norm's variance sums over ``j`` around a mean
+    that also sums over ``j``); contraction substitutes indices, so names must not collide.
+    """
+    counter = [0]
+
+    def visit(node: sp.Basic) -> sp.Basic:
+        if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase, sp.Symbol)):
+            return node
+        args = [visit(a) for a in node.args]
+        if isinstance(node, (sp.Sum, ReduceMax)):
+            body = args[0]
+            limits = []
+            for var, lo, hi in node.limits:
+                counter[0] += 1
+                name = str(var).split("_")[0] if "_" in str(var) else str(var)
+                fresh = sp.Symbol(f"{name}_{counter[0]}", integer=True)
+                body = body.xreplace({var: fresh})
+                limits.append((fresh, lo, hi))
+            return type(node)(body, *limits)
+        return node.func(*args) if args != list(node.args) else node
+
+    return visit(expr)
+
+
+def contract(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range]) -> sp.Expr:
+    """Remove Kronecker deltas from ``expr`` by contracting the sums that bind them.
+
+    ``ranges`` gives the range of every free index; a delta ``δ(j, k)`` under ``Σ_j`` is
+    contracted only when ``k``'s range equals ``j``'s.  Sums are distributed over the terms of
+    their bodies, constant factors pulled out, sums of constants become counts.
+    """
+    known = dict(ranges)
+    expr = rename_bound(expr)
+
+    def visit(node: sp.Basic) -> sp.Basic:
+        if isinstance(node, sp.Sum):
+            body = visit(node.function)
+            for var, lo, hi in node.limits:  # innermost first
+                known[var] = (lo, hi)
+                body = sp.Add(*[_contract_term(t, var, (lo, hi), known) for t in _terms(body)])
+            return body
+        if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase)):
+            return node
+        new_args = [visit(a) for a in node.args]
+        return node.func(*new_args) if new_args != list(node.args) else node
+
+    previous = None
+    result = expr
+    while result != previous:  # contracting can expose a delta to an outer sum
+        previous, result = result, visit(result)
+    return result
+
+
+# -- derivation ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorPartial:
+    """The VJP of one input: ``grad_<input>[indices] = expr``."""
+
+    wrt: sp.IndexedBase
+    indices: tuple[sp.Symbol, ...]
+    raw: sp.Expr  # Σ_out grad_out[out] · ∂Y/∂X[k], before contraction
+    contracted: sp.Expr
+    final: sp.Expr
+    rewrites: tuple[Rewrite, ...]
+
+
+@dataclass(frozen=True)
+class TensorDerivation:
+    """Everything symgrad derived for a tensor op."""
+
+    name: str
+    spec: TensorSpec
+    grad_output: sp.Expr  # grad_out[out...], or a scalar symbol for a 0-d output
+    stable_forward: sp.Expr
+    forward_rewrites: tuple[Rewrite, ...]
+    partials: tuple[TensorPartial, ...]
+
+    def to_text(self) -> str:
+        out = ", ".join(map(str, self.spec.out))
+        lines = [f"op {self.name}: Y[{out}] = {sp.sstr(self.spec.expr)}"]
+        for rw in self.forward_rewrites:
+            lines.append(f"    [{rw.rule}] {sp.sstr(rw.before)}  →  {sp.sstr(rw.after)}")
+        lines.append(f"  stable forward: Y[{out}] = {sp.sstr(self.stable_forward)}")
+        for p in self.partials:
+            idx = ", ".join(map(str, p.indices))
+            lines.append(f"  grad_{p.wrt}[{idx}]:")
+            lines.append(f"    chain rule: {sp.sstr(p.raw)}")
+            lines.append(f"    contracted: {sp.sstr(p.contracted)}")
+            for rw in p.rewrites:
+                lines.append(f"    [{rw.rule}] {sp.sstr(rw.before)}  →  {sp.sstr(rw.after)}")
+            lines.append(f"    compiled:   {sp.sstr(p.final)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def _shift_logsumexp(expr: sp.Expr) -> tuple[sp.Expr, list[Rewrite]]:
+    """``Σ_j exp(f)`` → ``exp(M)·Σ_j exp(f - M)`` with ``M = max_j f``; logs and ratios follow."""
+    log: list[Rewrite] = []
+
+    def shift(node: sp.Sum) -> sp.Expr:
+        if len(node.limits) != 1:
+            return node
+        body = sp.powsimp(node.function, combine="exp")
+        exps = [f for f in sp.Mul.make_args(body) if isinstance(f, sp.exp)]
+        if len(exps) != 1:
+            return node
+        (e,) = exps
+        rest = sp.Mul(*[f for f in sp.Mul.make_args(body) if f is not e])
+        var, lo, hi = node.limits[0]
+        m = ReduceMax(e.args[0], (var, lo, hi))
+        new = sp.exp(m) * sp.Sum(sp.exp(e.args[0] - m) * rest, (var, lo, hi))
+        log.append(Rewrite(
+            "logsumexp_shift", "Σ exp(f)·h overflows for large f: shift by the max of f", node, new))
+        return new
+
+    shifted = expr.replace(lambda e: isinstance(e, sp.Sum), shift)  # type: ignore[arg-type]
+    shifted = sp.powsimp(shifted, combine="exp")
+
+    def log_of_product(node: sp.log) -> sp.Expr:
+        factors = sp.Mul.make_args(node.args[0])
+        exps = [f for f in factors if isinstance(f, sp.exp)]
+        if not exps:
+            return node
+        rest = sp.Mul(*[f for f in factors if not isinstance(f, sp.exp)])
+        return sp.Add(*[e.args[0] for e in exps]) + sp.log(rest)
+
+    shifted = shifted.replace(lambda e: isinstance(e, sp.log), log_of_product)  # type: ignore[arg-type]
+    return shifted, log
+
+
+def stabilize_tensor(expr: sp.Expr) -> tuple[sp.Expr, tuple[Rewrite, ...]]:
+    """The max shift for log-sum-exp, then the elementwise stabilization rules."""
+    shifted, log = _shift_logsumexp(expr)
+    result = stabilize(shifted)
+    return result.expr, tuple(log) + result.rewrites
+
+
+def _check_numeric(spec: TensorSpec, what: str, expr: sp.Expr) -> None:
+    bad = sorted({type(a).__name__ for a in expr.atoms(sp.DiracDelta, sp.Derivative, sp.Subs)})
+    if bad:
+        raise NonDifferentiableError(
+            f"op {spec.name!r}: {what} contains {', '.join(bad)}, which has no numeric value; "
+            "write kinks with Piecewise((a, cond), (b, True))"
+        )
+
+
+def derive_tensor(spec: TensorSpec) -> TensorDerivation:
+    """Derive the VJP of every input of a tensor op by the symbolic chain rule."""
+    from .derive import prepare
+
+    forward = prepare(spec.expr)
+    out_ranges = dict(spec.ranges)
+    grad_output: sp.Expr = (
+        sp.IndexedBase("grad_out", shape=spec.out_shape) if spec.out
+        else sp.Symbol("grad_out", real=True)
+    )
+    partials = []
+    for base in spec.inputs:
+        indices = tuple(sp.Symbol(f"k{n}_{base.label}", integer=True) for n in range(len(base.shape)))
+        ranges = {**out_ranges, **{k: (sp.S.Zero, d - 1) for k, d in zip(indices, base.shape, strict=True)}}
+        local = sp.diff(forward, base[indices] if indices else base)
+        chain = (grad_output[spec.out] if spec.out else grad_output) * local
+        raw = sp.Sum(chain, *[(i, *out_ranges[i]) for i in spec.out]) if spec.out else chain
+        _check_numeric(spec, f"the derivative with respect to {base}", raw)
+        contracted = contract(raw, ranges)
+        final, rewrites = stabilize_tensor(contracted)
+        partials.append(TensorPartial(base, indices, raw, contracted, final, rewrites))
+    stable_forward, forward_rewrites = stabilize_tensor(forward)
+    return TensorDerivation(spec.name, spec, grad_output, stable_forward, forward_rewrites, tuple(partials))
