@@ -12,8 +12,8 @@ array([6.])
 
 from ._version import __version__
 from .api import builtin, elementwise, tensor_op
-from .builtins import BUILTINS
+from .builtins import BUILTINS, TENSOR_BUILTINS
 from .errors import SymgradError
 from .symbolic.index import index_sum
 
-__all__ = ["BUILTINS", "SymgradError", "__version__", "builtin", "elementwise", "index_sum", "tensor_op"]
+__all__ = ["BUILTINS", "TENSOR_BUILTINS", "SymgradError", "__version__", "builtin", "elementwise", "index_sum", "tensor_op"]

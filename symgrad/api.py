@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import sympy as sp
 
-from .builtins import get_builtin
+from .builtins import TensorBuiltin, get_builtin
 from .codegen.emit import KernelSource, emit_elementwise
 from .codegen.lower import emit_tensor
 from .codegen.printer import check_supported
@@ -140,7 +140,7 @@ def tensor_op(
     return op
 
 
-def builtin(name: str, **params: float) -> ElementwiseOp:
+def builtin(name: str, **params: float) -> ElementwiseOp | TensorOp:
     """A built-in op by name, with torch's parameters (e.g. ``builtin("elu", alpha=0.5)``).
 
     >>> import numpy as np, symgrad as sg
@@ -148,5 +148,8 @@ def builtin(name: str, **params: float) -> ElementwiseOp:
     array([0., 2.])
     """
     entry = get_builtin(name)
+    if isinstance(entry, TensorBuiltin):
+        expr, out, inputs, constants = entry.build(**params)
+        return tensor_op(expr, out=out, inputs=inputs, name=name, constants=constants)
     formula, constants = entry.expr(**params)
     return elementwise(formula, inputs=entry.inputs, name=name, constants=constants)

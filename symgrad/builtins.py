@@ -125,11 +125,159 @@ _ENTRIES = [
 BUILTINS: dict[str, Builtin] = {entry.name: entry for entry in _ENTRIES}
 
 
-def get_builtin(name: str) -> Builtin:
+# -- tensor ops in index notation ----------------------------------------------------------
+
+_b, _i, _j, _o, _s, _h = sp.symbols("b i j o s h", integer=True)
+_B, _N, _M, _S, _H = sp.symbols("B N M S H", integer=True, positive=True)
+
+
+def _tensor(name: str, *shape: sp.Symbol) -> sp.IndexedBase:
+    return sp.IndexedBase(name, shape=shape)
+
+
+@dataclass(frozen=True)
+class TensorBuiltin:
+    """One built-in tensor op: its index formula, torch reference and test-input domains.
+
+    ``formula(**params)`` returns ``(expr, out, inputs)``; ``domain`` names how each input is
+    drawn in tests: ``"normal"``, ``"simplex"`` (rows summing to 1: class probabilities) or
+    ``"mask"`` (0/1 rows with at least one 1).
+    """
+
+    name: str
+    formula: Callable[..., tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]]
+    torch_ref: Callable[..., Any]
+    params: dict[str, float] = field(default_factory=dict)
+    domain: tuple[str, ...] = ("normal",)
+    torch_grads: tuple[bool, ...] | None = None
+    doc: str = ""
+
+    def build(self, **params: float) -> tuple[sp.Expr, tuple[sp.Symbol, ...],
+                                              tuple[sp.IndexedBase, ...], dict[sp.Symbol, float]]:
+        """``(expr, out, inputs, constants)`` with torch's default parameters."""
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise DefinitionError(
+                f"built-in op {self.name!r} has no parameter(s) {unknown}; its parameters are "
+                f"{sorted(self.params) or 'none'}"
+            )
+        symbols = {k: sp.Symbol(k, positive=True) for k in self.params}
+        expr, out, inputs = self.formula(**symbols)
+        values = {**self.params, **params}
+        return expr, out, inputs, {symbols[k]: v for k, v in values.items()}
+
+
+def _linear() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X, W, c = _tensor("X", _B, _N), _tensor("W", _M, _N), _tensor("c", _M)
+    return sp.Sum(W[_i, _j] * X[_b, _j], (_j, 0, _N - 1)) + c[_i], (_b, _i), (X, W, c)
+
+
+def _matmul() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    A, Bm = _tensor("A", _B, _N), _tensor("Bm", _N, _M)
+    return sp.Sum(A[_b, _j] * Bm[_j, _i], (_j, 0, _N - 1)), (_b, _i), (A, Bm)
+
+
+def _bilinear() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X1, X2 = _tensor("X1", _B, _N), _tensor("X2", _B, _M)
+    W, c = _tensor("W", _H, _N, _M), _tensor("c", _H)
+    body = X1[_b, _i] * W[_o, _i, _j] * X2[_b, _j]
+    return sp.Sum(body, (_i, 0, _N - 1), (_j, 0, _M - 1)) + c[_o], (_b, _o), (X1, X2, W, c)
+
+
+def _lse(X: sp.IndexedBase) -> sp.Expr:
+    return sp.log(sp.Sum(sp.exp(X[_b, _j]), (_j, 0, _N - 1)))
+
+
+def _softmax() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X = _tensor("X", _B, _N)
+    return sp.exp(X[_b, _i]) / sp.Sum(sp.exp(X[_b, _j]), (_j, 0, _N - 1)), (_b, _i), (X,)
+
+
+def _log_softmax() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X = _tensor("X", _B, _N)
+    return X[_b, _i] - _lse(X), (_b, _i), (X,)
+
+
+def _logsumexp() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X = _tensor("X", _B, _N)
+    return _lse(X), (_b,), (X,)
+
+
+def _cross_entropy() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X, T = _tensor("X", _B, _N), _tensor("T", _B, _N)
+    return -sp.Sum(T[_b, _i] * (X[_b, _i] - _lse(X)), (_i, 0, _N - 1)), (_b,), (X, T)
+
+
+def _layer_norm(eps: sp.Symbol) -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X, w, beta = _tensor("X", _B, _N), _tensor("w", _N), _tensor("beta", _N)
+    mean = sp.Sum(X[_b, _j], (_j, 0, _N - 1)) / _N
+    var = sp.Sum((X[_b, _j] - mean) ** 2, (_j, 0, _N - 1)) / _N  # biased, as torch
+    return (X[_b, _i] - mean) / sp.sqrt(var + eps) * w[_i] + beta[_i], (_b, _i), (X, w, beta)
+
+
+def _l2_penalty() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    W = _tensor("W", _M, _N)
+    return sp.Sum(W[_i, _j] ** 2, (_i, 0, _M - 1), (_j, 0, _N - 1)), (), (W,)
+
+
+def _sum() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X = _tensor("X", _B, _N)
+    return sp.Sum(X[_b, _i], (_b, 0, _B - 1), (_i, 0, _N - 1)), (), (X,)
+
+
+def _mean() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X = _tensor("X", _B, _N)
+    return sp.Sum(X[_b, _i], (_b, 0, _B - 1), (_i, 0, _N - 1)) / (_B * _N), (), (X,)
+
+
+def _mean_last() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X = _tensor("X", _B, _N)
+    return sp.Sum(X[_b, _j], (_j, 0, _N - 1)) / _N, (_b,), (X,)
+
+
+def _masked_mean_pool() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X, mask = _tensor("X", _B, _S, _H), _tensor("mask", _B, _S)
+    pooled = sp.Sum(mask[_b, _s] * X[_b, _s, _h], (_s, 0, _S - 1))
+    return pooled / sp.Sum(mask[_b, _s], (_s, 0, _S - 1)), (_b, _h), (X, mask)
+
+
+def _pool_ref(t: Any, x: Any, m: Any) -> Any:
+    return (x * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+
+
+_TENSOR_ENTRIES = [
+    TensorBuiltin("linear", _linear, lambda t, x, w, c: t.nn.functional.linear(x, w, c),
+                  domain=("normal", "normal", "normal"), doc="Y = X Wᵀ + c (torch layout)"),
+    TensorBuiltin("matmul", _matmul, lambda t, a, b: a @ b, domain=("normal", "normal")),
+    TensorBuiltin("bilinear", _bilinear,
+                  lambda t, x1, x2, w, c: t.nn.functional.bilinear(x1, x2, w, c),
+                  domain=("normal",) * 4),
+    TensorBuiltin("softmax", _softmax, lambda t, x: t.softmax(x, -1)),
+    TensorBuiltin("log_softmax", _log_softmax, lambda t, x: t.log_softmax(x, -1)),
+    TensorBuiltin("logsumexp", _logsumexp, lambda t, x: t.logsumexp(x, -1)),
+    TensorBuiltin("softmax_cross_entropy", _cross_entropy,
+                  lambda t, x, p: t.nn.functional.cross_entropy(x, p, reduction="none"),
+                  domain=("normal", "simplex"),
+                  doc="cross-entropy of logits X against class probabilities T, per row"),
+    TensorBuiltin("layer_norm", _layer_norm,
+                  lambda t, x, w, b, eps: t.nn.functional.layer_norm(x, x.shape[-1:], w, b, eps),
+                  params={"eps": 1e-5}, domain=("normal",) * 3,
+                  doc="over the last axis, biased variance, affine weight and bias, as torch"),
+    TensorBuiltin("l2_penalty", _l2_penalty, lambda t, w: (w**2).sum()),
+    TensorBuiltin("sum", _sum, lambda t, x: x.sum()),
+    TensorBuiltin("mean", _mean, lambda t, x: x.mean()),
+    TensorBuiltin("mean_last", _mean_last, lambda t, x: x.mean(-1)),
+    TensorBuiltin("masked_mean_pool", _masked_mean_pool, _pool_ref, domain=("normal", "mask"),
+                  doc="mean over the sequence axis of the positions where mask is 1"),
+]
+
+TENSOR_BUILTINS: dict[str, TensorBuiltin] = {e.name: e for e in _TENSOR_ENTRIES}
+
+
+def get_builtin(name: str) -> Builtin | TensorBuiltin:
     """The registry entry of a built-in op; a clear error listing the names otherwise."""
-    try:
-        return BUILTINS[name]
-    except KeyError:
-        raise DefinitionError(
-            f"there is no built-in op {name!r}; built-ins are {', '.join(sorted(BUILTINS))}"
-        ) from None
+    entry = BUILTINS.get(name) or TENSOR_BUILTINS.get(name)
+    if entry is None:
+        names = sorted([*BUILTINS, *TENSOR_BUILTINS])
+        raise DefinitionError(f"there is no built-in op {name!r}; built-ins are {', '.join(names)}")
+    return entry

@@ -74,6 +74,8 @@ class _Lowerer:
         self.prelude: list[str] = []  # statements before every loop (GEMMs)
         self.n_gemm = 0
         self.n_red = 0
+        self.n_mat = 0
+        self._all: list[_Reduction] = []
 
     # -- contractions ----------------------------------------------------------------------
 
@@ -190,14 +192,24 @@ class _Lowerer:
         loop_vars = [v for v, _, _ in a.loops]
         reds: list[_Reduction] = []
         expr = self.extract(a.expr, loop_vars, reds, {})
+        self._all = reds
         # Place each reduction: inside the reduction loop of the innermost enclosing reduction
         # it depends on, else at the output loop level of its deepest dependency.
         level = {v: n + 1 for n, (v, _, _) in enumerate(a.loops)}
         by_var = {r.var: r for r in reds}
         placed: dict[int, list[_Reduction]] = {n: [] for n in range(len(a.loops) + 1)}
+        materialized: list[str] = []
         for r in reds:  # post-order: dependencies come first
             inner = [by_var[v] for v in r.deps if v in by_var]
-            if inner:
+            if inner and a.loops and not any(v in level for v in r.deps):
+                # Depends only on enclosing reductions' indices (a row mean inside a sum over
+                # rows): compute it once for every value of them, before the output loops,
+                # instead of once per output element.
+                array = self._materialize(r, [h.var for h in inner], materialized)
+                for other in reds:
+                    other.body = other.body.xreplace({r.temp: array})
+                expr = expr.xreplace({r.temp: array})
+            elif inner:
                 # the enclosing reduction whose loop variable this one depends on
                 host = min(inner, key=lambda h: reds.index(h))
                 host.children.append(r)
@@ -205,7 +217,7 @@ class _Lowerer:
                 placed[max((level[v] for v in r.deps if v in level), default=0)].append(r)
 
         pad = " " * indent
-        lines: list[str] = []
+        lines: list[str] = [pad + line for line in materialized]
         for n in range(len(a.loops) + 1):
             for r in placed[n]:
                 lines += self._reduction(r, pad)
@@ -217,6 +229,26 @@ class _Lowerer:
         op = "+=" if a.accumulate else "="
         lines.append(f"{pad}{a.target}[{idx}] {op} {_print(expr, self.op)}")
         return lines
+
+    def _materialize(self, r: _Reduction, hosts: list[sp.Symbol], lines: list[str]) -> sp.Expr:
+        """Emit loops computing ``r`` for every value of ``hosts`` into an array; return a read."""
+        ranges = {}
+        for v in hosts:
+            for other in self._all:
+                if other.var == v:
+                    ranges[v] = (other.lo, other.hi)
+        name = f"_m{self.n_mat}"
+        self.n_mat += 1
+        shape = ", ".join(_int(hi - lo + 1) for lo, hi in ranges.values())
+        lines.append(f"{name} = np.empty(({shape},))")
+        pad = ""
+        for v, (lo, hi) in ranges.items():
+            lines.append(f"{pad}for {v} in range({_int(lo)}, {_int(hi + 1)}):")
+            pad += "    "
+        lines += self._reduction(r, pad)
+        idx = tuple(v - lo for v, (lo, _) in ranges.items())
+        lines.append(f"{pad}{name}[{', '.join(_int(i) for i in idx)}] = {r.temp}")
+        return sp.IndexedBase(name)[idx]
 
     def _reduction(self, r: _Reduction, pad: str) -> list[str]:
         init = "0.0" if r.kind == "sum" else "-np.inf"

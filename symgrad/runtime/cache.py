@@ -100,6 +100,7 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is readable like any source
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
