@@ -1,0 +1,155 @@
+"""Loss modules (mean reduction, as torch) and the symbolic fusion of activation + loss.
+
+``loss.value_and_grad(input, target)`` returns the scalar loss and its gradient with respect to
+``input``, from one fused kernel where the loss is elementwise.  :func:`fuse` composes a final
+elementwise activation into an elementwise loss *before* differentiating — ``Sigmoid`` then
+``BCELoss`` becomes one op whose derived gradient is ``σ(z) − y`` (stable for any ``z``), the
+result of §4.2 of the article the project grew from — derived, not hand-coded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import sympy as sp
+
+from ..api import builtin, elementwise
+from ..errors import DTypeError, ShapeError, SymgradError
+from ..runtime.elementwise import ElementwiseOp
+from .modules import Elementwise, Module, Sequential
+
+
+class Loss:
+    """Base class of losses: ``value_and_grad(input, target) -> (loss, grad_input)``."""
+
+    name = "loss"
+
+    def value_and_grad(self, input: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+        raise NotImplementedError
+
+    def __call__(self, input: np.ndarray, target: np.ndarray) -> float:
+        return self.value_and_grad(input, target)[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ElementwiseLoss(Loss):
+    """The mean over elements of a two-input elementwise op ``loss(input, target)``."""
+
+    def __init__(self, op: ElementwiseOp) -> None:
+        if len(op.input_names) != 2:
+            raise SymgradError(f"an elementwise loss takes (input, target), got op {op!r}")
+        self.op = op
+        self.name = op.name
+
+    def _check(self, input: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        input, target = np.asarray(input), np.asarray(target)
+        if input.shape != target.shape:
+            raise ShapeError(
+                f"{type(self).__name__}: input has shape {input.shape} but target has shape "
+                f"{target.shape}; they must match"
+            )
+        if target.dtype != input.dtype:
+            if target.dtype.kind not in "iufb":
+                raise DTypeError(f"{type(self).__name__}: target has dtype {target.dtype}")
+            target = target.astype(input.dtype)
+        return input, target
+
+    def value_and_grad(self, input: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+        input, target = self._check(input, target)
+        value, (grad, _) = self.op.value_and_vjp(input, target, reduction="mean")
+        return float(value), grad
+
+    def fused_with(self, activation: Elementwise) -> ElementwiseLoss:
+        """This loss applied to ``activation(z)``, composed symbolically, then differentiated."""
+        z = sp.Symbol("z", real=True)
+        (a,) = activation.op.spec.inputs
+        p, y = self.op.spec.inputs
+        inner = activation.op.spec.expr.xreplace({a: z})
+        fused = self.op.spec.expr.xreplace({p: inner})
+        op = elementwise(fused, inputs=[z, y], name=f"{activation.op.name}_{self.op.name}")
+        return ElementwiseLoss(op)
+
+
+class MSELoss(ElementwiseLoss):
+    """Mean squared error, ``mean((input - target)²)``."""
+
+    def __init__(self) -> None:
+        super().__init__(builtin("mse"))  # type: ignore[arg-type]
+
+
+class BCELoss(ElementwiseLoss):
+    """Binary cross-entropy on probabilities (logs clamped at -100, as torch)."""
+
+    def __init__(self) -> None:
+        super().__init__(builtin("bce"))  # type: ignore[arg-type]
+
+    def value_and_grad(self, input: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+        arr = np.asarray(input)  # probabilities, as torch demands
+        if arr.size and not (np.all(arr >= 0) and np.all(arr <= 1)):
+            raise SymgradError(
+                "BCELoss: every input must be a probability in [0, 1] (found values outside); "
+                "use BCEWithLogitsLoss on logits"
+            )
+        return super().value_and_grad(input, target)
+
+
+class BCEWithLogitsLoss(ElementwiseLoss):
+    """Binary cross-entropy on logits: ``softplus(z) − y·z``, stable for any z."""
+
+    def __init__(self) -> None:
+        super().__init__(builtin("bce_with_logits"))  # type: ignore[arg-type]
+
+
+class CrossEntropyLoss(Loss):
+    """Softmax cross-entropy of logits ``(batch, classes)`` against integer labels ``(batch,)``.
+
+    Mean over the batch, as torch.  The labels become one-hot rows of the index formula
+    ``L[b] = -Σ_i T[b,i] log softmax(X)[b,i]``, whose derived gradient is ``softmax − onehot``.
+    """
+
+    name = "cross_entropy"
+
+    def __init__(self) -> None:
+        self.op = builtin("softmax_cross_entropy")
+
+    def value_and_grad(self, input: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+        logits = np.asarray(input)
+        labels = np.asarray(target)
+        if logits.ndim != 2:
+            raise ShapeError(f"CrossEntropyLoss expects logits (batch, classes), got {logits.shape}")
+        if labels.shape != (logits.shape[0],):
+            raise ShapeError(
+                f"CrossEntropyLoss expects labels of shape ({logits.shape[0]},), got {labels.shape}"
+            )
+        if labels.dtype.kind not in "iu":
+            raise DTypeError(f"CrossEntropyLoss expects integer class labels, got dtype {labels.dtype}")
+        classes = logits.shape[1]
+        if labels.size and (labels.min() < 0 or labels.max() >= classes):
+            bad = labels[(labels < 0) | (labels >= classes)]
+            raise SymgradError(
+                f"CrossEntropyLoss: labels must lie in [0, {classes}), found {sorted(set(bad.tolist()))[:5]}"
+            )
+        onehot = np.zeros_like(logits)
+        onehot[np.arange(labels.size), labels] = 1
+        losses = self.op(logits, onehot)
+        batch = max(1, labels.size)
+        grad_out = np.full(labels.size, 1.0 / batch, dtype=logits.dtype)
+        grad, _ = self.op.vjp(logits, onehot, grad_out)
+        return float(losses.mean(dtype=np.float64)), grad
+
+
+def fuse(model: Module, loss: Loss) -> tuple[Module, Loss]:
+    """Fold a trailing elementwise activation of ``model`` into an elementwise ``loss``.
+
+    Returns ``(body, loss)`` to train with: ``loss(body(x), y)`` equals ``loss(model(x), y)``,
+    but the activation and the loss are differentiated as one formula.
+    """
+    if (
+        isinstance(model, Sequential)
+        and len(model) > 0
+        and isinstance(model[-1], Elementwise)
+        and isinstance(loss, ElementwiseLoss)
+    ):
+        return model[: len(model) - 1], loss.fused_with(model[-1])
+    return model, loss

@@ -1,0 +1,344 @@
+"""Modules: parameters, layers and containers whose every gradient was derived symbolically.
+
+A module's ``forward(x)`` returns its output and a context; ``backward(ctx, grad_y)``
+accumulates the gradients of its parameters (those with ``requires_grad``) and returns the
+gradient of its input.  Every VJP is a compiled op from :mod:`symgrad.builtins` or a user
+formula — nothing here differentiates by hand.  Weights use torch's layout and names
+(``weight`` is ``(out_features, in_features)``; a ``Sequential``'s children are ``0``, ``1``, ...)
+so state dicts copy across.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..api import builtin
+from ..errors import DTypeError, ShapeError, SymgradError
+from ..runtime.elementwise import ElementwiseOp
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class StateDictError(SymgradError, KeyError):
+    """A state dict does not match a module's parameters (names or shapes)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+def _check_dtype(dtype: Any) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in _FLOATS:
+        raise DTypeError(f"modules compute in float32 or float64, got dtype {dt}")
+    return dt
+
+
+class Parameter:
+    """A trainable array with its gradient: ``data``, ``grad`` (or None), ``requires_grad``."""
+
+    def __init__(self, data: np.ndarray, requires_grad: bool = True) -> None:
+        self.data = np.ascontiguousarray(data)
+        self.grad: np.ndarray | None = None
+        self.requires_grad = requires_grad
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    def accumulate(self, grad: np.ndarray) -> None:
+        """Add ``grad`` to ``self.grad`` (gradients accumulate until ``zero_grad``)."""
+        if not self.requires_grad:
+            return
+        if self.grad is None:
+            self.grad = np.array(grad, dtype=self.data.dtype, copy=True)
+        else:
+            self.grad += grad
+
+    def __repr__(self) -> str:
+        flag = "" if self.requires_grad else ", requires_grad=False"
+        return f"Parameter(shape={self.shape}, dtype={self.data.dtype}{flag})"
+
+
+class Module:
+    """Base class: parameters and child modules found by attribute, torch-style naming."""
+
+    def __init__(self) -> None:
+        self.training = True
+
+    # -- structure -------------------------------------------------------------------------
+
+    def children(self) -> Iterator[tuple[str, Module]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield prefix + name, value
+        for name, child in self.children():
+            yield from child.named_parameters(f"{prefix}{name}.")
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.data.size for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def requires_grad_(self, flag: bool = True) -> Module:
+        """Freeze (``False``) or unfreeze every parameter of this module."""
+        for p in self.parameters():
+            p.requires_grad = flag
+        return self
+
+    def train(self, mode: bool = True) -> Module:
+        self.training = mode
+        for _, child in self.children():
+            child.train(mode)
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of every parameter, named as torch names them."""
+        return {name: p.data.copy() for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load parameters by name; arrays (or torch tensors) are cast to each parameter's dtype.
+
+        Every name and shape is checked before anything is written.
+        """
+        params = dict(self.named_parameters())
+        missing = sorted(set(params) - set(state))
+        unexpected = sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise StateDictError(
+                f"state dict does not match the module: missing {missing}, unexpected "
+                f"{unexpected}"
+            )
+        arrays = {}
+        for name, p in params.items():
+            value = state[name]
+            array = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+            if array.shape != p.shape:
+                raise StateDictError(
+                    f"state dict entry {name!r} has shape {array.shape}, the parameter has "
+                    f"shape {p.shape}"
+                )
+            arrays[name] = array
+        for name, p in params.items():
+            p.data = np.ascontiguousarray(arrays[name], dtype=p.data.dtype)
+
+    # -- computation -----------------------------------------------------------------------
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        raise NotImplementedError
+
+    def backward(self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(x)[0]
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        kids = list(self.children())
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        if not kids:
+            return head + ")"
+        lines = [head]
+        for name, child in kids:
+            lines.append("  (" + name + "): " + repr(child).replace("\n", "\n  "))
+        return "\n".join(lines) + "\n)"
+
+
+def _uniform(rng: np.random.Generator, bound: float, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+class Linear(Module):
+    """``y = x Wᵀ + b``; ``x: (batch, in_features)`` → ``y: (batch, out_features)``.
+
+    Initialised as torch does: ``W, b ~ U(-1/√in, 1/√in)`` (kaiming-uniform with a = √5).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 dtype: Any = np.float32, rng: np.random.Generator | None = None) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ShapeError(f"Linear needs positive sizes, got ({in_features}, {out_features})")
+        dt = _check_dtype(dtype)
+        rng = rng if rng is not None else np.random.default_rng()
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1.0 / np.sqrt(in_features)
+        self.weight = Parameter(_uniform(rng, bound, (out_features, in_features), dt))
+        self.bias = Parameter(_uniform(rng, bound, (out_features,), dt)) if bias else None
+        self._op = builtin("linear") if bias else builtin("matmul")
+
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ShapeError(
+                f"Linear({self.in_features}, {self.out_features}) expects input of shape "
+                f"(batch, {self.in_features}), got {x.shape}"
+            )
+        if x.dtype != self.weight.data.dtype:
+            raise DTypeError(
+                f"Linear has {self.weight.data.dtype} weights but the input is {x.dtype}; "
+                f"cast the input with x.astype(np.{self.weight.data.dtype})"
+            )
+        return x
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        x = self._check(x)
+        if self.bias is not None:
+            return self._op(x, self.weight.data, self.bias.data), x
+        return self._op(x, self.weight.data.T), x
+
+    def backward(self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+        x = ctx
+        if self.bias is not None:
+            gx, gw, gb = self._op.vjp(x, self.weight.data, self.bias.data, grad_y)
+            self.bias.accumulate(gb)
+        else:
+            gx, gwt = self._op.vjp(x, self.weight.data.T, grad_y)
+            gw = gwt.T
+        self.weight.accumulate(gw)
+        return gx if need_input_grad else None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+class Elementwise(Module):
+    """Any one-input elementwise op (built-in or from :func:`symgrad.elementwise`) as a layer."""
+
+    def __init__(self, op: ElementwiseOp) -> None:
+        super().__init__()
+        if not isinstance(op, ElementwiseOp) or len(op.input_names) != 1:
+            raise SymgradError(
+                f"Elementwise wraps a one-input elementwise op, got {op!r}; build one with "
+                "symgrad.elementwise(expr, inputs=[x], name=...)"
+            )
+        self.op = op
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        return self.op(x), x
+
+    def backward(self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+        return self.op.vjp(ctx, grad_y)[0] if need_input_grad else None
+
+    def extra_repr(self) -> str:
+        consts = ", ".join(f"{k}={v!r}" for k, v in self.op.spec.constants)
+        return consts if type(self) is not Elementwise else self.op.name + (", " + consts if consts else "")
+
+
+def _activation(class_name: str, op_name: str, doc: str) -> type[Elementwise]:
+    def __init__(self: Elementwise, **params: float) -> None:
+        Elementwise.__init__(self, builtin(op_name, **params))  # type: ignore[arg-type]
+
+    return type(class_name, (Elementwise,), {"__init__": __init__, "__doc__": doc})
+
+
+Tanh = _activation("Tanh", "tanh", "tanh, elementwise.")
+Sigmoid = _activation("Sigmoid", "sigmoid", "The logistic sigmoid, elementwise.")
+ReLU = _activation("ReLU", "relu", "max(x, 0), elementwise; gradient 0 at 0 as in torch.")
+LeakyReLU = _activation("LeakyReLU", "leaky_relu", "Leaky ReLU (negative_slope=0.01).")
+ELU = _activation("ELU", "elu", "ELU (alpha=1.0).")
+GELU = _activation("GELU", "gelu", "GELU, exact erf form.")
+SiLU = _activation("SiLU", "silu", "x·σ(x).")
+Softplus = _activation("Softplus", "softplus", "Softplus (beta=1, threshold=20), as torch.")
+Softsign = _activation("Softsign", "softsign", "x / (1 + |x|).")
+Hardtanh = _activation("Hardtanh", "hardtanh", "clip(x, min_val, max_val).")
+
+
+class LayerNorm(Module):
+    """Layer norm over the last axis with affine weight and bias, as ``torch.nn.LayerNorm``."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, *, dtype: Any = np.float32) -> None:
+        super().__init__()
+        dt = _check_dtype(dtype)
+        self.normalized_shape = int(normalized_shape)
+        self.eps = eps
+        self.weight = Parameter(np.ones(self.normalized_shape, dtype=dt))
+        self.bias = Parameter(np.zeros(self.normalized_shape, dtype=dt))
+        self._op = builtin("layer_norm", eps=eps)
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        x = np.asarray(x)
+        if x.ndim < 1 or x.shape[-1] != self.normalized_shape:
+            raise ShapeError(
+                f"LayerNorm({self.normalized_shape}) expects a last axis of "
+                f"{self.normalized_shape}, got input of shape {x.shape}"
+            )
+        flat = x.reshape(-1, self.normalized_shape)
+        return self._op(flat, self.weight.data, self.bias.data).reshape(x.shape), flat
+
+    def backward(self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+        flat = ctx
+        gx, gw, gb = self._op.vjp(flat, self.weight.data, self.bias.data,
+                                  grad_y.reshape(flat.shape))
+        self.weight.accumulate(gw)
+        self.bias.accumulate(gb)
+        return gx.reshape(grad_y.shape) if need_input_grad else None
+
+    def extra_repr(self) -> str:
+        return f"({self.normalized_shape},), eps={self.eps}"
+
+
+class Sequential(Module):
+    """Modules applied in order; children are named ``0``, ``1``, ... as in torch."""
+
+    def __init__(self, *modules: Module) -> None:
+        super().__init__()
+        for module in modules:
+            if not isinstance(module, Module):
+                raise SymgradError(f"Sequential takes modules, got {module!r}")
+        self._modules = list(modules)
+
+    def children(self) -> Iterator[tuple[str, Module]]:
+        for k, module in enumerate(self._modules):
+            yield str(k), module
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return Sequential(*self._modules[index])
+        return self._modules[index]
+
+    def __setitem__(self, index: int, module: Module) -> None:
+        self._modules[index] = module
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        ctxs = []
+        for module in self._modules:
+            x, ctx = module.forward(x)
+            ctxs.append(ctx)
+        return x, ctxs
+
+    def backward(self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+        # Stop at the first module below which nothing is trainable: a frozen body costs no
+        # backward pass at all.
+        trainable = [any(p.requires_grad for p in m.parameters()) for m in self._modules]
+        lowest = next((k for k, t in enumerate(trainable) if t), len(self._modules))
+        stop = 0 if need_input_grad else lowest
+        grad: np.ndarray | None = grad_y
+        for k in range(len(self._modules) - 1, stop - 1, -1):
+            assert grad is not None
+            grad = self._modules[k].backward(ctx[k], grad, need_input_grad=k > stop or need_input_grad)
+        return grad if need_input_grad else None

@@ -1,0 +1,175 @@
+"""Training: seeded minibatches, the step loop, evaluation, history and checkpoints.
+
+Batches are a pure function of ``(seed, epoch)`` (:func:`batch_order`), so a run resumed from a
+checkpoint — or a PyTorch twin fed by the same function — sees exactly the same batches in the
+same order.  Checkpoints are ``.npz`` files written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SymgradError
+from .nn.losses import Loss, fuse
+from .nn.modules import Module
+from .optim import Optimizer
+
+
+class DataError(SymgradError, ValueError):
+    """Training data are malformed (NaN, mismatched lengths, empty)."""
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The minibatches (index arrays) of one epoch: a seeded permutation cut into batches."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return [perm[k : k + batch_size] for k in range(0, n, batch_size)]
+
+
+@dataclass
+class History:
+    """What a run recorded: every step's loss, and per-epoch evaluations."""
+
+    step_losses: list[float] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+def accuracy(model: Module, x: np.ndarray, labels: np.ndarray, batch: int = 4096) -> float:
+    """Fraction of rows whose arg-max output equals the label."""
+    hits = 0
+    for k in range(0, len(x), batch):
+        hits += int(np.sum(np.argmax(model(x[k : k + batch]), axis=1) == labels[k : k + batch]))
+    return hits / max(1, len(x))
+
+
+def check_data(x: np.ndarray, y: np.ndarray) -> None:
+    """Reject data that would train on garbage: NaN/inf, mismatched lengths, empty sets."""
+    if x.shape[0] == 0:
+        raise DataError("the training set is empty")
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{x.shape[0]} inputs but {y.shape[0]} targets: they must be as many")
+    for name, arr in (("inputs", x), ("targets", y)):
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            bad = np.argwhere(~np.isfinite(arr))[0]
+            raise DataError(f"the {name} contain NaN or inf (first at index {tuple(bad)})")
+
+
+def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: str | Path, model: Module, optimizer: Optimizer, epoch: int,
+                    history: History) -> None:
+    """Write model, optimizer state, the next epoch and the history to ``path`` atomically."""
+    arrays: dict[str, np.ndarray] = {f"model/{k}": v for k, v in model.state_dict().items()}
+    arrays.update({f"optim/{k}": v for k, v in optimizer.state_dict().items()})
+    arrays["epoch"] = np.asarray(epoch)
+    arrays["step_losses"] = np.asarray(history.step_losses, dtype=np.float64)
+    arrays["epoch_losses"] = np.asarray(history.epoch_losses, dtype=np.float64)
+    arrays["evals"] = np.asarray(json.dumps(history.evals))
+    _atomic_savez(Path(path), arrays)
+
+
+def load_checkpoint(path: str | Path, model: Module, optimizer: Optimizer) -> tuple[int, History]:
+    """Restore what :func:`save_checkpoint` wrote; returns ``(next_epoch, history)``."""
+    with np.load(Path(path)) as data:
+        model.load_state_dict({k[6:]: data[k] for k in data.files if k.startswith("model/")})
+        optimizer.load_state_dict({k[6:]: data[k] for k in data.files if k.startswith("optim/")})
+        history = History(
+            list(map(float, data["step_losses"])),
+            list(map(float, data["epoch_losses"])),
+            json.loads(str(data["evals"])),
+        )
+        return int(data["epoch"]), history
+
+
+def fit(
+    model: Module,
+    loss: Loss,
+    optimizer: Optimizer,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    evaluate: Callable[[Module], dict[str, float]] | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    stop_after_epoch: int | None = None,
+    progress: bool = False,
+    fuse_loss: bool = True,
+) -> History:
+    """Train ``model`` on ``(x, y)``; returns the :class:`History`.
+
+    Args:
+        x: inputs ``(n, features)``; y: targets (labels ``(n,)`` or values like the output).
+        epochs, batch_size, seed: the schedule; batches come from :func:`batch_order`.
+        evaluate: called on the model after every epoch; its dict goes to ``history.evals``.
+        checkpoint: a ``.npz`` path written after every epoch; with ``resume=True`` a run
+            continues from it and ends exactly as an uninterrupted run would.
+        stop_after_epoch: stop (as if interrupted) after this many epochs in total.
+        fuse_loss: fold a trailing elementwise activation into an elementwise loss (see
+            :func:`symgrad.nn.fuse`).
+
+    Data are checked first — NaN, lengths, feature count, labels — and an error is raised
+    before any weight changes.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    check_data(x, y)
+    if batch_size < 1 or epochs < 0:
+        raise SymgradError(f"need batch_size ≥ 1 and epochs ≥ 0, got {batch_size}, {epochs}")
+    body, objective = fuse(model, loss) if fuse_loss else (model, loss)
+    # One forward over everything: a wrong feature count or label fails here, not mid-run.
+    objective.value_and_grad(body(x), y)
+    start, history = 0, History()
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        start, history = load_checkpoint(checkpoint, model, optimizer)
+    last = epochs if stop_after_epoch is None else min(epochs, stop_after_epoch)
+    bar = _progress(progress, (last - start) * -(-len(x) // batch_size))
+    for epoch in range(start, last):
+        total, count = 0.0, 0
+        for idx in batch_order(len(x), batch_size, seed, epoch):
+            optimizer.zero_grad()
+            out, ctx = body.forward(x[idx])
+            value, grad = objective.value_and_grad(out, y[idx])
+            body.backward(ctx, grad, need_input_grad=False)
+            optimizer.step()
+            history.step_losses.append(value)
+            total, count = total + value * len(idx), count + len(idx)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}")
+        history.epoch_losses.append(total / count)
+        if evaluate is not None:
+            history.evals.append(evaluate(model))
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, optimizer, epoch + 1, history)
+    if bar is not None:
+        bar.close()
+    return history
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    if not enabled or total <= 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", leave=False)
