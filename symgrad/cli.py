@@ -80,6 +80,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .tasks import finetune
+
+    cfg = finetune.FinetuneConfig(
+        dtype=args.dtype, seed=args.seed, labels_per_class=args.labels_per_class,
+        freeze_body=args.freeze_body, optimizer=args.optimizer,
+        pretrain_epochs=args.pretrain_epochs, epochs=args.epochs, progress=not args.quiet,
+    )
+    report = finetune.run(cfg)
+    print(finetune.format_table(report))
+    out = Path(args.out)
+    finetune.plot(report, out / "finetune_losses.png")
+    finetune.write_json(report, Path(args.json) if args.json else out / "finetune_report.json")
+    print(f"wrote {out / 'finetune_losses.png'} and "
+          f"{args.json or out / 'finetune_report.json'}")
+    tolerance = 1e-9 if args.dtype == "float64" else 1e-4
+    agree = max(report["max_loss_rel_diff"], report["max_param_rel_diff"]) <= tolerance
+    print(f"agreement with torch within {tolerance:g}: {'yes' if agree else 'NO'}")
+    return 0 if agree else 1
+
+
 def cmd_derive(args: argparse.Namespace) -> int:
     print(builtin(args.name).derivation().to_text())
     return 0
@@ -103,6 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=10_000, help="elements per op (default 10000)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=cmd_demo)
+    ft = sub.add_parser(
+        "finetune",
+        help="pre-train on MNIST, fine-tune on sklearn digits, side by side with PyTorch",
+        description="Pre-train a 64-128-64-10 tanh MLP on 5,000 MNIST digits (8x8), replace "
+        "its head, fine-tune on k labelled sklearn digits per class, compare with training "
+        "from scratch; a PyTorch twin runs every phase from the same weights and batches.",
+    )
+    ft.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--labels-per-class", type=int, default=1, help="k (default 1)")
+    ft.add_argument("--freeze-body", action="store_true", help="train only the new head")
+    ft.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
+    ft.add_argument("--pretrain-epochs", type=int, default=30)
+    ft.add_argument("--epochs", type=int, default=100, help="fine-tuning and from-scratch epochs")
+    ft.add_argument("--out", default="finetune-out", help="directory for the PNG and JSON")
+    ft.add_argument("--json", default=None, help="JSON report path (default OUT/finetune_report.json)")
+    ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    ft.set_defaults(func=cmd_finetune)
     derive = sub.add_parser("derive", help="print the derivation of a built-in op")
     derive.add_argument("name", choices=sorted(BUILTINS), metavar="NAME",
                         help=f"one of: {', '.join(sorted(BUILTINS))}")

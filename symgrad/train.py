@@ -172,4 +172,4 @@ def _progress(enabled: bool, total: int) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="step", leave=False)
+    return tqdm(total=total, unit="step", leave=False, disable=None)  # None: only on a TTY

@@ -39,14 +39,14 @@ class FinetuneConfig:
     labels_per_class: int = 1
     freeze_body: bool = False
     optimizer: str = "sgd"
-    pretrain_epochs: int = 8
-    epochs: int = 60
+    pretrain_epochs: int = 30
+    epochs: int = 100
     batch_size: int = 64
     test_fraction: float = 0.5
     progress: bool = False
 
 
-_LR = {"sgd": 0.05, "adam": 2e-3, "adamw": 2e-3}
+_LR = {"sgd": 0.03, "adam": 2e-3, "adamw": 2e-3}
 
 
 def make_optimizer(name: str, params: list[nn.Parameter]) -> optim.Optimizer:

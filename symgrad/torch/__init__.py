@@ -102,7 +102,7 @@ def run_twin(twin: torch.nn.Module, loss: torch.nn.Module, opt: torch.optim.Opti
             value = loss(twin(tx[index]), ty[index])
             value.backward()
             opt.step()
-            losses.append(float(value))
+            losses.append(float(value.detach()))
     return losses, time.perf_counter() - start
 
 
