@@ -1,0 +1,140 @@
+"""Training loop: twin runs against torch, freezing, checkpoints and resume, bad data."""
+
+import json
+
+import numpy as np
+import pytest
+
+from symgrad import nn, optim
+from symgrad import torch as sgt
+from symgrad.cli import main
+from symgrad.tasks import finetune
+from symgrad.tasks.digits import few_shot_split, load_mnist_8x8, to_sklearn_8x8
+from symgrad.train import DataError, batch_order, fit
+
+
+def _model(seed, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(nn.Linear(5, 7, dtype=dtype, rng=rng), nn.Tanh(),
+                         nn.Linear(7, 3, dtype=dtype, rng=rng))
+
+
+def _data(n=40):
+    rng = np.random.default_rng(9)
+    return rng.normal(size=(n, 5)), rng.integers(0, 3, n)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_fit_matches_torch_twin_step_by_step(name):
+    x, y = _data()
+    model = _model(0)
+    twin = sgt.to_torch(model)
+    opt = finetune.make_optimizer(name, model.parameters())
+    history = fit(model, nn.CrossEntropyLoss(), opt, x, y, epochs=3, batch_size=16, seed=5)
+    losses, _ = sgt.run_twin(twin, sgt.twin_loss(nn.CrossEntropyLoss()),
+                             sgt.twin_optimizer(opt, list(twin.parameters())), x, y,
+                             epochs=3, batch_size=16, seed=5)
+    np.testing.assert_allclose(history.step_losses, losses, rtol=1e-12)
+    for k, v in sgt.state_dict_numpy(twin).items():
+        np.testing.assert_allclose(model.state_dict()[k], v, rtol=1e-11, atol=1e-14)
+
+
+def test_batch_order_is_a_seeded_partition():
+    batches = batch_order(23, 5, seed=1, epoch=2)
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(23))
+    again = batch_order(23, 5, seed=1, epoch=2)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+    other = batch_order(23, 5, seed=1, epoch=3)
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, other, strict=True))
+
+
+def test_frozen_parameters_do_not_change():
+    x, y = _data()
+    model = _model(1)
+    model[0].requires_grad_(False)
+    frozen = {k: v for k, v in model.state_dict().items() if k.startswith("0.")}
+    fit(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        x, y, epochs=2, batch_size=8)
+    for k, v in frozen.items():
+        np.testing.assert_array_equal(model.state_dict()[k], v)
+    assert not np.array_equal(model.state_dict()["2.weight"], _model(1).state_dict()["2.weight"])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, name):
+    x, y = _data()
+    full = _model(2)
+    fit(full, nn.CrossEntropyLoss(), finetune.make_optimizer(name, full.parameters()), x, y,
+        epochs=4, batch_size=16, seed=3)
+
+    ckpt = tmp_path / "run.npz"
+    part = _model(2)
+    fit(part, nn.CrossEntropyLoss(), finetune.make_optimizer(name, part.parameters()), x, y,
+        epochs=4, batch_size=16, seed=3, checkpoint=ckpt, stop_after_epoch=2)
+    resumed = _model(99)  # different weights: everything must come from the checkpoint
+    history = fit(resumed, nn.CrossEntropyLoss(), finetune.make_optimizer(name, resumed.parameters()),
+                  x, y, epochs=4, batch_size=16, seed=3, checkpoint=ckpt, resume=True)
+    assert len(history.epoch_losses) == 4
+    for k, v in full.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[k], v)
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
+
+
+@pytest.mark.parametrize(
+    "x, y, error, match",
+    [
+        (np.full((4, 5), np.nan), np.zeros(4, dtype=int), DataError, "NaN"),
+        (np.zeros((4, 5)), np.zeros(3, dtype=int), DataError, "4 inputs but 3"),
+        (np.zeros((4, 6)), np.zeros(4, dtype=int), Exception, r"\(batch, 5\)"),
+        (np.zeros((4, 5)), np.array([0, 1, 2, 7]), Exception, "labels must lie"),
+    ],
+)
+def test_bad_data_fails_before_any_weight_changes(x, y, error, match):
+    model = _model(3)
+    before = model.state_dict()
+    with pytest.raises(error, match=match):
+        fit(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1), x, y,
+            epochs=1, batch_size=2)
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.state_dict()[k], v)
+
+
+def test_mnist_conversion_matches_sklearn_digit_format():
+    x, y = load_mnist_8x8()
+    assert x.shape == (5000, 64) and y.shape == (5000,)
+    assert x.min() == 0 and x.max() == 16 and np.all(x == np.round(x))
+    assert sorted(np.bincount(y)) == [500] * 10
+    # a synthetic 28×28 image that is fully on maps to all-16 blocks
+    assert np.all(to_sklearn_8x8(np.full((1, 784), 255.0)) == 16)
+
+
+def test_few_shot_split_is_stratified_and_disjoint():
+    labels = np.repeat(np.arange(4), 10)
+    train, test = few_shot_split(labels, 2, 0.5, seed=0)
+    assert np.bincount(labels[train]).tolist() == [2] * 4
+    assert np.bincount(labels[test]).tolist() == [5] * 4
+    assert not set(train) & set(test)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-9), ("float32", 1e-4)])
+def test_finetune_task_agrees_with_torch(dtype, tolerance):
+    cfg = finetune.FinetuneConfig(dtype=dtype, pretrain_epochs=1, epochs=5, optimizer="adam")
+    report = finetune.run(cfg)
+    assert report["max_loss_rel_diff"] <= tolerance
+    assert report["max_param_rel_diff"] <= tolerance
+    assert {p["name"] for p in report["phases"]} == {"pretrain", "finetune", "scratch"}
+    assert abs(report["symgrad_accuracy"] - report["torch_accuracy"]) < 0.01
+
+
+def test_finetune_cli_writes_report_and_png(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["finetune", "--pretrain-epochs", "1", "--epochs", "3", "--out", str(out),
+                 "--json", str(tmp_path / "r.json"), "--quiet", "--freeze-body"])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    for key in ("max_loss_rel_diff", "max_param_rel_diff", "symgrad_accuracy", "torch_accuracy",
+                "scratch_accuracy"):
+        assert key in report
+    assert (out / "finetune_losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "agreement with torch within 1e-09: yes" in capsys.readouterr().out
