@@ -42,8 +42,18 @@ order = rng.permutation(len(x))
 train, test = order[:400], order[400:]
 
 model = nn.Sequential(nn.Linear(x.shape[1], 1, dtype=np.float64, rng=rng), nn.Sigmoid())
-history = fit(model, nn.BCELoss(), optim.SGD(model.parameters(), lr=0.1), x[train],
-              labels[train], epochs=20, batch_size=32, seed=0)
+history = fit(
+    model,
+    nn.BCELoss(),
+    optim.SGD(model.parameters(), lr=0.1),
+    x[train],
+    labels[train],
+    epochs=20,
+    batch_size=32,
+    seed=0,
+)
 accuracy = np.mean((model(x[test]) > 0.5) == (labels[test] > 0.5))
-print(f"loss {history.epoch_losses[0]:.4f} → {history.epoch_losses[-1]:.4f}; "
-      f"held-out accuracy {100 * accuracy:.1f}%")
+print(
+    f"loss {history.epoch_losses[0]:.4f} → {history.epoch_losses[-1]:.4f}; "
+    f"held-out accuracy {100 * accuracy:.1f}%"
+)

@@ -16,4 +16,13 @@ from .builtins import BUILTINS, TENSOR_BUILTINS
 from .errors import SymgradError
 from .symbolic.index import index_sum
 
-__all__ = ["BUILTINS", "TENSOR_BUILTINS", "SymgradError", "__version__", "builtin", "elementwise", "index_sum", "tensor_op"]
+__all__ = [
+    "BUILTINS",
+    "TENSOR_BUILTINS",
+    "SymgradError",
+    "__version__",
+    "builtin",
+    "elementwise",
+    "index_sum",
+    "tensor_op",
+]

@@ -27,7 +27,7 @@ from .symbolic.index import TensorDerivation, derive_tensor, tensor_spec
 from .symbolic.spec import OpSpec, elementwise_spec
 
 _OPS: dict[str, ElementwiseOp | TensorOp] = {}
-D = TypeVar("D")
+D = TypeVar("D", Derivation, TensorDerivation)
 
 
 def _derive_checked(spec: OpSpec) -> Derivation:
@@ -76,16 +76,19 @@ def elementwise(
     if spec.key in _OPS:
         return _OPS[spec.key]  # type: ignore[return-value]
     check_supported(spec.expr, spec.name)
-    path, derivation = _build(
-        spec.name, spec.key, lambda: _derive_checked(spec),
-        lambda d: emit_elementwise(d, spec.key, fastmath, parallel),
-    )
+
+    def emit(d: Derivation) -> KernelSource:
+        return emit_elementwise(d, spec.key, fastmath, parallel)
+
+    path, derivation = _build(spec.name, spec.key, lambda: _derive_checked(spec), emit)
     op = ElementwiseOp(spec, path, lambda: _derive_checked(spec), derivation)
     _OPS[spec.key] = op
     return op
 
 
-def _build(name: str, key: str, derive: Callable[[], D], emit: Callable[[D], KernelSource]) -> tuple[Path, D | None]:
+def _build(
+    name: str, key: str, derive: Callable[[], D], emit: Callable[[D], KernelSource]
+) -> tuple[Path, D | None]:
     """The cached module of an op, derived and emitted only when the cache has no valid copy."""
     path = module_path(name, key)
     if verified_text(path) is not None:
@@ -134,7 +137,10 @@ def tensor_op(
             check_supported(p.final, spec.name, f"the gradient of {p.wrt}")
         return derivation
 
-    path, derivation = _build(spec.name, spec.key, derive, lambda d: emit_tensor(d, spec.key))
+    def emit(d: TensorDerivation) -> KernelSource:
+        return emit_tensor(d, spec.key)
+
+    path, derivation = _build(spec.name, spec.key, derive, emit)
     op = TensorOp(spec, path, derive, derivation)
     _OPS[spec.key] = op
     return op

@@ -57,7 +57,9 @@ class Builtin:
         values = {**self.params, **params}
         symbols = {k: sp.Symbol(k, real=True) for k in self.params}
         formula = self.formula(**symbols)
-        return formula, {symbols[k]: v for k, v in values.items() if symbols[k] in formula.free_symbols}
+        return formula, {
+            symbols[k]: v for k, v in values.items() if symbols[k] in formula.free_symbols
+        }
 
 
 def _sigmoid(a: sp.Expr) -> sp.Expr:
@@ -68,58 +70,108 @@ _LOSS_DOMAIN = (Domain(), Domain())
 _PROB = Domain("uniform", 0.02, 0.98)
 
 _ENTRIES = [
-    Builtin("sigmoid", lambda: _sigmoid(x), (x,), lambda t, a: t.sigmoid(a),
-            doc="σ(x) = 1/(1+exp(-x))"),
+    Builtin(
+        "sigmoid", lambda: _sigmoid(x), (x,), lambda t, a: t.sigmoid(a), doc="σ(x) = 1/(1+exp(-x))"
+    ),
     Builtin("tanh", lambda: sp.tanh(x), (x,), lambda t, a: t.tanh(a)),
     Builtin("relu", lambda: sp.Max(x, 0), (x,), lambda t, a: t.relu(a)),
-    Builtin("leaky_relu",
-            lambda negative_slope: sp.Piecewise((x, x > 0), (negative_slope * x, True)),
-            (x,), lambda t, a, negative_slope: t.nn.functional.leaky_relu(a, negative_slope),
-            params={"negative_slope": 0.01}),
-    Builtin("elu", lambda alpha: sp.Piecewise((x, x > 0), (alpha * (sp.exp(x) - 1), True)),
-            (x,), lambda t, a, alpha: t.nn.functional.elu(a, alpha), params={"alpha": 1.0}),
-    Builtin("gelu", lambda: x / 2 * (1 + sp.erf(x / sp.sqrt(2))), (x,),
-            lambda t, a: t.nn.functional.gelu(a), doc="exact (erf) form"),
-    Builtin("gelu_tanh",
-            lambda: x / 2 * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (x + sp.Rational(44715, 10**6) * x**3))),
-            (x,), lambda t, a: t.nn.functional.gelu(a, approximate="tanh"),
-            doc="tanh approximation"),
+    Builtin(
+        "leaky_relu",
+        lambda negative_slope: sp.Piecewise((x, x > 0), (negative_slope * x, True)),
+        (x,),
+        lambda t, a, negative_slope: t.nn.functional.leaky_relu(a, negative_slope),
+        params={"negative_slope": 0.01},
+    ),
+    Builtin(
+        "elu",
+        lambda alpha: sp.Piecewise((x, x > 0), (alpha * (sp.exp(x) - 1), True)),
+        (x,),
+        lambda t, a, alpha: t.nn.functional.elu(a, alpha),
+        params={"alpha": 1.0},
+    ),
+    Builtin(
+        "gelu",
+        lambda: x / 2 * (1 + sp.erf(x / sp.sqrt(2))),
+        (x,),
+        lambda t, a: t.nn.functional.gelu(a),
+        doc="exact (erf) form",
+    ),
+    Builtin(
+        "gelu_tanh",
+        lambda: x / 2 * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (x + sp.Rational(44715, 10**6) * x**3))),
+        (x,),
+        lambda t, a: t.nn.functional.gelu(a, approximate="tanh"),
+        doc="tanh approximation",
+    ),
     Builtin("silu", lambda: x * _sigmoid(x), (x,), lambda t, a: t.nn.functional.silu(a)),
-    Builtin("softplus",
-            lambda beta, threshold: sp.Piecewise(
-                (x, beta * x > threshold), (sp.log(1 + sp.exp(beta * x)) / beta, True)),
-            (x,), lambda t, a, beta, threshold: t.nn.functional.softplus(a, beta, threshold),
-            params={"beta": 1.0, "threshold": 20.0}),
-    Builtin("softsign", lambda: x / (1 + sp.Abs(x)), (x,),
-            lambda t, a: t.nn.functional.softsign(a)),
-    Builtin("hardtanh",
-            lambda min_val, max_val: sp.Piecewise(
-                (min_val, x <= min_val), (max_val, x >= max_val), (x, True)),
-            (x,), lambda t, a, min_val, max_val: t.nn.functional.hardtanh(a, min_val, max_val),
-            params={"min_val": -1.0, "max_val": 1.0}),
-    Builtin("mse", lambda: (x - y) ** 2, (x, y),
-            lambda t, a, b: t.nn.functional.mse_loss(a, b, reduction="none"),
-            domain=_LOSS_DOMAIN, torch_grads=(True, True), doc="(x - y)², per element"),
-    Builtin("l1", lambda: sp.Abs(x - y), (x, y),
-            lambda t, a, b: t.nn.functional.l1_loss(a, b, reduction="none"),
-            domain=_LOSS_DOMAIN, torch_grads=(True, True)),
-    Builtin("huber",
-            lambda delta: sp.Piecewise(
-                ((x - y) ** 2 / 2, sp.Abs(x - y) < delta),
-                (delta * (sp.Abs(x - y) - delta / 2), True)),
-            (x, y), lambda t, a, b, delta: t.nn.functional.huber_loss(a, b, reduction="none", delta=delta),
-            params={"delta": 1.0}, domain=_LOSS_DOMAIN, torch_grads=(True, True)),
-    Builtin("bce",
-            lambda: -(y * sp.Max(sp.log(x), -100) + (1 - y) * sp.Max(sp.log(1 - x), -100)),
-            (x, y), lambda t, a, b: t.nn.functional.binary_cross_entropy(a, b, reduction="none"),
-            domain=(_PROB, Domain("uniform", 0.0, 1.0)), torch_grads=(True, False),
-            edges=(0.0, 1.0, 1e-30, 1 - 1e-16, 0.5),
-            doc="binary cross-entropy on probabilities, logs clamped at -100 as in torch"),
-    Builtin("bce_with_logits",
-            lambda: -(y * sp.log(_sigmoid(x)) + (1 - y) * sp.log(1 - _sigmoid(x))),
-            (x, y), lambda t, a, b: t.nn.functional.binary_cross_entropy_with_logits(a, b, reduction="none"),
-            domain=(Domain(), Domain("uniform", 0.0, 1.0)), torch_grads=(True, True),
-            doc="binary cross-entropy on logits, written naively; stabilized to softplus(x) - x·y"),
+    Builtin(
+        "softplus",
+        lambda beta, threshold: sp.Piecewise(
+            (x, beta * x > threshold), (sp.log(1 + sp.exp(beta * x)) / beta, True)
+        ),
+        (x,),
+        lambda t, a, beta, threshold: t.nn.functional.softplus(a, beta, threshold),
+        params={"beta": 1.0, "threshold": 20.0},
+    ),
+    Builtin(
+        "softsign", lambda: x / (1 + sp.Abs(x)), (x,), lambda t, a: t.nn.functional.softsign(a)
+    ),
+    Builtin(
+        "hardtanh",
+        lambda min_val, max_val: sp.Piecewise(
+            (min_val, x <= min_val), (max_val, x >= max_val), (x, True)
+        ),
+        (x,),
+        lambda t, a, min_val, max_val: t.nn.functional.hardtanh(a, min_val, max_val),
+        params={"min_val": -1.0, "max_val": 1.0},
+    ),
+    Builtin(
+        "mse",
+        lambda: (x - y) ** 2,
+        (x, y),
+        lambda t, a, b: t.nn.functional.mse_loss(a, b, reduction="none"),
+        domain=_LOSS_DOMAIN,
+        torch_grads=(True, True),
+        doc="(x - y)², per element",
+    ),
+    Builtin(
+        "l1",
+        lambda: sp.Abs(x - y),
+        (x, y),
+        lambda t, a, b: t.nn.functional.l1_loss(a, b, reduction="none"),
+        domain=_LOSS_DOMAIN,
+        torch_grads=(True, True),
+    ),
+    Builtin(
+        "huber",
+        lambda delta: sp.Piecewise(
+            ((x - y) ** 2 / 2, sp.Abs(x - y) < delta), (delta * (sp.Abs(x - y) - delta / 2), True)
+        ),
+        (x, y),
+        lambda t, a, b, delta: t.nn.functional.huber_loss(a, b, reduction="none", delta=delta),
+        params={"delta": 1.0},
+        domain=_LOSS_DOMAIN,
+        torch_grads=(True, True),
+    ),
+    Builtin(
+        "bce",
+        lambda: -(y * sp.Max(sp.log(x), -100) + (1 - y) * sp.Max(sp.log(1 - x), -100)),
+        (x, y),
+        lambda t, a, b: t.nn.functional.binary_cross_entropy(a, b, reduction="none"),
+        domain=(_PROB, Domain("uniform", 0.0, 1.0)),
+        torch_grads=(True, False),
+        edges=(0.0, 1.0, 1e-30, 1 - 1e-16, 0.5),
+        doc="binary cross-entropy on probabilities, logs clamped at -100 as in torch",
+    ),
+    Builtin(
+        "bce_with_logits",
+        lambda: -(y * sp.log(_sigmoid(x)) + (1 - y) * sp.log(1 - _sigmoid(x))),
+        (x, y),
+        lambda t, a, b: t.nn.functional.binary_cross_entropy_with_logits(a, b, reduction="none"),
+        domain=(Domain(), Domain("uniform", 0.0, 1.0)),
+        torch_grads=(True, True),
+        doc="binary cross-entropy on logits, written naively; stabilized to softplus(x) - x·y",
+    ),
 ]
 
 BUILTINS: dict[str, Builtin] = {entry.name: entry for entry in _ENTRIES}
@@ -152,8 +204,9 @@ class TensorBuiltin:
     torch_grads: tuple[bool, ...] | None = None
     doc: str = ""
 
-    def build(self, **params: float) -> tuple[sp.Expr, tuple[sp.Symbol, ...],
-                                              tuple[sp.IndexedBase, ...], dict[sp.Symbol, float]]:
+    def build(
+        self, **params: float
+    ) -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...], dict[sp.Symbol, float]]:
         """``(expr, out, inputs, constants)`` with torch's default parameters."""
         unknown = sorted(set(params) - set(self.params))
         if unknown:
@@ -208,7 +261,9 @@ def _cross_entropy() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBa
     return -sp.Sum(T[_b, _i] * (X[_b, _i] - _lse(X)), (_i, 0, _N - 1)), (_b,), (X, T)
 
 
-def _layer_norm(eps: sp.Symbol) -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+def _layer_norm(
+    eps: sp.Symbol,
+) -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
     X, w, beta = _tensor("X", _B, _N), _tensor("w", _N), _tensor("beta", _N)
     mean = sp.Sum(X[_b, _j], (_j, 0, _N - 1)) / _N
     var = sp.Sum((X[_b, _j] - mean) ** 2, (_j, 0, _N - 1)) / _N  # biased, as torch
@@ -246,29 +301,49 @@ def _pool_ref(t: Any, x: Any, m: Any) -> Any:
 
 
 _TENSOR_ENTRIES = [
-    TensorBuiltin("linear", _linear, lambda t, x, w, c: t.nn.functional.linear(x, w, c),
-                  domain=("normal", "normal", "normal"), doc="Y = X Wᵀ + c (torch layout)"),
+    TensorBuiltin(
+        "linear",
+        _linear,
+        lambda t, x, w, c: t.nn.functional.linear(x, w, c),
+        domain=("normal", "normal", "normal"),
+        doc="Y = X Wᵀ + c (torch layout)",
+    ),
     TensorBuiltin("matmul", _matmul, lambda t, a, b: a @ b, domain=("normal", "normal")),
-    TensorBuiltin("bilinear", _bilinear,
-                  lambda t, x1, x2, w, c: t.nn.functional.bilinear(x1, x2, w, c),
-                  domain=("normal",) * 4),
+    TensorBuiltin(
+        "bilinear",
+        _bilinear,
+        lambda t, x1, x2, w, c: t.nn.functional.bilinear(x1, x2, w, c),
+        domain=("normal",) * 4,
+    ),
     TensorBuiltin("softmax", _softmax, lambda t, x: t.softmax(x, -1)),
     TensorBuiltin("log_softmax", _log_softmax, lambda t, x: t.log_softmax(x, -1)),
     TensorBuiltin("logsumexp", _logsumexp, lambda t, x: t.logsumexp(x, -1)),
-    TensorBuiltin("softmax_cross_entropy", _cross_entropy,
-                  lambda t, x, p: t.nn.functional.cross_entropy(x, p, reduction="none"),
-                  domain=("normal", "simplex"),
-                  doc="cross-entropy of logits X against class probabilities T, per row"),
-    TensorBuiltin("layer_norm", _layer_norm,
-                  lambda t, x, w, b, eps: t.nn.functional.layer_norm(x, x.shape[-1:], w, b, eps),
-                  params={"eps": 1e-5}, domain=("normal",) * 3,
-                  doc="over the last axis, biased variance, affine weight and bias, as torch"),
+    TensorBuiltin(
+        "softmax_cross_entropy",
+        _cross_entropy,
+        lambda t, x, p: t.nn.functional.cross_entropy(x, p, reduction="none"),
+        domain=("normal", "simplex"),
+        doc="cross-entropy of logits X against class probabilities T, per row",
+    ),
+    TensorBuiltin(
+        "layer_norm",
+        _layer_norm,
+        lambda t, x, w, b, eps: t.nn.functional.layer_norm(x, x.shape[-1:], w, b, eps),
+        params={"eps": 1e-5},
+        domain=("normal",) * 3,
+        doc="over the last axis, biased variance, affine weight and bias, as torch",
+    ),
     TensorBuiltin("l2_penalty", _l2_penalty, lambda t, w: (w**2).sum()),
     TensorBuiltin("sum", _sum, lambda t, x: x.sum()),
     TensorBuiltin("mean", _mean, lambda t, x: x.mean()),
     TensorBuiltin("mean_last", _mean_last, lambda t, x: x.mean(-1)),
-    TensorBuiltin("masked_mean_pool", _masked_mean_pool, _pool_ref, domain=("normal", "mask"),
-                  doc="mean over the sequence axis of the positions where mask is 1"),
+    TensorBuiltin(
+        "masked_mean_pool",
+        _masked_mean_pool,
+        _pool_ref,
+        domain=("normal", "mask"),
+        doc="mean over the sequence axis of the positions where mask is 1",
+    ),
 ]
 
 TENSOR_BUILTINS: dict[str, TensorBuiltin] = {e.name: e for e in _TENSOR_ENTRIES}

@@ -79,13 +79,24 @@ def _op(expr: sp.Expr, inputs: list[sp.Symbol], name: str, **constants: float) -
 class SGD(Optimizer):
     """Stochastic gradient descent with momentum, dampening, Nesterov and weight decay."""
 
-    def __init__(self, params: Iterable[Parameter], lr: float, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> None:
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ) -> None:
         super().__init__(params, lr)
         if nesterov and (momentum <= 0 or dampening != 0):
-            raise SymgradError("Nesterov momentum requires a momentum and zero dampening (as torch)")
+            raise SymgradError(
+                "Nesterov momentum requires a momentum and zero dampening (as torch)"
+            )
         if momentum < 0 or weight_decay < 0:
-            raise SymgradError(f"momentum and weight_decay must be ≥ 0, got {momentum}, {weight_decay}")
+            raise SymgradError(
+                f"momentum and weight_decay must be ≥ 0, got {momentum}, {weight_decay}"
+            )
         self.momentum, self.dampening = momentum, dampening
         self.weight_decay, self.nesterov = weight_decay, nesterov
         lr_, wd, mu, damp = sp.symbols("lr wd mu damp", real=True)
@@ -117,14 +128,21 @@ class Adam(Optimizer):
 
     decoupled = False
 
-    def __init__(self, params: Iterable[Parameter], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__(params, lr)
         beta1, beta2 = betas
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or eps < 0 or weight_decay < 0:
-            raise SymgradError(f"invalid Adam hyperparameters betas={betas}, eps={eps}, "
-                               f"weight_decay={weight_decay}")
+            raise SymgradError(
+                f"invalid Adam hyperparameters betas={betas}, eps={eps}, "
+                f"weight_decay={weight_decay}"
+            )
         self.betas, self.eps, self.weight_decay = (beta1, beta2), eps, weight_decay
         lr_, wd, b1, b2, eps_ = sp.symbols("lr wd beta1 beta2 eps", real=True)
         consts = {"lr": lr, "wd": weight_decay, "beta1": beta1, "beta2": beta2, "eps": eps}
@@ -134,8 +152,12 @@ class Adam(Optimizer):
         self._v = _op(b2 * v_ + (1 - b2) * grad**2, [v_, g_, p_], f"{kind}_second_moment", **consts)
         base = p_ * (1 - lr_ * wd) if self.decoupled else p_
         # s = lr / (1 - β1ᵗ), c = √(1 - β2ᵗ): per-step scalars, passed as inputs
-        self._step = _op(base - s_ * m_ / (sp.sqrt(v_) / c_ + eps_), [p_, m_, v_, s_, c_],
-                         f"{kind}_step", **consts)
+        self._step = _op(
+            base - s_ * m_ / (sp.sqrt(v_) / c_ + eps_),
+            [p_, m_, v_, s_, c_],
+            f"{kind}_step",
+            **consts,
+        )
 
     def _update(self, p: Parameter, grad: np.ndarray, state: dict[str, Any]) -> None:
         if "step" not in state:
@@ -150,8 +172,13 @@ class Adam(Optimizer):
         step_size = self.lr / (1 - beta1**t)
         bias_correction2_sqrt = (1 - beta2**t) ** 0.5
         dt = p.data.dtype
-        p.data = self._step(p.data, state["exp_avg"], state["exp_avg_sq"],
-                            np.asarray(step_size, dtype=dt), np.asarray(bias_correction2_sqrt, dtype=dt))
+        p.data = self._step(
+            p.data,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            np.asarray(step_size, dtype=dt),
+            np.asarray(bias_correction2_sqrt, dtype=dt),
+        )
 
 
 class AdamW(Adam):
@@ -159,7 +186,12 @@ class AdamW(Adam):
 
     decoupled = True
 
-    def __init__(self, params: Iterable[Parameter], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2) -> None:
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay)

@@ -67,7 +67,7 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
+            np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy stubs: kwargs
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -75,8 +75,9 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-def save_checkpoint(path: str | Path, model: Module, optimizer: Optimizer, epoch: int,
-                    history: History) -> None:
+def save_checkpoint(
+    path: str | Path, model: Module, optimizer: Optimizer, epoch: int, history: History
+) -> None:
     """Write model, optimizer state, the next epoch and the history to ``path`` atomically."""
     arrays: dict[str, np.ndarray] = {f"model/{k}": v for k, v in model.state_dict().items()}
     arrays.update({f"optim/{k}": v for k, v in optimizer.state_dict().items()})

@@ -36,16 +36,55 @@ def _grads_vs_torch(model, loss, x, y):
 @pytest.mark.parametrize(
     "layers, loss, target",
     [
-        (lambda r: [nn.Linear(6, 8, dtype=np.float64, rng=r), nn.Tanh(),
-                    nn.Linear(8, 4, dtype=np.float64, rng=r)], nn.CrossEntropyLoss, "labels"),
-        (lambda r: [nn.Linear(6, 8, dtype=np.float64, rng=r), nn.ReLU(), nn.LayerNorm(8, dtype=np.float64),
-                    nn.Linear(8, 4, dtype=np.float64, rng=r)], nn.MSELoss, "values"),
-        (lambda r: [nn.Linear(6, 5, dtype=np.float64, rng=r), nn.GELU(),
-                    nn.Linear(5, 3, dtype=np.float64, rng=r)], nn.BCEWithLogitsLoss, "binary"),
-        (lambda r: [nn.Linear(6, 5, dtype=np.float64, rng=r), nn.SiLU(),
-                    nn.Linear(5, 3, dtype=np.float64, rng=r), nn.Sigmoid()], nn.BCELoss, "binary"),
-        (lambda r: [nn.Linear(6, 5, dtype=np.float64, rng=r), nn.Softplus(), nn.Linear(5, 5, dtype=np.float64, rng=r),
-                    nn.ELU(), nn.Linear(5, 4, bias=False, dtype=np.float64, rng=r)], nn.CrossEntropyLoss, "labels"),
+        (
+            lambda r: [
+                nn.Linear(6, 8, dtype=np.float64, rng=r),
+                nn.Tanh(),
+                nn.Linear(8, 4, dtype=np.float64, rng=r),
+            ],
+            nn.CrossEntropyLoss,
+            "labels",
+        ),
+        (
+            lambda r: [
+                nn.Linear(6, 8, dtype=np.float64, rng=r),
+                nn.ReLU(),
+                nn.LayerNorm(8, dtype=np.float64),
+                nn.Linear(8, 4, dtype=np.float64, rng=r),
+            ],
+            nn.MSELoss,
+            "values",
+        ),
+        (
+            lambda r: [
+                nn.Linear(6, 5, dtype=np.float64, rng=r),
+                nn.GELU(),
+                nn.Linear(5, 3, dtype=np.float64, rng=r),
+            ],
+            nn.BCEWithLogitsLoss,
+            "binary",
+        ),
+        (
+            lambda r: [
+                nn.Linear(6, 5, dtype=np.float64, rng=r),
+                nn.SiLU(),
+                nn.Linear(5, 3, dtype=np.float64, rng=r),
+                nn.Sigmoid(),
+            ],
+            nn.BCELoss,
+            "binary",
+        ),
+        (
+            lambda r: [
+                nn.Linear(6, 5, dtype=np.float64, rng=r),
+                nn.Softplus(),
+                nn.Linear(5, 5, dtype=np.float64, rng=r),
+                nn.ELU(),
+                nn.Linear(5, 4, bias=False, dtype=np.float64, rng=r),
+            ],
+            nn.CrossEntropyLoss,
+            "labels",
+        ),
     ],
 )
 def test_network_gradients_match_torch(layers, loss, target):
@@ -53,9 +92,11 @@ def test_network_gradients_match_torch(layers, loss, target):
     model = nn.Sequential(*layers(rng))
     x = rng.normal(size=(7, 6))
     width = model[-2].out_features if isinstance(model[-1], nn.Sigmoid) else model[-1].out_features
-    y = {"labels": rng.integers(0, width, 7),
-         "values": rng.normal(size=(7, width)),
-         "binary": rng.integers(0, 2, (7, width)).astype(np.float64)}[target]
+    y = {
+        "labels": rng.integers(0, width, 7),
+        "values": rng.normal(size=(7, width)),
+        "binary": rng.integers(0, 2, (7, width)).astype(np.float64),
+    }[target]
     _grads_vs_torch(model, loss(), x, y)
 
 
@@ -82,19 +123,27 @@ def test_bce_with_logits_formula_derives_sigmoid_minus_target_exactly():
     partial = op.derivation().partials[0].final
     zx = op.spec.inputs[0]
     yy = op.spec.inputs[1]
-    assert sp.simplify(partial.subs({zx: z, yy: y}).rewrite(sp.exp) - (1 / (1 + sp.exp(-z)) - y)) == 0
+    assert (
+        sp.simplify(partial.subs({zx: z, yy: y}).rewrite(sp.exp) - (1 / (1 + sp.exp(-z)) - y)) == 0
+    )
 
 
 @pytest.mark.parametrize(
     "make, make_twin",
     [
         (lambda ps: optim.SGD(ps, lr=0.1), lambda ps: torch.optim.SGD(ps, lr=0.1)),
-        (lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
-         lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)),
-        (lambda ps: optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.02),
-         lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.02)),
-        (lambda ps: optim.Adam(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
-         lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+        (
+            lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+        ),
+        (
+            lambda ps: optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.02),
+            lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.02),
+        ),
+        (
+            lambda ps: optim.Adam(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+            lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+        ),
         (lambda ps: optim.AdamW(ps, lr=0.01), lambda ps: torch.optim.AdamW(ps, lr=0.01)),
     ],
 )
@@ -124,10 +173,15 @@ def test_optimizer_rejects_bad_hyperparameters():
 
 def test_state_dict_round_trip_with_torch_sequential():
     rng = np.random.default_rng(3)
-    model = nn.Sequential(nn.Linear(4, 5, dtype=np.float64, rng=rng), nn.Tanh(),
-                          nn.LayerNorm(5, dtype=np.float64), nn.Linear(5, 2, dtype=np.float64, rng=rng))
-    twin = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.LayerNorm(5),
-                               torch.nn.Linear(5, 2))
+    model = nn.Sequential(
+        nn.Linear(4, 5, dtype=np.float64, rng=rng),
+        nn.Tanh(),
+        nn.LayerNorm(5, dtype=np.float64),
+        nn.Linear(5, 2, dtype=np.float64, rng=rng),
+    )
+    twin = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2)
+    )
     assert list(model.state_dict()) == list(twin.state_dict())
     model.load_state_dict(twin.state_dict())  # torch → symgrad
     x = rng.normal(size=(3, 4))

@@ -15,8 +15,9 @@ from symgrad.train import DataError, batch_order, fit
 
 def _model(seed, dtype=np.float64):
     rng = np.random.default_rng(seed)
-    return nn.Sequential(nn.Linear(5, 7, dtype=dtype, rng=rng), nn.Tanh(),
-                         nn.Linear(7, 3, dtype=dtype, rng=rng))
+    return nn.Sequential(
+        nn.Linear(5, 7, dtype=dtype, rng=rng), nn.Tanh(), nn.Linear(7, 3, dtype=dtype, rng=rng)
+    )
 
 
 def _data(n=40):
@@ -31,9 +32,16 @@ def test_fit_matches_torch_twin_step_by_step(name):
     twin = sgt.to_torch(model)
     opt = finetune.make_optimizer(name, model.parameters())
     history = fit(model, nn.CrossEntropyLoss(), opt, x, y, epochs=3, batch_size=16, seed=5)
-    losses, _ = sgt.run_twin(twin, sgt.twin_loss(nn.CrossEntropyLoss()),
-                             sgt.twin_optimizer(opt, list(twin.parameters())), x, y,
-                             epochs=3, batch_size=16, seed=5)
+    losses, _ = sgt.run_twin(
+        twin,
+        sgt.twin_loss(nn.CrossEntropyLoss()),
+        sgt.twin_optimizer(opt, list(twin.parameters())),
+        x,
+        y,
+        epochs=3,
+        batch_size=16,
+        seed=5,
+    )
     np.testing.assert_allclose(history.step_losses, losses, rtol=1e-12)
     for k, v in sgt.state_dict_numpy(twin).items():
         np.testing.assert_allclose(model.state_dict()[k], v, rtol=1e-11, atol=1e-14)
@@ -54,8 +62,15 @@ def test_frozen_parameters_do_not_change():
     model = _model(1)
     model[0].requires_grad_(False)
     frozen = {k: v for k, v in model.state_dict().items() if k.startswith("0.")}
-    fit(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-        x, y, epochs=2, batch_size=8)
+    fit(
+        model,
+        nn.CrossEntropyLoss(),
+        optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        x,
+        y,
+        epochs=2,
+        batch_size=8,
+    )
     for k, v in frozen.items():
         np.testing.assert_array_equal(model.state_dict()[k], v)
     assert not np.array_equal(model.state_dict()["2.weight"], _model(1).state_dict()["2.weight"])
@@ -65,16 +80,44 @@ def test_frozen_parameters_do_not_change():
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, name):
     x, y = _data()
     full = _model(2)
-    fit(full, nn.CrossEntropyLoss(), finetune.make_optimizer(name, full.parameters()), x, y,
-        epochs=4, batch_size=16, seed=3)
+    fit(
+        full,
+        nn.CrossEntropyLoss(),
+        finetune.make_optimizer(name, full.parameters()),
+        x,
+        y,
+        epochs=4,
+        batch_size=16,
+        seed=3,
+    )
 
     ckpt = tmp_path / "run.npz"
     part = _model(2)
-    fit(part, nn.CrossEntropyLoss(), finetune.make_optimizer(name, part.parameters()), x, y,
-        epochs=4, batch_size=16, seed=3, checkpoint=ckpt, stop_after_epoch=2)
+    fit(
+        part,
+        nn.CrossEntropyLoss(),
+        finetune.make_optimizer(name, part.parameters()),
+        x,
+        y,
+        epochs=4,
+        batch_size=16,
+        seed=3,
+        checkpoint=ckpt,
+        stop_after_epoch=2,
+    )
     resumed = _model(99)  # different weights: everything must come from the checkpoint
-    history = fit(resumed, nn.CrossEntropyLoss(), finetune.make_optimizer(name, resumed.parameters()),
-                  x, y, epochs=4, batch_size=16, seed=3, checkpoint=ckpt, resume=True)
+    history = fit(
+        resumed,
+        nn.CrossEntropyLoss(),
+        finetune.make_optimizer(name, resumed.parameters()),
+        x,
+        y,
+        epochs=4,
+        batch_size=16,
+        seed=3,
+        checkpoint=ckpt,
+        resume=True,
+    )
     assert len(history.epoch_losses) == 4
     for k, v in full.state_dict().items():
         np.testing.assert_array_equal(resumed.state_dict()[k], v)
@@ -94,8 +137,15 @@ def test_bad_data_fails_before_any_weight_changes(x, y, error, match):
     model = _model(3)
     before = model.state_dict()
     with pytest.raises(error, match=match):
-        fit(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1), x, y,
-            epochs=1, batch_size=2)
+        fit(
+            model,
+            nn.CrossEntropyLoss(),
+            optim.SGD(model.parameters(), lr=0.1),
+            x,
+            y,
+            epochs=1,
+            batch_size=2,
+        )
     for k, v in before.items():
         np.testing.assert_array_equal(model.state_dict()[k], v)
 
@@ -129,12 +179,30 @@ def test_finetune_task_agrees_with_torch(dtype, tolerance):
 
 def test_finetune_cli_writes_report_and_png(tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["finetune", "--pretrain-epochs", "1", "--epochs", "3", "--out", str(out),
-                 "--json", str(tmp_path / "r.json"), "--quiet", "--freeze-body"])
+    code = main(
+        [
+            "finetune",
+            "--pretrain-epochs",
+            "1",
+            "--epochs",
+            "3",
+            "--out",
+            str(out),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--quiet",
+            "--freeze-body",
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    for key in ("max_loss_rel_diff", "max_param_rel_diff", "symgrad_accuracy", "torch_accuracy",
-                "scratch_accuracy"):
+    for key in (
+        "max_loss_rel_diff",
+        "max_param_rel_diff",
+        "symgrad_accuracy",
+        "torch_accuracy",
+        "scratch_accuracy",
+    ):
         assert key in report
     assert (out / "finetune_losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "agreement with torch within 1e-09: yes" in capsys.readouterr().out

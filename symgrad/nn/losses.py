@@ -117,18 +117,23 @@ class CrossEntropyLoss(Loss):
         logits = np.asarray(input)
         labels = np.asarray(target)
         if logits.ndim != 2:
-            raise ShapeError(f"CrossEntropyLoss expects logits (batch, classes), got {logits.shape}")
+            raise ShapeError(
+                f"CrossEntropyLoss expects logits (batch, classes), got {logits.shape}"
+            )
         if labels.shape != (logits.shape[0],):
             raise ShapeError(
                 f"CrossEntropyLoss expects labels of shape ({logits.shape[0]},), got {labels.shape}"
             )
         if labels.dtype.kind not in "iu":
-            raise DTypeError(f"CrossEntropyLoss expects integer class labels, got dtype {labels.dtype}")
+            raise DTypeError(
+                f"CrossEntropyLoss expects integer class labels, got dtype {labels.dtype}"
+            )
         classes = logits.shape[1]
         if labels.size and (labels.min() < 0 or labels.max() >= classes):
             bad = labels[(labels < 0) | (labels >= classes)]
             raise SymgradError(
-                f"CrossEntropyLoss: labels must lie in [0, {classes}), found {sorted(set(bad.tolist()))[:5]}"
+                f"CrossEntropyLoss: labels must lie in [0, {classes}), "
+                f"found {sorted(set(bad.tolist()))[:5]}"
             )
         onehot = np.zeros_like(logits)
         onehot[np.arange(labels.size), labels] = 1

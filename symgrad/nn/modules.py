@@ -123,8 +123,7 @@ class Module:
         unexpected = sorted(set(state) - set(params))
         if missing or unexpected:
             raise StateDictError(
-                f"state dict does not match the module: missing {missing}, unexpected "
-                f"{unexpected}"
+                f"state dict does not match the module: missing {missing}, unexpected {unexpected}"
             )
         arrays = {}
         for name, p in params.items():
@@ -144,7 +143,9 @@ class Module:
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
         raise NotImplementedError
 
-    def backward(self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+    def backward(
+        self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True
+    ) -> np.ndarray | None:
         raise NotImplementedError
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -164,7 +165,9 @@ class Module:
         return "\n".join(lines) + "\n)"
 
 
-def _uniform(rng: np.random.Generator, bound: float, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def _uniform(
+    rng: np.random.Generator, bound: float, shape: tuple[int, ...], dtype: np.dtype
+) -> np.ndarray:
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
@@ -174,8 +177,15 @@ class Linear(Module):
     Initialised as torch does: ``W, b ~ U(-1/√in, 1/√in)`` (kaiming-uniform with a = √5).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 dtype: Any = np.float32, rng: np.random.Generator | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        dtype: Any = np.float32,
+        rng: np.random.Generator | None = None,
+    ) -> None:
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ShapeError(f"Linear needs positive sizes, got ({in_features}, {out_features})")
@@ -207,7 +217,9 @@ class Linear(Module):
             return self._op(x, self.weight.data, self.bias.data), x
         return self._op(x, self.weight.data.T), x
 
-    def backward(self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+    def backward(
+        self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True
+    ) -> np.ndarray | None:
         x = ctx
         if self.bias is not None:
             gx, gw, gb = self._op.vjp(x, self.weight.data, self.bias.data, grad_y)
@@ -219,8 +231,10 @@ class Linear(Module):
         return gx if need_input_grad else None
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class Elementwise(Module):
@@ -238,37 +252,97 @@ class Elementwise(Module):
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
         return self.op(x), x
 
-    def backward(self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+    def backward(
+        self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True
+    ) -> np.ndarray | None:
         return self.op.vjp(ctx, grad_y)[0] if need_input_grad else None
 
     def extra_repr(self) -> str:
         consts = ", ".join(f"{k}={v!r}" for k, v in self.op.spec.constants)
-        return consts if type(self) is not Elementwise else self.op.name + (", " + consts if consts else "")
+        return (
+            consts
+            if type(self) is not Elementwise
+            else self.op.name + (", " + consts if consts else "")
+        )
 
 
-def _activation(class_name: str, op_name: str, doc: str) -> type[Elementwise]:
-    def __init__(self: Elementwise, **params: float) -> None:
-        Elementwise.__init__(self, builtin(op_name, **params))  # type: ignore[arg-type]
+class _BuiltinActivation(Elementwise):
+    """An activation module backed by the built-in op ``op_name`` (parameters as in torch)."""
 
-    return type(class_name, (Elementwise,), {"__init__": __init__, "__doc__": doc})
+    op_name = ""
+
+    def __init__(self, **params: float) -> None:
+        op = builtin(self.op_name, **params)
+        assert isinstance(op, ElementwiseOp)
+        super().__init__(op)
 
 
-Tanh = _activation("Tanh", "tanh", "tanh, elementwise.")
-Sigmoid = _activation("Sigmoid", "sigmoid", "The logistic sigmoid, elementwise.")
-ReLU = _activation("ReLU", "relu", "max(x, 0), elementwise; gradient 0 at 0 as in torch.")
-LeakyReLU = _activation("LeakyReLU", "leaky_relu", "Leaky ReLU (negative_slope=0.01).")
-ELU = _activation("ELU", "elu", "ELU (alpha=1.0).")
-GELU = _activation("GELU", "gelu", "GELU, exact erf form.")
-SiLU = _activation("SiLU", "silu", "x·σ(x).")
-Softplus = _activation("Softplus", "softplus", "Softplus (beta=1, threshold=20), as torch.")
-Softsign = _activation("Softsign", "softsign", "x / (1 + |x|).")
-Hardtanh = _activation("Hardtanh", "hardtanh", "clip(x, min_val, max_val).")
+class Tanh(_BuiltinActivation):
+    """tanh, elementwise."""
+
+    op_name = "tanh"
+
+
+class Sigmoid(_BuiltinActivation):
+    """The logistic sigmoid, elementwise."""
+
+    op_name = "sigmoid"
+
+
+class ReLU(_BuiltinActivation):
+    """max(x, 0), elementwise; gradient 0 at 0 as in torch."""
+
+    op_name = "relu"
+
+
+class LeakyReLU(_BuiltinActivation):
+    """Leaky ReLU (``negative_slope=0.01``)."""
+
+    op_name = "leaky_relu"
+
+
+class ELU(_BuiltinActivation):
+    """ELU (``alpha=1.0``)."""
+
+    op_name = "elu"
+
+
+class GELU(_BuiltinActivation):
+    """GELU, exact erf form."""
+
+    op_name = "gelu"
+
+
+class SiLU(_BuiltinActivation):
+    """x·σ(x)."""
+
+    op_name = "silu"
+
+
+class Softplus(_BuiltinActivation):
+    """Softplus (``beta=1, threshold=20``), as torch."""
+
+    op_name = "softplus"
+
+
+class Softsign(_BuiltinActivation):
+    """x / (1 + |x|)."""
+
+    op_name = "softsign"
+
+
+class Hardtanh(_BuiltinActivation):
+    """clip(x, min_val, max_val) (default -1, 1)."""
+
+    op_name = "hardtanh"
 
 
 class LayerNorm(Module):
     """Layer norm over the last axis with affine weight and bias, as ``torch.nn.LayerNorm``."""
 
-    def __init__(self, normalized_shape: int, eps: float = 1e-5, *, dtype: Any = np.float32) -> None:
+    def __init__(
+        self, normalized_shape: int, eps: float = 1e-5, *, dtype: Any = np.float32
+    ) -> None:
         super().__init__()
         dt = _check_dtype(dtype)
         self.normalized_shape = int(normalized_shape)
@@ -287,10 +361,13 @@ class LayerNorm(Module):
         flat = x.reshape(-1, self.normalized_shape)
         return self._op(flat, self.weight.data, self.bias.data).reshape(x.shape), flat
 
-    def backward(self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+    def backward(
+        self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True
+    ) -> np.ndarray | None:
         flat = ctx
-        gx, gw, gb = self._op.vjp(flat, self.weight.data, self.bias.data,
-                                  grad_y.reshape(flat.shape))
+        gx, gw, gb = self._op.vjp(
+            flat, self.weight.data, self.bias.data, grad_y.reshape(flat.shape)
+        )
         self.weight.accumulate(gw)
         self.bias.accumulate(gb)
         return gx.reshape(grad_y.shape) if need_input_grad else None
@@ -331,7 +408,9 @@ class Sequential(Module):
             ctxs.append(ctx)
         return x, ctxs
 
-    def backward(self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+    def backward(
+        self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True
+    ) -> np.ndarray | None:
         # Stop at the first module below which nothing is trainable: a frozen body costs no
         # backward pass at all.
         trainable = [any(p.requires_grad for p in m.parameters()) for m in self._modules]
@@ -340,5 +419,7 @@ class Sequential(Module):
         grad: np.ndarray | None = grad_y
         for k in range(len(self._modules) - 1, stop - 1, -1):
             assert grad is not None
-            grad = self._modules[k].backward(ctx[k], grad, need_input_grad=k > stop or need_input_grad)
+            grad = self._modules[k].backward(
+                ctx[k], grad, need_input_grad=k > stop or need_input_grad
+            )
         return grad if need_input_grad else None

@@ -8,12 +8,10 @@ can pass through them, and the code generator can evaluate them by sign, sharing
 
 Their derivatives are *derived* from their defining formulas, never written out: ``fdiff``
 differentiates the definition with :func:`sympy.diff` and re-expresses the result in terms of
-the primitives themselves (see :func:`_derived_derivative`).
+the primitives themselves (see :func:`_derive_primitive`).
 """
 
 from __future__ import annotations
-
-from functools import lru_cache
 
 import sympy as sp
 
@@ -80,8 +78,17 @@ class softplus(StablePrimitive):  # noqa: N801
 PRIMITIVES: tuple[type[StablePrimitive], ...] = (sigmoid, softplus)
 
 
-@lru_cache(maxsize=None)
+_DERIVATIVES: dict[str, sp.Expr] = {}
+
+
 def _derived_derivative(fn: type[StablePrimitive]) -> sp.Expr:
+    """d fn(a)/da, derived once per primitive and remembered (see :func:`_derive_primitive`)."""
+    if fn.__name__ not in _DERIVATIVES:
+        _DERIVATIVES[fn.__name__] = _derive_primitive(fn)
+    return _DERIVATIVES[fn.__name__]
+
+
+def _derive_primitive(fn: type[StablePrimitive]) -> sp.Expr:
     """d fn(a)/da, derived from ``fn.definition`` and written with stable primitives.
 
     The raw derivative of the definition (e.g. ``exp(-a)/(1+exp(-a))**2`` for the sigmoid) is

@@ -76,18 +76,21 @@ def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     return data.data.astype(np.float64), data.target.astype(np.int64)
 
 
-def few_shot_split(labels: np.ndarray, per_class: int, test_fraction: float, seed: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def few_shot_split(
+    labels: np.ndarray, per_class: int, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(train, test)``: a stratified held-out test split, and ``per_class`` training
     examples of every class drawn from the rest."""
     rng = np.random.default_rng(seed)
     train, test = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test = int(round(test_fraction * idx.size))
+        n_test = round(test_fraction * idx.size)
         if idx.size - n_test < per_class:
-            raise SymgradError(f"class {c} has only {idx.size - n_test} training examples, "
-                               f"fewer than {per_class} per class")
+            raise SymgradError(
+                f"class {c} has only {idx.size - n_test} training examples, "
+                f"fewer than {per_class} per class"
+            )
         test.append(idx[:n_test])
         train.append(idx[n_test : n_test + per_class])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))

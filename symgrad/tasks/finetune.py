@@ -63,8 +63,10 @@ def make_optimizer(name: str, params: list[nn.Parameter]) -> optim.Optimizer:
 def make_mlp(dtype: np.dtype, rng: np.random.Generator) -> nn.Sequential:
     """64-128-64-10 with tanh, torch's default initialisation."""
     return nn.Sequential(
-        nn.Linear(64, 128, dtype=dtype, rng=rng), nn.Tanh(),
-        nn.Linear(128, 64, dtype=dtype, rng=rng), nn.Tanh(),
+        nn.Linear(64, 128, dtype=dtype, rng=rng),
+        nn.Tanh(),
+        nn.Linear(128, 64, dtype=dtype, rng=rng),
+        nn.Tanh(),
         nn.Linear(64, 10, dtype=dtype, rng=rng),
     )
 
@@ -92,12 +94,23 @@ def _param_rel_diff(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) 
     worst = 0.0
     for name, value in ours.items():
         ref = theirs[name].astype(np.float64)
-        worst = max(worst, float(np.linalg.norm(value - ref) / max(np.linalg.norm(ref), 1e-300)))
+        worst = max(
+            worst, float(np.linalg.norm(value - ref) / max(float(np.linalg.norm(ref)), 1e-300))
+        )
     return worst
 
 
-def _phase(name: str, model: nn.Sequential, cfg: FinetuneConfig, x: np.ndarray, y: np.ndarray,
-           epochs: int, batch_size: int, x_test: np.ndarray, y_test: np.ndarray) -> PhaseResult:
+def _phase(
+    name: str,
+    model: nn.Sequential,
+    cfg: FinetuneConfig,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+) -> PhaseResult:
     """Train ``model`` and its torch twin from the same weights; compare."""
     from .. import torch as twin_lib  # the only place torch is imported
 
@@ -106,12 +119,28 @@ def _phase(name: str, model: nn.Sequential, cfg: FinetuneConfig, x: np.ndarray, 
     opt = make_optimizer(cfg.optimizer, model.parameters())
     topt = twin_lib.twin_optimizer(opt, [p for p in twin.parameters() if p.requires_grad])
     start = time.perf_counter()
-    history: History = fit(model, loss, opt, x, y, epochs=epochs, batch_size=batch_size,
-                           seed=cfg.seed, progress=cfg.progress)
+    history: History = fit(
+        model,
+        loss,
+        opt,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
     seconds = time.perf_counter() - start
     torch_losses, torch_seconds = twin_lib.run_twin(
-        twin, twin_lib.twin_loss(loss), topt, x, y, epochs=epochs, batch_size=batch_size,
-        seed=cfg.seed)
+        twin,
+        twin_lib.twin_loss(loss),
+        topt,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=cfg.seed,
+    )
     ours = np.asarray(history.step_losses)
     theirs = np.asarray(torch_losses)
     import torch
@@ -120,8 +149,14 @@ def _phase(name: str, model: nn.Sequential, cfg: FinetuneConfig, x: np.ndarray, 
         logits = twin(torch.from_numpy(x_test).to(next(twin.parameters()).dtype)).numpy()
     torch_acc = float(np.mean(np.argmax(logits, axis=1) == y_test))
     return PhaseResult(
-        name, ours.tolist(), theirs.tolist(), seconds, torch_seconds,
-        accuracy(model, x_test, y_test), torch_acc, _rel_diff(ours, theirs),
+        name,
+        ours.tolist(),
+        theirs.tolist(),
+        seconds,
+        torch_seconds,
+        accuracy(model, x_test, y_test),
+        torch_acc,
+        _rel_diff(ours, theirs),
         _param_rel_diff(model.state_dict(), twin_lib.state_dict_numpy(twin)),
     )
 
@@ -138,31 +173,47 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     digits_x, digits_y = load_sklearn_digits()
     mnist_x = (mnist_x / 16.0).astype(dtype)
     digits_x = (digits_x / 16.0).astype(dtype)
-    train_idx, test_idx = few_shot_split(digits_y, cfg.labels_per_class, cfg.test_fraction, cfg.seed)
+    train_idx, test_idx = few_shot_split(
+        digits_y, cfg.labels_per_class, cfg.test_fraction, cfg.seed
+    )
     few_x, few_y = digits_x[train_idx], digits_y[train_idx]
     test_x, test_y = digits_x[test_idx], digits_y[test_idx]
     few_batch = len(few_x)  # the few-shot phases train on the whole small set each step
 
     pretrained = make_mlp(dtype, rng)
-    phases = [_phase("pretrain", pretrained, cfg, mnist_x, mnist_y, cfg.pretrain_epochs,
-                     cfg.batch_size, test_x, test_y)]
+    phases = [
+        _phase(
+            "pretrain",
+            pretrained,
+            cfg,
+            mnist_x,
+            mnist_y,
+            cfg.pretrain_epochs,
+            cfg.batch_size,
+            test_x,
+            test_y,
+        )
+    ]
 
     body = pretrained[: len(pretrained) - 1]
     if cfg.freeze_body:
         body.requires_grad_(False)
-    finetuned = nn.Sequential(*[body[k] for k in range(len(body))],
-                              nn.Linear(64, 10, dtype=dtype, rng=rng))
-    phases.append(_phase("finetune", finetuned, cfg, few_x, few_y, cfg.epochs, few_batch,
-                         test_x, test_y))
+    finetuned = nn.Sequential(
+        *[body[k] for k in range(len(body))], nn.Linear(64, 10, dtype=dtype, rng=rng)
+    )
+    phases.append(
+        _phase("finetune", finetuned, cfg, few_x, few_y, cfg.epochs, few_batch, test_x, test_y)
+    )
     scratch = make_mlp(dtype, rng)
-    phases.append(_phase("scratch", scratch, cfg, few_x, few_y, cfg.epochs, few_batch,
-                         test_x, test_y))
+    phases.append(
+        _phase("scratch", scratch, cfg, few_x, few_y, cfg.epochs, few_batch, test_x, test_y)
+    )
 
     by_name = {p.name: p for p in phases}
     return {
         "config": cfg.__dict__,
-        "train_examples": int(len(few_x)),
-        "test_examples": int(len(test_x)),
+        "train_examples": len(few_x),
+        "test_examples": len(test_x),
         "max_loss_rel_diff": max(p.max_loss_rel_diff for p in phases),
         "max_param_rel_diff": max(p.max_param_rel_diff for p in phases),
         "symgrad_accuracy": by_name["finetune"].symgrad_accuracy,
@@ -176,16 +227,21 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as a text table, one row per phase."""
-    head = (f"{'phase':<10} {'steps':>5} {'final loss':>21} {'accuracy %':>15} {'seconds':>15} "
-            f"{'loss rel diff':>13} {'param rel diff':>14}")
-    sub = (f"{'':<10} {'':>5} {'symgrad':>10} {'torch':>10} {'symgrad':>7} {'torch':>7} "
-           f"{'symgrad':>7} {'torch':>7}")
+    head = (
+        f"{'phase':<10} {'steps':>5} {'final loss':>21} {'accuracy %':>15} {'seconds':>15} "
+        f"{'loss rel diff':>13} {'param rel diff':>14}"
+    )
+    sub = (
+        f"{'':<10} {'':>5} {'symgrad':>10} {'torch':>10} {'symgrad':>7} {'torch':>7} "
+        f"{'symgrad':>7} {'torch':>7}"
+    )
     lines = [head, sub]
     for p in report["phases"]:
         lines.append(
             f"{p['name']:<10} {len(p['symgrad_losses']):>5} {p['symgrad_losses'][-1]:>10.5f} "
             f"{p['torch_losses'][-1]:>10.5f} {100 * p['symgrad_accuracy']:>7.1f} "
-            f"{100 * p['torch_accuracy']:>7.1f} {p['symgrad_seconds']:>7.2f} {p['torch_seconds']:>7.2f} "
+            f"{100 * p['torch_accuracy']:>7.1f} {p['symgrad_seconds']:>7.2f} "
+            f"{p['torch_seconds']:>7.2f} "
             f"{p['max_loss_rel_diff']:>13.1e} {p['max_param_rel_diff']:>14.1e}"
         )
     lines.append(

@@ -46,7 +46,7 @@ def to_torch(model: nn.Sequential) -> torch.nn.Sequential:
             layers.append(torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None))
         elif isinstance(m, nn.LayerNorm):
             layers.append(torch.nn.LayerNorm(m.normalized_shape, eps=m.eps))
-        elif type(m) in _ACTIVATIONS:
+        elif isinstance(m, nn.Elementwise) and type(m) in _ACTIVATIONS:
             layers.append(_ACTIVATIONS[type(m)](m, dict(m.op.spec.constants)))
         else:
             raise SymgradError(
@@ -62,31 +62,52 @@ def to_torch(model: nn.Sequential) -> torch.nn.Sequential:
 
 def twin_loss(loss: nn.Loss) -> torch.nn.Module:
     """The torch loss module matching ``loss`` (mean reduction)."""
-    table = {nn.MSELoss: torch.nn.MSELoss, nn.BCELoss: torch.nn.BCELoss,
-             nn.BCEWithLogitsLoss: torch.nn.BCEWithLogitsLoss,
-             nn.CrossEntropyLoss: torch.nn.CrossEntropyLoss}
+    table = {
+        nn.MSELoss: torch.nn.MSELoss,
+        nn.BCELoss: torch.nn.BCELoss,
+        nn.BCEWithLogitsLoss: torch.nn.BCEWithLogitsLoss,
+        nn.CrossEntropyLoss: torch.nn.CrossEntropyLoss,
+    }
     if type(loss) not in table:
-        raise SymgradError(f"loss {loss!r} has no torch twin; supported: {sorted(t.__name__ for t in table)}")
+        raise SymgradError(
+            f"loss {loss!r} has no torch twin; supported: {sorted(t.__name__ for t in table)}"
+        )
     return table[type(loss)]()
 
 
 def twin_optimizer(opt: optim.Optimizer, params: Any) -> torch.optim.Optimizer:
     """A torch optimizer with ``opt``'s hyperparameters over ``params``."""
     if isinstance(opt, optim.SGD):
-        return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, dampening=opt.dampening,
-                               weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+        return torch.optim.SGD(
+            params,
+            lr=opt.lr,
+            momentum=opt.momentum,
+            dampening=opt.dampening,
+            weight_decay=opt.weight_decay,
+            nesterov=opt.nesterov,
+        )
     if isinstance(opt, optim.AdamW):
-        return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                                 weight_decay=opt.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay
+        )
     if isinstance(opt, optim.Adam):
-        return torch.optim.Adam(params, lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                                weight_decay=opt.weight_decay)
+        return torch.optim.Adam(
+            params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay
+        )
     raise SymgradError(f"optimizer {type(opt).__name__} has no torch twin")
 
 
-def run_twin(twin: torch.nn.Module, loss: torch.nn.Module, opt: torch.optim.Optimizer,
-             x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int, seed: int,
-             ) -> tuple[list[float], float]:
+def run_twin(
+    twin: torch.nn.Module,
+    loss: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> tuple[list[float], float]:
     """Train the twin on :func:`symgrad.train.batch_order`'s batches; (step losses, seconds)."""
     dtype = next(twin.parameters()).dtype
     tx = torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
@@ -109,3 +130,18 @@ def run_twin(twin: torch.nn.Module, loss: torch.nn.Module, opt: torch.optim.Opti
 def state_dict_numpy(twin: torch.nn.Module) -> dict[str, np.ndarray]:
     """The twin's weights as NumPy arrays."""
     return {k: v.detach().cpu().numpy().copy() for k, v in twin.state_dict().items()}
+
+
+def reference_value_and_grads(
+    entry: Any, arrays: list[np.ndarray], grad_output: np.ndarray
+) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """A registry entry's torch reference: its value and the gradients torch computes
+    (``None`` for inputs torch does not differentiate), in float64 autograd."""
+    tensors = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays]
+    ref = entry.torch_ref(torch, *tensors, **entry.params)
+    ref.backward(torch.tensor(grad_output, dtype=torch.float64))
+    grads = [
+        t.grad.numpy() if (t.grad is not None and checked) else None
+        for t, checked in zip(tensors, entry.torch_grads, strict=True)
+    ]
+    return ref.detach().numpy(), grads
