@@ -107,6 +107,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0 if agree else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    result = bench.run(quick=args.quick, threads=args.threads, with_compile=not args.no_compile)
+    print(bench.format_table(result))
+    if args.json:
+        bench.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_derive(args: argparse.Namespace) -> int:
     print(builtin(args.name).derivation().to_text())
     return 0
@@ -150,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
     ft.set_defaults(func=cmd_finetune)
+    bn = sub.add_parser(
+        "bench",
+        help="training-step and loss-kernel benchmarks against torch (see symgrad.bench)",
+        description="W1: one SGD step of a 64-H-H-10 tanh MLP (symgrad fused and layer by "
+        "layer, torch eager, torch.compile, JAX if installed, NumPy by hand); W2: sigmoid+BCE "
+        "value and gradient on 10M float64; W3: fresh process to first step, warm and cold "
+        "kernel cache. Medians after warm-up; ratios to torch eager in the same run.",
+    )
+    bn.add_argument("--quick", action="store_true", help="a reduced set, under 2 minutes")
+    bn.add_argument("--threads", type=int, default=1, help="threads for every system (default 1)")
+    bn.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    bn.add_argument("--json", default=None, help="write the rows to this JSON file")
+    bn.set_defaults(func=cmd_bench)
     derive = sub.add_parser("derive", help="print the derivation of a built-in op")
     derive.add_argument(
         "name",

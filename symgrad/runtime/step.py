@@ -38,6 +38,7 @@ class _Buffers:
     capacity: int
     dtype: np.dtype
     arrays: dict[str, np.ndarray]
+    per_example: frozenset[str]  # buffers whose first axis is the batch
 
 
 def _module_name(op: Any) -> str:
@@ -65,7 +66,7 @@ class FusedStep:
         body, objective = fuse(model, loss)
         if not isinstance(body, Sequential):
             raise UnsupportedStepError("the fused step compiles a Sequential model")
-        self.model, self.optimizer, self.loss = model, optimizer, objective
+        self.model, self.optimizer = model, optimizer
         self.layers = [body[k] for k in range(len(body))]
         for k, layer in enumerate(self.layers):
             if not isinstance(layer, (Linear, Elementwise)):
@@ -77,11 +78,15 @@ class FusedStep:
             raise UnsupportedStepError("the fused step needs at least one Linear layer")
         if not isinstance(objective, (CrossEntropyLoss, ElementwiseLoss)):
             raise UnsupportedStepError(f"loss {objective!r} is not supported by the fused step")
+        self.loss: CrossEntropyLoss | ElementwiseLoss = objective
         if not isinstance(optimizer, (SGD, Adam)):
             raise UnsupportedStepError(f"optimizer {type(optimizer).__name__} is not supported")
         owned = {id(p) for p in model.parameters()}
         self._opt_index = {id(p): k for k, p in enumerate(optimizer.params) if id(p) in owned}
         self._buffers: _Buffers | None = None
+        self._views: dict[int, dict[str, np.ndarray]] = {}
+        self._cached: tuple[tuple[int, ...], list[Any]] | None = None
+        self._slots: dict[str, int] = {}
         self._fn: Any = None
         self._args: list[str] = []
 
@@ -356,7 +361,8 @@ class FusedStep:
         arrays["losses"] = np.zeros(batch, dtype)
         arrays["grad_rows"] = np.zeros(batch, dtype)
         arrays["grad_target"] = np.zeros((batch, width), dtype)
-        return _Buffers(batch, dtype, arrays)
+        shared = {k for k in arrays if k.startswith(("gW", "gb"))}
+        return _Buffers(batch, dtype, arrays, frozenset(set(arrays) - shared))
 
     def _state(self, p: Any) -> dict[str, Any]:
         return self.optimizer.state[self._opt_index[id(p)]]
@@ -377,16 +383,12 @@ class FusedStep:
         buffers = self._buffers
         if buffers is None or buffers.capacity < batch or buffers.dtype != dtype:
             buffers = self._buffers = self._allocate(batch, dtype, first.in_features)
-        views = {
-            k: (
-                v[:batch]
-                if v.ndim
-                and v.shape[0] == buffers.capacity
-                and not k.startswith(("gW", "gb", "gWT"))
-                else v
-            )
-            for k, v in buffers.arrays.items()
-        }
+            self._views = {}
+        views = self._views.get(batch)
+        if views is None:  # the first `batch` rows of every per-example buffer
+            views = self._views[batch] = {
+                k: v[:batch] if k in buffers.per_example else v for k, v in buffers.arrays.items()
+            }
         target = views["target"]
         if isinstance(self.loss, CrossEntropyLoss):
             labels = np.asarray(y)
@@ -397,51 +399,80 @@ class FusedStep:
             classes = target.shape[1]
             if batch and (labels.min() < 0 or labels.max() >= classes):
                 raise SymgradError(f"labels must lie in [0, {classes})")
-            target[...] = 0
+            target.fill(0)
             target[np.arange(batch), labels] = 1
-            views["grad_rows"][...] = 1.0 / batch
+            views["grad_rows"].fill(1.0 / batch)
         else:
             values = np.asarray(y, dtype=dtype)
             if values.shape != target.shape:
                 raise ShapeError(f"targets of shape {target.shape} expected, got {values.shape}")
             target[...] = values
-        args = self._arguments(views, x)
-        return float(self._fn(*args))
+        return float(self._fn(*self._arguments(views, x)))
 
     def _arguments(self, views: dict[str, np.ndarray], x: np.ndarray) -> list[Any]:
+        """The step's arguments; the list is reused while the arrays stay the same objects."""
         opt = self.optimizer
-        values: dict[str, Any] = dict(views)
-        values["x"] = x
-        step_count = None
-        for k, layer in enumerate(self.layers):
-            if not isinstance(layer, Linear):
-                continue
-            values[f"W{k}"] = layer.weight.data
-            if layer.bias is not None:
-                values[f"b{k}"] = layer.bias.data
-            for name, p in self._trainable(layer):
-                state = self._state(p)
-                key = f"{name}{k}"
-                if isinstance(opt, SGD) and opt.momentum != 0:
-                    values["first"] = "momentum_buffer" not in state
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = np.zeros_like(p.data)
-                    values[f"buf_{key}"] = state["momentum_buffer"]
-                elif isinstance(opt, Adam):
-                    if "step" not in state:
-                        state.update(
-                            step=0, exp_avg=np.zeros_like(p.data), exp_avg_sq=np.zeros_like(p.data)
-                        )
-                    state["step"] += 1
-                    step_count = state["step"]
-                    values[f"m_{key}"], values[f"v_{key}"] = state["exp_avg"], state["exp_avg_sq"]
-        if isinstance(opt, Adam) and step_count is not None:
+        trainable = [
+            (k, name, p)
+            for k, layer in enumerate(self.layers)
+            if isinstance(layer, Linear)
+            for name, p in self._trainable(layer)
+        ]
+        states = [self._state(p) for _, _, p in trainable]
+        first_step = any(
+            ("momentum_buffer" if isinstance(opt, SGD) else "step") not in st for st in states
+        )
+        for (_, _, p), state in zip(trainable, states, strict=True):
+            if isinstance(opt, SGD) and opt.momentum != 0 and "momentum_buffer" not in state:
+                state["momentum_buffer"] = np.zeros_like(p.data)
+            elif isinstance(opt, Adam):
+                if "step" not in state:
+                    state.update(
+                        step=0, exp_avg=np.zeros_like(p.data), exp_avg_sq=np.zeros_like(p.data)
+                    )
+                state["step"] += 1
+        arrays = [lay.weight.data for lay in self.layers if isinstance(lay, Linear)]
+        arrays += [
+            lay.bias.data for lay in self.layers if isinstance(lay, Linear) and lay.bias is not None
+        ]
+        arrays += [a for st in states for a in st.values() if isinstance(a, np.ndarray)]
+        key = (id(views), *map(id, arrays))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self._argument_list(views, trainable, states))
+        args = self._cached[1]
+        slots = self._slots
+        args[slots["x"]] = x
+        if "first" in slots:
+            args[slots["first"]] = first_step
+        if isinstance(opt, Adam):
+            t = states[0]["step"]
             beta1, beta2 = opt.betas
-            values["adam_s"] = opt.lr / (1 - beta1**step_count)
-            values["adam_c"] = (1 - beta2**step_count) ** 0.5
-        values.setdefault("first", False)
-        values.setdefault("adam_s", 0.0)
-        values.setdefault("adam_c", 1.0)
+            args[slots["adam_s"]] = opt.lr / (1 - beta1**t)
+            args[slots["adam_c"]] = (1 - beta2**t) ** 0.5
+        return args
+
+    def _argument_list(
+        self,
+        views: dict[str, np.ndarray],
+        trainable: list[tuple[int, str, Any]],
+        states: list[dict[str, Any]],
+    ) -> list[Any]:
+        values: dict[str, Any] = dict(views)
+        for k, layer in enumerate(self.layers):
+            if isinstance(layer, Linear):
+                values[f"W{k}"] = layer.weight.data
+                if layer.bias is not None:
+                    values[f"b{k}"] = layer.bias.data
+        for (k, name, _), state in zip(trainable, states, strict=True):
+            if "momentum_buffer" in state:
+                values[f"buf_{name}{k}"] = state["momentum_buffer"]
+            if "exp_avg" in state:
+                values[f"m_{name}{k}"] = state["exp_avg"]
+                values[f"v_{name}{k}"] = state["exp_avg_sq"]
+        values.update(x=None, first=False, adam_s=0.0, adam_c=1.0)
+        self._slots = {
+            n: self._args.index(n) for n in ("x", "first", "adam_s", "adam_c") if n in self._args
+        }
         return [values[name] for name in self._args]
 
 

@@ -1,0 +1,383 @@
+"""``symgrad bench``: training-step and loss-kernel benchmarks against PyTorch, in one run.
+
+Workloads (float32 unless stated, thread count fixed and reported, 1 by default):
+
+* **W1** — one SGD training step of a 64→H→H→10 tanh MLP with softmax cross-entropy at
+  (B, H) = (32, 128), (256, 512), (1024, 2048): symgrad's fused step, symgrad layer by layer,
+  torch eager, ``torch.compile`` of a functional step (``fullgraph=True``), JAX ``jit`` when JAX
+  is installed, and a NumPy step written by hand (the peer baseline the issue asks for; it is
+  a benchmark reference, not a code path of symgrad).
+* **W2** — sigmoid + binary cross-entropy value and gradient (mean) on 10M float64 elements:
+  symgrad's fused kernel, torch ``BCEWithLogitsLoss`` forward + backward, NumPy, and a
+  bandwidth floor (a Numba loop that reads the two inputs and writes one array).
+* **W3** — wall time of a fresh process, imports included, to the first finished training step,
+  with a warm and with a cold (empty) kernel cache.
+
+Timings are medians of repeats after warm-up, the candidates of one size interleaved so drift
+hits them alike; ratios are to torch eager measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+W1_SIZES = [(32, 128), (256, 512), (1024, 2048)]
+W1_QUICK = [(32, 128), (256, 512)]
+LR = 0.01
+
+
+def machine(threads: int) -> dict[str, Any]:
+    """The machine and library versions, for the report."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import numba
+    import sympy
+
+    from . import __version__
+
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "sympy": sympy.__version__,
+        "symgrad": __version__,
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def interleaved(
+    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median milliseconds of each candidate, run round-robin after ``warmup`` calls each."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# -- W1 ------------------------------------------------------------------------------------
+
+
+def _w1_candidates(batch: int, hidden: int, with_compile: bool) -> dict[str, Callable[[], object]]:
+    import torch
+
+    from . import nn, optim
+    from .runtime.step import compile_step
+    from .torch import to_torch
+
+    rng = np.random.default_rng(0)
+    dt = np.float32
+    x = rng.normal(size=(batch, 64)).astype(dt)
+    y = rng.integers(0, 10, batch)
+
+    def mlp() -> nn.Sequential:
+        r = np.random.default_rng(1)
+        return nn.Sequential(
+            nn.Linear(64, hidden, dtype=dt, rng=r),
+            nn.Tanh(),
+            nn.Linear(hidden, hidden, dtype=dt, rng=r),
+            nn.Tanh(),
+            nn.Linear(hidden, 10, dtype=dt, rng=r),
+        )
+
+    fused_model = mlp()
+    fused = compile_step(
+        fused_model, nn.CrossEntropyLoss(), optim.SGD(fused_model.parameters(), lr=LR)
+    )
+    layered = mlp()
+    layered_opt = optim.SGD(layered.parameters(), lr=LR)
+    ce = nn.CrossEntropyLoss()
+
+    def layer_by_layer() -> None:
+        layered_opt.zero_grad()
+        out, ctx = layered.forward(x)
+        _, grad = ce.value_and_grad(out, y)
+        layered.backward(ctx, grad, need_input_grad=False)
+        layered_opt.step()
+
+    twin = to_torch(mlp())
+    topt = torch.optim.SGD(twin.parameters(), lr=LR)
+    tloss = torch.nn.CrossEntropyLoss()
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+    def torch_eager() -> None:
+        topt.zero_grad()
+        tloss(twin(tx), ty).backward()
+        topt.step()
+
+    candidates: dict[str, Callable[[], object]] = {
+        "symgrad fused": lambda: fused(x, y),
+        "symgrad layers": layer_by_layer,
+        "torch eager": torch_eager,
+        "numpy by hand": _numpy_step(mlp(), x, y),
+    }
+    if with_compile:
+        compiled = _torch_compiled_step(mlp(), tx, ty)
+        if compiled is not None:
+            candidates["torch.compile"] = compiled
+    jax_step = _jax_step(mlp(), x, y)
+    if jax_step is not None:
+        candidates["jax jit"] = jax_step
+    return candidates
+
+
+def _numpy_step(model: Any, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
+    """The peer baseline: the same SGD step written by hand in NumPy (tanh MLP, softmax CE)."""
+    w = [model[k].weight.data.copy() for k in (0, 2, 4)]
+    b = [model[k].bias.data.copy() for k in (0, 2, 4)]
+    onehot = np.eye(10, dtype=x.dtype)[y]
+
+    def step() -> None:
+        a0 = x
+        a1 = np.tanh(a0 @ w[0].T + b[0])
+        a2 = np.tanh(a1 @ w[1].T + b[1])
+        z = a2 @ w[2].T + b[2]
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        dz = (e / e.sum(axis=1, keepdims=True) - onehot) / len(x)
+        da2 = (dz @ w[2]) * (1 - a2 * a2)
+        da1 = (da2 @ w[1]) * (1 - a1 * a1)
+        for k, (g, a) in enumerate(((da1, a0), (da2, a1), (dz, a2))):
+            w[k] -= LR * (g.T @ a)
+            b[k] -= LR * g.sum(axis=0)
+
+    return step
+
+
+def _torch_compiled_step(model: Any, tx: Any, ty: Any) -> Callable[[], object] | None:
+    import torch
+
+    twin = __import__("symgrad.torch", fromlist=["to_torch"]).to_torch(model)
+    params = [p.detach().clone() for p in twin.parameters()]
+    names = [n for n, _ in twin.named_parameters()]
+
+    def step(ps: list[Any], xb: Any, yb: Any) -> list[Any]:
+        def loss_of(*weights: Any) -> Any:
+            out = torch.func.functional_call(twin, dict(zip(names, weights, strict=True)), (xb,))
+            return torch.nn.functional.cross_entropy(out, yb)
+
+        grads = torch.func.grad(loss_of, argnums=tuple(range(len(ps))))(*ps)
+        return [p - LR * g for p, g in zip(ps, grads, strict=True)]
+
+    try:
+        compiled = torch.compile(step, fullgraph=True)
+        state = {"ps": compiled(params, tx, ty)}
+    except Exception:  # a peer that cannot compile here is left out of the table, not fatal
+        return None
+
+    def run() -> None:
+        state["ps"] = compiled(state["ps"], tx, ty)
+
+    return run
+
+
+def _jax_step(model: Any, x: np.ndarray, y: np.ndarray) -> Callable[[], object] | None:
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+    params = [
+        (jnp.asarray(model[k].weight.data), jnp.asarray(model[k].bias.data)) for k in (0, 2, 4)
+    ]
+    onehot = jnp.asarray(np.eye(10, dtype=x.dtype)[y])
+    jx = jnp.asarray(x)
+
+    def loss(ps: Any) -> Any:
+        a = jx
+        for k, (w, b) in enumerate(ps):
+            a = a @ w.T + b
+            if k < 2:
+                a = jnp.tanh(a)
+        return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(a), axis=1))
+
+    @jax.jit
+    def step(ps: Any) -> Any:
+        grads = jax.grad(loss)(ps)
+        return jax.tree_util.tree_map(lambda p, g: p - LR * g, ps, grads)
+
+    state = {"ps": params}
+
+    def run() -> None:
+        state["ps"] = step(state["ps"])
+        jax.block_until_ready(state["ps"])
+
+    return run
+
+
+# -- W2 ------------------------------------------------------------------------------------
+
+
+def _w2_candidates(n: int) -> dict[str, Callable[[], object]]:
+    import numba
+    import torch
+
+    from .api import builtin
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=n) * 4
+    y = (rng.uniform(size=n) > 0.5).astype(np.float64)
+    op = builtin("bce_with_logits")
+    tx = torch.from_numpy(x).requires_grad_(True)
+    ty = torch.from_numpy(y)
+    loss = torch.nn.BCEWithLogitsLoss()
+
+    def torch_step() -> None:
+        tx.grad = None
+        loss(tx, ty).backward()
+
+    def numpy_step() -> None:
+        e = np.exp(-np.abs(x))
+        value = np.mean(np.maximum(x, 0) - x * y + np.log1p(e))
+        sig = np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        _ = (value, (sig - y) / n)
+
+    @numba.njit(cache=True)
+    def floor(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        for i in range(a.shape[0]):
+            out[i] = a[i] + b[i]
+
+    out = np.empty_like(x)
+    return {
+        "symgrad": lambda: op.value_and_vjp(x, y, reduction="mean"),  # type: ignore[union-attr]
+        "torch eager": torch_step,
+        "numpy": numpy_step,
+        "bandwidth floor": lambda: floor(x, y, out),
+    }
+
+
+# -- W3 ------------------------------------------------------------------------------------
+
+_FIRST_STEP = """
+import numpy as np
+from symgrad import nn, optim
+from symgrad.runtime.step import compile_step
+rng = np.random.default_rng(0)
+model = nn.Sequential(nn.Linear(64, 128, rng=rng), nn.Tanh(), nn.Linear(128, 128, rng=rng),
+                      nn.Tanh(), nn.Linear(128, 10, rng=rng))
+step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.01))
+step(rng.normal(size=(32, 64)).astype(np.float32), rng.integers(0, 10, 32))
+"""
+
+
+def _first_step_seconds(cache: str, threads: int) -> float:
+    env = dict(
+        os.environ,
+        SYMGRAD_CACHE_DIR=cache,
+        NUMBA_NUM_THREADS=str(threads),
+        OMP_NUM_THREADS=str(threads),
+        OPENBLAS_NUM_THREADS=str(threads),
+    )
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", _FIRST_STEP], env=env, check=True)
+    return time.perf_counter() - start
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def run(quick: bool = False, threads: int = 1, with_compile: bool = True) -> dict[str, Any]:
+    """Run every workload; returns ``{"machine": ..., "rows": [...]}``."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    rows: list[dict[str, Any]] = []
+
+    def add(workload: str, size: str, medians: dict[str, float]) -> None:
+        ref = medians.get("torch eager")
+        for system, ms in medians.items():
+            rows.append(
+                {
+                    "workload": workload,
+                    "size": size,
+                    "system": system,
+                    "median_ms": ms,
+                    "ratio_to_torch": ms / ref if ref else None,
+                }
+            )
+
+    with threadpool_limits(threads):
+        for batch, hidden in W1_QUICK if quick else W1_SIZES:
+            repeats = max(5, min(200, int(2e8 / (batch * hidden * hidden + 1))))
+            cands = _w1_candidates(batch, hidden, with_compile and not quick)
+            add("W1 train step", f"B={batch} H={hidden}", interleaved(cands, repeats))
+        n = 1_000_000 if quick else 10_000_000
+        add(
+            "W2 sigmoid+BCE", f"n={n:,} float64", interleaved(_w2_candidates(n), 5 if quick else 15)
+        )
+    with tempfile.TemporaryDirectory() as cold:
+        cold_s = _first_step_seconds(cold, threads)
+        warm_s = _first_step_seconds(cold, threads)
+    rows.append(
+        {
+            "workload": "W3 first step",
+            "size": "cold cache",
+            "system": "symgrad",
+            "median_ms": cold_s * 1e3,
+            "ratio_to_torch": None,
+        }
+    )
+    rows.append(
+        {
+            "workload": "W3 first step",
+            "size": "warm cache",
+            "system": "symgrad",
+            "median_ms": warm_s * 1e3,
+            "ratio_to_torch": None,
+        }
+    )
+    return {"machine": machine(threads), "rows": rows}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The rows as a text table with ratios to torch eager."""
+    m = result["machine"]
+    lines = [
+        f"{m['cpu']} ({m['cores']} cores), {m['threads']} thread(s); symgrad {m['symgrad']}, "
+        f"torch {m.get('torch', '-')}, numba {m['numba']}, numpy {m['numpy']}",
+        f"{'workload':<16} {'size':<18} {'system':<16} {'median ms':>11} {'× torch':>8}",
+    ]
+    for r in result["rows"]:
+        ratio = f"{r['ratio_to_torch']:.2f}" if r["ratio_to_torch"] is not None else "-"
+        lines.append(
+            f"{r['workload']:<16} {r['size']:<18} {r['system']:<16} "
+            f"{r['median_ms']:>11.3f} {ratio:>8}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
