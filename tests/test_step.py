@@ -1,0 +1,99 @@
+"""The fused training step equals the layer-by-layer path (float64), and rejects what it can't do."""
+
+import numpy as np
+import pytest
+
+from symgrad import nn, optim
+from symgrad.runtime.step import UnsupportedStepError, compile_step
+from symgrad.tasks.finetune import make_optimizer
+
+
+def _mlp(bias=True, act=nn.Tanh):
+    r = np.random.default_rng(1)
+    return nn.Sequential(
+        nn.Linear(6, 8, dtype=np.float64, rng=r),
+        act(),
+        nn.Linear(8, 8, bias=bias, dtype=np.float64, rng=r),
+        nn.GELU(),
+        nn.Linear(8, 3, dtype=np.float64, rng=r),
+    )
+
+
+def _layer_step(model, loss, opt, x, y):
+    body, objective = nn.fuse(model, loss)
+    opt.zero_grad()
+    out, ctx = body.forward(x)
+    value, grad = objective.value_and_grad(out, y)
+    body.backward(ctx, grad, need_input_grad=False)
+    opt.step()
+    return value
+
+
+@pytest.mark.parametrize(
+    "name, bias", [("sgd", True), ("sgd", False), ("adam", True), ("adamw", False)]
+)
+def test_fused_step_equals_layer_by_layer(name, bias):
+    rng = np.random.default_rng(0)
+    a, b = _mlp(bias), _mlp(bias)
+    opt_a, opt_b = make_optimizer(name, a.parameters()), make_optimizer(name, b.parameters())
+    step = compile_step(b, nn.CrossEntropyLoss(), opt_b)
+    for size in (10, 10, 10, 7, 10):  # a short last batch reuses the buffers' first rows
+        x, y = rng.normal(size=(size, 6)), rng.integers(0, 3, size)
+        expected = _layer_step(a, nn.CrossEntropyLoss(), opt_a, x, y)
+        assert step(x, y) == pytest.approx(expected, rel=1e-13)
+    for k, v in a.state_dict().items():
+        np.testing.assert_allclose(b.state_dict()[k], v, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("loss", [nn.BCELoss, nn.MSELoss, nn.BCEWithLogitsLoss])
+def test_fused_step_with_elementwise_losses(loss):
+    rng = np.random.default_rng(3)
+
+    def model():
+        r = np.random.default_rng(5)
+        return nn.Sequential(nn.Linear(6, 4, dtype=np.float64, rng=r), nn.Sigmoid())
+
+    a, b = model(), model()
+    opt_a = optim.SGD(a.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    opt_b = optim.SGD(b.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    step = compile_step(b, loss(), opt_b)
+    for _ in range(4):
+        x = rng.normal(size=(5, 6))
+        y = (rng.uniform(size=(5, 4)) > 0.5).astype(np.float64)
+        assert step(x, y) == pytest.approx(_layer_step(a, loss(), opt_a, x, y), rel=1e-13)
+    for k, v in a.state_dict().items():
+        np.testing.assert_allclose(b.state_dict()[k], v, rtol=1e-12, atol=1e-15)
+
+
+def test_frozen_layers_are_not_updated_by_the_fused_step():
+    model = _mlp()
+    model[0].requires_grad_(False)
+    before = model.state_dict()
+    step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1))
+    rng = np.random.default_rng(2)
+    step(rng.normal(size=(4, 6)), rng.integers(0, 3, 4))
+    np.testing.assert_array_equal(model.state_dict()["0.weight"], before["0.weight"])
+    assert not np.array_equal(model.state_dict()["4.weight"], before["4.weight"])
+
+
+def test_fused_step_source_has_no_python_between_layers():
+    model = _mlp()
+    step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1))
+    rng = np.random.default_rng(2)
+    step(rng.normal(size=(4, 6)), rng.integers(0, 3, 4))
+    source = step._fn.py_func.__code__.co_filename
+    text = open(source).read()
+    assert text.count("@njit") == 1 + text.count("def _sg_")  # one step function (+ math helpers)
+    assert "lin0_forward(" in text and "lin4_vjp(" in text and "loss_vjp(" in text
+
+
+def test_unsupported_models_and_bad_batches_are_named():
+    with pytest.raises(UnsupportedStepError, match="LayerNorm"):
+        m = nn.Sequential(nn.Linear(3, 3, dtype=np.float64), nn.LayerNorm(3, dtype=np.float64))
+        compile_step(m, nn.MSELoss(), optim.SGD(m.parameters(), lr=0.1))
+    model = _mlp()
+    step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(Exception, match=r"\(batch, 6\)"):
+        step(np.zeros((2, 5)), np.zeros(2, dtype=int))
+    with pytest.raises(Exception, match="labels must lie"):
+        step(np.zeros((2, 6)), np.array([0, 9]))
