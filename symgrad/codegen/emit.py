@@ -6,7 +6,8 @@ arrays, all sharing the same per-element code path:
 ``forward(x, ..., out)``
     ``out[i] = f(x[i], ...)``
 ``vjp(x, ..., g, g_step, grad_x, ...)``
-    ``grad_x[i] = g[i*g_step] * ∂f/∂x`` (``g_step`` 0 broadcasts a scalar cotangent)
+    ``grad_x[i] = g_i * ∂f/∂x`` with ``g_i = g[i]`` if ``g_step`` is 1, ``g[0]`` if it is 0 (a
+    scalar cotangent, broadcast)
 ``value_and_vjp(x, ..., g, g_step, out, grad_x, ...)``
     both in one pass over memory
 ``value_and_vjp_sum(x, ..., g_scale, grad_x, ...) -> float``
@@ -14,14 +15,27 @@ arrays, all sharing the same per-element code path:
 
 Before CSE the stable primitives are *lowered* to branch forms that share ``e = exp(-|a|)``:
 ``σ(a) = 1/(1+e)`` if ``a ≥ 0`` else ``e/(1+e)``, ``softplus(a) = max(a, 0) + log1p(e)`` — so a
-loss and its gradient cost one ``exp`` and one ``log1p`` per element.  The text is
-deterministic: same derivation, same bytes.
+loss and its gradient cost one ``exp`` and one ``log1p`` per element.
+
+**Vectorisation.** Without SVML a call of libm's ``exp``/``log1p`` keeps LLVM from vectorising
+the element loop, and those calls are most of a kernel's time.  When every function a kernel
+uses has a branch-free implementation (:data:`~symgrad.codegen.printer.VECTOR_FUNCTIONS`), the
+kernel calls those instead (emitted into the module, within one ulp of libm) and its loop
+vectorises; a kernel that still needs a libm call (``tanh``, ``erf``, ``pow``...) keeps
+``math.*`` throughout, since a scalar loop is faster with libm.  ``Σ f`` is accumulated in element
+order, as a scalar loop would, so the reduction does not block vectorisation either: values go to
+a small buffer, block by block, and are added in order — the sum is bit-for-bit the sequential
+one.  With ``parallel=True`` the sum is over fixed chunks of :data:`CHUNK` elements, added in
+chunk order: the result does not depend on the number of threads.
+
+The text is deterministic: same derivation and flags, same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import keyword
+import re
 from dataclasses import dataclass
 
 import sympy as sp
@@ -30,10 +44,19 @@ from sympy.codegen.cfunctions import log1p
 from .._version import __version__
 from ..symbolic.derive import Derivation
 from ..symbolic.functions import sigmoid, softplus
-from .printer import print_expr
+from .printer import VECTOR_FUNCTIONS, VECTOR_MATH_SOURCE, print_expr
 
 KERNELS = ("forward", "vjp", "value_and_vjp", "value_and_vjp_sum")
 _RESERVED = {"math", "np", "njit", "prange", "i", "n", "out", "g", "g_step", "g_scale", "total"}
+
+#: Elements per block of a reducing kernel: their values are buffered, then added in order.
+BLOCK = 512
+#: Elements per chunk of a parallel reducing kernel; fixed, so the sum is the same on any
+#: number of threads.
+CHUNK = 65536
+#: ``math`` names that do not stop a loop from vectorising (LLVM intrinsics and constants).
+_VECTOR_SAFE_MATH = frozenset({"sqrt", "copysign", "fabs", "inf", "nan", "pi", "e", "tau"})
+_MATH_NAME = re.compile(r"\bmath\.(\w+)")
 
 
 @dataclass(frozen=True)
@@ -63,7 +86,8 @@ def lower_primitives(expr: sp.Expr) -> sp.Expr:
         return sp.Max(a, 0) + log1p(e)
 
     return expr.replace(
-        lambda n: isinstance(n, (sigmoid, softplus)), lower  # type: ignore[arg-type]
+        lambda n: isinstance(n, (sigmoid, softplus)),
+        lower,  # type: ignore[arg-type]
     )
 
 
@@ -80,15 +104,47 @@ def _local_names(inputs: tuple[sp.Symbol, ...]) -> list[str]:
     return names if ok else [f"v{k}" for k in range(len(names))]
 
 
-def _cse_block(exprs: list[sp.Expr], op: str, indent: str) -> tuple[list[str], list[str]]:
-    """CSE over ``exprs``: (assignment lines, printed results) with temporaries ``_t0, _t1...``."""
+@dataclass(frozen=True)
+class _Body:
+    """One kernel's per-element code: CSE assignments and printed results, without indent."""
+
+    lines: list[str]
+    results: list[str]
+    vector: bool  # printed with the vectorisable helpers
+
+    def helpers(self) -> set[str]:
+        text = "\n".join(self.lines + self.results)
+        return {h for h in VECTOR_FUNCTIONS.values() if re.search(rf"\b{h}\(", text)}
+
+
+def _vectorisable(text: str) -> bool:
+    """Whether ``text`` calls only what LLVM vectorises once exp/log1p are the helpers."""
+    names = set(_MATH_NAME.findall(text)) - _VECTOR_SAFE_MATH - set(VECTOR_FUNCTIONS)
+    return not names and "**" not in text
+
+
+def _cse_body(exprs: list[sp.Expr], op: str) -> _Body:
+    """CSE over ``exprs`` with temporaries ``_t0, _t1...``, printed for the fastest loop."""
     temps = sp.numbered_symbols("_t")
     replacements, reduced = sp.cse([lower_primitives(e) for e in exprs], symbols=temps)
-    lines = [f"{indent}{sym} = {print_expr(value, op)}" for sym, value in replacements]
-    return lines, [print_expr(r, op) for r in reduced]
+
+    def render(vector: bool) -> _Body:
+        lines = [f"{sym} = {print_expr(value, op, vector)}" for sym, value in replacements]
+        return _Body(lines, [print_expr(r, op, vector) for r in reduced], vector)
+
+    scalar = render(False)
+    if _vectorisable("\n".join(scalar.lines + scalar.results)):
+        return render(True)
+    return scalar
 
 
-def emit_elementwise(derivation: Derivation, key: str, fastmath: bool, parallel: bool) -> KernelSource:
+def _indent(lines: list[str], depth: int) -> list[str]:
+    return [" " * (4 * depth) + line for line in lines]
+
+
+def emit_elementwise(
+    derivation: Derivation, key: str, fastmath: bool, parallel: bool
+) -> KernelSource:
     """Generate the module source of an elementwise op's four kernels."""
     op = derivation.name
     locals_ = _local_names(derivation.inputs)
@@ -99,35 +155,122 @@ def emit_elementwise(derivation: Derivation, key: str, fastmath: bool, parallel:
     grads = [f"grad_{n}" for n in locals_]
     loop = "prange" if parallel else "range"
     decorator = f"@njit(cache=True, error_model='numpy', fastmath={fastmath}, parallel={parallel})"
-    loads = [f"        {n} = {a}[i]" for n, a in zip(locals_, arrays, strict=True)]
+    loads = [f"{n} = {a}[i]" for n, a in zip(locals_, arrays, strict=True)]
+    helpers: set[str] = set()
 
-    def kernel(kname: str, params: list[str], outputs: list[sp.Expr], stores: list[str],
-               reduce: bool = False) -> list[str]:
-        body, results = _cse_block(outputs, op, " " * 8)
-        head = [decorator, f"def {kname}({', '.join(params)}):", f"    n = {arrays[0]}.shape[0]"]
-        if reduce:
-            head.append("    total = 0.0")
-        lines = head + [f"    for i in {loop}(n):"] + loads + body
-        for store, result in zip(stores, results, strict=True):
-            lines.append(f"        {store}({result})")
-        lines.append("    return total" if reduce else "    return None")
-        return lines + ["", ""]
+    def element(body: _Body, stores: list[str], first: tuple[str, ...] = ()) -> list[str]:
+        """Loads, shared temporaries and stores of one element (``i`` bound), unindented."""
+        out = [*loads, *first, *body.lines]
+        out += [f"{store}({result})" for store, result in zip(stores, body.results, strict=True)]
+        return out
 
-    g = "g[i * g_step]"
+    def elementwise_kernel(
+        kname: str, params: list[str], outputs: list[sp.Expr], stores: list[str], cotangent: bool
+    ) -> list[str]:
+        body = _cse_body(outputs, op)
+        helpers.update(body.helpers())
+        first = ("_g = g[i] if g_step != 0 else g[0]",) if cotangent else ()
+        lines = [decorator, f"def {kname}({', '.join(params)}):", f"    n = {arrays[0]}.shape[0]"]
+        lines.append(f"    for i in {loop}(n):")
+        lines += _indent(element(body, stores, first), 2)
+        return [*lines, "    return None", "", ""]
+
+    def sum_kernel(params: list[str], outputs: list[sp.Expr], stores: list[str]) -> list[str]:
+        body = _cse_body(outputs, op)
+        helpers.update(body.helpers())
+        head = [
+            decorator,
+            f"def value_and_vjp_sum({', '.join(params)}):",
+            f"    n = {arrays[0]}.shape[0]",
+        ]
+
+        def blocked(lo: str, hi: str, acc: str, buf: str) -> list[str]:
+            # Values of a block to a buffer (the loop vectorises), then added in element order.
+            # ``i`` is unsigned: Numba then drops its negative-index wraparound, which LLVM
+            # cannot prove dead here (``i`` is not a plain range index) and which would turn
+            # every load and store of the vector loop into scalar ones.
+            span, start = (hi, "") if lo == "0" else (f"{hi} - {lo}", f"{lo} + ")
+            return [
+                f"for _b in range(({span} + {BLOCK - 1}) // {BLOCK}):",
+                f"    _start = {start}_b * {BLOCK}",
+                f"    _m = min({BLOCK}, {hi} - _start)",
+                "    for _j in range(_m):",
+                "        i = np.uint64(_start + _j)",
+                *_indent(element(body, [f"{buf}[_j] = ", *stores]), 2),
+                "    for _j in range(_m):",
+                f"        {acc} += {buf}[_j]",
+            ]
+
+        def plain(lo: str, hi: str, acc: str) -> list[str]:
+            return [
+                f"for i in range({lo}, {hi}):" if lo != "0" else f"for i in range({hi}):",
+                *_indent(element(body, [f"{acc} += ", *stores]), 1),
+            ]
+
+        if not parallel:
+            lines = ["total = 0.0"]
+            if body.vector:
+                lines += [
+                    f"_buf = np.empty({BLOCK}, dtype=np.float64)",
+                    *blocked("0", "n", "total", "_buf"),
+                ]
+            else:
+                lines += plain("0", "n", "total")
+        else:
+            lines = [
+                f"_nc = (n + {CHUNK - 1}) // {CHUNK}",
+                "_part = np.empty(_nc, dtype=np.float64)",
+            ]
+            if body.vector:
+                lines.append(f"_bufs = np.empty((_nc, {BLOCK}), dtype=np.float64)")
+            chunk = [f"_lo = _c * {CHUNK}", f"_hi = min(_lo + {CHUNK}, n)", "_s = 0.0"]
+            if body.vector:
+                chunk += ["_buf = _bufs[_c]", *blocked("_lo", "_hi", "_s", "_buf")]
+            else:
+                chunk += plain("_lo", "_hi", "_s")
+            lines += [
+                "for _c in prange(_nc):",
+                *_indent([*chunk, "_part[_c] = _s"], 1),
+                "total = 0.0",
+                "for _c in range(_nc):",
+                "    total += _part[_c]",
+            ]
+        return [*head, *_indent(lines, 1), "    return total", "", ""]
+
     src: list[str] = []
-    src += kernel("forward", arrays + ["out"], [value], ["out[i] = "])
-    src += kernel("vjp", arrays + ["g", "g_step"] + grads, partials,
-                  [f"{gr}[i] = {g} * " for gr in grads])
-    src += kernel("value_and_vjp", arrays + ["g", "g_step", "out"] + grads, [value, *partials],
-                  ["out[i] = "] + [f"{gr}[i] = {g} * " for gr in grads])
-    src += kernel("value_and_vjp_sum", arrays + ["g_scale"] + grads, [value, *partials],
-                  ["total += "] + [f"{gr}[i] = g_scale * " for gr in grads], reduce=True)
-    body = "\n".join(
-        ["import math", "", "from numba import njit, prange  # noqa: F401", "", ""] + src
-    ).rstrip() + "\n"
+    src += elementwise_kernel("forward", [*arrays, "out"], [value], ["out[i] = "], False)
+    src += elementwise_kernel(
+        "vjp",
+        [*arrays, "g", "g_step", *grads],
+        partials,
+        [f"{gr}[i] = _g * " for gr in grads],
+        True,
+    )
+    src += elementwise_kernel(
+        "value_and_vjp",
+        [*arrays, "g", "g_step", "out", *grads],
+        [value, *partials],
+        ["out[i] = ", *(f"{gr}[i] = _g * " for gr in grads)],
+        True,
+    )
+    src += sum_kernel(
+        [*arrays, "g_scale", *grads], [value, *partials], [f"{gr}[i] = g_scale * " for gr in grads]
+    )
+    prelude = [
+        "import math",
+        "",
+        "import numpy as np",
+        "from numba import njit, prange  # noqa: F401",
+        "",
+        "",
+    ]
+    for name in sorted(helpers):
+        prelude += [VECTOR_MATH_SOURCE[name], ""]
+    body = "\n".join([*prelude, *src]).rstrip() + "\n"
     body_hash = hashlib.sha256(body.encode()).hexdigest()
     header = (
-        f"# symgrad generated kernels for op {op!r} ({', '.join(s.name for s in derivation.inputs)})\n"
+        f"# symgrad generated kernels for op {op!r} "
+        f"({', '.join(s.name for s in derivation.inputs)})\n"
         f"# symgrad {__version__}; spec {key}\n"
         f"# body-sha256 {body_hash}\n"
     )

@@ -5,9 +5,18 @@ One table, :data:`NUMBA_FUNCTIONS`, lists every SymPy function symgrad can compi
 (ternaries) are printed by SymPy's :class:`PythonCodePrinter`.  Anything else is a
 :class:`~symgrad.errors.CodegenError` naming the function — never a partially printed kernel.
 Floats are printed with all 17 significant digits, so float64 constants survive exactly.
+
+With ``vector_math=True`` the functions of :data:`VECTOR_FUNCTIONS` print as calls of
+branch-free implementations (:data:`VECTOR_MATH_SOURCE`) that the emitter places in the kernel
+module: a libm call stops LLVM from vectorising a loop (Numba's SVML is not available here), an
+inlined polynomial does not.  They are within one unit in the last place of the libm functions
+(checked against glibc and mpmath), handle ±inf, NaN, overflow and subnormal results, and use
+only IEEE arithmetic and bit casts — no fast-math.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import sympy as sp
 from sympy.printing.codeprinter import PrintMethodNotImplementedError
@@ -41,18 +50,101 @@ NUMBA_FUNCTIONS: dict[str, str] = {
 
 #: Functions the printer handles without the math module, and symgrad's own primitives (which
 #: the emitter lowers to the functions above before printing).
-STRUCTURAL = frozenset({"Abs", "Max", "Min", "sign", "Heaviside", "Piecewise", "sigmoid", "softplus"})
+STRUCTURAL = frozenset(
+    {"Abs", "Max", "Min", "sign", "Heaviside", "Piecewise", "sigmoid", "softplus"}
+)
+
+#: SymPy function name → the vectorisable helper it prints as when ``vector_math`` is on.
+VECTOR_FUNCTIONS: dict[str, str] = {"exp": "_sg_exp", "log1p": "_sg_log1p"}
+
+#: Numba source of each helper of :data:`VECTOR_FUNCTIONS` (needs ``math``, ``numpy as np`` and
+#: ``njit`` in the module).  Never fast-math: the helpers rely on exact IEEE rounding (the
+#: round-to-integer shift, Cody-Waite reduction, the two-sum of ``1 + x``); as separate functions
+#: LLVM inlines them with their own flags, so a fast-math kernel leaves them intact.
+VECTOR_MATH_SOURCE: dict[str, str] = {
+    "_sg_exp": """\
+@njit(cache=True, error_model='numpy', fastmath=False)
+def _sg_exp(v):
+    # exp(v), branch-free.  v = k*ln2 + r with |r| <= ln2/2 (ln2 in two parts: k*ln2_hi is
+    # exact); exp(r) = 1 + r + r*r*q(r), q the Taylor series up to r**11/13! (Estrin's scheme);
+    # 2**k applied as two factors so that overflow and subnormal results round once.
+    x = np.float64(v)
+    d = min(max(x, -746.0), 710.0)
+    t = d * 1.4426950408889634 + 6755399441055744.0
+    kf = t - 6755399441055744.0
+    rhi = d - kf * 0.6931471803691238
+    rlo = -(kf * 1.9082149292705877e-10)
+    r = rhi + rlo
+    r2 = r * r
+    r4 = r2 * r2
+    a0 = 0.5 + r * 0.16666666666666666
+    a1 = 0.041666666666666664 + r * 0.008333333333333333
+    a2 = 0.001388888888888889 + r * 0.0001984126984126984
+    a3 = 2.48015873015873e-05 + r * 2.7557319223985893e-06
+    a4 = 2.755731922398589e-07 + r * 2.505210838544172e-08
+    a5 = 2.08767569878681e-09 + r * 1.6059043836821613e-10
+    q = (a0 + r2 * a1) + r4 * ((a2 + r2 * a3) + r4 * (a4 + r2 * a5))
+    p = 1.0 + (rhi + (rlo + r2 * q))
+    k = np.float64(t).view(np.int64) - 4843621399236968448
+    k1 = k >> 1
+    s1 = np.int64((k1 + 1023) << 52).view(np.float64)
+    s2 = np.int64((k - k1 + 1023) << 52).view(np.float64)
+    return p * s1 * s2 if x == x else x
+""",
+    "_sg_log1p": """\
+@njit(cache=True, error_model='numpy', fastmath=False)
+def _sg_log1p(v):
+    # log1p(v), branch-free.  u = 1 + v rounded; its rounding error (1 + v) - u, exact by
+    # two-sum, enters as c = error/u;
+    # u = 2**k * (1 + f) with sqrt(2)/2 <= 1 + f < sqrt(2); log(1 + f) = 2*atanh(s),
+    # s = f/(2 + f), as f - (f*f/2 - s*(f*f/2 + R(s*s))) (fdlibm's form, R the Taylor series
+    # of 2*atanh(s)/s - 2 up to s**20, Estrin's scheme); special values selected at the end.
+    x = np.float64(v)
+    u = 1.0 + x
+    ub = u - 1.0
+    c = ((1.0 - (u - ub)) + (x - ub)) / u
+    bits = np.float64(u).view(np.int64)
+    hu = (bits >> 32) + 614242
+    k = (hu >> 20) - 1023
+    hu = (hu & 1048575) + 1072079006
+    f = np.int64((hu << 32) | (bits & 4294967295)).view(np.float64) - 1.0
+    kf = np.float64(np.int32(k))
+    hfsq = 0.5 * f * f
+    s = f / (2.0 + f)
+    z = s * s
+    z2 = z * z
+    z4 = z2 * z2
+    a0 = 0.6666666666666666 + z * 0.4
+    a1 = 0.2857142857142857 + z * 0.2222222222222222
+    a2 = 0.18181818181818182 + z * 0.15384615384615385
+    a3 = 0.13333333333333333 + z * 0.11764705882352941
+    a4 = 0.10526315789473684 + z * 0.09523809523809523
+    big_r = z * ((a0 + z2 * a1) + z4 * ((a2 + z2 * a3) + z4 * a4))
+    res = kf * 0.6931471803691238 - (
+        (hfsq - (s * (hfsq + big_r) + (kf * 1.9082149292705877e-10 + c))) - f
+    )
+    res = x if abs(x) < 5.551115123125783e-17 else res
+    res = u if u == math.inf else res
+    res = -math.inf if u == 0.0 else res
+    res = math.nan if x < -1.0 else res
+    return res if x == x else x
+""",
+}
 
 
 class NumbaPrinter(PythonCodePrinter):
     """``PythonCodePrinter`` restricted to :data:`NUMBA_FUNCTIONS`, strict, exact floats."""
 
     # PythonCodePrinter looks functions up in this table; we replace it with ours.
-    _kf = {name: f"math.{target}" for name, target in NUMBA_FUNCTIONS.items()}
+    _kf: ClassVar[dict[str, str]] = {
+        name: f"math.{target}" for name, target in NUMBA_FUNCTIONS.items()
+    }
 
-    def __init__(self) -> None:
+    def __init__(self, vector_math: bool = False) -> None:
         super().__init__({"strict": True, "fully_qualified_modules": True})
         self.known_functions = {**self._kf, "Abs": "abs", "Max": "max", "Min": "min"}
+        if vector_math:
+            self.known_functions.update(VECTOR_FUNCTIONS)
 
     def _print_Float(self, expr: sp.Float) -> str:
         return repr(float(expr))
@@ -87,7 +179,8 @@ def unsupported_functions(expr: sp.Basic) -> list[str]:
         if isinstance(node, (sp.Function, sp.Piecewise)) or type(node).__name__ in ("Abs",):
             name = type(node).__name__
             if name not in NUMBA_FUNCTIONS and name not in STRUCTURAL:
-                names.add(str(node.func) if isinstance(node, sp.core.function.AppliedUndef) else name)
+                undefined = isinstance(node, sp.core.function.AppliedUndef)
+                names.add(str(node.func) if undefined else name)
     return sorted(names)
 
 
@@ -102,12 +195,15 @@ def check_supported(expr: sp.Basic, op: str, what: str = "the formula") -> None:
         )
 
 
-def print_expr(expr: sp.Expr, op: str) -> str:
-    """Numba source for ``expr``; a :class:`CodegenError` if anything cannot be printed."""
+def print_expr(expr: sp.Expr, op: str, vector_math: bool = False) -> str:
+    """Numba source for ``expr``; a :class:`CodegenError` if anything cannot be printed.
+
+    ``vector_math`` prints the functions of :data:`VECTOR_FUNCTIONS` as their helpers.
+    """
     bad = unsupported_functions(expr)
     if bad:
         raise CodegenError(f"op {op!r}: cannot generate code for {', '.join(bad)} in {expr}")
     try:
-        return NumbaPrinter().doprint(expr)
+        return NumbaPrinter(vector_math).doprint(expr)
     except PrintMethodNotImplementedError as err:
         raise CodegenError(f"op {op!r}: cannot generate code for {expr}: {err}") from err
