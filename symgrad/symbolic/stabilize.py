@@ -127,11 +127,17 @@ def _softplus_minus_argument(node: sp.Expr) -> sp.Expr | None:
 
 
 def _expm1(node: sp.Expr) -> sp.Expr | None:
-    if isinstance(node, sp.Add) and sp.S.NegativeOne in node.args:
-        for term in node.args:
-            if isinstance(term, sp.exp):
-                others = [t for t in node.args if t is not term and t != sp.S.NegativeOne]
-                return sp.Add(expm1(term.args[0]), *others)
+    """``c·exp(a) − c`` → ``c·expm1(a)`` (``c`` a number: bound constants are floats)."""
+    if not isinstance(node, sp.Add):
+        return None
+    for term in node.args:
+        coeff, rest = term.as_coeff_Mul()
+        if not isinstance(rest, sp.exp):
+            continue
+        for other in node.args:
+            if other.is_Number and other != 0 and float(other) == -float(coeff):
+                others = [t for t in node.args if t is not term and t is not other]
+                return sp.Add(coeff * expm1(rest.args[0]), *others)
     return None
 
 
