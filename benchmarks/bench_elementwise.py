@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from symgrad.bench import _cores, interleaved, machine, versions
 
 OP = "bce_with_logits"
 
@@ -63,13 +64,6 @@ def _parse_threads(text: str) -> list[int]:
 
 def _default_threads() -> str:
     return ",".join(str(t) for t in sorted({1, _cores()}))
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,65 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- machine ------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version()}
-    try:
-        fields: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-        info["cpu"] = fields.get("model name", "unknown")
-        info["cpu_family_model"] = f"family {fields.get('cpu family')} model {fields.get('model')}"
-        flags = set(fields.get("flags", "").split())
-        simd = ("sse4_2", "avx", "avx2", "fma", "avx512f")
-        info["simd"] = " ".join(f for f in simd if f in flags)
-    except OSError:
-        info["cpu"] = platform.processor() or "unknown"
-    info["cores"] = _cores()
-    info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    return info
-
-
-def versions() -> dict[str, str]:
-    import llvmlite
-    import numba
-    import numpy
-    import sympy
-    import torch
-
-    import symgrad
-
-    return {
-        "symgrad": symgrad.__version__,
-        "numpy": numpy.__version__,
-        "numba": numba.__version__,
-        "llvmlite": llvmlite.__version__,
-        "sympy": sympy.__version__,
-        "torch": torch.__version__,
-    }
-
-
 # -- timing -------------------------------------------------------------------------------------
-
-
-def interleaved(
-    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
-) -> dict[str, dict[str, float]]:
-    """Median and minimum seconds of each candidate, run round-robin after ``warmup`` calls."""
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {
-        name: {"median_s": statistics.median(ts), "min_s": min(ts), "repeats": len(ts)}
-        for name, ts in times.items()
-    }
 
 
 # -- (a) W2 -------------------------------------------------------------------------------------

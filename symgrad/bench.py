@@ -38,44 +38,56 @@ W1_QUICK = [(32, 128), (256, 512)]
 LR = 0.01
 
 
-def machine(threads: int) -> dict[str, Any]:
-    """The machine and library versions, for the report."""
-    cpu = platform.processor() or platform.machine()
+def _cores() -> int:
     try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version()}
+    try:
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        info["cpu"] = fields.get("model name", "unknown")
+        info["cpu_family_model"] = f"family {fields.get('cpu family')} model {fields.get('model')}"
+        flags = set(fields.get("flags", "").split())
+        simd = ("sse4_2", "avx", "avx2", "fma", "avx512f")
+        info["simd"] = " ".join(f for f in simd if f in flags)
     except OSError:
-        pass
-    import numba
-    import sympy
-
-    from . import __version__
-
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "sympy": sympy.__version__,
-        "symgrad": __version__,
-    }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
-        pass
+        info["cpu"] = platform.processor() or "unknown"
+    info["cores"] = _cores()
+    info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
     return info
 
 
+def versions() -> dict[str, str]:
+    import llvmlite
+    import numba
+    import numpy
+    import sympy
+    import torch
+
+    import symgrad
+
+    return {
+        "symgrad": symgrad.__version__,
+        "numpy": numpy.__version__,
+        "numba": numba.__version__,
+        "llvmlite": llvmlite.__version__,
+        "sympy": sympy.__version__,
+        "torch": torch.__version__,
+    }
+
+
 def interleaved(
-    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
-) -> dict[str, float]:
-    """Median milliseconds of each candidate, run round-robin after ``warmup`` calls each."""
+    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
+) -> dict[str, dict[str, float]]:
+    """Median and minimum seconds of each candidate, run round-robin after ``warmup`` calls."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
@@ -84,8 +96,11 @@ def interleaved(
         for name, fn in candidates.items():
             start = time.perf_counter()
             fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {"median_s": statistics.median(ts), "min_s": min(ts), "repeats": len(ts)}
+        for name, ts in times.items()
+    }
 
 
 # -- W1 ------------------------------------------------------------------------------------
@@ -309,23 +324,24 @@ def _first_step_seconds(cache: str, threads: int) -> float:
 
 
 def run(quick: bool = False, threads: int = 1, with_compile: bool = True) -> dict[str, Any]:
-    """Run every workload; returns ``{"machine": ..., "rows": [...]}``."""
+    """Run every workload; returns ``{"machine", "versions", "threads", "rows"}``."""
     import torch
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
     rows: list[dict[str, Any]] = []
 
-    def add(workload: str, size: str, medians: dict[str, float]) -> None:
-        ref = medians.get("torch eager")
-        for system, ms in medians.items():
+    def add(workload: str, size: str, timings: dict[str, dict[str, float]]) -> None:
+        ref = timings.get("torch eager", {}).get("median_s")
+        for system, t in timings.items():
             rows.append(
                 {
                     "workload": workload,
                     "size": size,
                     "system": system,
-                    "median_ms": ms,
-                    "ratio_to_torch": ms / ref if ref else None,
+                    "median_ms": t["median_s"] * 1e3,
+                    "min_ms": t["min_s"] * 1e3,
+                    "ratio_to_torch": t["median_s"] / ref if ref else None,
                 }
             )
 
@@ -333,48 +349,44 @@ def run(quick: bool = False, threads: int = 1, with_compile: bool = True) -> dic
         for batch, hidden in W1_QUICK if quick else W1_SIZES:
             repeats = max(5, min(200, int(2e8 / (batch * hidden * hidden + 1))))
             cands = _w1_candidates(batch, hidden, with_compile and not quick)
-            add("W1 train step", f"B={batch} H={hidden}", interleaved(cands, repeats))
+            add("W1 train step", f"B={batch} H={hidden}", interleaved(cands, repeats, warmup=3))
         n = 1_000_000 if quick else 10_000_000
         add(
             "W2 sigmoid+BCE", f"n={n:,} float64", interleaved(_w2_candidates(n), 5 if quick else 15)
         )
     with tempfile.TemporaryDirectory() as cold:
-        cold_s = _first_step_seconds(cold, threads)
-        warm_s = _first_step_seconds(cold, threads)
-    rows.append(
-        {
-            "workload": "W3 first step",
-            "size": "cold cache",
-            "system": "symgrad",
-            "median_ms": cold_s * 1e3,
-            "ratio_to_torch": None,
+        timings = {
+            "cold cache": _first_step_seconds(cold, threads),
+            "warm cache": _first_step_seconds(cold, threads),
         }
-    )
-    rows.append(
-        {
-            "workload": "W3 first step",
-            "size": "warm cache",
-            "system": "symgrad",
-            "median_ms": warm_s * 1e3,
-            "ratio_to_torch": None,
-        }
-    )
-    return {"machine": machine(threads), "rows": rows}
+    for size, seconds in timings.items():
+        rows.append(
+            {
+                "workload": "W3 first step",
+                "size": size,
+                "system": "symgrad",
+                "median_ms": seconds * 1e3,
+                "min_ms": seconds * 1e3,
+                "ratio_to_torch": None,
+            }
+        )
+    return {"machine": machine(), "versions": versions(), "threads": threads, "rows": rows}
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The rows as a text table with ratios to torch eager."""
-    m = result["machine"]
+    m, v = result["machine"], result["versions"]
     lines = [
-        f"{m['cpu']} ({m['cores']} cores), {m['threads']} thread(s); symgrad {m['symgrad']}, "
-        f"torch {m.get('torch', '-')}, numba {m['numba']}, numpy {m['numpy']}",
-        f"{'workload':<16} {'size':<18} {'system':<16} {'median ms':>11} {'× torch':>8}",
+        f"{m['cpu']} ({m['cores']} cores, load at start {m['load_average_at_start']}), "
+        f"{result['threads']} thread(s); " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"{'workload':<16} {'size':<20} {'system':<16} {'median ms':>11} {'min ms':>10} "
+        f"{'× torch':>8}",
     ]
     for r in result["rows"]:
         ratio = f"{r['ratio_to_torch']:.2f}" if r["ratio_to_torch"] is not None else "-"
         lines.append(
-            f"{r['workload']:<16} {r['size']:<18} {r['system']:<16} "
-            f"{r['median_ms']:>11.3f} {ratio:>8}"
+            f"{r['workload']:<16} {r['size']:<20} {r['system']:<16} "
+            f"{r['median_ms']:>11.3f} {r['min_ms']:>10.3f} {ratio:>8}"
         )
     return "\n".join(lines)
 
