@@ -4,8 +4,8 @@
     derive and compile every built-in op, check values and gradients against PyTorch in float64
     (if torch is installed) and print a table. It stands in for the main job until
     ``symgrad finetune`` exists.
-``symgrad derive NAME``
-    print the derivation of a built-in op.
+``symgrad derive NAME_OR_FORMULA``
+    print the derivation of a built-in op or of a formula (text, LaTeX or Markdown).
 ``symgrad cache {path,clear}``
     show or empty the kernel cache.
 """
@@ -21,8 +21,8 @@ import numpy as np
 
 from . import __version__
 from .api import builtin
-from .builtins import BUILTINS, Builtin
-from .errors import SymgradError
+from .builtins import BUILTINS, TENSOR_BUILTINS, Builtin
+from .errors import DefinitionError, SymgradError
 from .runtime.cache import cache_dir, clear_cache
 from .runtime.elementwise import ElementwiseOp
 
@@ -118,8 +118,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _assignments(pairs: Sequence[str], option: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            values[name.strip()] = float(value)
+        except ValueError:
+            raise DefinitionError(f"{option} {pair!r}: write NAME=NUMBER, e.g. alpha=0.5") from None
+    return values
+
+
 def cmd_derive(args: argparse.Namespace) -> int:
-    print(builtin(args.name).derivation().to_text())
+    from pathlib import Path
+
+    from .explain import RENDERERS, derivation_for
+
+    params = _assignments(args.param, "--param")
+    derivation = derivation_for(args.target, wrt=args.wrt, params=params, name=args.name)
+    text = RENDERERS[args.format](derivation)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -174,13 +198,38 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     bn.add_argument("--json", default=None, help="write the rows to this JSON file")
     bn.set_defaults(func=cmd_bench)
-    derive = sub.add_parser("derive", help="print the derivation of a built-in op")
-    derive.add_argument(
-        "name",
-        choices=sorted(BUILTINS),
-        metavar="NAME",
-        help=f"one of: {', '.join(sorted(BUILTINS))}",
+    derive = sub.add_parser(
+        "derive",
+        help="print the derivation of a built-in op or a formula, step by step",
+        description="Print the derivation symgrad compiles — forward, stability rewrites, local "
+        "partial derivatives, chain rule, Kronecker contraction (index notation), common "
+        "subexpressions — for a built-in op or a formula in Python syntax, e.g. "
+        "symgrad derive 'x*tanh(softplus(x))' --wrt x. Formulas are parsed without evaluating "
+        "any Python: only numbers, symbols, + - * / ** and known functions are accepted.",
     )
+    derive.add_argument(
+        "target",
+        metavar="NAME_OR_FORMULA",
+        help="a built-in op (elementwise: "
+        f"{', '.join(BUILTINS)}; index notation: {', '.join(TENSOR_BUILTINS)}) or a formula",
+    )
+    derive.add_argument(
+        "--wrt",
+        action="append",
+        default=[],
+        metavar="INPUT",
+        help="differentiate with respect to INPUT (repeatable; default: every input)",
+    )
+    derive.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a built-in's parameter (e.g. alpha=0.5) or a formula's constant (repeatable)",
+    )
+    derive.add_argument("--name", default="formula", help="op name for a formula")
+    derive.add_argument("--format", choices=["text", "latex", "markdown"], default="text")
+    derive.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
     derive.set_defaults(func=cmd_derive)
     cache = sub.add_parser("cache", help="show (path) or empty (clear) the kernel cache")
     cache.add_argument("action", choices=["path", "clear"])

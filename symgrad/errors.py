@@ -47,3 +47,15 @@ class CacheError(SymgradError, OSError):
 
 class ArgumentError(SymgradError, TypeError):
     """An op was called with the wrong number or kind of arguments."""
+
+
+class DeviceError(SymgradError, ValueError):
+    """A tensor lives on a device symgrad's kernels cannot read (they run on the CPU)."""
+
+
+class FormulaError(DefinitionError):
+    """A formula string is not a formula symgrad accepts (see :mod:`symgrad.symbolic.parse`)."""
+
+
+class ExplainError(SymgradError, TypeError):
+    """A derivation printout was asked for something symgrad cannot explain (e.g. a module type)."""

@@ -17,16 +17,16 @@ Before CSE the stable primitives are *lowered* to branch forms that share ``e = 
 ``σ(a) = 1/(1+e)`` if ``a ≥ 0`` else ``e/(1+e)``, ``softplus(a) = max(a, 0) + log1p(e)`` — so a
 loss and its gradient cost one ``exp`` and one ``log1p`` per element.
 
-**Vectorisation.** Without SVML a call of libm's ``exp``/``log1p`` keeps LLVM from vectorising
-the element loop, and those calls are most of a kernel's time.  When every function a kernel
-uses has a branch-free implementation (:data:`~symgrad.codegen.printer.VECTOR_FUNCTIONS`), the
-kernel calls those instead (emitted into the module, within one ulp of libm) and its loop
-vectorises; a kernel that still needs a libm call (``tanh``, ``erf``, ``pow``...) keeps
-``math.*`` throughout, since a scalar loop is faster with libm.  ``Σ f`` is accumulated in element
-order, as a scalar loop would, so the reduction does not block vectorisation either: values go to
-a small buffer, block by block, and are added in order — the sum is bit-for-bit the sequential
-one.  With ``parallel=True`` the sum is over fixed chunks of :data:`CHUNK` elements, added in
-chunk order: the result does not depend on the number of threads.
+**Vectorisation.** Without SVML a call of libm's ``exp``/``log1p``/``tanh`` keeps LLVM from
+vectorising the element loop, and those calls are most of a kernel's time.  When every function a
+kernel uses has a branch-free implementation (:data:`~symgrad.codegen.printer.VECTOR_FUNCTIONS`),
+the kernel calls those instead (emitted into the module, within one ulp of libm) and its loop
+vectorises; a kernel that still needs a libm call (``erf``, ``sin``, ``pow``...) keeps ``math.*``
+throughout, since a scalar loop is faster with libm.  ``Σ f`` is accumulated in element order, as a
+scalar loop would, so the reduction does not block vectorisation either: values go to a small
+buffer, block by block, and are added in order — the sum is bit-for-bit the sequential one.  With
+``parallel=True`` the sum is over fixed chunks of :data:`CHUNK` elements, added in chunk order: the
+result does not depend on the number of threads.
 
 The text is deterministic: same derivation and flags, same bytes.
 """

@@ -43,7 +43,7 @@ def _int(expr: sp.Expr) -> str:
 def _print(expr: sp.Expr, op: str) -> str:
     try:
         return _IndexPrinter().doprint(lower_primitives(expr))
-    except Exception as err:  # noqa: BLE001 - reported with the op name and expression
+    except Exception as err:
         raise CodegenError(f"op {op!r}: cannot generate code for {expr}: {err}") from err
 
 
@@ -65,21 +65,49 @@ class _Assignment:
     loops: tuple[tuple[sp.Symbol, sp.Expr, sp.Expr], ...]  # (index, lo, hi)
     expr: sp.Expr
     accumulate: bool = False
+    index: tuple[sp.Symbol, ...] | None = None  # the target's subscript; default: all loops
+
+
+@dataclass
+class _Gemm:
+    """One contraction computed by BLAS: ``np.dot(left, right)``, read back by index."""
+
+    name: str
+    left: str  # (P, J) matrix source
+    right: str  # (J, Q) matrix source
+    rows: str  # P
+    cols: str  # Q
+    dims: tuple[sp.Expr, ...]  # the result's shape: the free axes of both operands
+    uses: int = 1
+    into: str | None = None  # written straight into this target array instead of a temporary
+
+    def statement(self) -> str:
+        if self.into is not None:
+            two_d = len(self.dims) == 2 and self.rows != "1" and self.cols != "1"
+            out = self.into if two_d else f"{self.into}.reshape(({self.rows}, {self.cols}))"
+            return f"np.dot({self.left}, {self.right}, {out})"
+        shape = ", ".join(_int(d) for d in self.dims) + ("," if len(self.dims) == 1 else "")
+        return f"{self.name} = np.dot({self.left}, {self.right}).reshape(({shape or '1,'}))"
 
 
 class _Lowerer:
     def __init__(self, op: str, shapes: dict[str, tuple[sp.Expr, ...]]) -> None:
         self.op = op
         self.shapes = shapes  # tensor label → shape
-        self.prelude: list[str] = []  # statements before every loop (GEMMs)
-        self.n_gemm = 0
+        self.gemms: list[_Gemm] = []  # computed before every loop
+        self.n_acc = 0
+        self.n_hoist = 0
         self.n_red = 0
         self.n_mat = 0
         self._all: list[_Reduction] = []
 
     # -- contractions ----------------------------------------------------------------------
 
-    def _gemm(self, node: sp.Sum, loop_order: list[sp.Symbol]) -> sp.Expr | None:
+    def _contraction(
+        self, node: sp.Sum, loop_order: list[sp.Symbol]
+    ) -> tuple[sp.Indexed, sp.Indexed, list[sp.Symbol], list[sp.Symbol], int, int] | None:
+        """``(a, b, free_a, free_b, ja, jb)`` if ``node`` is ``Σ_j a[.., j, ..]·b[.., j, ..]``
+        over a full axis, with every other index a loop index; else None."""
         loop_vars = set(loop_order)
         if len(node.limits) != 1:
             return None
@@ -108,18 +136,59 @@ class _Lowerer:
             return None
         if sp.simplify(shape_b[jb] - shape_a[ja]) != 0:
             return None
-        name = f"_c{self.n_gemm}"
-        self.n_gemm += 1
+        return a, b, free_a, free_b, ja, jb
+
+    def _gemm(self, node: sp.Sum, loop_order: list[sp.Symbol]) -> sp.Expr | None:
+        """A read of the GEMM computing ``node``, if it is a contraction of two tensors."""
+        found = self._contraction(node, loop_order)
+        if found is None:
+            return None
+        a, b, free_a, free_b, ja, jb = found
+        shape_a = self.shapes[str(a.base.label)]
+        shape_b = self.shapes[str(b.base.label)]
         left = self._matrix(str(a.base.label), shape_a, ja, last=True)
         right = self._matrix(str(b.base.label), shape_b, jb, last=False)
-        dims = [shape_a[k] for k in range(len(shape_a)) if k != ja] + [
-            shape_b[k] for k in range(len(shape_b)) if k != jb
-        ]
-        shape = ", ".join(_int(d) for d in dims) + ("," if len(dims) == 1 else "") if dims else "1,"
-        self.prelude.append(f"{name} = np.dot({left}, {right}).reshape(({shape}))")
-        return sp.IndexedBase(name)[tuple(free_a + free_b)] if free_a + free_b else sp.Symbol(
-            f"{name}[0]"
+        others_a = [shape_a[k] for k in range(len(shape_a)) if k != ja]
+        others_b = [shape_b[k] for k in range(len(shape_b)) if k != jb]
+        gemm = next(
+            (g for g in self.gemms if (g.left, g.right) == (left, right) and g.into is None), None
         )
+        if gemm is None:  # the same product twice (layer norm's Σ_i w_i g_i) is computed once
+            gemm = _Gemm(
+                f"_c{len(self.gemms)}",
+                left,
+                right,
+                "*".join(_int(d) for d in others_a) or "1",
+                "*".join(_int(d) for d in others_b) or "1",
+                tuple(others_a + others_b),
+            )
+            self.gemms.append(gemm)
+        else:
+            gemm.uses += 1
+        free = tuple(free_a + free_b)
+        return sp.IndexedBase(gemm.name)[free] if free else sp.Symbol(f"{gemm.name}[0]")
+
+    def _write_gemm_into(self, a: _Assignment, expr: sp.Expr) -> sp.Expr:
+        """Let a GEMM read once, at exactly this target's element, write into the target.
+
+        ``grad_X[k0, k1] = _c0[k0, k1]`` then needs no temporary and no copy loop, and
+        ``out[b, i] = _c0[b, i] + c[i]`` adds the bias in place.
+        """
+        if a.accumulate or a.index is not None or not a.loops:
+            return expr
+        idx = tuple(v for v, _, _ in a.loops)
+        for gemm in self.gemms:
+            read = sp.IndexedBase(gemm.name)[idx]
+            if gemm.uses != 1 or gemm.into is not None or not expr.has(read):
+                continue
+            fits = len(gemm.dims) == len(a.loops) and all(
+                lo == 0 and sp.simplify(hi + 1 - d) == 0
+                for (_, lo, hi), d in zip(a.loops, gemm.dims, strict=True)
+            )
+            if fits:
+                gemm.into = a.target
+                return expr.xreplace({read: sp.IndexedBase(a.target)[idx]})
+        return expr
 
     def _matrix(self, label: str, shape: tuple[sp.Expr, ...], axis: int, last: bool) -> str:
         """Source for ``label`` as a 2-D matrix with the contracted axis last (or first)."""
@@ -138,8 +207,13 @@ class _Lowerer:
 
     # -- reductions ------------------------------------------------------------------------
 
-    def extract(self, expr: sp.Expr, loop_vars: list[sp.Symbol], out: list[_Reduction],
-                seen: dict[tuple, sp.Symbol]) -> sp.Expr:
+    def extract(
+        self,
+        expr: sp.Expr,
+        loop_vars: list[sp.Symbol],
+        out: list[_Reduction],
+        seen: dict[tuple, sp.Symbol],
+    ) -> sp.Expr:
         """Replace reductions in ``expr`` by temporaries (post-order), collecting them."""
 
         def visit(node: sp.Basic) -> sp.Basic:
@@ -149,9 +223,11 @@ class _Lowerer:
                     return gemm
             if isinstance(node, (sp.Sum, ReduceMax)):
                 # A fresh loop variable per reduction: terms split off one sum share its name.
-                fresh = {v: sp.Symbol(f"{v}_{self.n_red}_{n}", integer=True)
-                         for n, (v, _, _) in enumerate(node.limits)}
-                limits = [(fresh[v], lo, hi) for v, lo, hi in node.limits]
+                fresh = {
+                    v: sp.Symbol(f"{v}_{self.n_red}_{n}", integer=True)
+                    for n, (v, _, _) in enumerate(node.limits)
+                }
+                limits = [(fresh[v], lo, hi) for v, lo, hi in _memory_order(node)]
                 body = visit(node.function.xreplace(fresh))
                 # innermost limit first; Sum(f, (i..), (j..)) = Σ_j Σ_i f
                 for var, lo, hi in limits:
@@ -163,7 +239,8 @@ class _Lowerer:
                     temp = sp.Symbol(f"_r{self.n_red}", real=True)
                     self.n_red += 1
                     deps = frozenset(
-                        s for s in body.free_symbols | lo.free_symbols | hi.free_symbols
+                        s
+                        for s in body.free_symbols | lo.free_symbols | hi.free_symbols
                         if s != var and s.is_integer and not isinstance(s, sp.Indexed)
                     ) | self._temp_deps(body, out)
                     out.append(_Reduction(temp, kind, var, lo, hi, body, deps - {var}))
@@ -189,9 +266,13 @@ class _Lowerer:
     # -- emission --------------------------------------------------------------------------
 
     def assignment(self, a: _Assignment, indent: int) -> list[str]:
+        batch = self._batch_sum(a, indent)
+        if batch is not None:
+            return batch
         loop_vars = [v for v, _, _ in a.loops]
         reds: list[_Reduction] = []
         expr = self.extract(a.expr, loop_vars, reds, {})
+        expr = self._write_gemm_into(a, expr)
         self._all = reds
         # Place each reduction: inside the reduction loop of the innermost enclosing reduction
         # it depends on, else at the output loop level of its deepest dependency.
@@ -216,18 +297,127 @@ class _Lowerer:
             else:
                 placed[max((level[v] for v in r.deps if v in level), default=0)].append(r)
 
+        index = a.index if a.index is not None else tuple(loop_vars)
+        if not a.accumulate and index and expr == sp.IndexedBase(a.target)[index]:
+            return [" " * indent + line for line in materialized]  # a GEMM wrote the target
+        red_level = {r.temp: n for n, rs in placed.items() for r in rs}
+        expr, hoisted = self._hoist(expr, a.loops, red_level)
         pad = " " * indent
         lines: list[str] = [pad + line for line in materialized]
         for n in range(len(a.loops) + 1):
             for r in placed[n]:
                 lines += self._reduction(r, pad)
+            for temp, value in hoisted.get(n, []):
+                lines.append(f"{pad}{temp} = {_print(value, self.op)}")
             if n < len(a.loops):
                 var, lo, hi = a.loops[n]
                 lines.append(f"{pad}for {var} in range({_int(lo)}, {_int(hi + 1)}):")
                 pad += "    "
-        idx = ", ".join(str(v) for v, _, _ in a.loops) or "0"
+        idx = ", ".join(_int(v) for v in index) or "0"
         op = "+=" if a.accumulate else "="
         lines.append(f"{pad}{a.target}[{idx}] {op} {_print(expr, self.op)}")
+        return lines
+
+    def _hoist(
+        self,
+        expr: sp.Expr,
+        loops: tuple[tuple[sp.Symbol, sp.Expr, sp.Expr], ...],
+        red_level: dict[sp.Symbol, int],
+    ) -> tuple[sp.Expr, dict[int, list[tuple[sp.Symbol, sp.Expr]]]]:
+        """Move the costly parts of ``expr`` that do not change in the innermost loop out of it.
+
+        Layer norm's ``1/sqrt(var + eps)`` depends on the row only: it is computed once per
+        row (at the loop level of its deepest index or reduction), not once per element.
+        """
+        inner = len(loops)
+        level = {v: n + 1 for n, (v, _, _) in enumerate(loops)}
+        hoisted: dict[int, list[tuple[sp.Symbol, sp.Expr]]] = {}
+        temps: dict[sp.Expr, sp.Symbol] = {}
+
+        def depth(node: sp.Basic) -> int:
+            found = [level[x] for x in node.free_symbols if x in level]
+            found += [red_level[x] for x in node.free_symbols if x in red_level]
+            return max(found, default=0)
+
+        def costly(node: sp.Basic) -> bool:
+            return any(
+                isinstance(n, sp.Function)
+                or (isinstance(n, sp.Pow) and not (n.exp.is_Integer and n.exp > 0))
+                for n in sp.preorder_traversal(node)
+            )
+
+        def temp(node: sp.Expr) -> sp.Symbol:
+            if node not in temps:
+                temps[node] = sp.Symbol(f"_h{self.n_hoist}", real=True)
+                self.n_hoist += 1
+                hoisted.setdefault(depth(node), []).append((temps[node], node))
+            return temps[node]
+
+        def visit(node: sp.Basic) -> sp.Basic:
+            if node.is_Atom or isinstance(node, sp.Indexed):
+                return node
+            if depth(node) < inner and costly(node):
+                return temp(node)
+            if isinstance(node, sp.Piecewise):
+                return node  # a branch's value may be invalid where the branch is not taken
+            if isinstance(node, sp.Mul):
+                fixed = [f for f in node.args if depth(f) < inner]
+                moving = [f for f in node.args if depth(f) == inner]
+                if fixed and costly(sp.Mul(*fixed)):
+                    return sp.Mul(temp(sp.Mul(*fixed)), *[visit(f) for f in moving])
+            args = [visit(x) for x in node.args]
+            return node.func(*args) if args != list(node.args) else node
+
+        if not loops:
+            return expr, {}
+        return visit(expr), hoisted
+
+    def _batch_sum(self, a: _Assignment, indent: int) -> list[str] | None:
+        """``target[k] = c(k)·Σ_b f(b, k)`` over a leading axis, as one pass over ``b``.
+
+        The bias gradient ``Σ_b grad_out[b, k]`` read column by column strides through memory
+        (one cache miss per element); with ``b`` outermost the rows are read in order and
+        accumulated into a float64 array.  Done only when that reads rows in order and no
+        reduction inside depends on ``k`` (it would be recomputed for every ``b``).
+        """
+        if a.accumulate or a.index is not None or not a.loops:
+            return None
+        sums = [f for f in sp.Mul.make_args(a.expr) if isinstance(f, sp.Sum)]
+        if len(sums) != 1:
+            return None
+        (total,) = sums
+        coeff = sp.Mul(*[f for f in sp.Mul.make_args(a.expr) if f is not total])
+        loop_vars = [v for v, _, _ in a.loops]
+        outer = set(loop_vars)
+        if coeff.has(sp.Sum, ReduceMax) or (
+            len(total.limits) == 1 and self._contraction(total, loop_vars) is not None
+        ):
+            return None
+        if any((lo.free_symbols | hi.free_symbols) & outer for _, lo, hi in total.limits):
+            return None
+        body = total.function
+        if any(
+            isinstance(node, (sp.Sum, ReduceMax)) and node.free_symbols & outer
+            for node in sp.preorder_traversal(body)
+        ):
+            return None
+        if not _reads_columns(body, {v for v, _, _ in total.limits}, outer):
+            return None
+        acc = f"_a{self.n_acc}"
+        self.n_acc += 1
+        shape = ", ".join(_int(hi - lo + 1) for _, lo, hi in a.loops)
+        index = tuple(v - lo for v, lo, _ in a.loops)
+        lines = [f"{' ' * indent}{acc} = np.zeros(({shape},))"]
+        sum_loops = tuple((v, lo, hi) for v, lo, hi in reversed(total.limits))
+        # loops over axes before the summed one stay outside it (a batch axis: b, s, then t)
+        n_out = _leading_loops(body, {v for v, _, _ in total.limits}, loop_vars)
+        loops = a.loops[:n_out] + sum_loops + a.loops[n_out:]
+        lines += self.assignment(
+            _Assignment(acc, loops, body, accumulate=True, index=index), indent
+        )
+        lines += self.assignment(
+            _Assignment(a.target, a.loops, coeff * sp.IndexedBase(acc)[index]), indent
+        )
         return lines
 
     def _materialize(self, r: _Reduction, hosts: list[sp.Symbol], lines: list[str]) -> sp.Expr:
@@ -252,8 +442,10 @@ class _Lowerer:
 
     def _reduction(self, r: _Reduction, pad: str) -> list[str]:
         init = "0.0" if r.kind == "sum" else "-np.inf"
-        lines = [f"{pad}{r.temp} = {init}",
-                 f"{pad}for {r.var} in range({_int(r.lo)}, {_int(r.hi + 1)}):"]
+        lines = [
+            f"{pad}{r.temp} = {init}",
+            f"{pad}for {r.var} in range({_int(r.lo)}, {_int(r.hi + 1)}):",
+        ]
         for child in r.children:
             lines += self._reduction(child, pad + "    ")
         body = _print(r.body, self.op)
@@ -262,6 +454,60 @@ class _Lowerer:
         else:
             lines.append(f"{pad}    {r.temp} = max({r.temp}, {body})")
         return lines
+
+
+def _memory_order(node: sp.Sum | ReduceMax) -> list[tuple[sp.Symbol, sp.Expr, sp.Expr]]:
+    """The limits of a reduction, innermost first, ordered so the innermost loop runs along
+    the last axis of the tensors it reads (``Σ_{b,i} X[b, i]`` loops over ``i`` inside ``b``).
+
+    Limits whose bounds depend on another limit's index keep their order."""
+    limits = list(node.limits)
+    names = {v for v, _, _ in limits}
+    if len(limits) < 2 or any((lo.free_symbols | hi.free_symbols) & names for _, lo, hi in limits):
+        return limits
+    axis = dict.fromkeys(names, -1)
+    for access in node.function.atoms(sp.Indexed):
+        for n, i in enumerate(access.indices):
+            if i in axis:
+                axis[i] = max(axis[i], n)
+    return sorted(limits, key=lambda limit: -axis[limit[0]])
+
+
+def _leading_loops(body: sp.Expr, sum_vars: set[sp.Symbol], loop_vars: list[sp.Symbol]) -> int:
+    """How many of ``loop_vars`` (in order) index an earlier axis than every summation index,
+    wherever they appear together in ``body``."""
+    accesses = [a for a in body.atoms(sp.Indexed) if sum_vars & set(a.indices)]
+    count = 0
+    for v in loop_vars:
+        for a in accesses:
+            pos = list(a.indices)
+            first_sum = min(n for n, i in enumerate(pos) if i in sum_vars)
+            if v in pos and pos.index(v) > first_sum:
+                return count
+        count += 1
+    return count
+
+
+def _reads_columns(body: sp.Expr, sum_vars: set[sp.Symbol], loop_vars: set[sp.Symbol]) -> bool:
+    """Whether summing ``body`` over ``sum_vars`` inside loops over ``loop_vars`` walks
+    tensors across rows (a summation index on an earlier axis than a loop index) and never
+    along them.  Reads inside nested reductions do not count: they are hoisted."""
+    across = along = 0
+    stack = [body]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (sp.Sum, ReduceMax)):
+            continue
+        if isinstance(node, sp.Indexed):
+            pos_sum = [n for n, i in enumerate(node.indices) if i in sum_vars]
+            pos_loop = [n for n, i in enumerate(node.indices) if i in loop_vars]
+            if pos_sum and pos_loop and max(pos_sum) < max(pos_loop):
+                across += 1
+            elif pos_sum and pos_loop:
+                along += 1
+            continue
+        stack.extend(node.args)
+    return across > 0 and along == 0
 
 
 def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
@@ -281,20 +527,33 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
         body: list[str] = []
         for a in assignments:
             body += lowerer.assignment(a, 4)
-        prelude = ["    " + s for s in lowerer.prelude]
-        return [decorator, f"def {name}({', '.join(params)}):", *prelude, *body,
-                "    return None", "", ""]
+        prelude = ["    " + g.statement() for g in lowerer.gemms]
+        return [
+            decorator,
+            f"def {name}({', '.join(params)}):",
+            *prelude,
+            *body,
+            "    return None",
+            "",
+            "",
+        ]
 
-    src = function("forward", [*labels, *dims, "out"],
-                   [_Assignment("out", out_loops, derivation.stable_forward)])
+    src = function(
+        "forward",
+        [*labels, *dims, "out"],
+        [_Assignment("out", out_loops, derivation.stable_forward)],
+    )
     grads = []
     for p in derivation.partials:
         loops = tuple((k, sp.S.Zero, d - 1) for k, d in zip(p.indices, p.wrt.shape, strict=True))
         grads.append(_Assignment(f"grad_{p.wrt.label}", loops, p.final))
     src += function("vjp", [*labels, *dims, "grad_out", *[g.target for g in grads]], grads)
-    body_text = "\n".join(
-        ["import math", "", "import numpy as np", "from numba import njit", "", ""] + src
-    ).rstrip() + "\n"
+    body_text = (
+        "\n".join(
+            ["import math", "", "import numpy as np", "from numba import njit", "", "", *src]
+        ).rstrip()
+        + "\n"
+    )
     body_hash = hashlib.sha256(body_text.encode()).hexdigest()
     header = (
         f"# symgrad generated kernels for tensor op {op!r}\n"

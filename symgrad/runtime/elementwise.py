@@ -115,7 +115,9 @@ class ElementwiseOp:
                 f"op {self.name!r} takes {n} input array(s) ({', '.join(self.input_names)}), "
                 f"got {len(arrays)}"
             )
-        given = [np.asarray(a) if isinstance(a, np.ndarray) else a for a in arrays]
+        # NumPy scalars carry a dtype like arrays do (np.float32(1.0) is a float32 input);
+        # only Python numbers and lists take the arrays' dtype.
+        given = [np.asarray(a) if isinstance(a, (np.ndarray, np.generic)) else a for a in arrays]
         dtypes = {a.dtype for a in given if isinstance(a, np.ndarray)}
         if len(dtypes) > 1:
             listing = ", ".join(

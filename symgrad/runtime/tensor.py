@@ -28,8 +28,13 @@ class TensorOp:
     input, ``op.source`` the generated source, ``op.derivation()`` the symbolic derivation.
     """
 
-    def __init__(self, spec: TensorSpec, path: Path, derive: Callable[[], TensorDerivation],
-                 derivation: TensorDerivation | None = None) -> None:
+    def __init__(
+        self,
+        spec: TensorSpec,
+        path: Path,
+        derive: Callable[[], TensorDerivation],
+        derivation: TensorDerivation | None = None,
+    ) -> None:
         self.spec = spec
         self.name = spec.name
         self.input_names = tuple(str(b.label) for b in spec.inputs)
@@ -44,7 +49,9 @@ class TensorOp:
         """The generated Numba source of this op's kernels."""
         text = verified_text(self._path)
         if text is None:
-            raise FileNotFoundError(f"the kernel source of {self.name!r} vanished from {self._path}")
+            raise FileNotFoundError(
+                f"the kernel source of {self.name!r} vanished from {self._path}"
+            )
         return text
 
     def derivation(self) -> TensorDerivation:
@@ -69,7 +76,9 @@ class TensorOp:
             self._module = import_module(self._path)
             return getattr(self._module, name)(*args)
 
-    def _bind(self, arrays: tuple[object, ...]) -> tuple[list[np.ndarray], dict[sp.Symbol, int], np.dtype]:
+    def _bind(
+        self, arrays: tuple[object, ...]
+    ) -> tuple[list[np.ndarray], dict[sp.Symbol, int], np.dtype]:
         n = len(self.input_names)
         if len(arrays) != n:
             raise ArgumentError(
@@ -82,8 +91,12 @@ class TensorOp:
         ]
         dtypes = {a.dtype for a in checked}
         if len(dtypes) > 1:
-            listing = ", ".join(f"{nm}: {a.dtype}" for nm, a in zip(self.input_names, checked, strict=True))
-            raise DTypeError(f"op {self.name!r}: inputs have different dtypes ({listing}); cast them to one")
+            listing = ", ".join(
+                f"{nm}: {a.dtype}" for nm, a in zip(self.input_names, checked, strict=True)
+            )
+            raise DTypeError(
+                f"op {self.name!r}: inputs have different dtypes ({listing}); cast them to one"
+            )
         sizes: dict[sp.Symbol, int] = {}
         where: dict[sp.Symbol, str] = {}
         deferred = []
@@ -137,7 +150,9 @@ class TensorOp:
         shape = self._out_shape(sizes)
         g = np.asarray(grad_output)
         if g.dtype.kind not in "iuf" or g.dtype == np.bool_:
-            raise DTypeError(f"op {self.name!r}: grad_output has dtype {g.dtype}; give a float array")
+            raise DTypeError(
+                f"op {self.name!r}: grad_output has dtype {g.dtype}; give a float array"
+            )
         if g.shape != shape:
             raise ShapeError(
                 f"op {self.name!r}: grad_output has shape {g.shape}, the output has shape {shape}"

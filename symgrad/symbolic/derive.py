@@ -61,23 +61,22 @@ class Derivation:
         return tuple(p.final for p in self.partials)
 
     def to_text(self) -> str:
-        """A plain-text (unicode) account of the derivation."""
-        lines = [f"op {self.name}({', '.join(s.name for s in self.inputs)})"]
-        if self.constants:
-            lines.append("  constants: " + ", ".join(f"{k} = {v!r}" for k, v in self.constants))
-        lines.append(f"  forward:        y = {sp.sstr(self.forward)}")
-        for rw in self.forward_rewrites:
-            lines.append(f"    [{rw.rule}] {sp.sstr(rw.before)}  →  {sp.sstr(rw.after)}")
-        lines.append(f"  stable forward: y = {sp.sstr(self.stable_forward)}")
-        for p in self.partials:
-            lines.append(f"  ∂y/∂{p.wrt.name}:")
-            lines.append(f"    diff:       {sp.sstr(p.raw)}")
-            lines.append(f"    simplified: {sp.sstr(p.simplified)}")
-            for rw in p.rewrites:
-                lines.append(f"    [{rw.rule}] {sp.sstr(rw.before)}  →  {sp.sstr(rw.after)}")
-            lines.append(f"    compiled:   {sp.sstr(p.final)}")
-            lines.append(f"  grad_{p.wrt.name} = grad_y · ∂y/∂{p.wrt.name}")
-        return "\n".join(lines)
+        """The derivation step by step, as unicode text (see :mod:`symgrad.explain`)."""
+        from ..explain import to_text  # the printouts are a later stage; import on use
+
+        return to_text(self)
+
+    def to_latex(self) -> str:
+        """The derivation step by step, as LaTeX (see :mod:`symgrad.explain`)."""
+        from ..explain import to_latex
+
+        return to_latex(self)
+
+    def to_markdown(self) -> str:
+        """The derivation step by step, as GitHub Markdown (see :mod:`symgrad.explain`)."""
+        from ..explain import to_markdown
+
+        return to_markdown(self)
 
     def __str__(self) -> str:
         return self.to_text()

@@ -63,8 +63,14 @@ class TensorSpec:
     @property
     def key(self) -> str:
         text = "|".join(
-            ["tensor", self.name, sp.srepr(self.expr), sp.srepr(self.out),
-             sp.srepr(tuple((b.label, b.shape) for b in self.inputs)), repr(self.constants)]
+            [
+                "tensor",
+                self.name,
+                sp.srepr(self.expr),
+                sp.srepr(self.out),
+                sp.srepr(tuple((b.label, b.shape) for b in self.inputs)),
+                repr(self.constants),
+            ]
         )
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -85,7 +91,8 @@ def index_sum(body: sp.Expr, *indices: sp.Symbol) -> sp.Expr:
         if index not in ranges:
             raise DefinitionError(
                 f"index_sum: index {index} does not index any tensor of shape-declared "
-                f"IndexedBase in {body}; give explicit bounds with sympy.Sum(body, ({index}, 0, n - 1))"
+                f"IndexedBase in {body}; give explicit bounds with "
+                f"sympy.Sum(body, ({index}, 0, n - 1))"
             )
         lo, hi = ranges[index]
         limits.append((index, lo, hi))
@@ -95,7 +102,8 @@ def index_sum(body: sp.Expr, *indices: sp.Symbol) -> sp.Expr:
 def _infer_ranges(expr: sp.Expr, op: str) -> dict[sp.Symbol, Range]:
     """The range of every index symbol used directly as a tensor subscript."""
     ranges: dict[sp.Symbol, Range] = {}
-    for access in expr.atoms(sp.Indexed):
+    seen_in: dict[sp.Symbol, sp.Indexed] = {}
+    for access in sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key):
         shape = access.base.shape
         if shape is None:
             raise DefinitionError(
@@ -112,10 +120,11 @@ def _infer_ranges(expr: sp.Expr, op: str) -> dict[sp.Symbol, Range]:
                 new = (sp.S.Zero, dim - 1)
                 if index in ranges and sp.simplify(ranges[index][1] - new[1]) != 0:
                     raise DefinitionError(
-                        f"op {op!r}: index {index} runs over dims {ranges[index][1] + 1} and "
-                        f"{dim} in different tensors; use separate indices"
+                        f"op {op!r}: index {index} runs over dim {ranges[index][1] + 1} in "
+                        f"{seen_in[index]} but over dim {dim} in {access}; use separate indices"
                     )
                 ranges.setdefault(index, new)
+                seen_in.setdefault(index, access)
     return ranges
 
 
@@ -130,7 +139,9 @@ def tensor_spec(
     name = check_name(name)
     formula = sp.sympify(expr)
     if not isinstance(formula, sp.Expr):
-        raise DefinitionError(f"op {name!r}: the formula must be a SymPy expression, got {formula!r}")
+        raise DefinitionError(
+            f"op {name!r}: the formula must be a SymPy expression, got {formula!r}"
+        )
     out = tuple(out)
     inputs = tuple(inputs)
     if not inputs:
@@ -158,13 +169,10 @@ def tensor_spec(
     unknown = sorted(used - set(labels))
     if unknown:
         raise UnboundSymbolError(
-            f"op {name!r}: tensor(s) {unknown} are used but not declared in inputs=[...] "
-            f"({labels})"
+            f"op {name!r}: tensor(s) {unknown} are used but not declared in inputs=[...] ({labels})"
         )
 
-    dims = sorted(
-        {s for b in inputs for d in b.shape for s in sp.sympify(d).free_symbols}, key=str
-    )
+    dims = sorted({s for b in inputs for d in b.shape for s in sp.sympify(d).free_symbols}, key=str)
     formula, bound = bind_constants(
         formula, constants, reserved=[*labels, *(str(i) for i in out), *(str(d) for d in dims)]
     )
@@ -186,8 +194,13 @@ def tensor_spec(
             "constants; sum over them, add them to out=(...), or bind them with constants={...}"
         )
     return TensorSpec(
-        name, formula, out, inputs, tuple(dims),
-        tuple((i, ranges[i]) for i in out), bound,
+        name,
+        formula,
+        out,
+        inputs,
+        tuple(dims),
+        tuple((i, ranges[i]) for i in out),
+        bound,
     )
 
 
@@ -198,7 +211,9 @@ def _same_range(a: Range, b: Range) -> bool:
     return sp.simplify(a[0] - b[0]) == 0 and sp.simplify(a[1] - b[1]) == 0
 
 
-def _contract_term(term: sp.Expr, var: sp.Symbol, rng: Range, ranges: dict[sp.Symbol, Range]) -> sp.Expr:
+def _contract_term(
+    term: sp.Expr, var: sp.Symbol, rng: Range, ranges: dict[sp.Symbol, Range]
+) -> sp.Expr:
     """``Σ_var term`` for one product ``term``: contract a delta, or pull out what is constant."""
     factors = sp.Mul.make_args(term)
     for f in factors:
@@ -218,11 +233,26 @@ def _contract_term(term: sp.Expr, var: sp.Symbol, rng: Range, ranges: dict[sp.Sy
     return sp.Mul(*outside) * sp.Sum(sp.Mul(*inside), (var, rng[0], rng[1]))
 
 
-def _terms(expr: sp.Expr) -> tuple[sp.Expr, ...]:
-    """Additive terms of ``expr`` with products distributed over sums (top level only)."""
-    expanded = sp.expand(expr, deep=False, power_exp=False, power_base=False, log=False,
-                         multinomial=False, basic=False)
-    return sp.Add.make_args(expanded)
+def _terms(expr: sp.Expr) -> list[sp.Expr]:
+    """Additive terms of ``expr``, distributing products over the sums that hold a delta.
+
+    Only a factor with a ``KroneckerDelta`` in it is multiplied out: the delta must stand
+    alone in a product to be contracted.  Every other factor keeps its form — expanding
+    ``g·w·(X - mean)`` into ``g·w·X - g·w·mean`` would turn layer norm's centered sums into
+    differences of large sums, which cancel catastrophically when the mean is large.
+    """
+    terms: list[sp.Expr] = []
+    for term in sp.Add.make_args(expr):
+        factors = sp.Mul.make_args(term)
+        for n, f in enumerate(factors):
+            if isinstance(f, sp.Add) and f.has(sp.KroneckerDelta):
+                rest = sp.Mul(*factors[:n], *factors[n + 1 :])
+                for part in f.args:
+                    terms.extend(_terms(rest * part))
+                break
+        else:
+            terms.append(term)
+    return terms
 
 
 def rename_bound(expr: sp.Expr) -> sp.Expr:
@@ -264,9 +294,13 @@ def contract(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range]) -> sp.Expr:
 
     def visit(node: sp.Basic) -> sp.Basic:
         if isinstance(node, sp.Sum):
+            # Every bound name is unique (rename_bound), so the ranges of this sum's indices
+            # can be known before its body is visited: a delta between an inner and an outer
+            # summation index (Σ_i Σ_j δ(i, j) f(i, j)) contracts too.
+            for var, lo, hi in node.limits:
+                known[var] = (lo, hi)
             body = visit(node.function)
             for var, lo, hi in node.limits:  # innermost first
-                known[var] = (lo, hi)
                 body = sp.Add(*[_contract_term(t, var, (lo, hi), known) for t in _terms(body)])
             return body
         if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase)):
@@ -278,7 +312,47 @@ def contract(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range]) -> sp.Expr:
     result = expr
     while result != previous:  # contracting can expose a delta to an outer sum
         previous, result = result, visit(result)
-    return result
+    return unify_bound(result)
+
+
+def unify_bound(expr: sp.Expr) -> sp.Expr:
+    """Write reductions that are equal up to the names of their indices as one expression.
+
+    Contraction copies a sum into several terms under different index names; made equal,
+    ``Σ_j1 X[b, j1] - Σ_j2 X[b, j2]`` cancels to 0 and printouts show each sum once.
+    """
+    seen: dict[sp.Basic, sp.Basic] = {}
+
+    def visit(node: sp.Basic) -> sp.Basic:
+        if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase, sp.Symbol)):
+            return node
+        args = [visit(a) for a in node.args]
+        node = node.func(*args) if args != list(node.args) else node
+        if isinstance(node, (sp.Sum, ReduceMax)):
+            canon = {
+                v: sp.Symbol(f"_bound{n}", integer=True) for n, (v, *_) in enumerate(node.limits)
+            }
+            return seen.setdefault(node.xreplace(canon), node)
+        return node
+
+    return visit(expr)
+
+
+def guard_deltas(expr: sp.Expr) -> tuple[sp.Expr, tuple[Rewrite, ...]]:
+    """Deltas that :func:`contract` must keep become ``Piecewise((1, Eq(a, b)), (0, True))``.
+
+    What is left is a delta between two free indices (``Y[i] = A[i, i]`` gives
+    ``grad_A[k0, k1] = δ(k0, k1)·grad_Y[k0]``) or one whose ranges differ; the compiled code
+    tests the indices for equality.
+    """
+    deltas = sorted(expr.atoms(sp.KroneckerDelta), key=sp.default_sort_key)
+    if not deltas:
+        return expr, ()
+    guards = {d: sp.Piecewise((sp.S.One, sp.Eq(*d.args)), (sp.S.Zero, True)) for d in deltas}
+    return expr.xreplace(guards), tuple(
+        Rewrite("delta_guard", "a delta that cannot be contracted is an index test", d, g)
+        for d, g in guards.items()
+    )
 
 
 # -- derivation ----------------------------------------------------------------------------
@@ -308,20 +382,22 @@ class TensorDerivation:
     partials: tuple[TensorPartial, ...]
 
     def to_text(self) -> str:
-        out = ", ".join(map(str, self.spec.out))
-        lines = [f"op {self.name}: Y[{out}] = {sp.sstr(self.spec.expr)}"]
-        for rw in self.forward_rewrites:
-            lines.append(f"    [{rw.rule}] {sp.sstr(rw.before)}  →  {sp.sstr(rw.after)}")
-        lines.append(f"  stable forward: Y[{out}] = {sp.sstr(self.stable_forward)}")
-        for p in self.partials:
-            idx = ", ".join(map(str, p.indices))
-            lines.append(f"  grad_{p.wrt}[{idx}]:")
-            lines.append(f"    chain rule: {sp.sstr(p.raw)}")
-            lines.append(f"    contracted: {sp.sstr(p.contracted)}")
-            for rw in p.rewrites:
-                lines.append(f"    [{rw.rule}] {sp.sstr(rw.before)}  →  {sp.sstr(rw.after)}")
-            lines.append(f"    compiled:   {sp.sstr(p.final)}")
-        return "\n".join(lines)
+        """The derivation step by step, as unicode text (see :mod:`symgrad.explain`)."""
+        from ..explain import to_text  # the printouts are a later stage; import on use
+
+        return to_text(self)
+
+    def to_latex(self) -> str:
+        """The derivation step by step, as LaTeX (see :mod:`symgrad.explain`)."""
+        from ..explain import to_latex
+
+        return to_latex(self)
+
+    def to_markdown(self) -> str:
+        """The derivation step by step, as GitHub Markdown (see :mod:`symgrad.explain`)."""
+        from ..explain import to_markdown
+
+        return to_markdown(self)
 
     def __str__(self) -> str:
         return self.to_text()
@@ -343,8 +419,14 @@ def _shift_logsumexp(expr: sp.Expr) -> tuple[sp.Expr, list[Rewrite]]:
         var, lo, hi = node.limits[0]
         m = ReduceMax(e.args[0], (var, lo, hi))
         new = sp.exp(m) * sp.Sum(sp.exp(e.args[0] - m) * rest, (var, lo, hi))
-        log.append(Rewrite(
-            "logsumexp_shift", "Σ exp(f)·h overflows for large f: shift by the max of f", node, new))
+        log.append(
+            Rewrite(
+                "logsumexp_shift",
+                "Σ exp(f)·h overflows for large f: shift by the max of f",
+                node,
+                new,
+            )
+        )
         return new
 
     shifted = expr.replace(lambda e: isinstance(e, sp.Sum), shift)  # type: ignore[arg-type]
@@ -385,19 +467,29 @@ def derive_tensor(spec: TensorSpec) -> TensorDerivation:
     forward = prepare(spec.expr)
     out_ranges = dict(spec.ranges)
     grad_output: sp.Expr = (
-        sp.IndexedBase("grad_out", shape=spec.out_shape) if spec.out
+        sp.IndexedBase("grad_out", shape=spec.out_shape)
+        if spec.out
         else sp.Symbol("grad_out", real=True)
     )
     partials = []
     for base in spec.inputs:
-        indices = tuple(sp.Symbol(f"k{n}_{base.label}", integer=True) for n in range(len(base.shape)))
-        ranges = {**out_ranges, **{k: (sp.S.Zero, d - 1) for k, d in zip(indices, base.shape, strict=True)}}
+        indices = tuple(
+            sp.Symbol(f"k{n}_{base.label}", integer=True) for n in range(len(base.shape))
+        )
+        ranges = {
+            **out_ranges,
+            **{k: (sp.S.Zero, d - 1) for k, d in zip(indices, base.shape, strict=True)},
+        }
         local = sp.diff(forward, base[indices] if indices else base)
         chain = (grad_output[spec.out] if spec.out else grad_output) * local
         raw = sp.Sum(chain, *[(i, *out_ranges[i]) for i in spec.out]) if spec.out else chain
         _check_numeric(spec, f"the derivative with respect to {base}", raw)
         contracted = contract(raw, ranges)
         final, rewrites = stabilize_tensor(contracted)
+        final, guards = guard_deltas(final)
+        rewrites += guards
         partials.append(TensorPartial(base, indices, raw, contracted, final, rewrites))
     stable_forward, forward_rewrites = stabilize_tensor(forward)
-    return TensorDerivation(spec.name, spec, grad_output, stable_forward, forward_rewrites, tuple(partials))
+    return TensorDerivation(
+        spec.name, spec, grad_output, stable_forward, forward_rewrites, tuple(partials)
+    )

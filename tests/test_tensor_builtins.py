@@ -1,0 +1,206 @@
+"""Every tensor built-in against torch.autograd: forward and every gradient torch computes.
+
+The table ``symgrad.TENSOR_BUILTINS`` drives everything: each entry's ``torch_ref`` is replayed
+in float64 torch on the same inputs, drawn from the entry's declared domains.  Tolerances:
+float64 relative 1e-10 (of the largest reference magnitude); float32 relative 2e-5 — its unit
+roundoff is 6e-8 and the kernels' row sums and GEMMs accumulate a few dozen roundings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sympy as sp
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import symgrad as sg
+
+torch.set_default_dtype(torch.float64)
+
+NAMES = sorted(sg.TENSOR_BUILTINS)
+RTOL = {np.float64: 1e-10, np.float32: 2e-5}
+#: A gradient that is exactly 0 (layer norm over one feature: the output is the constant bias)
+#: comes back from torch as the rounding noise of the terms it cancels; relative to itself any
+#: difference is 100%.  Such a reference — at most NOISE times the largest value of the whole
+#: VJP — is compared absolutely, at NOISE times that largest value.
+NOISE = {np.float64: 1e-12, np.float32: 1e-5}
+
+
+def _shape(base: sp.IndexedBase, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(
+        int(sp.sympify(d).subs({s: sizes[str(s)] for s in sp.sympify(d).free_symbols}))
+        for d in base.shape
+    )
+
+
+def _sample(kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if kind == "simplex":  # class probabilities: rows sum to 1
+        return rng.dirichlet(np.ones(shape[-1]), size=shape[:-1])
+    if kind == "mask":  # 0/1 rows with at least one 1
+        mask = (rng.uniform(size=shape) > 0.4).astype(np.float64)
+        mask[..., 0] = 1.0
+        return mask
+    return rng.normal(size=shape)
+
+
+def _inputs(name: str, sizes: dict[str, int], rng: np.random.Generator) -> list[np.ndarray]:
+    entry, op = sg.TENSOR_BUILTINS[name], sg.builtin(name)
+    return [
+        _sample(kind, _shape(base, sizes), rng)
+        for kind, base in zip(entry.domain, op.spec.inputs, strict=True)
+    ]
+
+
+def _torch(name: str, arrays: list[np.ndarray], grad_output: np.ndarray):
+    """torch's forward and gradients (None where torch has none) in float64."""
+    entry = sg.TENSOR_BUILTINS[name]
+    leaves = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays]
+    out = entry.torch_ref(torch, *leaves, **entry.params)
+    out.backward(torch.tensor(grad_output, dtype=torch.float64))
+    grads = [None if t.grad is None else t.grad.numpy() for t in leaves]
+    return out.detach().numpy(), grads
+
+
+def _magnitude(a: np.ndarray) -> float:
+    return float(np.max(np.abs(a), initial=0.0))
+
+
+def _assert_close(
+    got: np.ndarray, want: np.ndarray, rtol: float, what: str, noise: float = 0.0
+) -> None:
+    """``max|got - want| <= rtol * max|want|``, or ``<= noise`` if ``max|want| <= noise``."""
+    got = np.asarray(got, dtype=np.float64)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    assert np.all(np.isfinite(got)), f"{what}: not finite: {got}"
+    scale = _magnitude(want)
+    err = _magnitude(got - want)
+    bound = noise if scale <= noise else rtol * scale
+    assert err <= bound, f"{what}: max error {err:.3g}, reference magnitude {scale:.3g}"
+
+
+def check_against_torch(
+    name: str, arrays: list[np.ndarray], dtype=np.float64, rng: np.random.Generator | None = None
+) -> None:
+    """Forward and all VJPs of built-in ``name`` at ``arrays`` (cast to ``dtype``) vs torch."""
+    rng = rng or np.random.default_rng(0)
+    op = sg.builtin(name)
+    cast = [np.asarray(a, dtype=dtype) for a in arrays]
+    y = op(*cast)
+    assert y.dtype == dtype
+    grad_output = rng.normal(size=y.shape).astype(dtype)
+    # torch sees the same (rounded) numbers, in float64: the reference is the exact math
+    want_y, want_grads = _torch(
+        name, [a.astype(np.float64) for a in cast], grad_output.astype(np.float64)
+    )
+    rtol = RTOL[dtype]
+    largest = max(_magnitude(w) for w in [want_y, *want_grads] if w is not None)
+    noise = NOISE[dtype] * largest
+    _assert_close(y, want_y, rtol, f"{name} forward", noise)
+    grads = op.vjp(*cast, grad_output)
+    assert len(grads) == len(cast)
+    compared = 0
+    for base, a, g, want in zip(op.spec.inputs, cast, grads, want_grads, strict=True):
+        assert g.shape == a.shape and g.dtype == dtype
+        if want is not None:
+            _assert_close(g, want, rtol, f"{name} grad_{base.label}", noise)
+            compared += 1
+    assert compared >= 1
+
+
+SHAPES = [
+    {"B": 3, "N": 7, "M": 4, "S": 5, "H": 2},
+    {"B": 1, "N": 1, "M": 1, "S": 1, "H": 1},
+    {"B": 1, "N": 6, "M": 3, "S": 4, "H": 3},
+    {"B": 5, "N": 1, "M": 2, "S": 1, "H": 1},
+    {"B": 2, "N": 3, "M": 1, "S": 3, "H": 4},
+]
+
+
+@pytest.mark.parametrize("sizes", SHAPES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+@pytest.mark.parametrize("name", NAMES)
+def test_builtin_matches_torch_float64(name, sizes):
+    rng = np.random.default_rng([NAMES.index(name), SHAPES.index(sizes)])
+    check_against_torch(name, _inputs(name, sizes, rng), np.float64, rng)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_builtin_matches_torch_float32(name):
+    rng = np.random.default_rng(3)
+    sizes = {"B": 4, "N": 9, "M": 5, "S": 6, "H": 3}
+    check_against_torch(name, _inputs(name, sizes, rng), np.float32, rng)
+
+
+@given(
+    name=st.sampled_from(NAMES),
+    dims=st.fixed_dictionaries({k: st.integers(1, 6) for k in ("B", "N", "M", "S", "H")}),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_builtin_matches_torch_over_dims(name, dims, seed):
+    rng = np.random.default_rng(seed)
+    check_against_torch(name, _inputs(name, dims, rng), np.float64, rng)
+
+
+# -- edges ----------------------------------------------------------------------------------
+
+SOFTMAX_FAMILY = ["softmax", "log_softmax", "logsumexp", "softmax_cross_entropy"]
+
+
+def _extreme_logits(big: float) -> np.ndarray:
+    return np.array(
+        [
+            [big, big, big, big, big],  # all huge: exp overflows without the max shift
+            [-big, -big, -big, -big, -big],  # all tiny: the sum underflows to 0
+            [big, -big, big, -big, 0.0],
+            [-big, -big, -big, -big, big],  # one dominant class
+            [big, big - 1.0, big - 2.0, -big, 0.5],
+        ]
+    )
+
+
+@pytest.mark.parametrize("dtype, big", [(np.float64, 1e3), (np.float32, 1e2)])
+@pytest.mark.parametrize("name", SOFTMAX_FAMILY)
+def test_softmax_family_at_extreme_logits(name, dtype, big):
+    """No NaN or inf at |logit| = 1e3 (float64) / 1e2 (float32), and agreement with torch."""
+    rng = np.random.default_rng(11)
+    logits = _extreme_logits(big)
+    arrays = [logits]
+    if name == "softmax_cross_entropy":
+        target = rng.dirichlet(np.ones(5), size=5)
+        target[3] = np.eye(5)[0]  # one-hot on a class with probability e^-2000
+        arrays.append(target)
+    check_against_torch(name, arrays, dtype, rng)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_layer_norm_on_a_constant_row(dtype):
+    """Variance 0: 1/sqrt(eps) is large but finite, as in torch."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(4, 6))
+    x[0] = 2.5
+    x[2] = 0.0
+    w, b = rng.normal(size=6), rng.normal(size=6)
+    check_against_torch("layer_norm", [x, w, b], dtype, rng)
+
+
+@pytest.mark.parametrize("dtype, offset", [(np.float64, 1e5), (np.float32, 1e3)])
+def test_layer_norm_on_rows_with_a_large_mean(dtype, offset):
+    """The gradients keep ``x - mean`` together: expanding Σ g·(x − mean) into Σ g·x − mean·Σ g
+    cancels catastrophically (the weight gradient was 1% off in float32 at offset 1e3)."""
+    rng = np.random.default_rng(6)
+    x = offset + rng.normal(size=(8, 16))
+    w, b = rng.normal(size=16), rng.normal(size=16)
+    check_against_torch("layer_norm", [x, w, b], dtype, rng)
+
+
+def test_builtin_parameters_reach_the_kernel():
+    """layer_norm(eps=0.5) differs from the default and matches torch with eps=0.5."""
+    rng = np.random.default_rng(8)
+    x, w, b = rng.normal(size=(3, 4)), rng.normal(size=4), rng.normal(size=4)
+    y = sg.builtin("layer_norm", eps=0.5)(x, w, b)
+    want = torch.nn.functional.layer_norm(
+        torch.tensor(x), (4,), torch.tensor(w), torch.tensor(b), 0.5
+    ).numpy()
+    _assert_close(y, want, 1e-10, "layer_norm eps=0.5")
+    assert np.max(np.abs(y - sg.builtin("layer_norm")(x, w, b))) > 1e-3
