@@ -14,6 +14,7 @@ from ._version import __version__
 from .api import builtin, elementwise, tensor_op
 from .builtins import BUILTINS, TENSOR_BUILTINS
 from .errors import SymgradError
+from .functional import grad, hessian, hvp, jvp, vjp
 from .symbolic.index import index_sum
 
 __all__ = [
@@ -23,6 +24,11 @@ __all__ = [
     "__version__",
     "builtin",
     "elementwise",
+    "grad",
+    "hessian",
+    "hvp",
     "index_sum",
+    "jvp",
     "tensor_op",
+    "vjp",
 ]

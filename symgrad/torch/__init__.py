@@ -1,9 +1,13 @@
 """PyTorch interop: the only part of symgrad that imports torch.
 
-:func:`to_torch` builds the torch twin of a symgrad ``Sequential`` (same layers, weights and
-dtype); :func:`twin_loss` and :func:`twin_optimizer` map losses and optimizers with their
-hyperparameters; :func:`run_twin` trains the twin on exactly the batches
-:func:`symgrad.train.fit` uses.
+* :func:`function` (a ``torch.autograd.Function`` running an op's compiled kernels, double
+  backward included) and :class:`Module` (an op with trainable parameters as a torch layer) —
+  in :mod:`symgrad.torch.function`;
+* :func:`to_torch` / :func:`from_torch` — a symgrad ``Sequential`` to a torch one and back,
+  weights copied — in :mod:`symgrad.torch.exchange`;
+* the twin helpers here: :func:`twin_loss` and :func:`twin_optimizer` map losses and optimizers
+  with their hyperparameters; :func:`run_twin` trains the twin on exactly the batches
+  :func:`symgrad.train.fit` uses.
 """
 
 from __future__ import annotations
@@ -17,47 +21,20 @@ import torch
 from .. import nn, optim
 from ..errors import SymgradError
 from ..train import batch_order
+from .exchange import from_torch, to_torch
+from .function import Module, function
 
-_ACTIVATIONS: dict[type, Any] = {
-    nn.Tanh: lambda m, c: torch.nn.Tanh(),
-    nn.Sigmoid: lambda m, c: torch.nn.Sigmoid(),
-    nn.ReLU: lambda m, c: torch.nn.ReLU(),
-    nn.LeakyReLU: lambda m, c: torch.nn.LeakyReLU(c["negative_slope"]),
-    nn.ELU: lambda m, c: torch.nn.ELU(c["alpha"]),
-    nn.GELU: lambda m, c: torch.nn.GELU(),
-    nn.SiLU: lambda m, c: torch.nn.SiLU(),
-    nn.Softplus: lambda m, c: torch.nn.Softplus(c["beta"], c["threshold"]),
-    nn.Softsign: lambda m, c: torch.nn.Softsign(),
-    nn.Hardtanh: lambda m, c: torch.nn.Hardtanh(c["min_val"], c["max_val"]),
-}
-
-
-def _torch_dtype(model: nn.Module) -> torch.dtype:
-    params = model.parameters()
-    kind = params[0].data.dtype if params else np.dtype(np.float64)
-    return torch.float64 if kind == np.float64 else torch.float32
-
-
-def to_torch(model: nn.Sequential) -> torch.nn.Sequential:
-    """The torch ``nn.Sequential`` twin of ``model``, with copies of its weights."""
-    layers: list[torch.nn.Module] = []
-    for name, m in model.children():
-        if isinstance(m, nn.Linear):
-            layers.append(torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None))
-        elif isinstance(m, nn.LayerNorm):
-            layers.append(torch.nn.LayerNorm(m.normalized_shape, eps=m.eps))
-        elif isinstance(m, nn.Elementwise) and type(m) in _ACTIVATIONS:
-            layers.append(_ACTIVATIONS[type(m)](m, dict(m.op.spec.constants)))
-        else:
-            raise SymgradError(
-                f"layer {name} ({type(m).__name__}) has no torch twin; supported: Linear, "
-                f"LayerNorm, {', '.join(sorted(t.__name__ for t in _ACTIVATIONS))}"
-            )
-    twin = torch.nn.Sequential(*layers).to(_torch_dtype(model))
-    twin.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()})
-    for (_, p), (_, tp) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
-        tp.requires_grad_(p.requires_grad)
-    return twin
+__all__ = [
+    "Module",
+    "from_torch",
+    "function",
+    "reference_value_and_grads",
+    "run_twin",
+    "state_dict_numpy",
+    "to_torch",
+    "twin_loss",
+    "twin_optimizer",
+]
 
 
 def twin_loss(loss: nn.Loss) -> torch.nn.Module:
