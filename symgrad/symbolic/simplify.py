@@ -35,9 +35,18 @@ def _budget_from_env() -> float:
         return DEFAULT_BUDGET
 
 
+#: Seconds between repeated alarms once the budget is spent (see :func:`_deadline`).
+_RETRY_SECONDS = 0.05
+
+
 @contextmanager
 def _deadline(seconds: float) -> Iterator[bool]:
-    """Raise :class:`_OutOfTime` inside the block after ``seconds``; yields whether it can."""
+    """Abandon the block after ``seconds``; yields whether a timer could be set.
+
+    The alarm raises :class:`_OutOfTime` inside the block, which this context suppresses.  It
+    repeats every :data:`_RETRY_SECONDS`: an alarm that lands where Python swallows exceptions
+    (a ``gc`` callback, a ``__del__``) would otherwise leave the block running unbounded.
+    """
     can_time = (
         seconds > 0
         and hasattr(signal, "setitimer")
@@ -46,14 +55,21 @@ def _deadline(seconds: float) -> Iterator[bool]:
     if not can_time:
         yield False
         return
+    armed = True
 
     def on_alarm(signum: int, frame: object) -> None:
-        raise _OutOfTime
+        if armed:
+            raise _OutOfTime
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, _RETRY_SECONDS)
     try:
-        yield True
+        try:
+            yield True
+        finally:
+            armed = False  # a repeated alarm landing before this line is caught below
+    except _OutOfTime:
+        pass
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -89,8 +105,5 @@ def bounded_simplify(expr: sp.Expr, budget: float | None = None) -> sp.Expr:
             continue  # a rung that does not apply to this expression
     with _deadline(budget) as timed:
         if timed:
-            try:
-                consider(sp.simplify(best))
-            except _OutOfTime:
-                pass
+            consider(sp.simplify(best))
     return best
