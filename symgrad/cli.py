@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="pre-train on MNIST, fine-tune on sklearn digits, side by side with PyTorch",
         description="Pre-train a 64-128-64-10 tanh MLP on 5,000 MNIST digits (8x8), replace "
-        "its head, fine-tune on k labelled sklearn digits per class, compare with training "
-        "from scratch; a PyTorch twin runs every phase from the same weights and batches.",
+        "its head, fine-tune on k labelled sklearn digits per class (and, separately, with the "
+        "pretrained head kept), compare with training from scratch; a PyTorch twin runs every "
+        "phase from the same weights and batches.",
     )
     ft.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     ft.add_argument("--seed", type=int, default=0)

@@ -496,6 +496,7 @@ def test_broadcasting_sums_gradients_back(name, shapes):
     check_against_torch(name, {}, arrays, rng.normal(size=out_shape), F64, f"{name} {shapes}")
     _, grads = get_op(name, {}).value_and_vjp(*arrays, grad_output=1.0, reduction="sum")
     assert [gr.shape for gr in grads] == [tuple(s) for s in shapes]
+    assert all(isinstance(gr, np.ndarray) for gr in grads)  # 0-d too, not a NumPy scalar
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -185,10 +185,14 @@ def test_state_dict_round_trip_with_torch_sequential():
     assert list(model.state_dict()) == list(twin.state_dict())
     model.load_state_dict(twin.state_dict())  # torch → symgrad
     x = rng.normal(size=(3, 4))
-    np.testing.assert_allclose(model(x), twin(torch.from_numpy(x)).detach().numpy(), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(
+        model(x), twin(torch.from_numpy(x)).detach().numpy(), rtol=1e-12, atol=1e-13
+    )
     model[0].weight.data += 1.0
     twin.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})  # back
-    np.testing.assert_allclose(model(x), twin(torch.from_numpy(x)).detach().numpy(), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(
+        model(x), twin(torch.from_numpy(x)).detach().numpy(), rtol=1e-12, atol=1e-13
+    )
 
 
 def test_load_state_dict_checks_names_and_shapes_before_writing():

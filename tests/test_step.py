@@ -1,4 +1,4 @@
-"""The fused training step equals the layer-by-layer path (float64), and rejects what it can't do."""
+"""The fused training step equals the layer-by-layer path (float64), and rejects bad input."""
 
 import numpy as np
 import pytest
@@ -82,7 +82,8 @@ def test_fused_step_source_has_no_python_between_layers():
     rng = np.random.default_rng(2)
     step(rng.normal(size=(4, 6)), rng.integers(0, 3, 4))
     source = step._fn.py_func.__code__.co_filename
-    text = open(source).read()
+    with open(source) as handle:
+        text = handle.read()
     assert text.count("@njit") == 1 + text.count("def _sg_")  # one step function (+ math helpers)
     assert "lin0_forward(" in text and "lin4_vjp(" in text and "loss_vjp(" in text
 

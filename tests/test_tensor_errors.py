@@ -166,6 +166,22 @@ def test_repeated_output_index_and_input_names():
         sg.tensor_op(X[b, j], out=(b, j), inputs=[X, X], name="twice_in")
 
 
+@pytest.mark.parametrize("label", ["grad_out", "out", "np", "math", "_hidden", "grad_Y"])
+def test_names_the_generated_kernels_use_are_rejected(label):
+    """A tensor named like a variable of the generated source would break it (or, as
+    ``grad_Y`` next to an input ``Y``, alias the gradient array): it is refused by name."""
+    T = sp.IndexedBase(label, shape=(N,))
+    Y = sp.IndexedBase("Y", shape=(N,))
+    with pytest.raises(DefinitionError, match=rf"the name '{label}' cannot be used"):
+        sg.tensor_op(2 * T[j] * Y[j], out=(j,), inputs=[T, Y], name="reserved")
+
+
+def test_an_index_named_like_a_module_is_rejected():
+    np_index = sp.Symbol("np", integer=True)
+    with pytest.raises(DefinitionError, match=r"the name 'np' cannot be used"):
+        sg.tensor_op(X[np_index, j], out=(np_index, j), inputs=[X], name="np_index")
+
+
 def test_input_that_is_not_an_indexed_base():
     x = sp.Symbol("x", real=True)
     with pytest.raises(DefinitionError, match=r"input x is not a sympy.IndexedBase"):

@@ -148,6 +148,28 @@ def test_batched_attention_scores():
     _check(scores, arrays, lambda q, k: q @ k.transpose(1, 2) / 2.0, rng)
 
 
+def test_user_indices_named_like_generated_ones_are_not_captured():
+    """The VJP's own indices are ``k0_X, k1_X``; a user index of that name, and a free
+    ``j_1`` next to a bound ``j`` (bound indices are renamed ``j_1, j_2...``), must not be
+    confused with them."""
+    k0_X, j_1 = sp.symbols("k0_X j_1", integer=True)
+    rng = np.random.default_rng(7)
+    matvec = sg.tensor_op(
+        sp.Sum(X[b, k0_X] * w[k0_X], (k0_X, 0, N - 1)),
+        out=(b,),
+        inputs=[X, w],
+        name="matvec_k0_X",
+    )
+    _check(matvec, [rng.normal(size=(3, 4)), rng.normal(size=(4,))], lambda x, v: x @ v, rng)
+    trace_rows = sg.tensor_op(
+        sp.Sum(A[j_1, j] * A[j, j_1], (j, 0, N - 1)),
+        out=(j_1,),
+        inputs=[A],
+        name="row_trace_j_1",
+    )
+    _check(trace_rows, [rng.normal(size=(4, 4))], lambda a: torch.diagonal(a @ a), rng)
+
+
 def test_constants_and_a_scalar_output():
     alpha = sp.Symbol("alpha", positive=True)
     penalty = sg.tensor_op(

@@ -173,7 +173,8 @@ def test_finetune_task_agrees_with_torch(dtype, tolerance):
     report = finetune.run(cfg)
     assert report["max_loss_rel_diff"] <= tolerance
     assert report["max_param_rel_diff"] <= tolerance
-    assert {p["name"] for p in report["phases"]} == {"pretrain", "finetune", "scratch"}
+    names = {p["name"] for p in report["phases"]}
+    assert names == {"pretrain", "finetune", "kept_head", "scratch"}
     assert abs(report["symgrad_accuracy"] - report["torch_accuracy"]) < 0.01
 
 
@@ -201,6 +202,7 @@ def test_finetune_cli_writes_report_and_png(tmp_path, capsys):
         "max_param_rel_diff",
         "symgrad_accuracy",
         "torch_accuracy",
+        "kept_head_accuracy",
         "scratch_accuracy",
     ):
         assert key in report

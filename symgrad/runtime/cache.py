@@ -15,6 +15,7 @@ at once both succeed.  The directory is ``$SYMGRAD_CACHE_DIR`` if set, else
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -65,8 +66,13 @@ def toolchain_fingerprint() -> str:
     import sympy
 
     digest = hashlib.sha256()
-    for part in (__version__, sympy.__version__, numpy.__version__, numba.__version__,
-                 llvmlite.__version__):
+    for part in (
+        __version__,
+        sympy.__version__,
+        numpy.__version__,
+        numba.__version__,
+        llvmlite.__version__,
+    ):
         digest.update(part.encode() + b"\0")
     for file in sorted(_PACKAGE_ROOT.rglob("*.py")):
         digest.update(file.relative_to(_PACKAGE_ROOT).as_posix().encode() + b"\0")
@@ -125,10 +131,8 @@ def purge_compiled(path: Path) -> None:
     pycache = path.parent / "__pycache__"
     if pycache.is_dir():
         for item in pycache.glob(f"{path.stem}.*"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 item.unlink()
-            except FileNotFoundError:
-                pass
 
 
 def import_module(path: Path) -> ModuleType:

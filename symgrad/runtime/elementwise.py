@@ -42,7 +42,7 @@ def _unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     axes = tuple(range(lead)) + tuple(
         lead + k for k, n in enumerate(shape) if n == 1 and grad.shape[lead + k] != 1
     )
-    return grad.sum(axis=axes).reshape(shape)
+    return np.asarray(grad.sum(axis=axes)).reshape(shape)  # an array even when 0-d
 
 
 class ElementwiseOp:
@@ -76,7 +76,9 @@ class ElementwiseOp:
         """The generated Numba source of this op's kernels."""
         text = verified_text(self._path)
         if text is None:
-            raise FileNotFoundError(f"the kernel source of {self.name!r} vanished from {self._path}")
+            raise FileNotFoundError(
+                f"the kernel source of {self.name!r} vanished from {self._path}"
+            )
         return text
 
     def derivation(self) -> Derivation:
@@ -108,7 +110,9 @@ class ElementwiseOp:
             self._module = None
             return self._kernel(name)(*args)
 
-    def _inputs(self, arrays: tuple[object, ...]) -> tuple[list[np.ndarray], tuple[int, ...], np.dtype]:
+    def _inputs(
+        self, arrays: tuple[object, ...]
+    ) -> tuple[list[np.ndarray], tuple[int, ...], np.dtype]:
         n = len(self.input_names)
         if len(arrays) != n:
             raise ArgumentError(
@@ -121,7 +125,8 @@ class ElementwiseOp:
         dtypes = {a.dtype for a in given if isinstance(a, np.ndarray)}
         if len(dtypes) > 1:
             listing = ", ".join(
-                f"{nm}: {a.dtype}" for nm, a in zip(self.input_names, given, strict=True)
+                f"{nm}: {a.dtype}"
+                for nm, a in zip(self.input_names, given, strict=True)
                 if isinstance(a, np.ndarray)
             )
             raise DTypeError(
@@ -154,7 +159,9 @@ class ElementwiseOp:
     def _flat(arrays: list[np.ndarray], shape: tuple[int, ...]) -> list[np.ndarray]:
         return [np.ascontiguousarray(np.broadcast_to(a, shape)).reshape(-1) for a in arrays]
 
-    def _cotangent(self, grad_output: object, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, int]:
+    def _cotangent(
+        self, grad_output: object, shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[np.ndarray, int]:
         g = np.asarray(grad_output)
         if g.dtype.kind not in "iuf" or g.dtype == np.bool_:
             raise DTypeError(

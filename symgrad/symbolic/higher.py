@@ -120,8 +120,10 @@ def tensor_vjp_dot(derivation: TensorDerivation) -> TensorFormula:
     spec = derivation.spec
     labels = [str(b.label) for b in spec.inputs]
     grad_out = derivation.grad_output
-    grad_y = sp.IndexedBase(fresh_name("grad_y", labels), shape=spec.out_shape or (1,))
-    taken = [*labels, str(grad_y.label)]
+    # not the name of an input's gradient array (``grad_<input>``) either
+    taken = [*labels, *(f"grad_{label}" for label in labels)]
+    grad_y = sp.IndexedBase(fresh_name("grad_y", taken), shape=spec.out_shape or (1,))
+    taken.append(str(grad_y.label))
     if isinstance(grad_out, sp.IndexedBase):
         to_grad_y: dict[sp.Basic, sp.Basic] = {grad_out: grad_y}
     else:  # a scalar output's cotangent is a symbol; it becomes grad_y[0]
@@ -184,7 +186,8 @@ def tensor_jvp(spec: TensorSpec) -> TensorFormula:
 
     forward = without_kinks(prepare(spec.expr))
     moved = forward.replace(
-        lambda e: isinstance(e, sp.Indexed) and e.base in tangents, move  # type: ignore[arg-type]
+        lambda e: isinstance(e, sp.Indexed) and e.base in tangents,
+        move,  # type: ignore[arg-type]
     )
     jvp = sp.diff(moved, eps).xreplace({eps: sp.S.Zero})
     _check_numeric(spec.name, "the JVP", jvp)

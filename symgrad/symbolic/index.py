@@ -16,6 +16,7 @@ leaves ``Piecewise`` range guards.
 from __future__ import annotations
 
 import hashlib
+import keyword
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -128,6 +129,54 @@ def _infer_ranges(expr: sp.Expr, op: str) -> dict[sp.Symbol, Range]:
     return ranges
 
 
+#: Names the generated kernels use for themselves: the modules, the output and cotangent
+#: arrays. Generated temporaries start with ``_``; the gradient of input ``X`` is ``grad_X``.
+_GENERATED_NAMES = frozenset({"math", "np", "njit", "prange", "out", "grad_out"})
+
+
+def _check_generated_names(
+    op: str,
+    formula: sp.Expr,
+    inputs: tuple[sp.IndexedBase, ...],
+    out: tuple[sp.Symbol, ...],
+    dims: list[sp.Symbol],
+) -> None:
+    """Tensor, dim and index names become variables of the generated source: reject the ones
+    that are not identifiers or that the generated code uses itself."""
+    labels = {str(b.label) for b in inputs}
+    gradients = {f"grad_{label}" for label in labels}
+    names = labels | {str(s) for s in (*out, *dims)} | {s.name for s in formula.atoms(sp.Symbol)}
+    for n in sorted(names):
+        if (
+            not n.isidentifier()
+            or keyword.iskeyword(n)
+            or n in _GENERATED_NAMES
+            or n in gradients
+            or n.startswith("_")
+        ):
+            raise DefinitionError(
+                f"op {op!r}: the name {n!r} cannot be used for a tensor, dim or index: names must "
+                "be Python identifiers, not keywords, not start with '_', not be 'grad_' + an "
+                f"input's name, and not be one of {sorted(_GENERATED_NAMES)} (the generated "
+                "kernels use those); rename it"
+            )
+
+
+def _fresh_indices(base: sp.IndexedBase, taken: set[str]) -> tuple[sp.Symbol, ...]:
+    """Summation-free indices ``k0_X, k1_X...`` over ``base``'s axes, renamed (``k0_X_1``...)
+    when the formula already uses the name."""
+    indices = []
+    for n in range(len(base.shape)):
+        name = f"k{n}_{base.label}"
+        suffix = 0
+        while name in taken:
+            suffix += 1
+            name = f"k{n}_{base.label}_{suffix}"
+        taken.add(name)
+        indices.append(sp.Symbol(name, integer=True))
+    return tuple(indices)
+
+
 def tensor_spec(
     expr: object,
     out: Iterable[sp.Symbol],
@@ -176,6 +225,7 @@ def tensor_spec(
     formula, bound = bind_constants(
         formula, constants, reserved=[*labels, *(str(i) for i in out), *(str(d) for d in dims)]
     )
+    _check_generated_names(name, formula, inputs, out, dims)
     ranges = _infer_ranges(formula, name)
     for index in out:
         if index not in ranges:
@@ -262,6 +312,7 @@ def rename_bound(expr: sp.Expr) -> sp.Expr:
     that also sums over ``j``); contraction substitutes indices, so names must not collide.
     """
     counter = [0]
+    taken = {s.name for s in expr.atoms(sp.Symbol)}  # a free ``j_1`` must not be captured
 
     def visit(node: sp.Basic) -> sp.Basic:
         if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase, sp.Symbol)):
@@ -271,9 +322,14 @@ def rename_bound(expr: sp.Expr) -> sp.Expr:
             body = args[0]
             limits = []
             for var, lo, hi in node.limits:
-                counter[0] += 1
-                name = str(var).split("_")[0] if "_" in str(var) else str(var)
-                fresh = sp.Symbol(f"{name}_{counter[0]}", integer=True)
+                stem = str(var).split("_")[0] or str(var)
+                while True:
+                    counter[0] += 1
+                    name = f"{stem}_{counter[0]}"
+                    if name not in taken:
+                        break
+                taken.add(name)
+                fresh = sp.Symbol(name, integer=True)
                 body = body.xreplace({var: fresh})
                 limits.append((fresh, lo, hi))
             return type(node)(body, *limits)
@@ -472,10 +528,9 @@ def derive_tensor(spec: TensorSpec) -> TensorDerivation:
         else sp.Symbol("grad_out", real=True)
     )
     partials = []
+    taken = {s.name for s in spec.expr.atoms(sp.Symbol)} | {str(d) for d in spec.dims}
     for base in spec.inputs:
-        indices = tuple(
-            sp.Symbol(f"k{n}_{base.label}", integer=True) for n in range(len(base.shape))
-        )
+        indices = _fresh_indices(base, taken)
         ranges = {
             **out_ranges,
             **{k: (sp.S.Zero, d - 1) for k, d in zip(indices, base.shape, strict=True)},

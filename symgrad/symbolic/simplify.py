@@ -21,7 +21,7 @@ import sympy as sp
 DEFAULT_BUDGET = 2.0
 
 
-class _OutOfTime(Exception):
+class _OutOfTimeError(Exception):
     pass
 
 
@@ -43,7 +43,7 @@ _RETRY_SECONDS = 0.05
 def _deadline(seconds: float) -> Iterator[bool]:
     """Abandon the block after ``seconds``; yields whether a timer could be set.
 
-    The alarm raises :class:`_OutOfTime` inside the block, which this context suppresses.  It
+    The alarm raises :class:`_OutOfTimeError` inside the block, which this context suppresses.  It
     repeats every :data:`_RETRY_SECONDS`: an alarm that lands where Python swallows exceptions
     (a ``gc`` callback, a ``__del__``) would otherwise leave the block running unbounded.
     """
@@ -59,7 +59,7 @@ def _deadline(seconds: float) -> Iterator[bool]:
 
     def on_alarm(signum: int, frame: object) -> None:
         if armed:
-            raise _OutOfTime
+            raise _OutOfTimeError
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds, _RETRY_SECONDS)
@@ -68,7 +68,7 @@ def _deadline(seconds: float) -> Iterator[bool]:
             yield True
         finally:
             armed = False  # a repeated alarm landing before this line is caught below
-    except _OutOfTime:
+    except _OutOfTimeError:
         pass
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

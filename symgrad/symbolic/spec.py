@@ -116,7 +116,9 @@ def elementwise_spec(
     try:
         formula = sp.sympify(expr, strict=True)
     except (sp.SympifyError, TypeError) as err:
-        raise DefinitionError(f"op {name!r}: the formula {expr!r} is not a SymPy expression") from err
+        raise DefinitionError(
+            f"op {name!r}: the formula {expr!r} is not a SymPy expression"
+        ) from err
     if not isinstance(formula, sp.Expr) or isinstance(formula, sp.Indexed):
         raise DefinitionError(
             f"op {name!r}: the formula must be a scalar SymPy expression, got "

@@ -152,11 +152,23 @@ def _log1p(node: sp.Expr) -> sp.Expr | None:
 Rule = Callable[[sp.Expr], "sp.Expr | None"]
 
 RULES: tuple[tuple[str, str, Rule], ...] = (
-    ("sigmoid", "exp(a)/(1+exp(a)) overflows for large |a|: evaluate σ by sign", _sigmoid_from_ratio),
-    ("softplus", "log(1+exp(a)) overflows for large a: max(a,0) + log1p(exp(-|a|))", _softplus_from_log),
+    (
+        "sigmoid",
+        "exp(a)/(1+exp(a)) overflows for large |a|: evaluate σ by sign",
+        _sigmoid_from_ratio,
+    ),
+    (
+        "softplus",
+        "log(1+exp(a)) overflows for large a: max(a,0) + log1p(exp(-|a|))",
+        _softplus_from_log,
+    ),
     ("log_sigmoid", "log(σ(a)) is -inf once σ(a) underflows: -softplus(-a)", _log_sigmoid),
     ("one_minus_sigmoid", "1 - σ(a) cancels all digits when σ(a) ≈ 1: σ(-a)", _one_minus_sigmoid),
-    ("softplus_shift", "softplus(a) - a cancels for large a: softplus(-a)", _softplus_minus_argument),
+    (
+        "softplus_shift",
+        "softplus(a) - a cancels for large a: softplus(-a)",
+        _softplus_minus_argument,
+    ),
     ("expm1", "exp(a) - 1 loses digits near a = 0: expm1(a)", _expm1),
     ("log1p", "log(1 + u) loses digits near u = 0: log1p(u)", _log1p),
 )
@@ -214,5 +226,6 @@ def canonicalize(expr: sp.Expr) -> sp.Expr:
         return softplus(-a) + a
 
     return expr.replace(
-        lambda e: isinstance(e, (sigmoid, softplus)), flip  # type: ignore[arg-type]
+        lambda e: isinstance(e, (sigmoid, softplus)),
+        flip,  # type: ignore[arg-type]
     )
