@@ -98,12 +98,19 @@ def _build(
     return path, derivation
 
 
+def _without_deltas(expr: sp.Expr) -> sp.Expr:
+    """``expr`` for the support check: a Kronecker delta in a tensor formula is lowered (a
+    scatter-add, or an index test), not printed as a function."""
+    return expr.xreplace(dict.fromkeys(expr.atoms(sp.KroneckerDelta), sp.S.One))
+
+
 def tensor_op(
     expr: sp.Expr,
     out: Iterable[sp.Symbol],
     inputs: Iterable[sp.IndexedBase],
     name: str,
     constants: Mapping[sp.Symbol | str, object] | None = None,
+    wrt: Iterable[sp.IndexedBase] | None = None,
 ) -> TensorOp:
     """Compile a tensor formula in index notation into an op with derived VJPs.
 
@@ -114,6 +121,13 @@ def tensor_op(
         inputs: the input tensors, in call order.
         name: a Python identifier naming the op.
         constants: values for other free symbols (e.g. ``{eps: 1e-5}``).
+        wrt: the inputs that get a gradient (default: all but integer tensors); ``op.vjp``
+            returns ``None`` for the others.
+
+    An input declared ``IndexedBase("ids", shape=(B, T), integer=True)`` is an integer tensor:
+    token ids or labels that subscript other tensors (``E[ids[b, t], d]``, a gather).  Its
+    arrays must hold integers within the axis they index; it has no gradient, and the
+    gradient of the gathered tensor comes out of the index calculus as a scatter-add.
 
     >>> import numpy as np, sympy as sp, symgrad as sg
     >>> b, i, j = sp.symbols("b i j", integer=True)
@@ -126,15 +140,15 @@ def tensor_op(
     array([[ 3., 12., 21., 30.],
            [ 3., 12., 21., 30.]])
     """
-    spec = tensor_spec(expr, out, inputs, name, constants)
+    spec = tensor_spec(expr, out, inputs, name, constants, wrt)
     if spec.key in _OPS:
         return _OPS[spec.key]  # type: ignore[return-value]
-    check_supported(spec.expr, spec.name)
+    check_supported(_without_deltas(spec.expr), spec.name)
 
     def derive() -> TensorDerivation:
         derivation = derive_tensor(spec)
         for p in derivation.partials:
-            check_supported(p.final, spec.name, f"the gradient of {p.wrt}")
+            check_supported(_without_deltas(p.final), spec.name, f"the gradient of {p.wrt}")
         return derivation
 
     def emit(d: TensorDerivation) -> KernelSource:
@@ -156,6 +170,7 @@ def builtin(name: str, **params: float) -> ElementwiseOp | TensorOp:
     entry = get_builtin(name)
     if isinstance(entry, TensorBuiltin):
         expr, out, inputs, constants = entry.build(**params)
-        return tensor_op(expr, out=out, inputs=inputs, name=name, constants=constants)
+        wrt = None if entry.wrt is None else [b for b in inputs if str(b.label) in entry.wrt]
+        return tensor_op(expr, out=out, inputs=inputs, name=name, constants=constants, wrt=wrt)
     formula, constants = entry.expr(**params)
     return elementwise(formula, inputs=entry.inputs, name=name, constants=constants)

@@ -126,6 +126,15 @@ _ENTRIES = [
         params={"min_val": -1.0, "max_val": 1.0},
     ),
     Builtin(
+        "add",
+        lambda: x + y,
+        (x, y),
+        lambda t, a, b: a + b,
+        domain=_LOSS_DOMAIN,
+        torch_grads=(True, True),
+        doc="x + y (a residual or embedding sum), per element",
+    ),
+    Builtin(
         "mse",
         lambda: (x - y) ** 2,
         (x, y),
@@ -192,8 +201,10 @@ class TensorBuiltin:
     """One built-in tensor op: its index formula, torch reference and test-input domains.
 
     ``formula(**params)`` returns ``(expr, out, inputs)``; ``domain`` names how each input is
-    drawn in tests: ``"normal"``, ``"simplex"`` (rows summing to 1: class probabilities) or
-    ``"mask"`` (0/1 rows with at least one 1).
+    drawn in tests: ``"normal"``, ``"simplex"`` (rows summing to 1: class probabilities),
+    ``"mask"`` (0/1 rows with at least one 1), ``"additive_mask"`` (0 or -1e4 by position,
+    at least one 0 per row) or ``"ids:N"`` (integers in ``[0, N)``).  ``wrt`` lists the
+    inputs that get a gradient (default: every float input).
     """
 
     name: str
@@ -203,6 +214,7 @@ class TensorBuiltin:
     domain: tuple[str, ...] = ("normal",)
     torch_grads: tuple[bool, ...] | None = None
     doc: str = ""
+    wrt: tuple[str, ...] | None = None
 
     def build(
         self, **params: float
@@ -296,6 +308,78 @@ def _masked_mean_pool() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.Indexe
     return pooled / sp.Sum(mask[_b, _s], (_s, 0, _S - 1)), (_b, _h), (X, mask)
 
 
+# -- the transformer's ops (BERT): [batch b, position s/t, head h, head feature e] -----------
+#
+# Sequence tensors are 3-D ``[B, S, N]``; attention works per head on 4-D tensors, with the
+# projection weights stored per head (``(H, M, N)``: torch's ``(H·M, N)`` weight, reshaped), so
+# no activation is ever reshaped and every gradient is the formula's own.
+
+_e, _t, _u = sp.symbols("e t u", integer=True)
+
+
+def _embedding() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    ids = sp.IndexedBase("ids", shape=(_B, _S), integer=True)
+    W = _tensor("W", _N, _H)
+    return W[ids[_b, _s], _h], (_b, _s, _h), (ids, W)
+
+
+def _seq_linear() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X, W, c = _tensor("X", _B, _S, _N), _tensor("W", _M, _N), _tensor("c", _M)
+    return sp.Sum(X[_b, _s, _j] * W[_i, _j], (_j, 0, _N - 1)) + c[_i], (_b, _s, _i), (X, W, c)
+
+
+def _head_projection() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X, W, c = _tensor("X", _B, _S, _N), _tensor("W", _H, _M, _N), _tensor("c", _H, _M)
+    body = sp.Sum(X[_b, _s, _j] * W[_h, _e, _j], (_j, 0, _N - 1)) + c[_h, _e]
+    return body, (_b, _s, _h, _e), (X, W, c)
+
+
+def _attention_scores() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    Q, K = _tensor("Q", _B, _S, _H, _M), _tensor("K", _B, _S, _H, _M)
+    body = sp.Sum(Q[_b, _s, _h, _e] * K[_b, _t, _h, _e], (_e, 0, _M - 1)) / sp.sqrt(_M)
+    return body, (_b, _h, _s, _t), (Q, K)
+
+
+def _masked_softmax() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X, A = _tensor("X", _B, _H, _S, _S), _tensor("A", _B, _S)
+    total = sp.Sum(sp.exp(X[_b, _h, _s, _u] + A[_b, _u]), (_u, 0, _S - 1))
+    return sp.exp(X[_b, _h, _s, _t] + A[_b, _t]) / total, (_b, _h, _s, _t), (X, A)
+
+
+def _attention_context() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    P, V = _tensor("P", _B, _H, _S, _S), _tensor("V", _B, _S, _H, _M)
+    body = sp.Sum(P[_b, _h, _s, _t] * V[_b, _t, _h, _e], (_t, 0, _S - 1))
+    return body, (_b, _s, _h, _e), (P, V)
+
+
+def _head_merge() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    C, W, c = _tensor("C", _B, _S, _H, _M), _tensor("W", _N, _H, _M), _tensor("c", _N)
+    body = sp.Sum(C[_b, _s, _h, _e] * W[_i, _h, _e], (_h, 0, _H - 1), (_e, 0, _M - 1)) + c[_i]
+    return body, (_b, _s, _i), (C, W, c)
+
+
+def _add_layer_norm(
+    eps: sp.Symbol,
+) -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X, R = _tensor("X", _B, _S, _N), _tensor("R", _B, _S, _N)
+    w, beta = _tensor("w", _N), _tensor("beta", _N)
+
+    def z(j: sp.Symbol) -> sp.Expr:
+        return X[_b, _s, j] + R[_b, _s, j]
+
+    mean = sp.Sum(z(_j), (_j, 0, _N - 1)) / _N
+    var = sp.Sum((z(_j) - mean) ** 2, (_j, 0, _N - 1)) / _N
+    return (z(_i) - mean) / sp.sqrt(var + eps) * w[_i] + beta[_i], (_b, _s, _i), (X, R, w, beta)
+
+
+def _scores_ref(t: Any, q: Any, k: Any) -> Any:
+    return q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / q.shape[-1] ** 0.5
+
+
+def _context_ref(t: Any, p: Any, v: Any) -> Any:
+    return (p @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+
+
 def _pool_ref(t: Any, x: Any, m: Any) -> Any:
     return (x * m[..., None]).sum(1) / m.sum(1, keepdim=True)
 
@@ -343,6 +427,69 @@ _TENSOR_ENTRIES = [
         _pool_ref,
         domain=("normal", "mask"),
         doc="mean over the sequence axis of the positions where mask is 1",
+    ),
+]
+
+_TENSOR_ENTRIES += [
+    TensorBuiltin(
+        "embedding",
+        _embedding,
+        lambda t, ids, w: t.nn.functional.embedding(ids, w),
+        domain=("ids:N", "normal"),
+        doc="Y[b, s] = W[ids[b, s]]: a gather; its gradient, derived, is a scatter-add",
+    ),
+    TensorBuiltin(
+        "seq_linear",
+        _seq_linear,
+        lambda t, x, w, c: t.nn.functional.linear(x, w, c),
+        domain=("normal",) * 3,
+        doc="linear over the last axis of a [B, S, N] sequence (torch layout)",
+    ),
+    TensorBuiltin(
+        "head_projection",
+        _head_projection,
+        lambda t, x, w, c: t.nn.functional.linear(x, w.flatten(0, 1), c.flatten()).unflatten(
+            -1, w.shape[:2]
+        ),
+        domain=("normal",) * 3,
+        doc="a linear layer into H heads of M features: the query, key and value projections",
+    ),
+    TensorBuiltin(
+        "attention_scores",
+        _attention_scores,
+        _scores_ref,
+        domain=("normal", "normal"),
+        doc="S[b, h, s, t] = Q[b, s, h]·K[b, t, h] / √M, scaled dot products per head",
+    ),
+    TensorBuiltin(
+        "masked_softmax",
+        _masked_softmax,
+        lambda t, x, a: t.softmax(x + a[:, None, None, :], -1),
+        domain=("normal", "additive_mask"),
+        wrt=("X",),
+        doc="softmax over the last axis of scores plus an additive padding mask A[b, t]",
+    ),
+    TensorBuiltin(
+        "attention_context",
+        _attention_context,
+        _context_ref,
+        domain=("normal", "normal"),
+        doc="C[b, s, h] = Σ_t P[b, h, s, t]·V[b, t, h]: the attention-weighted values",
+    ),
+    TensorBuiltin(
+        "head_merge",
+        _head_merge,
+        lambda t, x, w, c: t.nn.functional.linear(x.flatten(2), w.flatten(1), c),
+        domain=("normal",) * 3,
+        doc="the attention output projection, from H heads of M features back to N",
+    ),
+    TensorBuiltin(
+        "add_layer_norm",
+        _add_layer_norm,
+        lambda t, x, r, w, b, eps: t.nn.functional.layer_norm(x + r, x.shape[-1:], w, b, eps),
+        params={"eps": 1e-5},
+        domain=("normal",) * 4,
+        doc="layer norm of a residual sum X + R over the last axis (torch's eps; BERT's is 1e-12)",
     ),
 ]
 

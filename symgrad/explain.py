@@ -605,7 +605,12 @@ def local_partial(d: TensorDerivation, p: TensorPartial) -> sp.Expr:
 def _shape_piece(base: sp.IndexedBase) -> M:
     dims = " × ".join(_text(d) for d in base.shape)
     tex_dims = r" \times ".join(latex(d) for d in base.shape)
-    return M(f"{base.label}: {dims}", rf"{latex(base.label)} \in \mathbb{{R}}^{{{tex_dims}}}")
+    field = "Z" if base.is_integer else "R"  # integer tensors: ids, labels
+    kind = " (integers)" if base.is_integer else ""
+    return M(
+        f"{base.label}: {dims}{kind}",
+        rf"{latex(base.label)} \in \mathbb{{{field}}}^{{{tex_dims}}}",
+    )
 
 
 def _range_piece(index: sp.Expr, lo: sp.Expr, hi: sp.Expr) -> M:

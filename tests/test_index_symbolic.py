@@ -25,6 +25,7 @@ from symgrad.symbolic.index import (
     contract,
     derive_tensor,
     index_sum,
+    is_scatter_delta,
     rename_bound,
     tensor_spec,
 )
@@ -188,7 +189,18 @@ def _evaluate(expr: sp.Expr, values: dict, rng, positive=()) -> complex:
     return complex(expr.xreplace(values).evalf(25))
 
 
-@pytest.mark.parametrize("name", sorted(TENSOR_BUILTINS))
+#: Brute force needs concrete values for every tensor element: not for the gather (its integer
+#: ids subscript another tensor), and too slow for attention's 4-D tensors (sympy's Sum.doit
+#: over S²·H·M terms per element) — those are checked numerically against torch in
+#: test_tensor_builtins.py and by gradcheck in test_torch_function.py.
+BRUTE_FORCE = sorted(
+    name
+    for name, entry in TENSOR_BUILTINS.items()
+    if not any(b.is_integer or len(b.shape) > 3 for b in entry.build()[2])
+)
+
+
+@pytest.mark.parametrize("name", BRUTE_FORCE)
 def test_contracted_vjp_equals_the_chain_rule_before_contraction(name, derivations):
     """For every built-in and input: the contracted and the compiled (stabilized) VJP
     expressions equal Σ_out grad_out · ∂Y/∂X with every delta summed out by brute force."""
@@ -268,10 +280,14 @@ def test_cross_entropy_vjp_is_softmax_times_sum_of_targets_minus_target(derivati
 
 
 def test_no_kronecker_delta_left_in_any_builtin_vjp(derivations):
+    """Every delta is contracted — except the gather's δ(k, ids[b, s]), which stays for the
+    lowering to turn into a scatter-add."""
     for name, d in derivations.items():
         for p in d.partials:
             for expr in (p.contracted, p.final):
-                assert not expr.has(sp.KroneckerDelta), (name, p.wrt, expr)
+                deltas = expr.atoms(sp.KroneckerDelta)
+                assert all(is_scatter_delta(delta) for delta in deltas), (name, p.wrt, expr)
+                assert bool(deltas) == (name == "embedding"), (name, p.wrt, expr)
                 assert not expr.has(sp.Piecewise), (name, p.wrt, expr)  # no index guards
 
 

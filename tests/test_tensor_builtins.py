@@ -35,7 +35,15 @@ def _shape(base: sp.IndexedBase, sizes: dict[str, int]) -> tuple[int, ...]:
     )
 
 
-def _sample(kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+def _sample(
+    kind: str, shape: tuple[int, ...], rng: np.random.Generator, sizes: dict[str, int]
+) -> np.ndarray:
+    if kind.startswith("ids:"):  # token ids: integers below the size of the dim named
+        return rng.integers(0, sizes[kind[4:]], size=shape)
+    if kind == "additive_mask":  # 0 at tokens, -1e4 at padding; every row keeps a token
+        mask = np.where(rng.uniform(size=shape) > 0.4, 0.0, -1e4)
+        mask[..., 0] = 0.0
+        return mask
     if kind == "simplex":  # class probabilities: rows sum to 1
         return rng.dirichlet(np.ones(shape[-1]), size=shape[:-1])
     if kind == "mask":  # 0/1 rows with at least one 1
@@ -48,7 +56,7 @@ def _sample(kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.n
 def _inputs(name: str, sizes: dict[str, int], rng: np.random.Generator) -> list[np.ndarray]:
     entry, op = sg.TENSOR_BUILTINS[name], sg.builtin(name)
     return [
-        _sample(kind, _shape(base, sizes), rng)
+        _sample(kind, _shape(base, sizes), rng, sizes)
         for kind, base in zip(entry.domain, op.spec.inputs, strict=True)
     ]
 
@@ -56,10 +64,13 @@ def _inputs(name: str, sizes: dict[str, int], rng: np.random.Generator) -> list[
 def _torch(name: str, arrays: list[np.ndarray], grad_output: np.ndarray):
     """torch's forward and gradients (None where torch has none) in float64."""
     entry = sg.TENSOR_BUILTINS[name]
-    leaves = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays]
+    leaves = [
+        torch.tensor(a) if a.dtype.kind in "iu" else torch.tensor(a, requires_grad=True)
+        for a in arrays
+    ]
     out = entry.torch_ref(torch, *leaves, **entry.params)
     out.backward(torch.tensor(grad_output, dtype=torch.float64))
-    grads = [None if t.grad is None else t.grad.numpy() for t in leaves]
+    grads = [None if t.grad is None else t.grad.numpy() for t in leaves]  # None: integer
     return out.detach().numpy(), grads
 
 
@@ -86,13 +97,15 @@ def check_against_torch(
     """Forward and all VJPs of built-in ``name`` at ``arrays`` (cast to ``dtype``) vs torch."""
     rng = rng or np.random.default_rng(0)
     op = sg.builtin(name)
-    cast = [np.asarray(a, dtype=dtype) for a in arrays]
+    cast = [a if a.dtype.kind in "iu" else np.asarray(a, dtype=dtype) for a in arrays]
     y = op(*cast)
     assert y.dtype == dtype
     grad_output = rng.normal(size=y.shape).astype(dtype)
     # torch sees the same (rounded) numbers, in float64: the reference is the exact math
     want_y, want_grads = _torch(
-        name, [a.astype(np.float64) for a in cast], grad_output.astype(np.float64)
+        name,
+        [a if a.dtype.kind in "iu" else a.astype(np.float64) for a in cast],
+        grad_output.astype(np.float64),
     )
     rtol = RTOL[dtype]
     largest = max(_magnitude(w) for w in [want_y, *want_grads] if w is not None)
@@ -102,6 +115,9 @@ def check_against_torch(
     assert len(grads) == len(cast)
     compared = 0
     for base, a, g, want in zip(op.spec.inputs, cast, grads, want_grads, strict=True):
+        if base not in op.spec.wrt:  # an integer tensor, or a mask the op does not train
+            assert g is None, f"{name}: a gradient for {base.label}, which is not in wrt"
+            continue
         assert g.shape == a.shape and g.dtype == dtype
         if want is not None:
             _assert_close(g, want, rtol, f"{name} grad_{base.label}", noise)
@@ -204,3 +220,20 @@ def test_builtin_parameters_reach_the_kernel():
     ).numpy()
     _assert_close(y, want, 1e-10, "layer_norm eps=0.5")
     assert np.max(np.abs(y - sg.builtin("layer_norm")(x, w, b))) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_add_layer_norm_with_berts_eps(dtype):
+    """BERT's eps = 1e-12 on hidden-size rows, as the MiniLM encoder calls it."""
+    rng = np.random.default_rng(9)
+    x, r = rng.normal(size=(2, 5, 48)), rng.normal(size=(2, 5, 48))
+    w, b = rng.normal(size=48), rng.normal(size=48)
+    op = sg.builtin("add_layer_norm", eps=1e-12)
+    cast = [a.astype(dtype) for a in (x, r, w, b)]
+    g = rng.normal(size=(2, 5, 48)).astype(dtype)
+    leaves = [torch.tensor(a.astype(np.float64), requires_grad=True) for a in cast]
+    ref = torch.nn.functional.layer_norm(leaves[0] + leaves[1], (48,), leaves[2], leaves[3], 1e-12)
+    ref.backward(torch.tensor(g.astype(np.float64)))
+    _assert_close(op(*cast), ref.detach().numpy(), RTOL[dtype], "add_layer_norm eps=1e-12")
+    for got, leaf, label in zip(op.vjp(*cast, g), leaves, "XRwb", strict=True):
+        _assert_close(got, leaf.grad.numpy(), RTOL[dtype], f"add_layer_norm grad_{label}")

@@ -99,8 +99,25 @@ def tensor_inputs(entry: TensorBuiltin, seed: int = 0) -> list[np.ndarray]:
         elif kind == "mask":
             a = (rng.uniform(size=shape) > 0.5).astype(np.float64)
             a[..., 0] = 1.0
+        elif kind == "additive_mask":
+            a = np.where(rng.uniform(size=shape) > 0.5, 0.0, -1e4)
+            a[..., 0] = 0.0
+        elif kind.startswith("ids:"):
+            a = rng.integers(0, DIMS[kind[4:]], size=shape)
         arrays.append(a)
     return arrays
+
+
+def tensor_leaves(entry: TensorBuiltin, arrays: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
+    """Float inputs the op differentiates require grad; integer ids and masks do not."""
+    wrt = entry.wrt
+    _, _, bases, _ = entry.build()
+    return tuple(
+        torch.tensor(a)
+        if a.dtype.kind in "iu"
+        else torch.tensor(a, requires_grad=wrt is None or str(base.label) in wrt)
+        for base, a in zip(bases, arrays, strict=True)
+    )
 
 
 def grad_of(t: torch.Tensor) -> np.ndarray:
@@ -127,7 +144,7 @@ def test_elementwise_builtin_gradcheck_and_gradgradcheck(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(TENSOR_BUILTINS))
 def test_tensor_builtin_gradcheck_and_gradgradcheck(name: str) -> None:
     fn = sgt.function(sg.builtin(name))
-    inputs = leaves(tensor_inputs(TENSOR_BUILTINS[name]))
+    inputs = tensor_leaves(TENSOR_BUILTINS[name], tensor_inputs(TENSOR_BUILTINS[name]))
     assert gradcheck(fn.apply, inputs)
     assert gradgradcheck(fn.apply, inputs)
 
@@ -289,3 +306,24 @@ def test_torch_model_with_symgrad_activation_and_loss_trains_like_pure_torch() -
     assert losses[-1] < 0.25 * losses[0]
     for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
         np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_an_input_outside_wrt_that_requires_grad_is_an_error() -> None:
+    """masked_softmax differentiates the scores only: asking torch for the mask's gradient
+    raises instead of returning a silent zero."""
+    entry = TENSOR_BUILTINS["masked_softmax"]
+    x, a = (torch.tensor(v, requires_grad=True) for v in tensor_inputs(entry))
+    y = sgt.function("masked_softmax").apply(x, a)
+    with pytest.raises(ArgumentError, match=r"no gradient for input 'A'"):
+        y.sum().backward()
+
+
+def test_integer_inputs_take_long_tensors() -> None:
+    w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 4], [4, 4]])
+    y = sgt.function("embedding").apply(ids, w)
+    y.sum().backward()
+    assert torch.equal(y, torch.nn.functional.embedding(ids, w))
+    assert torch.equal(w.grad[4], torch.full((3,), 3.0, dtype=torch.float64))
+    with pytest.raises(DTypeError, match=r"give torch\.long"):
+        sgt.function("embedding").apply(ids.double(), w)

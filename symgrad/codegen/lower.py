@@ -70,24 +70,53 @@ class _Assignment:
 
 @dataclass
 class _Gemm:
-    """One contraction computed by BLAS: ``np.dot(left, right)``, read back by index."""
+    """One contraction computed by BLAS: ``np.dot(left, right)``, read back by index.
+
+    With batch indices (shared by both operands and not summed, as the batch and head of
+    attention's ``Σ_e Q[b, s, h, e]·K[b, t, h, e]``) the operands are ``(nb, P, J)`` and
+    ``(nb, J, Q)`` stacks and one ``np.dot`` runs per batch element.
+    """
 
     name: str
-    left: str  # (P, J) matrix source
-    right: str  # (J, Q) matrix source
+    left: str  # (P, J) matrix source, or (nb, P, J)
+    right: str  # (J, Q) matrix source, or (nb, J, Q)
     rows: str  # P
     cols: str  # Q
-    dims: tuple[sp.Expr, ...]  # the result's shape: the free axes of both operands
+    dims: tuple[sp.Expr, ...]  # the result's shape: batch axes, then the free axes of a and b
     uses: int = 1
     into: str | None = None  # written straight into this target array instead of a temporary
+    batch: str | None = None  # nb, the product of the batch dims
 
-    def statement(self) -> str:
+    def statement(self) -> list[str]:
+        if self.batch is not None:
+            shape = ", ".join(_int(d) for d in self.dims)
+            stack = f"{self.name}_"
+            return [
+                f"{stack}a = {self.left}",
+                f"{stack}b = {self.right}",
+                f"{stack}c = np.empty(({self.batch}, {self.rows}, {self.cols}), {stack}a.dtype)",
+                f"for {stack}n in range({self.batch}):",
+                f"    np.dot({stack}a[{stack}n], {stack}b[{stack}n], {stack}c[{stack}n])",
+                f"{self.name} = {stack}c.reshape(({shape},))",
+            ]
         if self.into is not None:
             two_d = len(self.dims) == 2 and self.rows != "1" and self.cols != "1"
             out = self.into if two_d else f"{self.into}.reshape(({self.rows}, {self.cols}))"
-            return f"np.dot({self.left}, {self.right}, {out})"
+            return [f"np.dot({self.left}, {self.right}, {out})"]
         shape = ", ".join(_int(d) for d in self.dims) + ("," if len(self.dims) == 1 else "")
-        return f"{self.name} = np.dot({self.left}, {self.right}).reshape(({shape or '1,'}))"
+        return [f"{self.name} = np.dot({self.left}, {self.right}).reshape(({shape or '1,'}))"]
+
+
+@dataclass(frozen=True)
+class _Contraction:
+    """``Σ_{j...} a[...]·b[...]``: the summed, batch and free indices of both operands."""
+
+    a: sp.Indexed
+    b: sp.Indexed
+    summed: tuple[sp.Symbol, ...]
+    batch: tuple[sp.Symbol, ...]
+    free_a: tuple[sp.Symbol, ...]
+    free_b: tuple[sp.Symbol, ...]
 
 
 class _Lowerer:
@@ -103,69 +132,80 @@ class _Lowerer:
 
     # -- contractions ----------------------------------------------------------------------
 
-    def _contraction(
-        self, node: sp.Sum, loop_order: list[sp.Symbol]
-    ) -> tuple[sp.Indexed, sp.Indexed, list[sp.Symbol], list[sp.Symbol], int, int] | None:
-        """``(a, b, free_a, free_b, ja, jb)`` if ``node`` is ``Σ_j a[.., j, ..]·b[.., j, ..]``
-        over a full axis, with every other index a loop index; else None."""
+    def _contraction(self, node: sp.Sum, loop_order: list[sp.Symbol]) -> _Contraction | None:
+        """The operands of ``node`` if it is ``Σ_{j...} a[..]·b[..]`` over full axes, every
+        summed index once in each operand, every other index a loop index; else None."""
         loop_vars = set(loop_order)
-        if len(node.limits) != 1:
-            return None
-        var, lo, hi = node.limits[0]
+        summed = [v for v, _, _ in node.limits]
         factors = sp.Mul.make_args(node.function)
         if len(factors) != 2 or not all(isinstance(f, sp.Indexed) for f in factors):
             return None
         a, b = factors
-        free_a = [i for i in a.indices if i != var]
-        free_b = [i for i in b.indices if i != var]
-        if (
-            list(a.indices).count(var) != 1
-            or list(b.indices).count(var) != 1
-            or not all(isinstance(i, sp.Symbol) and i in loop_vars for i in free_a + free_b)
-            or len(set(free_a + free_b)) != len(free_a + free_b)
-        ):
-            return None
+        for f in (a, b):
+            indices = list(f.indices)
+            if not all(isinstance(i, sp.Symbol) for i in indices):
+                return None
+            if len(set(indices)) != len(indices) or any(indices.count(v) != 1 for v in summed):
+                return None
+            if not all(i in loop_vars for i in indices if i not in summed):
+                return None
+        for v, lo, hi in node.limits:
+            da = self.shapes[str(a.base.label)][list(a.indices).index(v)]
+            db = self.shapes[str(b.base.label)][list(b.indices).index(v)]
+            if sp.simplify(lo) != 0 or sp.simplify(hi - (da - 1)) != 0 or sp.simplify(da - db):
+                return None
         order = {v: n for n, v in enumerate(loop_order)}
+        free_a = [i for i in a.indices if i not in summed]
+        free_b = [i for i in b.indices if i not in summed]
+        batch = [i for i in free_a if i in free_b]
+        free_a = [i for i in free_a if i not in batch]
+        free_b = [i for i in free_b if i not in batch]
         if free_a and free_b and order[free_b[0]] < order[free_a[0]]:
             a, b, free_a, free_b = b, a, free_b, free_a  # so the result is read in loop order
-        ja, jb = list(a.indices).index(var), list(b.indices).index(var)
-        shape_a = self.shapes[str(a.base.label)]
-        shape_b = self.shapes[str(b.base.label)]
-        full = (sp.S.Zero, shape_a[ja] - 1)
-        if sp.simplify(lo - full[0]) != 0 or sp.simplify(hi - full[1]) != 0:
-            return None
-        if sp.simplify(shape_b[jb] - shape_a[ja]) != 0:
-            return None
-        return a, b, free_a, free_b, ja, jb
+        summed_in_a = sorted(summed, key=list(a.indices).index)
+        return _Contraction(a, b, tuple(summed_in_a), tuple(batch), tuple(free_a), tuple(free_b))
 
     def _gemm(self, node: sp.Sum, loop_order: list[sp.Symbol]) -> sp.Expr | None:
         """A read of the GEMM computing ``node``, if it is a contraction of two tensors."""
         found = self._contraction(node, loop_order)
         if found is None:
             return None
-        a, b, free_a, free_b, ja, jb = found
+        a, b = found.a, found.b
         shape_a = self.shapes[str(a.base.label)]
         shape_b = self.shapes[str(b.base.label)]
-        left = self._matrix(str(a.base.label), shape_a, ja, last=True)
-        right = self._matrix(str(b.base.label), shape_b, jb, last=False)
-        others_a = [shape_a[k] for k in range(len(shape_a)) if k != ja]
-        others_b = [shape_b[k] for k in range(len(shape_b)) if k != jb]
+
+        def axes(f: sp.Indexed, names: tuple[sp.Symbol, ...]) -> list[int]:
+            return [list(f.indices).index(v) for v in names]
+
+        def dims(f: sp.Indexed, shape: tuple[sp.Expr, ...], names: tuple[sp.Symbol, ...]) -> str:
+            return "*".join(_int(shape[k]) for k in axes(f, names)) or "1"
+
+        rows, cols = dims(a, shape_a, found.free_a), dims(b, shape_b, found.free_b)
+        j = dims(a, shape_a, found.summed)
+        batch = dims(a, shape_a, found.batch) if found.batch else None
+        left = self._operand(
+            str(a.base.label),
+            axes(a, found.batch) + axes(a, found.free_a) + axes(a, found.summed),
+            ([batch] if batch else []) + [rows, j],
+        )
+        right = self._operand(
+            str(b.base.label),
+            axes(b, found.batch) + axes(b, found.summed) + axes(b, found.free_b),
+            ([batch] if batch else []) + [j, cols],
+        )
+        result_dims = tuple(
+            [shape_a[k] for k in axes(a, found.batch + found.free_a)]
+            + [shape_b[k] for k in axes(b, found.free_b)]
+        )
         gemm = next(
             (g for g in self.gemms if (g.left, g.right) == (left, right) and g.into is None), None
         )
         if gemm is None:  # the same product twice (layer norm's Σ_i w_i g_i) is computed once
-            gemm = _Gemm(
-                f"_c{len(self.gemms)}",
-                left,
-                right,
-                "*".join(_int(d) for d in others_a) or "1",
-                "*".join(_int(d) for d in others_b) or "1",
-                tuple(others_a + others_b),
-            )
+            gemm = _Gemm(f"_c{len(self.gemms)}", left, right, rows, cols, result_dims, batch=batch)
             self.gemms.append(gemm)
         else:
             gemm.uses += 1
-        free = tuple(free_a + free_b)
+        free = found.batch + found.free_a + found.free_b
         return sp.IndexedBase(gemm.name)[free] if free else sp.Symbol(f"{gemm.name}[0]")
 
     def _write_gemm_into(self, a: _Assignment, expr: sp.Expr) -> sp.Expr:
@@ -179,7 +219,7 @@ class _Lowerer:
         idx = tuple(v for v, _, _ in a.loops)
         for gemm in self.gemms:
             read = sp.IndexedBase(gemm.name)[idx]
-            if gemm.uses != 1 or gemm.into is not None or not expr.has(read):
+            if gemm.uses != 1 or gemm.into is not None or gemm.batch or not expr.has(read):
                 continue
             fits = len(gemm.dims) == len(a.loops) and all(
                 lo == 0 and sp.simplify(hi + 1 - d) == 0
@@ -190,20 +230,18 @@ class _Lowerer:
                 return expr.xreplace({read: sp.IndexedBase(a.target)[idx]})
         return expr
 
-    def _matrix(self, label: str, shape: tuple[sp.Expr, ...], axis: int, last: bool) -> str:
-        """Source for ``label`` as a 2-D matrix with the contracted axis last (or first)."""
-        others = [k for k in range(len(shape)) if k != axis]
-        rows = "*".join(_int(shape[k]) for k in others) or "1"
-        j = _int(shape[axis])
-        if len(shape) == 2:
-            if (axis == 1) == last:
-                return label
+    @staticmethod
+    def _operand(label: str, perm: list[int], shape: list[str]) -> str:
+        """Source for tensor ``label`` with its axes in the order ``perm``, reshaped to
+        ``shape``: the matrix itself or its transpose when it is 2-D and each of its axes is
+        one side of the product; else a reshaped view, or a transposed copy."""
+        target = f"({', '.join(shape)})"
+        matrix = len(perm) == len(shape) == 2 and "1" not in shape
+        if perm == list(range(len(perm))):
+            return label if matrix else f"{label}.reshape({target})"
+        if perm == [1, 0] and matrix:
             return f"{label}.T"
-        perm = (*others, axis) if last else (axis, *others)
-        target = f"({rows}, {j})" if last else f"({j}, {rows})"
-        if perm == tuple(range(len(shape))):
-            return f"{label}.reshape({target})"
-        return f"np.ascontiguousarray(np.transpose({label}, {perm})).reshape({target})"
+        return f"np.ascontiguousarray(np.transpose({label}, {tuple(perm)})).reshape({target})"
 
     # -- reductions ------------------------------------------------------------------------
 
@@ -266,6 +304,11 @@ class _Lowerer:
     # -- emission --------------------------------------------------------------------------
 
     def assignment(self, a: _Assignment, indent: int) -> list[str]:
+        scatter = self._scatter(a, indent)
+        if scatter is not None:
+            return scatter
+        if a.expr.has(sp.KroneckerDelta):  # δ(k, ids[b, t]) outside the scatter form
+            a = _Assignment(a.target, a.loops, _guard(a.expr), a.accumulate, a.index)
         batch = self._batch_sum(a, indent)
         if batch is not None:
             return batch
@@ -372,6 +415,46 @@ class _Lowerer:
             return expr, {}
         return visit(expr), hoisted
 
+    def _scatter(self, a: _Assignment, indent: int) -> list[str] | None:
+        """``grad_E[k, j] = c·Σ_{b,t} f(b, t, j)·δ(k, ids[b, t])`` as a scatter-add: zero the
+        target, then ``grad_E[ids[b, t], j] += c·f(b, t, j)`` in one pass over ``b, t``.
+
+        The gradient of a gather (an embedding lookup), as the index calculus derives it; a
+        loop over every ``k`` testing ``k == ids[b, t]`` would cost a factor ``V`` more.
+        """
+        if a.accumulate or a.index is not None or not a.loops:
+            return None
+        sums = [f for f in sp.Mul.make_args(a.expr) if isinstance(f, sp.Sum)]
+        if len(sums) != 1:
+            return None
+        (total,) = sums
+        coeff = sp.Mul(*[f for f in sp.Mul.make_args(a.expr) if f is not total])
+        loop_vars = [v for v, _, _ in a.loops]
+        sum_vars = {v for v, _, _ in total.limits}
+        deltas = [f for f in sp.Mul.make_args(total.function) if isinstance(f, sp.KroneckerDelta)]
+        if len(deltas) != 1 or coeff.has(sp.Sum, ReduceMax, sp.KroneckerDelta):
+            return None
+        (delta,) = deltas
+        x, y = delta.args
+        k, position = (x, y) if x in loop_vars else (y, x)
+        if k not in loop_vars or not position.free_symbols & sum_vars:
+            return None
+        if any((lo.free_symbols | hi.free_symbols) & set(loop_vars) for _, lo, hi in total.limits):
+            return None
+        body = sp.Mul(*[f for f in sp.Mul.make_args(total.function) if f is not delta])
+        body = (coeff * body).xreplace({k: position})  # δ makes k = ids[b, t]
+        if body.has(sp.KroneckerDelta):
+            return None
+        others = tuple(loop for loop in a.loops if loop[0] != k)
+        sum_loops = tuple(reversed(_memory_order(total)))  # outermost first
+        index = tuple(position if v == k else v for v in loop_vars)
+        lines = [f"{' ' * indent}{a.target}[...] = 0.0"]
+        lines += self.assignment(
+            _Assignment(a.target, sum_loops + others, body, accumulate=True, index=index),
+            indent,
+        )
+        return lines
+
     def _batch_sum(self, a: _Assignment, indent: int) -> list[str] | None:
         """``target[k] = c(k)·Σ_b f(b, k)`` over a leading axis, as one pass over ``b``.
 
@@ -389,9 +472,7 @@ class _Lowerer:
         coeff = sp.Mul(*[f for f in sp.Mul.make_args(a.expr) if f is not total])
         loop_vars = [v for v, _, _ in a.loops]
         outer = set(loop_vars)
-        if coeff.has(sp.Sum, ReduceMax) or (
-            len(total.limits) == 1 and self._contraction(total, loop_vars) is not None
-        ):
+        if coeff.has(sp.Sum, ReduceMax) or (self._contraction(total, loop_vars) is not None):
             return None
         if any((lo.free_symbols | hi.free_symbols) & outer for _, lo, hi in total.limits):
             return None
@@ -454,6 +535,14 @@ class _Lowerer:
         else:
             lines.append(f"{pad}    {r.temp} = max({r.temp}, {body})")
         return lines
+
+
+def _guard(expr: sp.Expr) -> sp.Expr:
+    """Every ``KroneckerDelta`` as an equality test (see :func:`guard_deltas`)."""
+    return expr.replace(
+        lambda n: isinstance(n, sp.KroneckerDelta),
+        lambda n: sp.Piecewise((sp.S.One, sp.Eq(*n.args)), (sp.S.Zero, True)),  # type: ignore[arg-type]
+    )
 
 
 def _memory_order(node: sp.Sum | ReduceMax) -> list[tuple[sp.Symbol, sp.Expr, sp.Expr]]:
@@ -527,7 +616,7 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
         body: list[str] = []
         for a in assignments:
             body += lowerer.assignment(a, 4)
-        prelude = ["    " + g.statement() for g in lowerer.gemms]
+        prelude = ["    " + line for g in lowerer.gemms for line in g.statement()]
         return [
             decorator,
             f"def {name}({', '.join(params)}):",

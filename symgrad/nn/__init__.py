@@ -1,5 +1,6 @@
 """Trainable networks built from derived kernels (torch-compatible layout and names)."""
 
+from .bert import BertConfig, BertEncoder
 from .losses import (
     BCELoss,
     BCEWithLogitsLoss,
@@ -28,12 +29,15 @@ from .modules import (
     StateDictError,
     Tanh,
 )
+from .tape import Tape
 
 __all__ = [
     "ELU",
     "GELU",
     "BCELoss",
     "BCEWithLogitsLoss",
+    "BertConfig",
+    "BertEncoder",
     "CrossEntropyLoss",
     "Elementwise",
     "ElementwiseLoss",
@@ -53,5 +57,6 @@ __all__ = [
     "Softsign",
     "StateDictError",
     "Tanh",
+    "Tape",
     "fuse",
 ]

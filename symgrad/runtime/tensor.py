@@ -15,10 +15,21 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
-from ..errors import ArgumentError, DTypeError, ShapeError
+from ..errors import ArgumentError, DTypeError, IndexRangeError, ShapeError
 from ..symbolic.index import TensorDerivation, TensorSpec
 from .cache import import_module, purge_compiled, verified_text
 from .elementwise import _as_float_array
+
+
+def _as_index_array(value: object, what: str) -> np.ndarray:
+    """An integer tensor's array, as int64."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu" or array.dtype == np.bool_:
+        raise DTypeError(
+            f"{what} is an integer tensor (token ids, labels) but has dtype {array.dtype}; "
+            "give integers, e.g. np.asarray(ids, dtype=np.int64)"
+        )
+    return array.astype(np.int64, copy=False)
 
 
 class TensorOp:
@@ -43,6 +54,17 @@ class TensorOp:
         self._derivation = derivation
         self._module: ModuleType | None = None
         self._recovered = False
+        self._wrt = tuple(spec.inputs.index(b) for b in spec.wrt)
+        # (integer tensor, axis, tensor it indexes, that axis's dim) for every gather
+        uses = set()
+        for access in spec.expr.atoms(sp.Indexed):
+            for axis, (index, dim) in enumerate(
+                zip(access.indices, access.base.shape, strict=True)
+            ):
+                for read in index.atoms(sp.Indexed):
+                    if read.base.is_integer:
+                        uses.add((str(read.base.label), axis, str(access.base.label), dim))
+        self._index_uses = sorted(uses, key=str)
 
     @property
     def source(self) -> str:
@@ -86,14 +108,19 @@ class TensorOp:
                 f"got {len(arrays)}"
             )
         checked = [
-            _as_float_array(a, f"op {self.name!r} input {nm!r}")
-            for nm, a in zip(self.input_names, arrays, strict=True)
+            _as_index_array(a, f"op {self.name!r} input {nm!r}")
+            if base.is_integer
+            else _as_float_array(a, f"op {self.name!r} input {nm!r}")
+            for nm, base, a in zip(self.input_names, self.spec.inputs, arrays, strict=True)
         ]
-        dtypes = {a.dtype for a in checked}
+        floats = [
+            (nm, a)
+            for nm, base, a in zip(self.input_names, self.spec.inputs, checked, strict=True)
+            if not base.is_integer
+        ]
+        dtypes = {a.dtype for _, a in floats}
         if len(dtypes) > 1:
-            listing = ", ".join(
-                f"{nm}: {a.dtype}" for nm, a in zip(self.input_names, checked, strict=True)
-            )
+            listing = ", ".join(f"{nm}: {a.dtype}" for nm, a in floats)
             raise DTypeError(
                 f"op {self.name!r}: inputs have different dtypes ({listing}); cast them to one"
             )
@@ -125,7 +152,22 @@ class TensorOp:
                     f"op {self.name!r}: axis {axis} of {nm!r} (shape {shape}) should be "
                     f"{dim} = {expected}, got {size}"
                 )
+        self._check_index_ranges(checked, sizes)
         return [np.ascontiguousarray(a) for a in checked], sizes, dtypes.pop()
+
+    def _check_index_ranges(self, arrays: list[np.ndarray], sizes: dict[sp.Symbol, int]) -> None:
+        """Every integer tensor's values must lie within each axis it subscripts: the
+        compiled loops do not check bounds (a bad token id would read or write memory)."""
+        by_label = dict(zip(self.input_names, arrays, strict=True))
+        for label, axis, base, dim in self._index_uses:
+            values = by_label[label]
+            size = int(sp.sympify(dim).xreplace(sizes))
+            if values.size and (values.min() < 0 or values.max() >= size):
+                raise IndexRangeError(
+                    f"op {self.name!r}: integer input {label!r} holds values in "
+                    f"[{values.min()}, {values.max()}], but it indexes axis {axis} of "
+                    f"{base!r}, of size {size} (valid: 0 to {size - 1})"
+                )
 
     def _out_shape(self, sizes: dict[sp.Symbol, int]) -> tuple[int, ...]:
         return tuple(int(d.xreplace(sizes)) for d in self.spec.out_shape)
@@ -141,8 +183,9 @@ class TensorOp:
         self._run("forward", *checked, *self._dims(sizes), out)
         return out if shape else out.reshape(())
 
-    def vjp(self, *arrays_and_grad: object) -> tuple[np.ndarray, ...]:
-        """``op.vjp(*inputs, grad_output)``: one gradient per input, of its shape and dtype."""
+    def vjp(self, *arrays_and_grad: object) -> tuple[Any, ...]:
+        """``op.vjp(*inputs, grad_output)``: one gradient per input, of its shape and dtype
+        (``None`` for integer inputs and inputs left out of ``wrt``)."""
         if not arrays_and_grad:
             raise ArgumentError(f"op {self.name!r}: vjp takes the inputs and then grad_output")
         *arrays, grad_output = arrays_and_grad
@@ -158,6 +201,9 @@ class TensorOp:
                 f"op {self.name!r}: grad_output has shape {g.shape}, the output has shape {shape}"
             )
         g_arg: Any = float(g) if not shape else np.ascontiguousarray(g, dtype=dtype)
-        grads = [np.empty(a.shape, dtype=dtype) for a in checked]
+        grads = [np.empty(checked[n].shape, dtype=dtype) for n in self._wrt]
         self._run("vjp", *checked, *self._dims(sizes), g_arg, *grads)
-        return tuple(grads)
+        result: list[np.ndarray | None] = [None] * len(checked)
+        for n, grad in zip(self._wrt, grads, strict=True):
+            result[n] = grad
+        return tuple(result)

@@ -55,6 +55,13 @@ class TensorSpec:
     dims: tuple[sp.Symbol, ...]
     ranges: tuple[tuple[sp.Symbol, Range], ...]
     constants: tuple[tuple[str, float], ...]
+    wrt: tuple[sp.IndexedBase, ...] = ()  # the inputs that get a gradient
+
+    @property
+    def index_inputs(self) -> tuple[sp.IndexedBase, ...]:
+        """Integer tensors (``IndexedBase(..., integer=True)``): token ids, labels — subscripts
+        of other tensors, read as integers, never differentiated."""
+        return tuple(b for b in self.inputs if b.is_integer)
 
     @property
     def out_shape(self) -> tuple[sp.Expr, ...]:
@@ -69,8 +76,9 @@ class TensorSpec:
                 self.name,
                 sp.srepr(self.expr),
                 sp.srepr(self.out),
-                sp.srepr(tuple((b.label, b.shape) for b in self.inputs)),
+                sp.srepr(tuple((b.label, b.shape, bool(b.is_integer)) for b in self.inputs)),
                 repr(self.constants),
+                repr([str(b.label) for b in self.wrt]),
             ]
         )
         return hashlib.sha256(text.encode()).hexdigest()
@@ -183,8 +191,12 @@ def tensor_spec(
     inputs: Iterable[sp.IndexedBase],
     name: str,
     constants: Mapping[sp.Symbol | str, object] | None = None,
+    wrt: Iterable[sp.IndexedBase] | None = None,
 ) -> TensorSpec:
-    """Validate a tensor-op definition and return its :class:`TensorSpec`."""
+    """Validate a tensor-op definition and return its :class:`TensorSpec`.
+
+    ``wrt`` names the inputs that get a gradient (default: every non-integer input).
+    """
     name = check_name(name)
     formula = sp.sympify(expr)
     if not isinstance(formula, sp.Expr):
@@ -206,6 +218,11 @@ def tensor_spec(
                 f"op {name!r}: input tensor {base} has no shape; declare it with "
                 f"sympy.IndexedBase({str(base.label)!r}, shape=(B, N))"
             )
+    if all(b.is_integer for b in inputs):
+        raise DefinitionError(
+            f"op {name!r}: every input is an integer tensor; give at least one float tensor "
+            "(its dtype is the output's)"
+        )
     labels = [str(b.label) for b in inputs]
     if len(set(labels)) != len(labels):
         raise DefinitionError(f"op {name!r}: input tensor names repeat: {labels}")
@@ -251,7 +268,33 @@ def tensor_spec(
         tuple(dims),
         tuple((i, ranges[i]) for i in out),
         bound,
+        _check_wrt(name, inputs, wrt),
     )
+
+
+def _check_wrt(
+    op: str, inputs: tuple[sp.IndexedBase, ...], wrt: Iterable[sp.IndexedBase] | None
+) -> tuple[sp.IndexedBase, ...]:
+    floats = [b for b in inputs if not b.is_integer]
+    if wrt is None:
+        return tuple(floats)
+    chosen = list(wrt)
+    labels = {str(b.label): b for b in inputs}
+    for w in chosen:
+        label = str(getattr(w, "label", w))
+        if label not in labels:
+            raise DefinitionError(
+                f"op {op!r}: wrt names {w!r}, which is not an input ({sorted(labels)})"
+            )
+        if labels[label].is_integer:
+            raise DefinitionError(
+                f"op {op!r}: wrt names the integer tensor {label!r}; integer tensors (indices, "
+                "labels) have no gradient"
+            )
+    names = {str(getattr(w, "label", w)) for w in chosen}
+    if len(names) != len(chosen):
+        raise DefinitionError(f"op {op!r}: wrt repeats an input: {chosen}")
+    return tuple(b for b in floats if str(b.label) in names)
 
 
 # -- contraction ---------------------------------------------------------------------------
@@ -272,7 +315,10 @@ def _contract_term(
             if var in other.free_symbols:
                 continue
             other_range = ranges.get(other) if isinstance(other, sp.Symbol) else None
-            if other_range is not None and _same_range(other_range, rng):
+            # Σ_k f(k)·δ(k, ids[b]) = f(ids[b]): an integer tensor's values are checked, at
+            # call time, to lie within the axis they index
+            gathered = reads_integer_tensor(other) and not other.free_symbols & {var}
+            if gathered or (other_range is not None and _same_range(other_range, rng)):
                 rest = sp.Mul(*[g for g in factors if g is not f])
                 return rest.xreplace({var: other})
     inside = [f for f in factors if var in f.free_symbols]
@@ -394,6 +440,17 @@ def unify_bound(expr: sp.Expr) -> sp.Expr:
     return visit(expr)
 
 
+def reads_integer_tensor(expr: sp.Basic) -> bool:
+    """Whether ``expr`` reads an integer tensor (``ids[b, t]``)."""
+    return any(a.base.is_integer for a in expr.atoms(sp.Indexed))
+
+
+def is_scatter_delta(delta: sp.KroneckerDelta) -> bool:
+    """``δ(k, ids[b, t])``: a gradient index equal to a gathered position.  It stays a delta:
+    the lowering turns ``Σ_{b,t} f·δ(k, ids[b, t])`` into a scatter-add over ``b, t``."""
+    return any(reads_integer_tensor(a) for a in delta.args)
+
+
 def guard_deltas(expr: sp.Expr) -> tuple[sp.Expr, tuple[Rewrite, ...]]:
     """Deltas that :func:`contract` must keep become ``Piecewise((1, Eq(a, b)), (0, True))``.
 
@@ -401,7 +458,10 @@ def guard_deltas(expr: sp.Expr) -> tuple[sp.Expr, tuple[Rewrite, ...]]:
     ``grad_A[k0, k1] = δ(k0, k1)·grad_Y[k0]``) or one whose ranges differ; the compiled code
     tests the indices for equality.
     """
-    deltas = sorted(expr.atoms(sp.KroneckerDelta), key=sp.default_sort_key)
+    deltas = sorted(
+        (d for d in expr.atoms(sp.KroneckerDelta) if not is_scatter_delta(d)),
+        key=sp.default_sort_key,
+    )
     if not deltas:
         return expr, ()
     guards = {d: sp.Piecewise((sp.S.One, sp.Eq(*d.args)), (sp.S.Zero, True)) for d in deltas}
@@ -529,7 +589,7 @@ def derive_tensor(spec: TensorSpec) -> TensorDerivation:
     )
     partials = []
     taken = {s.name for s in spec.expr.atoms(sp.Symbol)} | {str(d) for d in spec.dims}
-    for base in spec.inputs:
+    for base in spec.wrt:
         indices = _fresh_indices(base, taken)
         ranges = {
             **out_ranges,

@@ -86,12 +86,13 @@ class PhaseResult:
     max_param_rel_diff: float
 
 
-def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+def loss_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest relative difference of two runs' per-step losses."""
     scale = np.maximum(np.abs(b), np.finfo(np.float64).tiny)
     return float(np.max(np.abs(a - b) / scale)) if a.size else 0.0
 
 
-def _param_rel_diff(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> float:
+def param_rel_diff(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> float:
     """Largest relative difference of any weight tensor (norm of the difference / norm)."""
     worst = 0.0
     for name, value in ours.items():
@@ -158,8 +159,8 @@ def _phase(
         torch_seconds,
         accuracy(model, x_test, y_test),
         torch_acc,
-        _rel_diff(ours, theirs),
-        _param_rel_diff(model.state_dict(), twin_lib.state_dict_numpy(twin)),
+        loss_rel_diff(ours, theirs),
+        param_rel_diff(model.state_dict(), twin_lib.state_dict_numpy(twin)),
     )
 
 

@@ -56,23 +56,66 @@ def _array(t: object, op: Op, what: str) -> np.ndarray:
     return t.detach().resolve_conj().resolve_neg().contiguous().numpy()
 
 
+def _integer_inputs(op: Op) -> frozenset[str]:
+    """The op's integer tensors (token ids, labels): read as integers, never differentiated."""
+    spec = op.spec
+    return frozenset(str(b.label) for b in getattr(spec, "index_inputs", ()))
+
+
+def _differentiable(op: Op) -> tuple[bool, ...]:
+    """Per input: whether the op's VJP computes its gradient (its ``wrt``)."""
+    wrt = getattr(op.spec, "wrt", None)
+    if wrt is None:
+        return (True,) * len(op.input_names)
+    names = {str(b.label) for b in wrt}
+    return tuple(n in names for n in op.input_names)
+
+
+def _index_array(t: object, op: Op, what: str) -> np.ndarray:
+    if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+        return _array(t, op, what)  # the same errors as for a float input
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise DTypeError(
+            f"op {op.name!r}: {what} is an integer tensor (ids, labels) but has dtype "
+            f"{t.dtype}; give torch.long"
+        )
+    return t.detach().contiguous().numpy().astype(np.int64, copy=False)
+
+
 def _arrays(op: Op, tensors: Sequence[object], names: Sequence[str]) -> list[np.ndarray]:
     if len(tensors) != len(names):
         raise ArgumentError(
             f"op {op.name!r} takes {len(names)} tensor(s) ({', '.join(names)}), "
             f"got {len(tensors)}"
         )
-    return [_array(t, op, f"input {n!r}") for t, n in zip(tensors, names, strict=True)]
+    integer = _integer_inputs(op)
+    return [
+        _index_array(t, op, f"input {n!r}") if n in integer else _array(t, op, f"input {n!r}")
+        for t, n in zip(tensors, names, strict=True)
+    ]
 
 
-def _tensor(a: np.ndarray) -> torch.Tensor:
+def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
     # not np.ascontiguousarray: it turns a 0-d array (a scalar output) into shape (1,)
     # (and np.asarray: an elementwise op returns a 0-d input's gradient as a NumPy scalar)
+    if a is None:  # an integer input, or one outside the op's wrt
+        return None
     a = np.asarray(a)
     return torch.from_numpy(a if a.flags.c_contiguous else a.copy())
 
 
-def _vjp(op: Op, inputs: Sequence[torch.Tensor], grad_y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _check_needed(op: Op, needed: Sequence[bool]) -> None:
+    """torch asks for the gradient of an input the op does not differentiate: an error, not a
+    silent zero."""
+    for name, need, has in zip(op.input_names, needed, _differentiable(op), strict=True):
+        if need and not has:
+            raise ArgumentError(
+                f"op {op.name!r} computes no gradient for input {name!r} (it is not in the op's "
+                f"wrt); pass it detached (tensor.detach()) or define the op with wrt including it"
+            )
+
+
+def _vjp(op: Op, inputs: Sequence[torch.Tensor], grad_y: torch.Tensor) -> tuple[Any, ...]:
     """One gradient per input; differentiable (through the derived VJP) when torch records."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, grad_y)):
         grads = _vjp_function(op).apply(*inputs, grad_y)
@@ -107,13 +150,14 @@ def function(op: Op | str) -> type[torch.autograd.Function]:
 
 
 def _make_function(op: Op) -> type[torch.autograd.Function]:
-    def forward(*inputs: torch.Tensor) -> torch.Tensor:
+    def forward(*inputs: torch.Tensor) -> torch.Tensor | None:
         return _tensor(op(*_arrays(op, inputs, op.input_names)))
 
     def setup_context(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         ctx.save_for_backward(*inputs)
 
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:
+        _check_needed(op, ctx.needs_input_grad)
         return _masked(_vjp(op, ctx.saved_tensors, grad_y), ctx.needs_input_grad)
 
     doc = f"torch.autograd.Function of the symgrad op {op!r}: ``apply(*tensors)``."
@@ -134,7 +178,7 @@ def _vjp_function(op: Op) -> type[torch.autograd.Function]:
         return _VJP_FUNCTIONS[key]
     n = len(op.input_names)
 
-    def forward(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(*args: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         *inputs, grad_y = args
         arrays = _arrays(op, inputs, op.input_names)
         return tuple(_tensor(a) for a in op.vjp(*arrays, _array(grad_y, op, "grad_output")))
@@ -147,7 +191,14 @@ def _vjp_function(op: Op) -> type[torch.autograd.Function]:
         derived = vjp_op(op)
         g = grad_y.reshape(1) if derived.scalar_output else grad_y
         one = torch.ones((), dtype=grad_y.dtype)
-        grads = _vjp(derived.op, (*inputs, g, *v), one)
+        # one cotangent per gradient the op computes (integer inputs and inputs outside its
+        # wrt have none)
+        v_wrt = [
+            vk if vk is not None else torch.zeros_like(x)
+            for vk, x, has in zip(v, inputs, _differentiable(op), strict=True)
+            if has
+        ]
+        grads = _vjp(derived.op, (*inputs, g, *v_wrt), one)
         return _masked((*grads[:n], grads[n].reshape(grad_y.shape)), ctx.needs_input_grad)
 
     _VJP_FUNCTIONS[key] = type(f"{op.name}_vjp", (torch.autograd.Function,), {

@@ -1,0 +1,102 @@
+"""Reverse mode over a recorded graph of ops: the derived VJPs, composed.
+
+A network that is not a chain (a transformer layer: residual branches, attention's three
+projections of one input) records every op it applies on a :class:`Tape`; ``backward`` walks the
+record in reverse, hands each op the cotangent of its output, and adds the gradients its VJP
+returns into the cotangents of its inputs — or into ``Parameter.grad``.  Nothing here
+differentiates: every gradient comes from an op's derived VJP kernel.
+
+>>> import numpy as np, symgrad as sg
+>>> from symgrad.nn import Parameter, Tape
+>>> w = Parameter(np.array([2.0]))
+>>> tape = Tape()
+>>> y = tape.apply(sg.builtin("mse"), w, np.array([0.5]))
+>>> _ = tape.backward(y, np.array([1.0]))
+>>> w.grad  # ∂(w - 0.5)²/∂w = 2(w - 0.5)
+array([3.])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArgumentError
+from .modules import Parameter
+
+
+@dataclass
+class _Record:
+    op: Any  # an ElementwiseOp or TensorOp
+    args: tuple[Any, ...]  # Parameters or arrays, as given
+    arrays: tuple[np.ndarray, ...]  # what the op was called with
+    output: np.ndarray
+
+
+class Tape:
+    """The ops applied since it was created, for one reverse pass."""
+
+    def __init__(self) -> None:
+        self._records: list[_Record] = []
+        self._produced: set[int] = set()  # ids of the outputs recorded here
+
+    def apply(self, op: Any, *args: Any) -> np.ndarray:
+        """``op(*args)``, recorded.  ``args`` are arrays (inputs, or earlier outputs of this
+        tape) and :class:`Parameter`\\ s, whose ``data`` the op reads."""
+        arrays = tuple(a.data if isinstance(a, Parameter) else a for a in args)
+        output = op(*arrays)
+        self._records.append(_Record(op, args, arrays, output))
+        self._produced.add(id(output))
+        return output
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _needed(self, wanted: set[int]) -> set[int]:
+        """Ids of the recorded outputs whose cotangent reaches a trainable parameter or one of
+        the ``wanted`` inputs."""
+        needed = set(wanted)
+        for r in self._records:
+            if any(
+                (isinstance(a, Parameter) and a.requires_grad) or id(a) in needed for a in r.args
+            ):
+                needed.add(id(r.output))
+        return needed
+
+    def backward(
+        self, output: np.ndarray, grad_output: np.ndarray, wrt: tuple[np.ndarray, ...] = ()
+    ) -> tuple[np.ndarray | None, ...]:
+        """Accumulate ``Parameter.grad`` for the cotangent ``grad_output`` of ``output``;
+        return the cotangents of the input arrays ``wrt`` (None where none reaches them)."""
+        if id(output) not in self._produced:
+            raise ArgumentError("Tape.backward: the output was not produced by this tape")
+        grad = np.asarray(grad_output)
+        if grad.shape != output.shape:
+            raise ArgumentError(
+                f"Tape.backward: grad_output has shape {grad.shape}, the output {output.shape}"
+            )
+        wanted = {id(a) for a in wrt}
+        needed = self._needed(wanted)
+        cotangents: dict[int, np.ndarray] = {id(output): grad}
+        for r in reversed(self._records):
+            g = cotangents.pop(id(r.output), None)
+            if g is None:
+                continue
+            targets = [
+                a.requires_grad if isinstance(a, Parameter) else id(a) in needed for a in r.args
+            ]
+            if not any(targets):
+                continue
+            grads = r.op.vjp(*r.arrays, g)
+            for a, ga, take in zip(r.args, grads, targets, strict=True):
+                if not take or ga is None:
+                    continue
+                if isinstance(a, Parameter):
+                    a.accumulate(ga)
+                elif id(a) in cotangents:
+                    cotangents[id(a)] = cotangents[id(a)] + ga
+                else:
+                    cotangents[id(a)] = ga
+        return tuple(cotangents.get(id(a)) for a in wrt)
