@@ -45,6 +45,10 @@ class DTypeError(SymgradError, TypeError):
     """An array has a dtype symgrad does not compute in (only float32 and float64)."""
 
 
+class MissingDataError(SymgradError, FileNotFoundError):
+    """A data or model file that ships inside a package is not there (package not installed)."""
+
+
 class CacheError(SymgradError, OSError):
     """The kernel cache directory cannot be used."""
 

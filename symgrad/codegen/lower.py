@@ -422,13 +422,10 @@ class _Lowerer:
         The gradient of a gather (an embedding lookup), as the index calculus derives it; a
         loop over every ``k`` testing ``k == ids[b, t]`` would cost a factor ``V`` more.
         """
-        if a.accumulate or a.index is not None or not a.loops:
+        found = _one_sum(a)
+        if found is None:
             return None
-        sums = [f for f in sp.Mul.make_args(a.expr) if isinstance(f, sp.Sum)]
-        if len(sums) != 1:
-            return None
-        (total,) = sums
-        coeff = sp.Mul(*[f for f in sp.Mul.make_args(a.expr) if f is not total])
+        total, coeff = found
         loop_vars = [v for v, _, _ in a.loops]
         sum_vars = {v for v, _, _ in total.limits}
         deltas = [f for f in sp.Mul.make_args(total.function) if isinstance(f, sp.KroneckerDelta)]
@@ -463,13 +460,10 @@ class _Lowerer:
         accumulated into a float64 array.  Done only when that reads rows in order and no
         reduction inside depends on ``k`` (it would be recomputed for every ``b``).
         """
-        if a.accumulate or a.index is not None or not a.loops:
+        found = _one_sum(a)
+        if found is None:
             return None
-        sums = [f for f in sp.Mul.make_args(a.expr) if isinstance(f, sp.Sum)]
-        if len(sums) != 1:
-            return None
-        (total,) = sums
-        coeff = sp.Mul(*[f for f in sp.Mul.make_args(a.expr) if f is not total])
+        total, coeff = found
         loop_vars = [v for v, _, _ in a.loops]
         outer = set(loop_vars)
         if coeff.has(sp.Sum, ReduceMax) or (self._contraction(total, loop_vars) is not None):
@@ -535,6 +529,17 @@ class _Lowerer:
         else:
             lines.append(f"{pad}    {r.temp} = max({r.temp}, {body})")
         return lines
+
+
+def _one_sum(a: _Assignment) -> tuple[sp.Sum, sp.Expr] | None:
+    """``(Σ, c)`` when a plain assignment's value is ``c·Σ`` with exactly one ``Sum`` factor."""
+    if a.accumulate or a.index is not None or not a.loops:
+        return None
+    sums = [f for f in sp.Mul.make_args(a.expr) if isinstance(f, sp.Sum)]
+    if len(sums) != 1:
+        return None
+    (total,) = sums
+    return total, sp.Mul(*[f for f in sp.Mul.make_args(a.expr) if f is not total])
 
 
 def _guard(expr: sp.Expr) -> sp.Expr:

@@ -79,7 +79,17 @@ def _param(shape: tuple[int, ...], dtype: np.dtype) -> Parameter:
     return Parameter(np.zeros(shape, dtype=dtype))
 
 
-class BertLayer(Module):
+class _Block(Module):
+    """A module whose parameters are a name → Parameter table (Hugging Face's dotted names)."""
+
+    _params: dict[str, Parameter]
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        for name, p in self._params.items():
+            yield prefix + name, p
+
+
+class BertLayer(_Block):
     """Self-attention with the padding mask, then the feed-forward block; post-norm."""
 
     def __init__(self, config: BertConfig, dtype: np.dtype) -> None:
@@ -111,41 +121,22 @@ class BertLayer(Module):
         }
         self._op = _ops(config.layer_norm_eps)
 
-    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
-        for name, p in self._params.items():
-            yield prefix + name, p
-
     def apply(self, tape: Tape, hidden: np.ndarray, additive_mask: np.ndarray) -> np.ndarray:
         """``hidden`` ``(B, S, N)`` → ``(B, S, N)``; ``additive_mask`` ``(B, S)``: 0 at tokens,
         a large negative number at padding."""
         p, op = self._params, self._op
-        q = tape.apply(
-            op["head_projection"],
-            hidden,
-            p["attention.self.query.weight"],
-            p["attention.self.query.bias"],
-        )
-        k = tape.apply(
-            op["head_projection"],
-            hidden,
-            p["attention.self.key.weight"],
-            p["attention.self.key.bias"],
-        )
-        v = tape.apply(
-            op["head_projection"],
-            hidden,
-            p["attention.self.value.weight"],
-            p["attention.self.value.bias"],
+
+        def affine(name: str, prefix: str, x: np.ndarray) -> np.ndarray:
+            return tape.apply(op[name], x, p[f"{prefix}.weight"], p[f"{prefix}.bias"])
+
+        q, k, v = (
+            affine("head_projection", f"attention.self.{part}", hidden)
+            for part in ("query", "key", "value")
         )
         scores = tape.apply(op["attention_scores"], q, k)
         probs = tape.apply(op["masked_softmax"], scores, additive_mask)
         context = tape.apply(op["attention_context"], probs, v)
-        attended = tape.apply(
-            op["head_merge"],
-            context,
-            p["attention.output.dense.weight"],
-            p["attention.output.dense.bias"],
-        )
+        attended = affine("head_merge", "attention.output.dense", context)
         h1 = tape.apply(
             op["add_layer_norm"],
             attended,
@@ -153,17 +144,14 @@ class BertLayer(Module):
             p["attention.output.LayerNorm.weight"],
             p["attention.output.LayerNorm.bias"],
         )
-        inner = tape.apply(
-            op["seq_linear"], h1, p["intermediate.dense.weight"], p["intermediate.dense.bias"]
-        )
-        inner = tape.apply(op["gelu"], inner)
-        out = tape.apply(op["seq_linear"], inner, p["output.dense.weight"], p["output.dense.bias"])
+        inner = tape.apply(op["gelu"], affine("seq_linear", "intermediate.dense", h1))
+        out = affine("seq_linear", "output.dense", inner)
         return tape.apply(
             op["add_layer_norm"], out, h1, p["output.LayerNorm.weight"], p["output.LayerNorm.bias"]
         )
 
 
-class BertEmbeddings(Module):
+class BertEmbeddings(_Block):
     """Word + position + token-type embeddings (three gathers), then layer norm."""
 
     def __init__(self, config: BertConfig, dtype: np.dtype) -> None:
@@ -178,10 +166,6 @@ class BertEmbeddings(Module):
             "LayerNorm.bias": _param((n,), dtype),
         }
         self._op = _ops(config.layer_norm_eps)
-
-    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
-        for name, p in self._params.items():
-            yield prefix + name, p
 
     def apply(self, tape: Tape, input_ids: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         p, op = self._params, self._op

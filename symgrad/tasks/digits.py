@@ -15,11 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ..errors import SymgradError
-
-
-class MissingDataError(SymgradError, FileNotFoundError):
-    """A data file that ships inside a package is not there (package not installed)."""
+from ..errors import MissingDataError, SymgradError
 
 
 def _package_file(package: str, relative: str) -> Path:

@@ -57,8 +57,8 @@ class MinilmConfig:
     seed: int = 0
     epochs: int = 3
     batch_size: int = 32
-    lr: float = 1e-4
-    head_lr: float = 1e-3
+    lr: float = 5e-5  # the pretrained layers
+    head_lr: float = 1e-3  # the fresh head
     weight_decay: float = 0.01
     max_length: int = 128
     limit: int | None = None  # the first `limit` training and test messages only (quick runs)
@@ -177,10 +177,21 @@ class _Ours:
         return out
 
 
-def _optimizer(cfg: MinilmConfig, ours: _Ours) -> optim.AdamW:
-    if cfg.level == "a":
-        return optim.AdamW(ours.trainable(), lr=cfg.head_lr, weight_decay=cfg.weight_decay)
-    return optim.AdamW(ours.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+def _optimizers(cfg: MinilmConfig, ours: _Ours, twin: Any) -> list[tuple[Any, Any]]:
+    """AdamW pairs (symgrad, torch): the fresh head at ``head_lr``, the pretrained layers at
+    ``lr`` (a new head needs larger steps than weights that are already good)."""
+    from ..torch import twin_optimizer
+
+    pairs = []
+    groups = [
+        ([p for p in ours.encoder.parameters() if p.requires_grad], twin.layer_params, cfg.lr),
+        (ours.head.parameters(), twin.head_params, cfg.head_lr),
+    ]
+    for mine, theirs, lr in groups:
+        if mine:
+            opt = optim.AdamW(mine, lr=lr, weight_decay=cfg.weight_decay)
+            pairs.append((opt, twin_optimizer(opt, theirs)))
+    return pairs
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -233,8 +244,6 @@ def agreement_check(level: str, data: _Data, seed: int = 0) -> dict[str, float]:
 
 def run(cfg: MinilmConfig, progress: bool = False) -> dict[str, Any]:
     """Fine-tune both sides; returns the report (see the module docstring)."""
-    from ..torch import twin_optimizer
-
     if cfg.level not in LEVELS:
         raise SymgradError(f"--level must be one of {sorted(LEVELS)}, got {cfg.level!r}")
     if cfg.dtype not in ("float32", "float64"):
@@ -249,8 +258,7 @@ def run(cfg: MinilmConfig, progress: bool = False) -> dict[str, Any]:
     check = agreement_check(cfg.level, train.subset(np.arange(cfg.check_batch)), cfg.seed)
 
     ours, twin = _sides(cfg.level, dtype, cfg.seed)
-    opt = _optimizer(cfg, ours)
-    topt = twin_optimizer(opt, twin.params)
+    optimizers = _optimizers(cfg, ours, twin)
     start = time.perf_counter()
     ours_train, ours_test = ours.cache(train), ours.cache(test)
     ours_cache_s = time.perf_counter() - start
@@ -269,12 +277,14 @@ def run(cfg: MinilmConfig, progress: bool = False) -> dict[str, Any]:
             ids, mask, labels = train.batch(idx)
             t0 = time.perf_counter()
             ours_losses.append(ours.step(train, ours_train, idx))
-            opt.step()
-            opt.zero_grad()
+            for opt, _ in optimizers:
+                opt.step()
+                opt.zero_grad()
             t1 = time.perf_counter()
             twin_losses.append(twin.step(ids, mask, labels, [twin_train[n] for n in idx]))
-            topt.step()
-            topt.zero_grad()
+            for _, topt in optimizers:
+                topt.step()
+                topt.zero_grad()
             t2 = time.perf_counter()
             t_ours += t1 - t0
             t_twin += t2 - t1

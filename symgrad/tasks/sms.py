@@ -25,8 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import DTypeError, SymgradError
-from .digits import MissingDataError
+from ..errors import DTypeError, MissingDataError, SymgradError
 
 __all__ = [
     "MinilmFiles",

@@ -16,16 +16,15 @@ default (``dropout=False``) because symgrad's encoder does not model it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import SymgradError
-from ..tasks.sms import load_minilm_config, load_minilm_weights, tokenize
+from ..tasks.sms import load_minilm_config, load_minilm_weights
 
-__all__ = ["MiniLMClassifier", "embed", "freeze_below", "mean_pool", "minilm_twin"]
+__all__ = ["MiniLMClassifier", "freeze_below", "mean_pool", "minilm_twin"]
 
 _UNUSED = ("pooler.", "embeddings.position_ids")
 
@@ -101,26 +100,3 @@ def freeze_below(model: MiniLMClassifier, n_trainable_layers: int) -> list[torch
         for p in layer.parameters():
             p.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
-
-
-@torch.no_grad()
-def embed(
-    model: MiniLMClassifier,
-    texts: Sequence[str],
-    batch_size: int = 64,
-    max_length: int = 128,
-) -> np.ndarray:
-    """Pooled sentence embeddings ``(len(texts), 384)`` as NumPy, batch by batch in eval mode;
-    each batch is padded to its own longest message."""
-    was_training = model.training
-    model.eval()
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        ids, mask = tokenize(texts[start : start + batch_size], max_length=max_length)
-        chunks.append(model.pooled(torch.from_numpy(ids), torch.from_numpy(mask)).numpy())
-    model.train(was_training)
-    dim = model.head.in_features
-    dtype = next(model.parameters()).dtype
-    if not chunks:
-        return np.zeros((0, dim), dtype=torch.empty(0, dtype=dtype).numpy().dtype)
-    return np.concatenate(chunks)

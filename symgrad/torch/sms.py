@@ -24,6 +24,9 @@ class TwinRunner:
             self.model.head.weight.copy_(torch.from_numpy(head["weight"]))
             self.model.head.bias.copy_(torch.from_numpy(head["bias"]))
         self.params = freeze_below(self.model, trained)
+        self.head_params = list(self.model.head.parameters())
+        heads = {id(p) for p in self.head_params}
+        self.layer_params = [p for p in self.params if id(p) not in heads]
         self.layers = self.model.encoder.encoder.layer
         self.first = len(self.layers) - trained
         self.loss = torch.nn.CrossEntropyLoss()
@@ -93,5 +96,3 @@ class TwinRunner:
             if p.requires_grad and p.grad is not None
         }
 
-    def optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
