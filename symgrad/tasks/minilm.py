@@ -57,8 +57,8 @@ class MinilmConfig:
     seed: int = 0
     epochs: int = 3
     batch_size: int = 32
-    lr: float = 5e-5  # the pretrained layers
-    head_lr: float = 1e-3  # the fresh head
+    lr: float = 1e-4  # the pretrained layers (and the head, at levels b and c)
+    head_lr: float | None = None  # the fresh head; default: lr, or 1e-3 at level a
     weight_decay: float = 0.01
     max_length: int = 128
     limit: int | None = None  # the first `limit` training and test messages only (quick runs)
@@ -178,14 +178,15 @@ class _Ours:
 
 
 def _optimizers(cfg: MinilmConfig, ours: _Ours, twin: Any) -> list[tuple[Any, Any]]:
-    """AdamW pairs (symgrad, torch): the fresh head at ``head_lr``, the pretrained layers at
-    ``lr`` (a new head needs larger steps than weights that are already good)."""
+    """AdamW pairs (symgrad, torch): the pretrained layers at ``lr``, the fresh head at
+    ``head_lr`` (alone, at level a, it takes larger steps: 1e-3)."""
     from ..torch import twin_optimizer
 
+    head_lr = cfg.head_lr if cfg.head_lr is not None else 1e-3 if cfg.level == "a" else cfg.lr
     pairs = []
     groups = [
         ([p for p in ours.encoder.parameters() if p.requires_grad], twin.layer_params, cfg.lr),
-        (ours.head.parameters(), twin.head_params, cfg.head_lr),
+        (ours.head.parameters(), twin.head_params, head_lr),
     ]
     for mine, theirs, lr in groups:
         if mine:
