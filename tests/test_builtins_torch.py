@@ -429,13 +429,9 @@ def test_stable_gradients_keep_relative_accuracy_where_torch_loses_it(name, x):
     assert abs(mpmath.mpf(float(ours)) - partials[0]) <= 1e-12 * abs(partials[0])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "codegen evaluates bce_with_logits' stable forward as (-x*y + log1p(exp(-|x|))) + max(0, x): "
-    "at x=30, y=1 the tiny log1p term is added to -30 before +30 cancels it, so the loss "
-    "(9.36e-14) keeps only 2 digits. Adding max(0, x) - x*y first would make it exact "
-    "(symgrad/codegen/emit.py lower_primitives / term order)."
-))
 def test_bce_with_logits_small_loss_keeps_relative_accuracy():
+    """At x = 30, y = 1 the loss is log1p(e^-30) ≈ 9.4e-14: the printer adds max(0, x) - x·y
+    (which cancel exactly) before the log1p term, so it keeps every digit."""
     entry, op = sg.BUILTINS["bce_with_logits"], get_op("bce_with_logits", {})
     ref, _ = _mp_reference(_mp_function(entry, {}), [30.0, 1.0])
     ours = op(np.array([30.0]), np.array([1.0]))[0]

@@ -27,7 +27,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import sympy as sp
+from sympy.codegen.cfunctions import log1p
 from sympy.printing.codeprinter import PrintMethodNotImplementedError
+from sympy.printing.precedence import precedence
 from sympy.printing.pycode import PythonCodePrinter
 
 from ..errors import CodegenError, UnsupportedFunctionError
@@ -197,6 +199,24 @@ class NumbaPrinter(PythonCodePrinter):
             return str(super()._print_tanh(expr))
         arg = self._print(expr.args[0])
         return f"_sg_tanh({arg}, _sg_exp(2.0*abs({arg})))"
+
+    def _print_Add(self, expr: sp.Add, order: str | None = None) -> str:
+        # A bounded correction term — log1p(...), at most ln 2 in the stable forms — is added
+        # last: in softplus(x) - x·y = (max(x, 0) - x·y) + log1p(exp(-|x|)) the large terms
+        # cancel exactly first, and the small one keeps all its digits (Python adds left to
+        # right).
+        terms = list(expr.args)
+        small = [t for t in terms if t.has(log1p)]
+        if not small or len(small) == len(terms):
+            return str(super()._print_Add(expr, order))
+        large = sp.Add(*[t for t in terms if not t.has(log1p)])
+        text = f"({self._print(large)})"
+        for t in small:
+            if t.as_coeff_Mul()[0].is_negative:
+                text += f" - {self.parenthesize(-t, precedence(expr))}"
+            else:
+                text += f" + {self.parenthesize(t, precedence(expr))}"
+        return text
 
     def _print_Float(self, expr: sp.Float) -> str:
         return repr(float(expr))
