@@ -1,8 +1,11 @@
 """The MiniLM fine-tuning task on a few real SMS messages: symgrad's encoder against the
-Hugging Face twin — forward and every trainable gradient in float64, a float32 training step
-by step.  The full run is a command (``symgrad finetune --task sms-minilm``), not a test."""
+Hugging Face twin — forward and every trainable gradient in float64, a short training run step
+by step, the command's report.  The full run is a command (``symgrad finetune --task
+sms-minilm``), not a test."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -65,3 +68,34 @@ def test_spam_f1():
     labels = np.array([1, 1, 0, 0, 1])
     predicted = np.array([1, 0, 0, 1, 1])
     assert minilm.f1_spam(labels, predicted) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+
+
+def test_cli_writes_the_report_and_the_plot(tmp_path, capsys):
+    from symgrad.cli import main
+
+    out = tmp_path / "out"
+    code = main(
+        [
+            "finetune",
+            "--task",
+            "sms-minilm",
+            "--level",
+            "a",
+            "--limit",
+            "8",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "sms_minilm_report.json").read_text())
+    assert report["config"]["level"] == "a" and report["train_messages"] == 8
+    for key in ("symgrad_accuracy", "torch_accuracy", "symgrad_f1_spam", "epoch_time_ratio"):
+        assert key in report
+    assert (out / "sms_minilm_losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "float64 agreement with torch (forward 1e-10, gradients 1e-8): yes" in (
+        capsys.readouterr().out
+    )
