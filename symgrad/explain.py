@@ -56,7 +56,7 @@ from sympy.printing.precedence import PRECEDENCE
 
 from .codegen.emit import lower_primitives  # SymPy only: the emitter imports no numba
 from .errors import DefinitionError, ExplainError
-from .symbolic.derive import Derivation, prepare
+from .symbolic.derive import Derivation, Printouts, prepare
 from .symbolic.index import ReduceMax, TensorDerivation, TensorPartial
 from .symbolic.simplify import bounded_simplify
 from .symbolic.stabilize import Rewrite, canonicalize, stabilize
@@ -779,7 +779,7 @@ class Fusion:
 
 
 @dataclass(frozen=True)
-class NetworkDerivation:
+class NetworkDerivation(Printouts):
     """The chain rule through a ``Sequential`` and its loss (see :func:`network_derivation`)."""
 
     title: str
@@ -789,18 +789,6 @@ class NetworkDerivation:
     loss: LossFactors
     fusion: Fusion | None
     chains: tuple[tuple[sp.IndexedBase, tuple[M, ...]], ...]
-
-    def to_text(self) -> str:
-        """Unicode text, for terminals."""
-        return to_text(self)
-
-    def to_latex(self) -> str:
-        """LaTeX (amsmath)."""
-        return to_latex(self)
-
-    def to_markdown(self) -> str:
-        """GitHub-flavoured Markdown, math in ``$$``."""
-        return to_markdown(self)
 
 
 def _renamer(

@@ -7,7 +7,7 @@ tape; symgrad evaluates compiled kernels of symbolically derived formulas.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,22 +22,13 @@ from symgrad.errors import ArgumentError, ShapeError
 from symgrad.functional import jvp_op, vjp_op
 
 # torch's mse_loss warns when the target broadcasts; broadcasting is what is tested here
-pytestmark = pytest.mark.filterwarnings("ignore:Using a target size")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Using a target size"),
+    pytest.mark.usefixtures("torch_state"),
+]
 
 RTOL = 1e-10
 ATOL = 1e-12
-
-
-@pytest.fixture(autouse=True)
-def _torch_state() -> Iterator[None]:
-    """torch's global RNG and default dtype as these tests expect them, restored afterwards
-    (other test modules set the default dtype to float64 at import)."""
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
-    torch.set_default_dtype(dtype)
 
 
 def tanh_layer() -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -15,17 +14,7 @@ from symgrad import nn
 from symgrad import torch as sgt
 from symgrad.errors import DTypeError, SymgradError
 
-
-@pytest.fixture(autouse=True)
-def _torch_state() -> Iterator[None]:
-    """torch's global RNG and default dtype as these tests expect them, restored afterwards
-    (other test modules set the default dtype to float64 at import)."""
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("torch_state")
 
 
 def grad_of(t: torch.Tensor) -> np.ndarray:

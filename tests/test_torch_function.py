@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -31,16 +30,7 @@ SHAPE = (2, 3)
 KINK_MARGIN = 1e-2  # far beyond gradcheck's eps = 1e-6: no finite difference straddles a kink
 
 
-@pytest.fixture(autouse=True)
-def _torch_state() -> Iterator[None]:
-    """torch's global RNG and default dtype as these tests expect them, restored afterwards
-    (other test modules set the default dtype to float64 at import)."""
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("torch_state")
 
 
 # -- inputs ---------------------------------------------------------------------------------

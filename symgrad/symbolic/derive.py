@@ -38,8 +38,31 @@ class Partial:
     rewrites: tuple[Rewrite, ...]
 
 
+class Printouts:
+    """``to_text``, ``to_latex`` and ``to_markdown`` of a derivation, step by step (see
+    :mod:`symgrad.explain`: the printouts are a later stage, imported on use)."""
+
+    def to_text(self) -> str:
+        """Unicode text, for terminals."""
+        from ..explain import to_text
+
+        return to_text(self)  # type: ignore[arg-type]
+
+    def to_latex(self) -> str:
+        """LaTeX (amsmath)."""
+        from ..explain import to_latex
+
+        return to_latex(self)  # type: ignore[arg-type]
+
+    def to_markdown(self) -> str:
+        """GitHub-flavoured Markdown, math in ``$$``."""
+        from ..explain import to_markdown
+
+        return to_markdown(self)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
-class Derivation:
+class Derivation(Printouts):
     """Everything symgrad derived for an elementwise op, from formula to compiled expressions.
 
     ``forward`` is the formula as defined (constants bound), ``stable_forward`` what the forward
@@ -60,24 +83,6 @@ class Derivation:
         """The compiled partial derivatives, in input order."""
         return tuple(p.final for p in self.partials)
 
-    def to_text(self) -> str:
-        """The derivation step by step, as unicode text (see :mod:`symgrad.explain`)."""
-        from ..explain import to_text  # the printouts are a later stage; import on use
-
-        return to_text(self)
-
-    def to_latex(self) -> str:
-        """The derivation step by step, as LaTeX (see :mod:`symgrad.explain`)."""
-        from ..explain import to_latex
-
-        return to_latex(self)
-
-    def to_markdown(self) -> str:
-        """The derivation step by step, as GitHub Markdown (see :mod:`symgrad.explain`)."""
-        from ..explain import to_markdown
-
-        return to_markdown(self)
-
     def __str__(self) -> str:
         return self.to_text()
 
@@ -95,7 +100,8 @@ def prepare(expr: sp.Expr) -> sp.Expr:
         return sp.Piecewise((a, wins), (c, True))
 
     return expr.replace(
-        lambda e: isinstance(e, (sp.Max, sp.Min)), as_piecewise  # type: ignore[arg-type]
+        lambda e: isinstance(e, (sp.Max, sp.Min)),
+        as_piecewise,  # type: ignore[arg-type]
     )
 
 

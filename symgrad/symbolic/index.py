@@ -24,6 +24,7 @@ import sympy as sp
 from sympy.concrete.expr_with_limits import ExprWithLimits
 
 from ..errors import DefinitionError, NonDifferentiableError, UnboundSymbolError
+from .derive import Printouts
 from .spec import bind_constants, check_name
 from .stabilize import Rewrite, stabilize
 
@@ -487,7 +488,7 @@ class TensorPartial:
 
 
 @dataclass(frozen=True)
-class TensorDerivation:
+class TensorDerivation(Printouts):
     """Everything symgrad derived for a tensor op."""
 
     name: str
@@ -496,24 +497,6 @@ class TensorDerivation:
     stable_forward: sp.Expr
     forward_rewrites: tuple[Rewrite, ...]
     partials: tuple[TensorPartial, ...]
-
-    def to_text(self) -> str:
-        """The derivation step by step, as unicode text (see :mod:`symgrad.explain`)."""
-        from ..explain import to_text  # the printouts are a later stage; import on use
-
-        return to_text(self)
-
-    def to_latex(self) -> str:
-        """The derivation step by step, as LaTeX (see :mod:`symgrad.explain`)."""
-        from ..explain import to_latex
-
-        return to_latex(self)
-
-    def to_markdown(self) -> str:
-        """The derivation step by step, as GitHub Markdown (see :mod:`symgrad.explain`)."""
-        from ..explain import to_markdown
-
-        return to_markdown(self)
 
     def __str__(self) -> str:
         return self.to_text()
