@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sympy as sp
 
@@ -19,6 +19,7 @@ from .builtins import TensorBuiltin, get_builtin
 from .codegen.emit import KernelSource, emit_elementwise
 from .codegen.lower import emit_tensor
 from .codegen.printer import check_supported
+from .errors import DefinitionError
 from .runtime.cache import module_path, verified_text, write_source
 from .runtime.elementwise import ElementwiseOp
 from .runtime.tensor import TensorOp
@@ -45,6 +46,7 @@ def elementwise(
     *,
     fastmath: bool = False,
     parallel: bool = False,
+    wrt: Iterable[sp.Symbol | str] | None = None,
 ) -> ElementwiseOp:
     """Compile a scalar formula into an elementwise op with derived gradients.
 
@@ -55,6 +57,8 @@ def elementwise(
         constants: values for the formula's other free symbols, e.g. ``{alpha: 0.01}``.
         fastmath: compile with LLVM fast-math (faster, may break float64 agreement).
         parallel: parallelise the element loop over cores (``numba.prange``).
+        wrt: the inputs that get a gradient (symbols or names; default: all).  The kernels
+            compute and store only these; ``op.vjp`` returns ``None`` for the others.
 
     Returns:
         An op: ``op(*arrays)``, ``op.vjp(*arrays, grad_output)``, ``op.value_and_vjp(...)``,
@@ -72,7 +76,9 @@ def elementwise(
     >>> softsign.vjp(np.array([-1.0, 0.0, 3.0]), np.ones(3))[0]
     array([0.25  , 1.    , 0.0625])
     """
-    spec = elementwise_spec(expr, inputs, name, constants, fastmath=fastmath, parallel=parallel)
+    spec = elementwise_spec(
+        expr, inputs, name, constants, fastmath=fastmath, parallel=parallel, wrt=wrt
+    )
     if spec.key in _OPS:
         return _OPS[spec.key]  # type: ignore[return-value]
     check_supported(spec.expr, spec.name)
@@ -110,7 +116,7 @@ def tensor_op(
     inputs: Iterable[sp.IndexedBase],
     name: str,
     constants: Mapping[sp.Symbol | str, object] | None = None,
-    wrt: Iterable[sp.IndexedBase] | None = None,
+    wrt: Iterable[sp.IndexedBase | str] | None = None,
 ) -> TensorOp:
     """Compile a tensor formula in index notation into an op with derived VJPs.
 
@@ -121,7 +127,8 @@ def tensor_op(
         inputs: the input tensors, in call order.
         name: a Python identifier naming the op.
         constants: values for other free symbols (e.g. ``{eps: 1e-5}``).
-        wrt: the inputs that get a gradient (default: all but integer tensors); ``op.vjp``
+        wrt: the inputs (tensors or their names) that get a gradient (default: all but
+            integer tensors); ``op.vjp``
             returns ``None`` for the others.
 
     An input declared ``IndexedBase("ids", shape=(B, T), integer=True)`` is an integer tensor:
@@ -160,8 +167,14 @@ def tensor_op(
     return op
 
 
-def builtin(name: str, **params: float) -> ElementwiseOp | TensorOp:
+def builtin(
+    name: str, *, wrt: Iterable[str] | None = None, **params: Any
+) -> ElementwiseOp | TensorOp:
     """A built-in op by name, with torch's parameters (e.g. ``builtin("elu", alpha=0.5)``).
+
+    ``wrt`` names the inputs that get a gradient (default: the built-in's own choice, every
+    float input for most): ``builtin("bce_with_logits", wrt=["x"])`` computes no gradient for
+    the targets, ``builtin("linear", wrt=["W", "c"])`` none for the layer's input.
 
     >>> import numpy as np, symgrad as sg
     >>> sg.builtin("relu")(np.array([-1.0, 2.0]))
@@ -170,7 +183,18 @@ def builtin(name: str, **params: float) -> ElementwiseOp | TensorOp:
     entry = get_builtin(name)
     if isinstance(entry, TensorBuiltin):
         expr, out, inputs, constants = entry.build(**params)
-        wrt = None if entry.wrt is None else [b for b in inputs if str(b.label) in entry.wrt]
-        return tensor_op(expr, out=out, inputs=inputs, name=name, constants=constants, wrt=wrt)
+        chosen = entry.wrt if wrt is None else _wrt_names(name, wrt)
+        return tensor_op(expr, out=out, inputs=inputs, name=name, constants=constants, wrt=chosen)
     formula, constants = entry.expr(**params)
-    return elementwise(formula, inputs=entry.inputs, name=name, constants=constants)
+    return elementwise(
+        formula, inputs=entry.inputs, name=name, constants=constants,
+        wrt=None if wrt is None else _wrt_names(name, wrt),
+    )
+
+
+def _wrt_names(op: str, wrt: object) -> tuple[str, ...]:
+    if isinstance(wrt, str) or not isinstance(wrt, Iterable):
+        raise DefinitionError(
+            f"op {op!r}: wrt is a list of input names, e.g. wrt=['x'], got {wrt!r}"
+        )
+    return tuple(str(w) for w in wrt)

@@ -1317,7 +1317,8 @@ def derivation_for(
 
     params = dict(params or {})
     if target in BUILTINS or target in TENSOR_BUILTINS:
-        op = builtin(target, **params)
+        options: dict[str, Any] = dict(params)  # the built-in's parameters, never ``wrt``
+        op = builtin(target, **options)
         return _filter_partials(op.derivation(), wrt, f"built-in op {target!r}")  # type: ignore[arg-type]
     if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", target):
         names = ", ".join(sorted([*BUILTINS, *TENSOR_BUILTINS]))

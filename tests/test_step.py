@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from symgrad import nn, optim
+from symgrad.errors import IndexRangeError, ShapeError
 from symgrad.runtime.step import UnsupportedStepError, compile_step
 from symgrad.tasks.finetune import make_optimizer
 
@@ -98,3 +99,67 @@ def test_unsupported_models_and_bad_batches_are_named():
         step(np.zeros((2, 5)), np.zeros(2, dtype=int))
     with pytest.raises(Exception, match="labels must lie"):
         step(np.zeros((2, 6)), np.array([0, 9]))
+
+
+def _mlp32():
+    r = np.random.default_rng(1)
+    return nn.Sequential(
+        nn.Linear(6, 16, rng=r), nn.Tanh(), nn.Linear(16, 16, rng=r), nn.Tanh(),
+        nn.Linear(16, 3, rng=r),
+    )
+
+
+def test_float32_step_uses_float32_math_and_stays_close_to_the_layer_path():
+    rng = np.random.default_rng(4)
+    a, b = _mlp32(), _mlp32()
+    opt_a, opt_b = optim.SGD(a.parameters(), lr=0.1), optim.SGD(b.parameters(), lr=0.1)
+    step = compile_step(b, nn.CrossEntropyLoss(), opt_b)
+    for _ in range(5):
+        x = rng.normal(size=(12, 6)).astype(np.float32) * 3
+        y = rng.integers(0, 3, 12)
+        expected = _layer_step(a, nn.CrossEntropyLoss(), opt_a, x, y)
+        assert step(x, y) == pytest.approx(expected, rel=1e-5)
+    for k, v in a.state_dict().items():
+        assert b.state_dict()[k].dtype == np.float32
+        np.testing.assert_allclose(b.state_dict()[k], v, rtol=1e-4, atol=1e-6)
+    with open(step._fn.py_func.__code__.co_filename) as handle:
+        text = handle.read()
+    assert "_sg_tanh_f32(" in text and "_sg_tanh(" not in text
+
+
+def test_backward_stops_at_the_lowest_trained_layer():
+    """Frozen bottom layers run forward only: no VJP below the lowest trainable layer and no
+    input gradient there; the trained layers end up as on the layer path."""
+    rng = np.random.default_rng(5)
+    a, b = _mlp(), _mlp()
+    for model in (a, b):
+        model[0].requires_grad_(False)
+    opt_a = optim.SGD([p for p in a.parameters() if p.requires_grad], lr=0.1)
+    opt_b = optim.SGD([p for p in b.parameters() if p.requires_grad], lr=0.1)
+    step = compile_step(b, nn.CrossEntropyLoss(), opt_b)
+    for _ in range(3):
+        x, y = rng.normal(size=(9, 6)), rng.integers(0, 3, 9)
+        assert step(x, y) == pytest.approx(_layer_step(a, nn.CrossEntropyLoss(), opt_a, x, y))
+    for k, v in a.state_dict().items():
+        np.testing.assert_allclose(b.state_dict()[k], v, rtol=1e-12, atol=1e-15)
+    with open(step._fn.py_func.__code__.co_filename) as handle:
+        text = handle.read()
+    assert "lin0_vjp" not in text and "lin2_vjp(" in text
+    # the lowest trained layer's VJP computes no input gradient: 3 gradients → 2 here
+    assert "lin2_vjp(h1, W2, b2, h1.shape[0], W2.shape[0], h1.shape[1], g2, gW2, gb2)" in text
+
+
+def test_a_bad_label_is_reported_and_nothing_is_updated():
+    model = _mlp()
+    step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1))
+    before = model.state_dict()
+    with pytest.raises(IndexRangeError, match=r"label -1 at row 2"):
+        step(np.zeros((3, 6)), np.array([0, 1, -1]))
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.state_dict()[k], v)
+    with pytest.raises(ShapeError, match="integer labels"):
+        step(np.zeros((3, 6)), np.array([0.0, 1.0, 2.0]))
+    small = nn.Sequential(nn.Linear(6, 2, dtype=np.float64), nn.Sigmoid())
+    sig = compile_step(small, nn.BCELoss(), optim.SGD(small.parameters(), lr=0.1))
+    with pytest.raises(ShapeError, match=r"targets of shape \(3, 2\)"):
+        sig(np.zeros((3, 6)), np.zeros((3, 3)))

@@ -152,7 +152,8 @@ def emit_elementwise(
     value = derivation.stable_forward.xreplace(subs)
     partials = [d.xreplace(subs) for d in derivation.gradients]
     arrays = [f"{n}_a" for n in locals_]
-    grads = [f"grad_{n}" for n in locals_]
+    local_of = dict(zip(derivation.inputs, locals_, strict=True))
+    grads = [f"grad_{local_of[p.wrt]}" for p in derivation.partials]  # the wrt inputs only
     loop = "prange" if parallel else "range"
     decorator = f"@njit(cache=True, error_model='numpy', fastmath={fastmath}, parallel={parallel})"
     loads = [f"{n} = {a}[i]" for n, a in zip(locals_, arrays, strict=True)]

@@ -12,20 +12,23 @@ optimizer becomes one ``@njit`` function with every buffer passed in preallocate
   cross-entropy calls its op's kernels;
 * every parameter's update is one loop evaluating the optimizer's update formulas in order.
 
-Every expression printed here comes from a derivation (``op.derivation()``): nothing is
+The step returns ``(loss, -1)``, or ``(nan, row)`` from its prologue when the label of ``row``
+is outside the classes (nothing written then).  Every expression printed here comes from a
+derivation (``op.derivation()``): nothing is
 differentiated by hand.  The plan is described by :class:`StepPlan`; the source is deterministic.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 import sympy as sp
 
 from .._version import __version__
 from .emit import KernelSource, _cse_body
-from .printer import VECTOR_MATH_SOURCE
+from .printer import SINGLE_PRECISION, VECTOR_MATH_SOURCE
 
 _PAD = "    "
 
@@ -46,11 +49,13 @@ class StepPlan:
     name: str
     params: list[str] = field(default_factory=list)  # argument names, in call order
     imports: list[KernelCall] = field(default_factory=list)
+    prologue: list[str] = field(default_factory=list)  # checks and target set-up, first
     forward: list[str] = field(default_factory=list)
     loss: list[str] = field(default_factory=list)
     backward: list[str] = field(default_factory=list)
     update: list[str] = field(default_factory=list)
     helpers: set[str] = field(default_factory=set)  # vectorisable math helpers the loops call
+    single: bool = False  # float32 data: loops call the float32 helpers where there are any
 
 
 def elementwise_loop(
@@ -76,14 +81,25 @@ def elementwise_loop(
         lines.append(f"{inner}{names[s]} = {array}[i]")
     for stage in stages:
         body = _cse_body([e.xreplace(names) for _, e in stage], op_name)
-        plan.helpers |= body.helpers()
-        lines += [inner + line for line in body.lines]
-        for (target, _), result in zip(stage, body.results, strict=True):
+        body_lines, results = body.lines, body.results
+        if plan.single:
+            body_lines, results = [_single(t) for t in body_lines], [_single(t) for t in results]
+        text = "\n".join(body_lines + results)
+        plan.helpers |= {h for h in VECTOR_MATH_SOURCE if re.search(rf"\b{h}\(", text)}
+        lines += [inner + line for line in body_lines]
+        for (target, _), result in zip(stage, results, strict=True):
             if accumulate and target in accumulate:
                 lines.append(f"{inner}{accumulate[target]} += {result}")
             else:
                 lines.append(f"{inner}{target} = {result}")
     return lines
+
+
+def _single(text: str) -> str:
+    """``text`` calling the float32 twins of the helpers that have one."""
+    for double, single in SINGLE_PRECISION.items():
+        text = re.sub(rf"\b{double}\(", f"{single}(", text)
+    return text
 
 
 def emit_step(plan: StepPlan, key: str) -> KernelSource:
@@ -94,6 +110,7 @@ def emit_step(plan: StepPlan, key: str) -> KernelSource:
     lines = [
         "@njit(cache=True, error_model='numpy')",
         f"def step({', '.join(plan.params)}):",
+        *plan.prologue,
         f"{_PAD}# forward",
         *plan.forward,
         f"{_PAD}# loss and its gradient",
@@ -102,7 +119,7 @@ def emit_step(plan: StepPlan, key: str) -> KernelSource:
         *plan.backward,
         f"{_PAD}# update",
         *plan.update,
-        f"{_PAD}return loss",
+        f"{_PAD}return loss, -1",
     ]
     helpers = [VECTOR_MATH_SOURCE[name] + "\n\n" for name in sorted(plan.helpers)]
     body = "\n".join([*header_imports, "", "", *helpers, *lines]) + "\n"

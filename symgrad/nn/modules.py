@@ -272,7 +272,8 @@ class _BuiltinActivation(Elementwise):
     op_name = ""
 
     def __init__(self, **params: float) -> None:
-        op = builtin(self.op_name, **params)
+        options: dict[str, Any] = dict(params)  # torch's parameters, never ``wrt``
+        op = builtin(self.op_name, **options)
         assert isinstance(op, ElementwiseOp)
         super().__init__(op)
 

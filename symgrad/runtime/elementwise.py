@@ -63,6 +63,7 @@ class ElementwiseOp:
         self.spec = spec
         self.name = spec.name
         self.input_names = tuple(s.name for s in spec.inputs)
+        self._wrt = tuple(spec.inputs.index(s) for s in spec.wrt)
         self._path = path
         self._derive = derive
         self._derivation = derivation
@@ -184,8 +185,9 @@ class ElementwiseOp:
         self._run("forward", *flat, out)
         return out.reshape(shape)
 
-    def vjp(self, *arrays_and_grad: object) -> tuple[np.ndarray, ...]:
-        """``op.vjp(*inputs, grad_output)``: one gradient per input, of its shape and dtype.
+    def vjp(self, *arrays_and_grad: object) -> tuple[Any, ...]:
+        """``op.vjp(*inputs, grad_output)``: one gradient per input, of its shape and dtype
+        (``None`` for an input outside the op's ``wrt``).
 
         ``grad_output`` has the output's shape (or is a scalar, broadcast).
         """
@@ -195,16 +197,14 @@ class ElementwiseOp:
         checked, shape, dtype = self._inputs(tuple(arrays))
         flat = self._flat(checked, shape)
         g, step = self._cotangent(grad_output, shape, dtype)
-        grads = [np.empty(flat[0].shape, dtype=dtype) for _ in flat]
+        grads = self._gradients(flat[0].shape, dtype)
         self._run("vjp", *flat, g, step, *grads)
-        return tuple(
-            _unbroadcast(gr.reshape(shape), a.shape) for gr, a in zip(grads, checked, strict=True)
-        )
+        return self._shaped(grads, checked, shape)
 
     def value_and_vjp(
         self, *arrays: object, grad_output: object = 1.0, reduction: Reduction = "none"
-    ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        """Value and gradients in one pass over memory.
+    ) -> tuple[np.ndarray, tuple[Any, ...]]:
+        """Value and gradients in one pass over memory (``None`` for inputs outside ``wrt``).
 
         ``reduction="none"``: the elementwise values, and ``grad_output`` of the output's shape
         (or a scalar).  ``"sum"`` / ``"mean"``: the reduced value as a 0-d array, and the
@@ -212,7 +212,7 @@ class ElementwiseOp:
         """
         checked, shape, dtype = self._inputs(arrays)
         flat = self._flat(checked, shape)
-        grads = [np.empty(flat[0].shape, dtype=dtype) for _ in flat]
+        grads = self._gradients(flat[0].shape, dtype)
         if reduction == "none":
             g, step = self._cotangent(grad_output, shape, dtype)
             out = np.empty(flat[0].shape, dtype=dtype)
@@ -233,6 +233,17 @@ class ElementwiseOp:
             raise ArgumentError(
                 f"op {self.name!r}: reduction must be 'none', 'sum' or 'mean', got {reduction!r}"
             )
-        return value, tuple(
-            _unbroadcast(gr.reshape(shape), a.shape) for gr, a in zip(grads, checked, strict=True)
-        )
+        return value, self._shaped(grads, checked, shape)
+
+    def _gradients(self, size: tuple[int, ...], dtype: np.dtype) -> list[np.ndarray]:
+        """Empty flat gradient arrays, one per input in the op's ``wrt``."""
+        return [np.empty(size, dtype=dtype) for _ in self._wrt]
+
+    def _shaped(
+        self, grads: list[np.ndarray], checked: list[np.ndarray], shape: tuple[int, ...]
+    ) -> tuple[Any, ...]:
+        """One gradient per input, summed back to its shape; None for inputs outside wrt."""
+        result: list[np.ndarray | None] = [None] * len(checked)
+        for n, gr in zip(self._wrt, grads, strict=True):
+            result[n] = _unbroadcast(gr.reshape(shape), checked[n].shape)
+        return tuple(result)

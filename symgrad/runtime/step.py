@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
+from ..api import builtin
 from ..codegen.step import KernelCall, StepPlan, elementwise_loop, emit_step
-from ..errors import ShapeError, SymgradError
+from ..errors import IndexRangeError, ShapeError, SymgradError
 from ..nn.losses import CrossEntropyLoss, ElementwiseLoss, Loss, fuse
 from ..nn.modules import Elementwise, Linear, Module, Sequential
 from ..optim import SGD, Adam, Optimizer
@@ -27,6 +28,12 @@ from .cache import import_module, module_path, verified_text, write_source
 from .tensor import TensorOp
 
 _PAD = "    "
+_SCALARS = ("first", "adam_s", "adam_c")  # arguments set on every call
+_LINEAR_INPUTS = {True: ("X", "W", "c"), False: ("A", "Bm")}  # linear / matmul op inputs
+
+
+def _linear_op(layer: Linear) -> str:
+    return "linear" if layer.bias is not None else "matmul"
 
 
 class UnsupportedStepError(SymgradError, TypeError):
@@ -74,8 +81,10 @@ class FusedStep:
                     f"layer {k} ({type(layer).__name__}) is not supported by the fused step "
                     "(Linear and elementwise activations are); train with symgrad.train.fit"
                 )
-        if not any(isinstance(layer, Linear) for layer in self.layers):
+        linear = [layer for layer in self.layers if isinstance(layer, Linear)]
+        if not linear:
             raise UnsupportedStepError("the fused step needs at least one Linear layer")
+        self._first: Linear = linear[0]
         if not isinstance(objective, (CrossEntropyLoss, ElementwiseLoss)):
             raise UnsupportedStepError(f"loss {objective!r} is not supported by the fused step")
         self.loss: CrossEntropyLoss | ElementwiseLoss = objective
@@ -86,9 +95,11 @@ class FusedStep:
         self._buffers: _Buffers | None = None
         self._views: dict[int, dict[str, np.ndarray]] = {}
         self._cached: tuple[tuple[int, ...], list[Any]] | None = None
-        self._slots: dict[str, int] = {}
         self._fn: Any = None
         self._args: list[str] = []
+        self._ops: dict[int, TensorOp] = {}
+        self._lowest = len(self.layers)
+        self._dtype = np.dtype(np.float64)
 
     # -- planning --------------------------------------------------------------------------
 
@@ -96,15 +107,39 @@ class FusedStep:
         params = [("W", layer.weight)] + ([("b", layer.bias)] if layer.bias is not None else [])
         return [(n, p) for n, p in params if p.requires_grad and id(p) in self._opt_index]
 
+    def _select_ops(self) -> None:
+        """Each linear layer's op, with only the gradients the step uses.
+
+        The backward pass stops at the lowest layer with a parameter to train: layers below
+        it run forward only, that layer's VJP computes no input gradient, and a frozen layer
+        above it only its input's — kernels derived with ``wrt``, not the layer's full VJP.
+        """
+        linear = [k for k, layer in enumerate(self.layers) if isinstance(layer, Linear)]
+        trained = [k for k in linear if self._trainable(self.layers[k])]
+        self._lowest = trained[0] if trained else len(self.layers)
+        for k in linear:
+            layer = self.layers[k]
+            assert isinstance(layer, Linear)
+            names = _LINEAR_INPUTS[layer.bias is not None]
+            wrt = [names[0]] if k > self._lowest else []
+            wrt += [names[1 if p == "W" else 2] for p, _ in self._trainable(layer)]
+            op = builtin(_linear_op(layer), wrt=wrt) if wrt else layer._op
+            assert isinstance(op, TensorOp)
+            self._ops[k] = op
+        if isinstance(self.loss, CrossEntropyLoss):
+            self._loss_op: Any = builtin("softmax_cross_entropy", wrt=["X"])
+        else:
+            self._loss_op = self.loss.op
+
     def _key(self) -> str:
-        parts = [__name__, type(self.optimizer).__name__]
-        for layer in self.layers:
+        parts = [__name__, type(self.optimizer).__name__, self._dtype.name]
+        for k, layer in enumerate(self.layers):
             if isinstance(layer, Linear):
-                parts.append(f"linear:{layer._op.spec.key}:{layer.bias is not None}")
+                parts.append(f"linear:{self._ops[k].spec.key}:{layer.bias is not None}")
                 parts.append(",".join(n for n, _ in self._trainable(layer)))
             else:
-                parts.append(f"act:{layer.op.spec.key}")
-        parts.append(f"loss:{self.loss.op.spec.key}")
+                parts.append(f"act:{layer.op.spec.key}:{k > self._lowest}")
+        parts.append(f"loss:{self._loss_op.spec.key}")
         for op in self._optimizer_ops():
             parts.append(f"opt:{op.spec.key}")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
@@ -116,11 +151,22 @@ class FusedStep:
         assert isinstance(opt, Adam)
         return [opt._m, opt._v, opt._step]
 
+    def _grad_names(self, k: int, layer: Linear) -> list[str]:
+        """The gradient buffers of layer ``k``'s trainable parameters, in its op's input order."""
+        names = []
+        for p, _ in self._trainable(layer):
+            if p == "b":
+                names.append(f"gb{k}")
+            else:  # a matmul layer's gradient is of W.T, transposed back after the call
+                names.append(f"gW{k}" if layer.bias is not None else f"gWT{k}")
+        return names
+
     def _plan(self, with_code: bool) -> StepPlan:
         """Arguments (always) and code lines (``with_code``) of the step function."""
-        plan = StepPlan("fused_step")
+        plan = StepPlan("fused_step", single=self._dtype == np.float32)
         args = plan.params
-        args += ["x", "target"]
+        ce = isinstance(self.loss, CrossEntropyLoss)
+        args += ["x", "labels", "target"] if ce else ["x", "target"]
         a = "x"  # the current activation buffer
         blocks: list[list[str]] = []  # each layer's backward lines, in forward order
         for k, layer in enumerate(self.layers):
@@ -128,10 +174,10 @@ class FusedStep:
             plan.backward = []
             if isinstance(layer, Linear):
                 args += [f"W{k}"] + ([f"b{k}"] if layer.bias is not None else [])
-                args += [f"gW{k}"] + ([f"gb{k}"] if layer.bias is not None else [])
-                args += [out, f"g{k}"]
-                if layer.bias is None:
-                    args.append(f"gWT{k}")
+                grads = self._grad_names(k, layer)
+                args += [out, f"g{k}", *grads]
+                if f"gWT{k}" in grads:
+                    args.append(f"gW{k}")
                 if with_code:
                     self._linear_code(plan, k, layer, a, out)
             else:
@@ -141,35 +187,28 @@ class FusedStep:
             blocks.append(plan.backward)
             a = out
         plan.backward = [line for block in reversed(blocks) for line in block]
-        args += ["g_in"]  # the gradient of the input (computed by the first layer's VJP)
-        if isinstance(self.loss, CrossEntropyLoss):
-            args += ["losses", "grad_rows", "grad_target"]
+        if ce:
+            args += ["losses", "grad_rows"]
         if with_code:
             self._loss_code(plan, a)
         self._update_args_and_code(plan, with_code)
         return plan
 
     def _linear_code(self, plan: StepPlan, k: int, layer: Linear, a: str, out: str) -> None:
-        op = layer._op
-        assert isinstance(op, TensorOp)
+        op = self._ops[k]
         module = _module_name(op)
-        plan.imports += [
-            KernelCall(module, "forward", f"lin{k}_forward"),
-            KernelCall(module, "vjp", f"lin{k}_vjp"),
-        ]
-        g_in = "g_in" if k == 0 else f"g{k - 1}"
-        if layer.bias is not None:
-            call_args = [a, f"W{k}", f"b{k}"]
-            dims = ", ".join(_dims(op, call_args))
-            plan.forward.append(f"{_PAD}lin{k}_forward({a}, W{k}, b{k}, {dims}, {out})")
-            plan.backward.append(
-                f"{_PAD}lin{k}_vjp({a}, W{k}, b{k}, {dims}, g{k}, {g_in}, gW{k}, gb{k})"
-            )
-        else:  # matmul with the transposed weight; its gradient is transposed back
-            call_args = [a, f"W{k}.T"]
-            dims = ", ".join(_dims(op, call_args))
-            plan.forward.append(f"{_PAD}lin{k}_forward({a}, W{k}.T, {dims}, {out})")
-            plan.backward.append(f"{_PAD}lin{k}_vjp({a}, W{k}.T, {dims}, g{k}, {g_in}, gWT{k})")
+        plan.imports.append(KernelCall(module, "forward", f"lin{k}_forward"))
+        inputs = [a, f"W{k}", f"b{k}"] if layer.bias is not None else [a, f"W{k}.T"]
+        dims = ", ".join(_dims(op, inputs))
+        plan.forward.append(f"{_PAD}lin{k}_forward({', '.join(inputs)}, {dims}, {out})")
+        if k < self._lowest:
+            return
+        plan.imports.append(KernelCall(module, "vjp", f"lin{k}_vjp"))
+        grads = ([f"g{k - 1}"] if k > self._lowest else []) + self._grad_names(k, layer)
+        plan.backward.append(
+            f"{_PAD}lin{k}_vjp({', '.join(inputs)}, {dims}, g{k}, {', '.join(grads)})"
+        )
+        if f"gWT{k}" in grads:
             plan.backward.append(f"{_PAD}gW{k}[:, :] = gWT{k}.T")
 
     def _activation_code(
@@ -178,22 +217,14 @@ class FusedStep:
         derivation = layer.op.derivation()
         (x,) = layer.op.spec.inputs
         n = f"{a}.size"
-        flat = [f"{_PAD}{v}f = {v}.reshape({v}.size)" for v in (a, out, f"d{k}")]
-        plan.forward += flat
-        plan.forward += elementwise_loop(
-            plan,
-            layer.op.name,
-            n,
-            {x: f"{a}f"},
-            [
-                [
-                    (f"{out}f[i]", derivation.stable_forward),
-                    (f"d{k}f[i]", derivation.partials[0].final),
-                ]
-            ],
-            _PAD,
-        )
-        g_in = "g_in" if k == 0 else f"g{k - 1}"
+        stores = [(f"{out}f[i]", derivation.stable_forward)]
+        if k > self._lowest:  # the local partial, for the backward pass
+            stores.append((f"d{k}f[i]", derivation.partials[0].final))
+        plan.forward += [f"{_PAD}{v}f = {v}.reshape({v}.size)" for v in (a, out, f"d{k}")]
+        plan.forward += elementwise_loop(plan, layer.op.name, n, {x: f"{a}f"}, [stores], _PAD)
+        if k < self._lowest:
+            return
+        g_in = f"g{k - 1}"
         plan.backward += [f"{_PAD}{v}f = {v}.reshape({v}.size)" for v in (g_in, f"g{k}", f"d{k}")]
         plan.backward += [
             f"{_PAD}for i in range({n}):",  # the chain rule: incoming gradient × local partial
@@ -203,12 +234,23 @@ class FusedStep:
     def _loss_code(self, plan: StepPlan, logits: str) -> None:
         last = len(self.layers) - 1
         if isinstance(self.loss, CrossEntropyLoss):
-            op = self.loss.op
-            assert isinstance(op, TensorOp)
+            op = self._loss_op
             module = _module_name(op)
             plan.imports += [
                 KernelCall(module, "forward", "loss_forward"),
                 KernelCall(module, "vjp", "loss_vjp"),
+            ]
+            # One-hot targets and the mean's cotangent; a label outside the classes stops the
+            # step before anything is written (its row is returned and reported).
+            plan.prologue += [
+                f"{_PAD}for r in range(labels.shape[0]):",
+                f"{_PAD}{_PAD}if labels[r] < 0 or labels[r] >= target.shape[1]:",
+                f"{_PAD}{_PAD}{_PAD}return math.nan, r",
+                f"{_PAD}for r in range(target.shape[0]):",
+                f"{_PAD}{_PAD}for j in range(target.shape[1]):",
+                f"{_PAD}{_PAD}{_PAD}target[r, j] = 0.0",
+                f"{_PAD}{_PAD}target[r, labels[r]] = 1.0",
+                f"{_PAD}{_PAD}grad_rows[r] = 1.0 / target.shape[0]",
             ]
             dims = ", ".join(_dims(op, [logits, "target"]))
             plan.loss += [
@@ -217,10 +259,10 @@ class FusedStep:
                 f"{_PAD}for r in range(losses.shape[0]):",
                 f"{_PAD}{_PAD}loss += losses[r]",
                 f"{_PAD}loss = loss / losses.shape[0]",
-                f"{_PAD}loss_vjp({logits}, target, {dims}, grad_rows, g{last}, grad_target)",
+                f"{_PAD}loss_vjp({logits}, target, {dims}, grad_rows, g{last})",
             ]
             return
-        op = self.loss.op
+        op = self._loss_op
         derivation = op.derivation()
         z, y = op.spec.inputs
         inv_n = sp.Symbol("inv_n", real=True)
@@ -325,137 +367,152 @@ class FusedStep:
 
     # -- compile and run -------------------------------------------------------------------
 
-    def _compile(self) -> None:
+    def _compile(self, dtype: np.dtype) -> None:
+        self._dtype = dtype  # float32 data gets float32 math where it has a helper for it
+        self._select_ops()
         key = self._key()
         path = module_path("fused_step", key)
         if verified_text(path) is None:
             write_source(path, emit_step(self._plan(with_code=True), key).text)
-            plan = self._plan(with_code=False)
-        else:
-            plan = self._plan(with_code=False)
-            for layer in self.layers:  # the step imports the layers' kernel modules by name
-                if isinstance(layer, Linear):
-                    _module_name(layer._op)
-            if isinstance(self.loss, CrossEntropyLoss):
-                _module_name(self.loss.op)
-        self._args = plan.params
+        else:  # the step imports its kernels' modules by name: import them first
+            for op in [*self._ops.values(), self._loss_op]:
+                if isinstance(op, TensorOp):
+                    _module_name(op)
+        self._args = self._plan(with_code=False).params
+        self._slots = {n: self._args.index(n) for n in _SCALARS if n in self._args}
+        self._trained = [
+            (k, name, p)
+            for k, layer in enumerate(self.layers)
+            if isinstance(layer, Linear)
+            for name, p in self._trainable(layer)
+        ]
         self._fn = import_module(path).step
 
-    def _allocate(self, batch: int, dtype: np.dtype, in_features: int) -> _Buffers:
+    def _allocate(self, batch: int, dtype: np.dtype) -> _Buffers:
         arrays: dict[str, np.ndarray] = {}
-        width = in_features
+        width = self._first.in_features
         for k, layer in enumerate(self.layers):
             if isinstance(layer, Linear):
                 width = layer.out_features
-                arrays[f"gW{k}"] = np.zeros(layer.weight.shape, dtype)
-                if layer.bias is not None:
-                    arrays[f"gb{k}"] = np.zeros(layer.bias.shape, dtype)
-                else:
-                    arrays[f"gWT{k}"] = np.zeros(layer.weight.shape[::-1], dtype)
+                for name in self._grad_names(k, layer):
+                    param = layer.bias if name.startswith("gb") else layer.weight
+                    assert param is not None
+                    shape = param.shape[::-1] if name.startswith("gWT") else param.shape
+                    arrays[name] = np.zeros(shape, dtype)
+                if f"gWT{k}" in arrays:
+                    arrays[f"gW{k}"] = np.zeros(layer.weight.shape, dtype)
             else:
                 arrays[f"d{k}"] = np.zeros((batch, width), dtype)
             arrays[f"h{k}"] = np.zeros((batch, width), dtype)
             arrays[f"g{k}"] = np.zeros((batch, width), dtype)
-        arrays["g_in"] = np.zeros((batch, in_features), dtype)
-        arrays["target"] = np.zeros((batch, width), dtype)
-        arrays["losses"] = np.zeros(batch, dtype)
-        arrays["grad_rows"] = np.zeros(batch, dtype)
-        arrays["grad_target"] = np.zeros((batch, width), dtype)
+        if isinstance(self.loss, CrossEntropyLoss):
+            arrays["target"] = np.zeros((batch, width), dtype)
+            arrays["losses"] = np.zeros(batch, dtype)
+            arrays["grad_rows"] = np.zeros(batch, dtype)
         shared = {k for k in arrays if k.startswith(("gW", "gb"))}
         return _Buffers(batch, dtype, arrays, frozenset(set(arrays) - shared))
 
-    def _state(self, p: Any) -> dict[str, Any]:
-        return self.optimizer.state[self._opt_index[id(p)]]
-
-    def __call__(self, x: np.ndarray, y: np.ndarray) -> float:
-        """One step on the batch ``(x, y)``: parameters and optimizer state updated in place."""
-        if self._fn is None:
-            self._compile()
-        first = next(lay for lay in self.layers if isinstance(lay, Linear))
-        x = np.ascontiguousarray(x)
-        dtype = first.weight.data.dtype
-        if x.ndim != 2 or x.shape[1] != first.in_features or x.dtype != dtype:
-            raise ShapeError(
-                f"the fused step expects x of shape (batch, {first.in_features}) and dtype "
-                f"{dtype}, got {x.shape} {x.dtype}"
-            )
-        batch = x.shape[0]
+    def _batch_views(self, batch: int, dtype: np.dtype) -> dict[str, np.ndarray]:
+        """The first ``batch`` rows of every per-example buffer (reallocated when too small)."""
         buffers = self._buffers
         if buffers is None or buffers.capacity < batch or buffers.dtype != dtype:
-            buffers = self._buffers = self._allocate(batch, dtype, first.in_features)
+            buffers = self._buffers = self._allocate(batch, dtype)
             self._views = {}
-        views = self._views.get(batch)
-        if views is None:  # the first `batch` rows of every per-example buffer
-            views = self._views[batch] = {
-                k: v[:batch] if k in buffers.per_example else v for k, v in buffers.arrays.items()
-            }
-        target = views["target"]
+        views = self._views[batch] = {
+            k: v[:batch] if k in buffers.per_example else v for k, v in buffers.arrays.items()
+        }
+        return views
+
+    def _targets(self, y: object, batch: int, dtype: np.dtype) -> np.ndarray:
         if isinstance(self.loss, CrossEntropyLoss):
             labels = np.asarray(y)
             if labels.shape != (batch,) or labels.dtype.kind not in "iu":
                 raise ShapeError(
                     f"expected {batch} integer labels, got {labels.shape} {labels.dtype}"
                 )
-            classes = target.shape[1]
-            if batch and (labels.min() < 0 or labels.max() >= classes):
-                raise SymgradError(f"labels must lie in [0, {classes})")
-            target.fill(0)
-            target[np.arange(batch), labels] = 1
-            views["grad_rows"].fill(1.0 / batch)
-        else:
-            values = np.asarray(y, dtype=dtype)
-            if values.shape != target.shape:
-                raise ShapeError(f"targets of shape {target.shape} expected, got {values.shape}")
-            target[...] = values
-        return float(self._fn(*self._arguments(views, x)))
+            return labels.astype(np.int64, copy=False)
+        values = np.ascontiguousarray(y, dtype=dtype)
+        shape = (batch, self._output_width())
+        if values.shape != shape:
+            raise ShapeError(f"targets of shape {shape} expected, got {values.shape}")
+        return values
 
-    def _arguments(self, views: dict[str, np.ndarray], x: np.ndarray) -> list[Any]:
+    def _output_width(self) -> int:
+        """The model's output features: the last linear layer's (activations keep widths)."""
+        return next(
+            lay.out_features for lay in reversed(self.layers) if isinstance(lay, Linear)
+        )
+
+    def __call__(self, x: np.ndarray, y: np.ndarray) -> float:
+        """One step on the batch ``(x, y)``: parameters and optimizer state updated in place."""
+        first = self._first
+        dtype = first.weight.data.dtype
+        if self._fn is None or dtype != self._dtype:
+            self._compile(dtype)
+        x = np.ascontiguousarray(x)
+        if x.ndim != 2 or x.shape[1] != first.in_features or x.dtype != dtype:
+            raise ShapeError(
+                f"the fused step expects x of shape (batch, {first.in_features}) and dtype "
+                f"{dtype}, got {x.shape} {x.dtype}"
+            )
+        batch = x.shape[0]
+        views = self._views.get(batch)
+        if views is None or self._buffers is None or self._buffers.dtype != dtype:
+            views = self._batch_views(batch, dtype)
+        args = self._arguments(views)
+        args[0] = x
+        args[1] = self._targets(y, batch, dtype)
+        loss, bad = self._fn(*args)
+        if bad >= 0:
+            classes = self._output_width()
+            raise IndexRangeError(
+                f"labels must lie in [0, {classes}): label {int(args[1][bad])} at row {bad}; "
+                "nothing was updated"
+            )
+        return float(loss)
+
+    def _arguments(self, views: dict[str, np.ndarray]) -> list[Any]:
         """The step's arguments; the list is reused while the arrays stay the same objects."""
         opt = self.optimizer
-        trainable = [
-            (k, name, p)
-            for k, layer in enumerate(self.layers)
-            if isinstance(layer, Linear)
-            for name, p in self._trainable(layer)
-        ]
-        states = [self._state(p) for _, _, p in trainable]
-        first_step = any(
-            ("momentum_buffer" if isinstance(opt, SGD) else "step") not in st for st in states
-        )
-        for (_, _, p), state in zip(trainable, states, strict=True):
-            if isinstance(opt, SGD) and opt.momentum != 0 and "momentum_buffer" not in state:
-                state["momentum_buffer"] = np.zeros_like(p.data)
-            elif isinstance(opt, Adam):
+        states = [opt.state[self._opt_index[id(p)]] for _, _, p in self._trained]
+        first_step = False
+        if isinstance(opt, SGD) and opt.momentum != 0:
+            first_step = any("momentum_buffer" not in state for state in states)
+            for (_, _, p), state in zip(self._trained, states, strict=True):
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = np.zeros_like(p.data)
+        elif isinstance(opt, Adam):
+            for (_, _, p), state in zip(self._trained, states, strict=True):
                 if "step" not in state:
                     state.update(
                         step=0, exp_avg=np.zeros_like(p.data), exp_avg_sq=np.zeros_like(p.data)
                     )
                 state["step"] += 1
-        arrays = [lay.weight.data for lay in self.layers if isinstance(lay, Linear)]
-        arrays += [
-            lay.bias.data for lay in self.layers if isinstance(lay, Linear) and lay.bias is not None
-        ]
-        arrays += [a for st in states for a in st.values() if isinstance(a, np.ndarray)]
-        key = (id(views), *map(id, arrays))
+        key = (
+            id(views),
+            *(id(lay.weight.data) for lay in self.layers if isinstance(lay, Linear)),
+            *(
+                id(lay.bias.data)
+                for lay in self.layers
+                if isinstance(lay, Linear) and lay.bias is not None
+            ),
+            *(id(a) for st in states for a in st.values() if isinstance(a, np.ndarray)),
+        )
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, self._argument_list(views, trainable, states))
+            self._cached = (key, self._argument_list(views, states))
         args = self._cached[1]
         slots = self._slots
-        args[slots["x"]] = x
         if "first" in slots:
             args[slots["first"]] = first_step
         if isinstance(opt, Adam):
-            t = states[0]["step"]
+            t = states[0]["step"] if states else 1
             beta1, beta2 = opt.betas
             args[slots["adam_s"]] = opt.lr / (1 - beta1**t)
             args[slots["adam_c"]] = (1 - beta2**t) ** 0.5
         return args
 
     def _argument_list(
-        self,
-        views: dict[str, np.ndarray],
-        trainable: list[tuple[int, str, Any]],
-        states: list[dict[str, Any]],
+        self, views: dict[str, np.ndarray], states: list[dict[str, Any]]
     ) -> list[Any]:
         values: dict[str, Any] = dict(views)
         for k, layer in enumerate(self.layers):
@@ -463,16 +520,14 @@ class FusedStep:
                 values[f"W{k}"] = layer.weight.data
                 if layer.bias is not None:
                     values[f"b{k}"] = layer.bias.data
-        for (k, name, _), state in zip(trainable, states, strict=True):
+        for (k, name, _), state in zip(self._trained, states, strict=True):
             if "momentum_buffer" in state:
                 values[f"buf_{name}{k}"] = state["momentum_buffer"]
             if "exp_avg" in state:
                 values[f"m_{name}{k}"] = state["exp_avg"]
                 values[f"v_{name}{k}"] = state["exp_avg_sq"]
-        values.update(x=None, first=False, adam_s=0.0, adam_c=1.0)
-        self._slots = {
-            n: self._args.index(n) for n in ("x", "first", "adam_s", "adam_c") if n in self._args
-        }
+        values.update(x=None, labels=None, target=values.get("target"))
+        values.update(first=False, adam_s=0.0, adam_c=1.0)
         return [values[name] for name in self._args]
 
 

@@ -66,8 +66,9 @@ class Derivation(Printouts):
     """Everything symgrad derived for an elementwise op, from formula to compiled expressions.
 
     ``forward`` is the formula as defined (constants bound), ``stable_forward`` what the forward
-    kernel evaluates, ``partials`` one :class:`Partial` per input.  The VJP of input ``x`` is
-    ``grad_x = grad_y * partials[x].final``.
+    kernel evaluates, ``partials`` one :class:`Partial` per input that gets a gradient (every
+    input unless the op was defined with ``wrt``), in input order.  The VJP of input ``x`` is
+    ``grad_x = grad_y * partial.final`` for the partial whose ``wrt`` is ``x``.
     """
 
     name: str
@@ -80,7 +81,7 @@ class Derivation(Printouts):
 
     @property
     def gradients(self) -> tuple[sp.Expr, ...]:
-        """The compiled partial derivatives, in input order."""
+        """The compiled partial derivatives, in input order (of the ``wrt`` inputs)."""
         return tuple(p.final for p in self.partials)
 
     def __str__(self) -> str:
@@ -128,7 +129,7 @@ def derive_elementwise(spec: OpSpec) -> Derivation:
     first = stabilize(prepare(spec.expr))
     _, stable_forward, more = _clean(first.expr)
     partials = []
-    for x in spec.inputs:
+    for x in spec.wrt:
         raw = sp.diff(stable_forward, x)
         _check_numeric(spec.name, f"the derivative with respect to {x}", raw)
         simplified, final, rewrites = _clean(raw)

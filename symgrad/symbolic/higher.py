@@ -94,14 +94,14 @@ def _check_numeric(op: str, what: str, expr: sp.Expr) -> None:
 def elementwise_vjp_dot(derivation: Derivation) -> ElementwiseFormula:
     """``H(x..., grad_y, v_x...) = grad_y · Σ_k v_k · ∂f/∂x_k`` from the derived partials.
 
-    Inputs, in call order: the op's inputs, ``grad_y``, then one ``v_<input>`` per input
-    (names made unique against the op's own).
+    Inputs, in call order: the op's inputs, ``grad_y``, then one ``v_<input>`` per input that
+    has a gradient (names made unique against the op's own).
     """
     names = [s.name for s in derivation.inputs]
     grad_y = sp.Symbol(fresh_name("grad_y", names), real=True)
     taken = [*names, grad_y.name]
-    cotangents = []
-    for name in names:
+    cotangents = []  # one per input that has a gradient (the op's wrt)
+    for name in (p.wrt.name for p in derivation.partials):
         cotangents.append(sp.Symbol(fresh_name(f"v_{name}", taken), real=True))
         taken.append(cotangents[-1].name)
     body = sp.Add(

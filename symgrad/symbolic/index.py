@@ -192,7 +192,7 @@ def tensor_spec(
     inputs: Iterable[sp.IndexedBase],
     name: str,
     constants: Mapping[sp.Symbol | str, object] | None = None,
-    wrt: Iterable[sp.IndexedBase] | None = None,
+    wrt: Iterable[sp.IndexedBase | str] | None = None,
 ) -> TensorSpec:
     """Validate a tensor-op definition and return its :class:`TensorSpec`.
 
@@ -274,7 +274,7 @@ def tensor_spec(
 
 
 def _check_wrt(
-    op: str, inputs: tuple[sp.IndexedBase, ...], wrt: Iterable[sp.IndexedBase] | None
+    op: str, inputs: tuple[sp.IndexedBase, ...], wrt: Iterable[sp.IndexedBase | str] | None
 ) -> tuple[sp.IndexedBase, ...]:
     floats = [b for b in inputs if not b.is_integer]
     if wrt is None:

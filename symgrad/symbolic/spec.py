@@ -36,6 +36,7 @@ class OpSpec:
     constants: tuple[tuple[str, float], ...]
     fastmath: bool = False
     parallel: bool = False
+    wrt: tuple[sp.Symbol, ...] = ()  # the inputs that get a gradient (all, unless chosen)
 
     @property
     def key(self) -> str:
@@ -49,6 +50,7 @@ class OpSpec:
                 repr(self.constants),
                 f"fastmath={self.fastmath}",
                 f"parallel={self.parallel}",
+                "wrt=" + ",".join(s.name for s in self.wrt),
             ]
         )
         return hashlib.sha256(text.encode()).hexdigest()
@@ -110,8 +112,12 @@ def elementwise_spec(
     constants: Mapping[sp.Symbol | str, object] | None = None,
     fastmath: bool = False,
     parallel: bool = False,
+    wrt: Iterable[sp.Symbol | str] | None = None,
 ) -> OpSpec:
-    """Validate an elementwise definition and return its :class:`OpSpec`."""
+    """Validate an elementwise definition and return its :class:`OpSpec`.
+
+    ``wrt`` names the inputs that get a gradient (symbols or their names; default: all).
+    """
     name = check_name(name)
     try:
         formula = sp.sympify(expr, strict=True)
@@ -155,4 +161,20 @@ def elementwise_spec(
     real_inputs = tuple(sp.Symbol(n, real=True) for n in names)
     by_name = dict(zip(names, real_inputs, strict=True))
     formula = formula.xreplace({s: by_name[s.name] for s in formula.free_symbols})
-    return OpSpec(name, formula, real_inputs, bound, fastmath=fastmath, parallel=parallel)
+    if wrt is None:
+        chosen = real_inputs
+    else:
+        wanted = [getattr(w, "name", w) for w in wrt]
+        for w in wanted:
+            if w not in by_name:
+                raise DefinitionError(
+                    f"op {name!r}: wrt names {w!r}, which is not an input {names}"
+                )
+        if len(set(wanted)) != len(wanted) or not wanted:
+            raise DefinitionError(
+                f"op {name!r}: wrt must name one or more inputs, each once; got {wanted}"
+            )
+        chosen = tuple(s for s in real_inputs if s.name in wanted)
+    return OpSpec(
+        name, formula, real_inputs, bound, fastmath=fastmath, parallel=parallel, wrt=chosen
+    )

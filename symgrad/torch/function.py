@@ -64,10 +64,7 @@ def _integer_inputs(op: Op) -> frozenset[str]:
 
 def _differentiable(op: Op) -> tuple[bool, ...]:
     """Per input: whether the op's VJP computes its gradient (its ``wrt``)."""
-    wrt = getattr(op.spec, "wrt", None)
-    if wrt is None:
-        return (True,) * len(op.input_names)
-    names = {str(b.label) for b in wrt}
+    names = {str(getattr(b, "label", b)) for b in op.spec.wrt}  # IndexedBase or Symbol
     return tuple(n in names for n in op.input_names)
 
 
