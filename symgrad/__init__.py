@@ -10,12 +10,40 @@ symbolically, makes them numerically stable, and compiles them into cached Numba
 array([6.])
 """
 
+from importlib import import_module
+from typing import Any
+
 from ._version import __version__
-from .api import builtin, elementwise, tensor_op
-from .builtins import BUILTINS, TENSOR_BUILTINS
 from .errors import SymgradError
-from .functional import grad, hessian, hvp, jvp, vjp
-from .symbolic.index import index_sum
+
+# The rest loads on first use (PEP 562): SymPy takes half a second to import, and a process
+# that only runs compiled kernels from a warm cache (a fused training step) never needs it.
+_LAZY = {
+    "builtin": ".api",
+    "elementwise": ".api",
+    "tensor_op": ".api",
+    "BUILTINS": ".builtins",
+    "TENSOR_BUILTINS": ".builtins",
+    "grad": ".functional",
+    "hessian": ".functional",
+    "hvp": ".functional",
+    "jvp": ".functional",
+    "vjp": ".functional",
+    "index_sum": ".symbolic.index",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'symgrad' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "BUILTINS",

@@ -11,10 +11,13 @@ Workloads (float32 unless stated, thread count fixed and reported, 1 by default)
   symgrad's fused kernel, torch ``BCEWithLogitsLoss`` forward + backward, NumPy, and a
   bandwidth floor (a Numba loop that reads the two inputs and writes one array).
 * **W3** — wall time of a fresh process, imports included, to the first finished training step,
-  with a warm and with a cold (empty) kernel cache.
+  with a warm and with a cold (empty) kernel cache; beside it the same for a process that only
+  imports NumPy and Numba and calls one cached ``njit`` function with a GEMM — the floor any
+  Numba-compiled step starts from.
 
 Timings are medians of repeats after warm-up, the candidates of one size interleaved so drift
-hits them alike; ratios are to torch eager measured in the same run.
+hits them alike (W1 times a block of consecutive steps per turn, as a training loop runs them);
+ratios are to torch eager measured in the same run.
 """
 
 from __future__ import annotations
@@ -112,6 +115,20 @@ def interleaved(
 # -- W1 ------------------------------------------------------------------------------------
 
 
+def _mlp(hidden: int, dtype: Any = np.float32) -> Any:
+    """The W1 model, 64→H→H→10 with tanh, the same initial weights each call."""
+    from . import nn
+
+    r = np.random.default_rng(1)
+    return nn.Sequential(
+        nn.Linear(64, hidden, dtype=dtype, rng=r),
+        nn.Tanh(),
+        nn.Linear(hidden, hidden, dtype=dtype, rng=r),
+        nn.Tanh(),
+        nn.Linear(hidden, 10, dtype=dtype, rng=r),
+    )
+
+
 def _w1_candidates(batch: int, hidden: int, with_compile: bool) -> dict[str, Callable[[], object]]:
     import torch
 
@@ -125,14 +142,7 @@ def _w1_candidates(batch: int, hidden: int, with_compile: bool) -> dict[str, Cal
     y = rng.integers(0, 10, batch)
 
     def mlp() -> nn.Sequential:
-        r = np.random.default_rng(1)
-        return nn.Sequential(
-            nn.Linear(64, hidden, dtype=dt, rng=r),
-            nn.Tanh(),
-            nn.Linear(hidden, hidden, dtype=dt, rng=r),
-            nn.Tanh(),
-            nn.Linear(hidden, 10, dtype=dt, rng=r),
-        )
+        return _mlp(hidden, dt)  # type: ignore[no-any-return]
 
     fused_model = mlp()
     fused = compile_step(
@@ -163,7 +173,7 @@ def _w1_candidates(batch: int, hidden: int, with_compile: bool) -> dict[str, Cal
         "symgrad fused": lambda: fused(x, y),
         "symgrad layers": layer_by_layer,
         "torch eager": torch_eager,
-        "numpy by hand": _numpy_step(mlp(), x, y),
+        "numpy by hand": _numpy_step(mlp(), x, y)[0],
     }
     if with_compile:
         compiled = _torch_compiled_step(mlp(), tx, ty)
@@ -175,8 +185,13 @@ def _w1_candidates(batch: int, hidden: int, with_compile: bool) -> dict[str, Cal
     return candidates
 
 
-def _numpy_step(model: Any, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
-    """The peer baseline: the same SGD step written by hand in NumPy (tanh MLP, softmax CE)."""
+def _numpy_step(
+    model: Any, x: np.ndarray, y: np.ndarray
+) -> tuple[Callable[[], object], list[np.ndarray], list[np.ndarray]]:
+    """The peer baseline: the same SGD step written by hand in NumPy (tanh MLP, softmax CE).
+
+    Returns the step and the weight and bias arrays it updates in place.
+    """
     w = [model[k].weight.data.copy() for k in (0, 2, 4)]
     b = [model[k].bias.data.copy() for k in (0, 2, 4)]
     onehot = np.eye(10, dtype=x.dtype)[y]
@@ -194,7 +209,7 @@ def _numpy_step(model: Any, x: np.ndarray, y: np.ndarray) -> Callable[[], object
             w[k] -= LR * (g.T @ a)
             b[k] -= LR * g.sum(axis=0)
 
-    return step
+    return step, w, b
 
 
 def _torch_compiled_step(model: Any, tx: Any, ty: Any) -> Callable[[], object] | None:
@@ -312,8 +327,21 @@ step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), 
 step(rng.normal(size=(32, 64)).astype(np.float32), rng.integers(0, 10, 32))
 """
 
+# The floor: NumPy, Numba and one cached njit function with a GEMM, loaded and called.
+_NUMBA_FLOOR = """
+import numpy as np
+from numba import njit
 
-def _first_step_seconds(cache: str, threads: int) -> float:
+@njit(cache=True)
+def f(a, b, out):
+    np.dot(a, b, out)
+    return out[0, 0]
+
+f(np.ones((32, 64), np.float32), np.ones((64, 128), np.float32), np.empty((32, 128), np.float32))
+"""
+
+
+def _fresh_process_seconds(code: str, cache: str, threads: int) -> float:
     env = dict(
         os.environ,
         SYMGRAD_CACHE_DIR=cache,
@@ -322,19 +350,77 @@ def _first_step_seconds(cache: str, threads: int) -> float:
         OPENBLAS_NUM_THREADS=str(threads),
     )
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", _FIRST_STEP], env=env, check=True)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
     return time.perf_counter() - start
+
+
+def _w3_rows(threads: int, repeats: int) -> list[dict[str, Any]]:
+    """Cold (empty cache, each time), warm and Numba-floor fresh-process times, medians."""
+    cold, warm, floor = [], [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as cache:
+            cold.append(_fresh_process_seconds(_FIRST_STEP, cache, threads))
+            warm.append(_fresh_process_seconds(_FIRST_STEP, cache, threads))
+            script = os.path.join(cache, "floor.py")  # Numba caches functions of files only
+            Path(script).write_text(_NUMBA_FLOOR)
+            run_floor = f"import runpy; runpy.run_path({script!r})"
+            _fresh_process_seconds(run_floor, cache, threads)  # compiles into the cache
+            floor.append(_fresh_process_seconds(run_floor, cache, threads))
+    rows = []
+    for size, system, times in (
+        ("cold cache", "symgrad", cold),
+        ("warm cache", "symgrad", warm),
+        ("warm cache", "numba floor", floor),
+    ):
+        rows.append(
+            {
+                "workload": "W3 first step",
+                "size": size,
+                "system": system,
+                "median_ms": statistics.median(times) * 1e3,
+                "min_ms": min(times) * 1e3,
+                "ratio_to_torch": None,
+            }
+        )
+    return rows
 
 
 # -- the run -------------------------------------------------------------------------------
 
 
-def run(quick: bool = False, threads: int = 1, with_compile: bool = True) -> dict[str, Any]:
-    """Run every workload; returns ``{"machine", "versions", "threads", "rows"}``."""
+def run(
+    quick: bool = False,
+    threads: int = 1,
+    with_compile: bool = True,
+    w1_sizes: list[tuple[int, int]] | None = None,
+    w2_size: int | None = None,
+    w3: bool = True,
+) -> dict[str, Any]:
+    """Run every workload; returns ``{"machine", "versions", "threads", "rows"}``.
+
+    ``w1_sizes``, ``w2_size`` and ``w3`` override the workloads (tests run a tiny set).
+    """
     import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows = _rows(quick, threads, with_compile, w1_sizes, w2_size, w3)
+    finally:
+        torch.set_num_threads(before)
+    return {"machine": machine(), "versions": versions(), "threads": threads, "rows": rows}
+
+
+def _rows(
+    quick: bool,
+    threads: int,
+    with_compile: bool,
+    w1_sizes: list[tuple[int, int]] | None,
+    w2_size: int | None,
+    w3: bool,
+) -> list[dict[str, Any]]:
     from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(threads)
     rows: list[dict[str, Any]] = []
 
     def add(workload: str, size: str, timings: dict[str, dict[str, float]]) -> None:
@@ -351,32 +437,22 @@ def run(quick: bool = False, threads: int = 1, with_compile: bool = True) -> dic
                 }
             )
 
+    sizes = w1_sizes if w1_sizes is not None else (W1_QUICK if quick else W1_SIZES)
     with threadpool_limits(threads):
-        for batch, hidden in W1_QUICK if quick else W1_SIZES:
-            repeats = max(5, min(200, int(2e8 / (batch * hidden * hidden + 1))))
+        for batch, hidden in sizes:
+            work = batch * hidden * hidden + 1
+            repeats = max(7, min(100, int(2e8 / work)))
+            block = max(1, min(20, int(2e6 / work)))  # about 10 ms of torch steps a turn
             cands = _w1_candidates(batch, hidden, with_compile and not quick)
-            add("W1 train step", f"B={batch} H={hidden}", interleaved(cands, repeats, warmup=3))
-        n = 1_000_000 if quick else 10_000_000
+            timings = interleaved(cands, repeats, warmup=3, block=block)
+            add("W1 train step", f"B={batch} H={hidden}", timings)
+        n = w2_size if w2_size is not None else (1_000_000 if quick else 10_000_000)
         add(
             "W2 sigmoid+BCE", f"n={n:,} float64", interleaved(_w2_candidates(n), 5 if quick else 15)
         )
-    with tempfile.TemporaryDirectory() as cold:
-        timings = {
-            "cold cache": _first_step_seconds(cold, threads),
-            "warm cache": _first_step_seconds(cold, threads),
-        }
-    for size, seconds in timings.items():
-        rows.append(
-            {
-                "workload": "W3 first step",
-                "size": size,
-                "system": "symgrad",
-                "median_ms": seconds * 1e3,
-                "min_ms": seconds * 1e3,
-                "ratio_to_torch": None,
-            }
-        )
-    return {"machine": machine(), "versions": versions(), "threads": threads, "rows": rows}
+    if w3:
+        rows += _w3_rows(threads, 1 if quick else 3)
+    return rows
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -17,13 +17,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import sympy as sp
 
-from .api import elementwise
 from .errors import SymgradError
 from .nn.modules import Parameter
-
-p_, g_, b_, m_, v_, s_, c_ = sp.symbols("p g b m v s c", real=True)
 
 
 class Optimizer:
@@ -40,6 +36,20 @@ class Optimizer:
             raise SymgradError(f"learning rate must be positive, got lr={lr!r}")
         self.lr = lr
         self.state: list[dict[str, Any]] = [{} for _ in self.params]
+        self._built: dict[str, Any] | None = None
+
+    def _op(self, name: str) -> Any:
+        """The compiled update formula ``name``, all built on first use (SymPy loads then)."""
+        if self._built is None:
+            self._built = self._build()
+        return self._built[name]
+
+    def _build(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def structure(self) -> str:
+        """What determines the generated update code: the class and every hyperparameter."""
+        raise NotImplementedError
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -70,10 +80,18 @@ class Optimizer:
             self.state[int(k)][name] = arr if arr.ndim else arr.item()
 
 
-def _op(expr: sp.Expr, inputs: list[sp.Symbol], name: str, **constants: float) -> Any:
+def _compile(expr: Any, inputs: list[Any], name: str, **constants: float) -> Any:
+    from .api import elementwise
+
     symbols = {str(s): s for s in expr.free_symbols}
     bound = {symbols[k]: v for k, v in constants.items() if k in symbols}
     return elementwise(expr, inputs=inputs, name=name, constants=bound)
+
+
+def _symbols() -> Any:
+    import sympy as sp
+
+    return sp, sp.symbols("p g b m v s c", real=True)
 
 
 class SGD(Optimizer):
@@ -99,17 +117,44 @@ class SGD(Optimizer):
             )
         self.momentum, self.dampening = momentum, dampening
         self.weight_decay, self.nesterov = weight_decay, nesterov
+
+    def _build(self) -> dict[str, Any]:
+        sp, (p_, g_, b_, _, _, _, _) = _symbols()
         lr_, wd, mu, damp = sp.symbols("lr wd mu damp", real=True)
-        consts = {"lr": lr, "wd": weight_decay, "mu": momentum, "damp": dampening}
+        consts = {"lr": self.lr, "wd": self.weight_decay, "mu": self.momentum}
+        consts["damp"] = self.dampening
         d = g_ + wd * p_
-        self._decayed = _op(d, [g_, p_], "sgd_decayed_grad", **consts)
-        self._buffer = _op(mu * b_ + (1 - damp) * d, [b_, g_, p_], "sgd_momentum", **consts)
-        if momentum == 0:
-            self._step = _op(p_ - lr_ * d, [p_, g_], "sgd_step", **consts)
-        elif nesterov:
-            self._step = _op(p_ - lr_ * (d + mu * b_), [p_, g_, b_], "sgd_nesterov_step", **consts)
+        ops = {
+            "decayed": _compile(d, [g_, p_], "sgd_decayed_grad", **consts),
+            "buffer": _compile(mu * b_ + (1 - damp) * d, [b_, g_, p_], "sgd_momentum", **consts),
+        }
+        if self.momentum == 0:
+            ops["step"] = _compile(p_ - lr_ * d, [p_, g_], "sgd_step", **consts)
+        elif self.nesterov:
+            ops["step"] = _compile(
+                p_ - lr_ * (d + mu * b_), [p_, g_, b_], "sgd_nesterov_step", **consts
+            )
         else:
-            self._step = _op(p_ - lr_ * b_, [p_, b_], "sgd_momentum_step", **consts)
+            ops["step"] = _compile(p_ - lr_ * b_, [p_, b_], "sgd_momentum_step", **consts)
+        return ops
+
+    @property
+    def _decayed(self) -> Any:
+        return self._op("decayed")
+
+    @property
+    def _buffer(self) -> Any:
+        return self._op("buffer")
+
+    @property
+    def _step(self) -> Any:
+        return self._op("step")
+
+    def structure(self) -> str:
+        return (
+            f"SGD:{self.lr!r}:{self.momentum!r}:{self.dampening!r}:{self.weight_decay!r}:"
+            f"{self.nesterov!r}"
+        )
 
     def _update(self, p: Parameter, grad: np.ndarray, state: dict[str, Any]) -> None:
         if self.momentum == 0:
@@ -144,19 +189,48 @@ class Adam(Optimizer):
                 f"weight_decay={weight_decay}"
             )
         self.betas, self.eps, self.weight_decay = (beta1, beta2), eps, weight_decay
+
+    def _build(self) -> dict[str, Any]:
+        sp, (p_, g_, _, m_, v_, s_, c_) = _symbols()
         lr_, wd, b1, b2, eps_ = sp.symbols("lr wd beta1 beta2 eps", real=True)
-        consts = {"lr": lr, "wd": weight_decay, "beta1": beta1, "beta2": beta2, "eps": eps}
+        beta1, beta2 = self.betas
+        consts = {"lr": self.lr, "wd": self.weight_decay, "beta1": beta1, "beta2": beta2}
+        consts["eps"] = self.eps
         grad = g_ if self.decoupled else g_ + wd * p_
         kind = "adamw" if self.decoupled else "adam"
-        self._m = _op(m_ + (1 - b1) * (grad - m_), [m_, g_, p_], f"{kind}_first_moment", **consts)
-        self._v = _op(b2 * v_ + (1 - b2) * grad**2, [v_, g_, p_], f"{kind}_second_moment", **consts)
         base = p_ * (1 - lr_ * wd) if self.decoupled else p_
-        # s = lr / (1 - β1ᵗ), c = √(1 - β2ᵗ): per-step scalars, passed as inputs
-        self._step = _op(
-            base - s_ * m_ / (sp.sqrt(v_) / c_ + eps_),
-            [p_, m_, v_, s_, c_],
-            f"{kind}_step",
-            **consts,
+        return {
+            "m": _compile(
+                m_ + (1 - b1) * (grad - m_), [m_, g_, p_], f"{kind}_first_moment", **consts
+            ),
+            "v": _compile(
+                b2 * v_ + (1 - b2) * grad**2, [v_, g_, p_], f"{kind}_second_moment", **consts
+            ),
+            # s = lr / (1 - β1ᵗ), c = √(1 - β2ᵗ): per-step scalars, passed as inputs
+            "step": _compile(
+                base - s_ * m_ / (sp.sqrt(v_) / c_ + eps_),
+                [p_, m_, v_, s_, c_],
+                f"{kind}_step",
+                **consts,
+            ),
+        }
+
+    @property
+    def _m(self) -> Any:
+        return self._op("m")
+
+    @property
+    def _v(self) -> Any:
+        return self._op("v")
+
+    @property
+    def _step(self) -> Any:
+        return self._op("step")
+
+    def structure(self) -> str:
+        return (
+            f"{type(self).__name__}:{self.decoupled}:{self.lr!r}:{self.betas!r}:{self.eps!r}:"
+            f"{self.weight_decay!r}"
         )
 
     def _update(self, p: Parameter, grad: np.ndarray, state: dict[str, Any]) -> None:

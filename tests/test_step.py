@@ -163,3 +163,65 @@ def test_a_bad_label_is_reported_and_nothing_is_updated():
     sig = compile_step(small, nn.BCELoss(), optim.SGD(small.parameters(), lr=0.1))
     with pytest.raises(ShapeError, match=r"targets of shape \(3, 2\)"):
         sig(np.zeros((3, 6)), np.zeros((3, 3)))
+
+
+_WARM_SCRIPT = """
+import sys, json
+import numpy as np
+from symgrad import nn, optim
+from symgrad.runtime.step import compile_step
+rng = np.random.default_rng(0)
+model = nn.Sequential(nn.Linear(5, 8, rng=rng), nn.Tanh(), nn.Linear(8, 3, rng=rng))
+opt = optim.SGD(model.parameters(), lr=float(sys.argv[1]), momentum=0.9)
+step = compile_step(model, nn.CrossEntropyLoss(), opt)
+x = rng.normal(size=(6, 5)).astype(np.float32)
+y = rng.integers(0, 3, 6)
+losses = [step(x, y) for _ in range(3)]
+print(json.dumps({"losses": losses, "sympy": "sympy" in sys.modules,
+                  "weight": model.state_dict()["2.weight"].tolist()}))
+"""
+
+
+def _run_fresh(cache, lr):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SYMGRAD_CACHE_DIR=str(cache))
+    done = subprocess.run(
+        [sys.executable, "-c", _WARM_SCRIPT, str(lr)],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_warm_start_loads_the_step_without_sympy(tmp_path):
+    """A fresh process finds the step through its manifest, imports no SymPy, and computes
+    exactly what the cold process computed; another learning rate is another step."""
+    cold = _run_fresh(tmp_path, 0.1)
+    assert cold["sympy"]  # derived and emitted
+    warm = _run_fresh(tmp_path, 0.1)
+    assert not warm["sympy"]
+    assert warm["losses"] == cold["losses"] and warm["weight"] == cold["weight"]
+    other = _run_fresh(tmp_path, 0.2)
+    assert other["sympy"] and other["losses"][1:] != cold["losses"][1:]
+    manifests = sorted(tmp_path.glob("fused_step_manifest_*.json"))
+    assert len(manifests) == 2
+    manifests[0].write_text("{not json")  # a torn manifest: back to the cold path, rewritten
+    manifests[1].write_text(manifests[1].read_text().replace('"step"', '"stop"'))
+    again = [_run_fresh(tmp_path, lr) for lr in (0.1, 0.2)]
+    assert again[0]["losses"] == cold["losses"] and again[1]["losses"] == other["losses"]
+    assert not _run_fresh(tmp_path, 0.1)["sympy"]
+
+
+def test_freezing_a_layer_after_a_step_takes_effect():
+    model = _mlp()
+    step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1))
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(4, 6)), rng.integers(0, 3, 4)
+    step(x, y)
+    model[0].requires_grad_(False)
+    frozen = model.state_dict()["0.weight"]
+    step(x, y)
+    np.testing.assert_array_equal(model.state_dict()["0.weight"], frozen)

@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..api import builtin
 from ..errors import ShapeError
-from .modules import Module, Parameter, StateDictError, _check_dtype
+from .modules import Module, Parameter, StateDictError, _builtin, _check_dtype
 from .tape import Tape
 
 
@@ -70,8 +69,8 @@ def _ops(eps: float) -> dict[str, Any]:
         "gelu",
         "masked_mean_pool",
     ]
-    ops = {n: builtin(n) for n in names}
-    ops["add_layer_norm"] = builtin("add_layer_norm", eps=eps)
+    ops = {n: _builtin(n) for n in names}
+    ops["add_layer_norm"] = _builtin("add_layer_norm", eps=eps)
     return ops
 
 

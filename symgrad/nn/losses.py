@@ -9,13 +9,13 @@ result of §4.2 of the article the project grew from — derived, not hand-coded
 
 from __future__ import annotations
 
-import numpy as np
-import sympy as sp
+from typing import Any
 
-from ..api import builtin, elementwise
+import numpy as np
+
 from ..errors import DTypeError, ShapeError, SymgradError
 from ..runtime.elementwise import ElementwiseOp
-from .modules import Elementwise, Module, Sequential
+from .modules import Elementwise, Module, Sequential, _builtin
 
 
 class Loss:
@@ -29,6 +29,10 @@ class Loss:
     def __call__(self, input: np.ndarray, target: np.ndarray) -> float:
         return self.value_and_grad(input, target)[0]
 
+    def structure(self) -> str:
+        """What determines this loss's generated code (a key part; no SymPy when built in)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -37,10 +41,23 @@ class ElementwiseLoss(Loss):
     """The mean over elements of a two-input elementwise op ``loss(input, target)``."""
 
     def __init__(self, op: ElementwiseOp) -> None:
-        if len(op.input_names) != 2:
+        if not isinstance(op, ElementwiseOp) or len(op.input_names) != 2:
             raise SymgradError(f"an elementwise loss takes (input, target), got op {op!r}")
-        self.op = op
+        self._op: ElementwiseOp | None = op
         self.name = op.name
+
+    @property
+    def op(self) -> ElementwiseOp:
+        """The loss's elementwise op (a built-in or fused loss's is built on first use)."""
+        if self._op is None:
+            self._op = self._build()
+        return self._op
+
+    def _build(self) -> ElementwiseOp:
+        raise NotImplementedError  # pragma: no cover - only built-in and fused losses are lazy
+
+    def structure(self) -> str:
+        return f"op:{self.op.spec.key}"
 
     def _check(self, input: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         input, target = np.asarray(input), np.asarray(target)
@@ -61,28 +78,64 @@ class ElementwiseLoss(Loss):
         return float(value), grad
 
     def fused_with(self, activation: Elementwise) -> ElementwiseLoss:
-        """This loss applied to ``activation(z)``, composed symbolically, then differentiated."""
+        """This loss applied to ``activation(z)``, composed symbolically, then differentiated
+        (on first use of the fused op)."""
+        return _FusedLoss(activation, self)
+
+
+class _FusedLoss(ElementwiseLoss):
+    """``loss(activation(z), y)`` as one formula, differentiated as one."""
+
+    def __init__(self, activation: Elementwise, loss: ElementwiseLoss) -> None:
+        self.activation, self.loss = activation, loss
+        self._op = None
+        self.name = f"{getattr(activation, 'op_name', '') or activation.op.name}_{loss.name}"
+
+    def _build(self) -> ElementwiseOp:
+        import sympy as sp
+
+        from ..api import elementwise
+
         z = sp.Symbol("z", real=True)
-        (a,) = activation.op.spec.inputs
-        p, y = self.op.spec.inputs
-        inner = activation.op.spec.expr.xreplace({a: z})
-        fused = self.op.spec.expr.xreplace({p: inner})
-        op = elementwise(fused, inputs=[z, y], name=f"{activation.op.name}_{self.op.name}")
-        return ElementwiseLoss(op)
+        (a,) = self.activation.op.spec.inputs
+        p, y = self.loss.op.spec.inputs
+        inner = self.activation.op.spec.expr.xreplace({a: z})
+        fused = self.loss.op.spec.expr.xreplace({p: inner})
+        name = f"{self.activation.op.name}_{self.loss.op.name}"
+        return elementwise(fused, inputs=[z, y], name=name)
+
+    def structure(self) -> str:
+        return f"fused:{self.activation.structure()}:{self.loss.structure()}"
 
 
-class MSELoss(ElementwiseLoss):
+class _BuiltinLoss(ElementwiseLoss):
+    """An elementwise loss backed by the built-in op ``op_name``, built on first use."""
+
+    op_name = ""
+
+    def __init__(self) -> None:
+        self._op = None
+        self.name = self.op_name
+
+    def _build(self) -> ElementwiseOp:
+        op = _builtin(self.op_name)
+        assert isinstance(op, ElementwiseOp)
+        return op
+
+    def structure(self) -> str:
+        return f"builtin:{self.op_name}"
+
+
+class MSELoss(_BuiltinLoss):
     """Mean squared error, ``mean((input - target)²)``."""
 
-    def __init__(self) -> None:
-        super().__init__(builtin("mse"))  # type: ignore[arg-type]
+    op_name = "mse"
 
 
-class BCELoss(ElementwiseLoss):
+class BCELoss(_BuiltinLoss):
     """Binary cross-entropy on probabilities (logs clamped at -100, as torch)."""
 
-    def __init__(self) -> None:
-        super().__init__(builtin("bce"))  # type: ignore[arg-type]
+    op_name = "bce"
 
     def value_and_grad(self, input: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
         arr = np.asarray(input)  # probabilities, as torch demands
@@ -94,11 +147,10 @@ class BCELoss(ElementwiseLoss):
         return super().value_and_grad(input, target)
 
 
-class BCEWithLogitsLoss(ElementwiseLoss):
+class BCEWithLogitsLoss(_BuiltinLoss):
     """Binary cross-entropy on logits: ``softplus(z) − y·z``, stable for any z."""
 
-    def __init__(self) -> None:
-        super().__init__(builtin("bce_with_logits"))  # type: ignore[arg-type]
+    op_name = "bce_with_logits"
 
 
 class CrossEntropyLoss(Loss):
@@ -111,7 +163,17 @@ class CrossEntropyLoss(Loss):
     name = "cross_entropy"
 
     def __init__(self) -> None:
-        self.op = builtin("softmax_cross_entropy")
+        self._op: Any = None
+
+    @property
+    def op(self) -> Any:
+        """The ``softmax_cross_entropy`` tensor op, built on first use."""
+        if self._op is None:
+            self._op = _builtin("softmax_cross_entropy")
+        return self._op
+
+    def structure(self) -> str:
+        return "cross_entropy"
 
     def value_and_grad(self, input: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
         logits = np.asarray(input)

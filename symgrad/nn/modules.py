@@ -15,11 +15,18 @@ from typing import Any
 
 import numpy as np
 
-from ..api import builtin
 from ..errors import DTypeError, ShapeError, SymgradError
 from ..runtime.elementwise import ElementwiseOp
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _builtin(name: str, **params: Any) -> Any:
+    """The built-in op ``name``.  Imported here, not at module level: modules build their ops
+    on first use, so a process that runs a fused step from a warm cache never loads SymPy."""
+    from ..api import builtin
+
+    return builtin(name, **params)
 
 
 class StateDictError(SymgradError, KeyError):
@@ -195,7 +202,15 @@ class Linear(Module):
         bound = 1.0 / np.sqrt(in_features)
         self.weight = Parameter(_uniform(rng, bound, (out_features, in_features), dt))
         self.bias = Parameter(_uniform(rng, bound, (out_features,), dt)) if bias else None
-        self._op = builtin("linear") if bias else builtin("matmul")
+        self._op_name = "linear" if bias else "matmul"
+        self._built: Any = None
+
+    @property
+    def _op(self) -> Any:
+        """The layer's op (``linear``, or ``matmul`` without a bias), built on first use."""
+        if self._built is None:
+            self._built = _builtin(self._op_name)
+        return self._built
 
     def _check(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
@@ -247,7 +262,21 @@ class Elementwise(Module):
                 f"Elementwise wraps a one-input elementwise op, got {op!r}; build one with "
                 "symgrad.elementwise(expr, inputs=[x], name=...)"
             )
-        self.op = op
+        self._op: ElementwiseOp | None = op
+
+    @property
+    def op(self) -> ElementwiseOp:
+        """The elementwise op (a built-in activation's is built on first use)."""
+        if self._op is None:
+            self._op = self._build()
+        return self._op
+
+    def _build(self) -> ElementwiseOp:
+        raise NotImplementedError  # pragma: no cover - only built-in activations are lazy
+
+    def structure(self) -> str:
+        """What determines this layer's generated code (a key part; no SymPy when built in)."""
+        return f"op:{self.op.spec.key}"
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
         return self.op(x), x
@@ -272,10 +301,20 @@ class _BuiltinActivation(Elementwise):
     op_name = ""
 
     def __init__(self, **params: float) -> None:
-        options: dict[str, Any] = dict(params)  # torch's parameters, never ``wrt``
-        op = builtin(self.op_name, **options)
+        Module.__init__(self)
+        self._params = dict(params)
+        self._op = None
+        if params:  # checked now (and built): a misspelt parameter is an error here
+            self._op = self._build()
+
+    def _build(self) -> ElementwiseOp:
+        options: dict[str, Any] = dict(self._params)  # torch's parameters, never ``wrt``
+        op = _builtin(self.op_name, **options)
         assert isinstance(op, ElementwiseOp)
-        super().__init__(op)
+        return op
+
+    def structure(self) -> str:
+        return f"builtin:{self.op_name}:{sorted(self._params.items())}"
 
 
 class Tanh(_BuiltinActivation):
@@ -350,7 +389,7 @@ class LayerNorm(Module):
         self.eps = eps
         self.weight = Parameter(np.ones(self.normalized_shape, dtype=dt))
         self.bias = Parameter(np.zeros(self.normalized_shape, dtype=dt))
-        self._op = builtin("layer_norm", eps=eps)
+        self._op = _builtin("layer_norm", eps=eps)
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
         x = np.asarray(x)

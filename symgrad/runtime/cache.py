@@ -63,12 +63,11 @@ def toolchain_fingerprint() -> str:
     import llvmlite
     import numba
     import numpy
-    import sympy
 
     digest = hashlib.sha256()
     for part in (
         __version__,
-        sympy.__version__,
+        _sympy_version(),
         numpy.__version__,
         numba.__version__,
         llvmlite.__version__,
@@ -78,6 +77,19 @@ def toolchain_fingerprint() -> str:
         digest.update(file.relative_to(_PACKAGE_ROOT).as_posix().encode() + b"\0")
         digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+def _sympy_version() -> str:
+    """SymPy's version without importing SymPy (half a second a warm start need not spend)."""
+    found = importlib.util.find_spec("sympy")
+    if found is not None and found.origin is not None:
+        release = Path(found.origin).parent / "release.py"
+        match = re.search(r"__version__ = ['\"]([^'\"]+)['\"]", release.read_text())
+        if match:
+            return match.group(1)
+    from importlib.metadata import version
+
+    return version("sympy")
 
 
 def module_path(name: str, key: str) -> Path:
@@ -101,7 +113,8 @@ def verified_text(path: Path) -> str | None:
     return text
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -123,7 +136,7 @@ def write_source(path: Path, text: str) -> None:
         return
     if path.exists():
         purge_compiled(path)
-    _atomic_write(path, text)
+    atomic_write(path, text)
 
 
 def purge_compiled(path: Path) -> None:
@@ -147,6 +160,12 @@ def import_module(path: Path) -> ModuleType:
     return module
 
 
+def ensure_imported(path: Path) -> ModuleType:
+    """The generated module at ``path``, imported once per process (see :func:`import_module`)."""
+    module = sys.modules.get(f"_symgrad_kernels_{path.stem}")
+    return module if module is not None else import_module(path)
+
+
 def clear_cache() -> int:
     """Delete every cached kernel; returns the number of modules removed."""
     root = cache_dir()
@@ -154,5 +173,7 @@ def clear_cache() -> int:
     for file in root.glob("*.py"):
         file.unlink()
         count += 1
+    for manifest in root.glob("*_manifest_*.json"):  # they list modules just deleted
+        manifest.unlink()
     shutil.rmtree(root / "__pycache__", ignore_errors=True)
     return count

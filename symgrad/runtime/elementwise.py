@@ -11,14 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from ..errors import ArgumentError, DTypeError, ShapeError
-from ..symbolic.derive import Derivation
-from ..symbolic.spec import OpSpec
 from .cache import import_module, purge_compiled, verified_text
+
+if TYPE_CHECKING:  # the symbolic stages import SymPy; running kernels does not need it
+    from ..symbolic.derive import Derivation
+    from ..symbolic.spec import OpSpec
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 Reduction = Literal["none", "sum", "mean"]

@@ -12,20 +12,32 @@ path, so the two paths can be mixed and checkpoints work.  Parameter ``.grad`` i
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sympy as sp
 
-from ..api import builtin
-from ..codegen.step import KernelCall, StepPlan, elementwise_loop, emit_step
 from ..errors import IndexRangeError, ShapeError, SymgradError
 from ..nn.losses import CrossEntropyLoss, ElementwiseLoss, Loss, fuse
 from ..nn.modules import Elementwise, Linear, Module, Sequential
 from ..optim import SGD, Adam, Optimizer
-from .cache import import_module, module_path, verified_text, write_source
-from .tensor import TensorOp
+from .cache import (
+    atomic_write,
+    cache_dir,
+    ensure_imported,
+    module_path,
+    toolchain_fingerprint,
+    verified_text,
+    write_source,
+)
+
+# Planning and emitting a step derives and prints formulas (SymPy); running one from a warm
+# cache does not, so those imports happen inside the cold path (see FusedStep._compile).
+if TYPE_CHECKING:
+    from ..codegen.step import StepPlan
+    from .tensor import TensorOp
 
 _PAD = "    "
 _SCALARS = ("first", "adam_s", "adam_c")  # arguments set on every call
@@ -50,12 +62,14 @@ class _Buffers:
 
 def _module_name(op: Any) -> str:
     if op._module is None:
-        op._module = import_module(op._path)
+        op._module = ensure_imported(op._path)
     return str(op._module.__name__)
 
 
 def _dims(op: TensorOp, args: list[str]) -> list[str]:
     """Each dim of ``op`` as ``arg.shape[axis]`` of the first argument that carries it."""
+    import sympy as sp
+
     out = []
     for dim in op.spec.dims:
         for arg, base in zip(args, op.spec.inputs, strict=True):
@@ -100,6 +114,8 @@ class FusedStep:
         self._ops: dict[int, TensorOp] = {}
         self._lowest = len(self.layers)
         self._dtype = np.dtype(np.float64)
+        self._params = model.parameters()
+        self._flags: tuple[bool, ...] = ()
 
     # -- planning --------------------------------------------------------------------------
 
@@ -114,12 +130,12 @@ class FusedStep:
         it run forward only, that layer's VJP computes no input gradient, and a frozen layer
         above it only its input's — kernels derived with ``wrt``, not the layer's full VJP.
         """
-        linear = [k for k, layer in enumerate(self.layers) if isinstance(layer, Linear)]
-        trained = [k for k in linear if self._trainable(self.layers[k])]
-        self._lowest = trained[0] if trained else len(self.layers)
-        for k in linear:
-            layer = self.layers[k]
-            assert isinstance(layer, Linear)
+        from ..api import builtin
+        from .tensor import TensorOp
+
+        for k, layer in enumerate(self.layers):
+            if not isinstance(layer, Linear):
+                continue
             names = _LINEAR_INPUTS[layer.bias is not None]
             wrt = [names[0]] if k > self._lowest else []
             wrt += [names[1 if p == "W" else 2] for p, _ in self._trainable(layer)]
@@ -130,6 +146,13 @@ class FusedStep:
             self._loss_op: Any = builtin("softmax_cross_entropy", wrt=["X"])
         else:
             self._loss_op = self.loss.op
+
+    def _lowest_trained(self) -> int:
+        """The index of the lowest linear layer with a parameter to train (else the depth)."""
+        for k, layer in enumerate(self.layers):
+            if isinstance(layer, Linear) and self._trainable(layer):
+                return k
+        return len(self.layers)
 
     def _key(self) -> str:
         parts = [__name__, type(self.optimizer).__name__, self._dtype.name]
@@ -163,6 +186,8 @@ class FusedStep:
 
     def _plan(self, with_code: bool) -> StepPlan:
         """Arguments (always) and code lines (``with_code``) of the step function."""
+        from ..codegen.step import StepPlan
+
         plan = StepPlan("fused_step", single=self._dtype == np.float32)
         args = plan.params
         ce = isinstance(self.loss, CrossEntropyLoss)
@@ -195,6 +220,8 @@ class FusedStep:
         return plan
 
     def _linear_code(self, plan: StepPlan, k: int, layer: Linear, a: str, out: str) -> None:
+        from ..codegen.step import KernelCall
+
         op = self._ops[k]
         module = _module_name(op)
         plan.imports.append(KernelCall(module, "forward", f"lin{k}_forward"))
@@ -214,6 +241,8 @@ class FusedStep:
     def _activation_code(
         self, plan: StepPlan, k: int, layer: Elementwise, a: str, out: str
     ) -> None:
+        from ..codegen.step import elementwise_loop
+
         derivation = layer.op.derivation()
         (x,) = layer.op.spec.inputs
         n = f"{a}.size"
@@ -232,6 +261,10 @@ class FusedStep:
         ]
 
     def _loss_code(self, plan: StepPlan, logits: str) -> None:
+        import sympy as sp
+
+        from ..codegen.step import KernelCall, elementwise_loop
+
         last = len(self.layers) - 1
         if isinstance(self.loss, CrossEntropyLoss):
             op = self._loss_op
@@ -307,6 +340,10 @@ class FusedStep:
         return [f"m_{p}", f"v_{p}"]
 
     def _update_code(self, plan: StepPlan, p: str, g: str, state: list[str]) -> list[str]:
+        import sympy as sp
+
+        from ..codegen.step import elementwise_loop
+
         opt = self.optimizer
         arrays = [p, g, *state]
         lines = [f"{_PAD}{v}f = {v}.reshape({v}.size)" for v in arrays]
@@ -368,25 +405,79 @@ class FusedStep:
     # -- compile and run -------------------------------------------------------------------
 
     def _compile(self, dtype: np.dtype) -> None:
+        """Load the step from the cache, or plan, derive and emit it (then cache it).
+
+        A warm start reads a manifest keyed by the step's *structure* — layer kinds, built-in
+        activation and loss names and parameters, which parameters train, the optimizer and its
+        hyperparameters, the dtype, the toolchain — and imports the modules it lists: no
+        formula is built, so SymPy is never imported.  A missing or unverifiable manifest or
+        module takes the cold path, which rewrites the manifest.
+        """
         self._dtype = dtype  # float32 data gets float32 math where it has a helper for it
-        self._select_ops()
-        key = self._key()
-        path = module_path("fused_step", key)
-        if verified_text(path) is None:
-            write_source(path, emit_step(self._plan(with_code=True), key).text)
-        else:  # the step imports its kernels' modules by name: import them first
-            for op in [*self._ops.values(), self._loss_op]:
-                if isinstance(op, TensorOp):
-                    _module_name(op)
-        self._args = self._plan(with_code=False).params
-        self._slots = {n: self._args.index(n) for n in _SCALARS if n in self._args}
+        self._buffers, self._views, self._cached = None, {}, None  # shaped by the old plan
+        self._lowest = self._lowest_trained()
         self._trained = [
             (k, name, p)
             for k, layer in enumerate(self.layers)
             if isinstance(layer, Linear)
             for name, p in self._trainable(layer)
         ]
-        self._fn = import_module(path).step
+        manifest = cache_dir() / f"fused_step_manifest_{self._structure_key()[:24]}.json"
+        if not self._load(manifest):
+            self._cold_compile(manifest)
+        self._slots = {n: self._args.index(n) for n in _SCALARS if n in self._args}
+
+    def _structure_key(self) -> str:
+        parts = [
+            "fused-step-manifest-1",
+            toolchain_fingerprint(),
+            self._dtype.name,
+            self.optimizer.structure(),
+            self.loss.structure(),
+        ]
+        for layer in self.layers:
+            if isinstance(layer, Linear):
+                trained = ",".join(n for n, _ in self._trainable(layer))
+                parts.append(f"linear:{layer.bias is not None}:{trained}")
+            else:
+                parts.append(layer.structure())
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def _load(self, manifest: Path) -> bool:
+        """Import the step a manifest lists; False when anything is missing or fails to verify."""
+        try:
+            entry = json.loads(manifest.read_text(encoding="utf-8"))
+            paths = [manifest.parent / name for name in [*entry["imports"], entry["step"]]]
+            args = [str(a) for a in entry["args"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if any(p.parent != manifest.parent or verified_text(p) is None for p in paths):
+            return False
+        *imports, step = paths
+        for path in imports:  # the step imports its kernels' modules by name: those first
+            ensure_imported(path)
+        self._fn = ensure_imported(step).step
+        self._args = args
+        return True
+
+    def _cold_compile(self, manifest: Path) -> None:
+        from .tensor import TensorOp
+
+        self._select_ops()
+        key = self._key()
+        path = module_path("fused_step", key)
+        if verified_text(path) is None:
+            from ..codegen.step import emit_step
+
+            write_source(path, emit_step(self._plan(with_code=True), key).text)
+        kernels = [op for op in [*self._ops.values(), self._loss_op] if isinstance(op, TensorOp)]
+        imports = list(dict.fromkeys(Path(op._path).name for op in kernels))
+        for op in kernels:
+            _module_name(op)
+        self._args = self._plan(with_code=False).params
+        self._fn = ensure_imported(path).step
+        entry = {"step": path.name, "imports": imports, "args": self._args}
+        atomic_write(manifest, json.dumps(entry, indent=1) + "\n")
 
     def _allocate(self, batch: int, dtype: np.dtype) -> _Buffers:
         arrays: dict[str, np.ndarray] = {}
@@ -447,7 +538,9 @@ class FusedStep:
         """One step on the batch ``(x, y)``: parameters and optimizer state updated in place."""
         first = self._first
         dtype = first.weight.data.dtype
-        if self._fn is None or dtype != self._dtype:
+        flags = tuple(p.requires_grad for p in self._params)
+        if self._fn is None or dtype != self._dtype or flags != self._flags:
+            self._flags = flags  # freezing a layer after a step compiles another step
             self._compile(dtype)
         x = np.ascontiguousarray(x)
         if x.ndim != 2 or x.shape[1] != first.in_features or x.dtype != dtype:
