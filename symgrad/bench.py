@@ -441,8 +441,8 @@ def _rows(
     with threadpool_limits(threads):
         for batch, hidden in sizes:
             work = batch * hidden * hidden + 1
-            repeats = max(7, min(100, int(2e8 / work)))
-            block = max(1, min(20, int(2e6 / work)))  # about 10 ms of torch steps a turn
+            repeats = max(15, min(100, int(5e8 / work)))
+            block = max(1, min(20, int(1e7 / work)))  # 20 steps a turn at B=32, H=128
             cands = _w1_candidates(batch, hidden, with_compile and not quick)
             timings = interleaved(cands, repeats, warmup=3, block=block)
             add("W1 train step", f"B={batch} H={hidden}", timings)
@@ -471,6 +471,32 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['median_ms']:>11.3f} {r['min_ms']:>10.3f} {ratio:>8}"
         )
     return "\n".join(lines)
+
+
+def format_markdown(result: dict[str, Any], command: str) -> str:
+    """The rows as a Markdown report: command, machine, versions, table."""
+    m, v = result["machine"], result["versions"]
+    lines = [
+        "# symgrad bench",
+        "",
+        f"Command: `{command}` ({result['threads']} thread(s) for every system).",
+        "",
+        f"Machine: {m['cpu']} ({m.get('cpu_family_model', '')}, "
+        f"{m.get('simd', '')}), {m['cores']} cores, {m['platform']}, Python {m['python']}; "
+        f"load average at start {m['load_average_at_start']}.",
+        "",
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        "",
+        "| workload | size | system | median ms | min ms | × torch eager |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        ratio = f"{r['ratio_to_torch']:.2f}" if r["ratio_to_torch"] is not None else "-"
+        lines.append(
+            f"| {r['workload']} | {r['size']} | {r['system']} | {r['median_ms']:.3f} | "
+            f"{r['min_ms']:.3f} | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:

@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -144,6 +145,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         bench.write_json(result, args.json)
         print(f"wrote {args.json}")
+    if args.markdown:
+        command = "symgrad bench " + " ".join(args.argv)
+        Path(args.markdown).write_text(bench.format_markdown(result, command.strip()))
+        print(f"wrote {args.markdown}")
     return 0
 
 
@@ -254,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--threads", type=int, default=1, help="threads for every system (default 1)")
     bn.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     bn.add_argument("--json", default=None, help="write the rows to this JSON file")
+    bn.add_argument(
+        "--markdown", default=None, help="write the table, machine and command as Markdown"
+    )
     bn.set_defaults(func=cmd_bench)
     derive = sub.add_parser(
         "derive",
@@ -295,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw)
+    args.argv = raw[1:]  # the options after the command (reports quote the command line)
     try:
         return int(args.func(args))
     except SymgradError as err:

@@ -29,6 +29,9 @@ def test_a_tiny_run_reports_every_system_with_ratios_to_torch(tmp_path, torch_st
     assert "B=4 H=8" in text and "symgrad fused" in text and "× torch" in text
     bench.write_json(result, tmp_path / "bench.json")
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows
+    report = bench.format_markdown(result, "symgrad bench --quick")
+    assert "`symgrad bench --quick`" in report
+    assert report.count("\n| W1 train step | B=4 H=8 |") == len(w1)
 
 
 def test_the_numpy_baseline_takes_the_same_step_as_symgrad() -> None:

@@ -66,19 +66,24 @@ def elementwise_loop(
     stages: list[list[tuple[str, sp.Expr]]],
     indent: str,
     accumulate: dict[str, str] | None = None,
+    rows: str | None = None,
 ) -> list[str]:
     """A loop over ``range(n)``: load ``loads`` (symbol → array), then evaluate ``stages``.
 
     Each stage is a list of ``(target, expr)`` sharing common subexpressions.  A target
     ``"a[i]"`` is stored; a plain name becomes a local that later stages may use as a symbol of
     that name (so an update ``b' = μb + g; p' = p − lr·b'`` runs in exactly that order); a
-    target that is a key of ``accumulate`` is added to that accumulator.
+    target that is a key of ``accumulate`` is added to that accumulator.  With ``rows`` the
+    loop is ``for r in range(rows): for i in range(n):`` over 2-D arrays, and each load is an
+    expression in ``r`` and ``i`` (e.g. a GEMM's output plus its bias, ``h[r, i] + c[i]``).
     """
     names = {s: sp.Symbol(f"_v{k}", real=True) for k, s in enumerate(loads)}
-    lines = [f"{indent}for i in range({n}):"]
+    lines = [] if rows is None else [f"{indent}for r in range({rows}):"]
+    indent = indent if rows is None else indent + _PAD
+    lines.append(f"{indent}for i in range({n}):")
     inner = indent + _PAD
     for s, array in loads.items():
-        lines.append(f"{inner}{names[s]} = {array}[i]")
+        lines.append(f"{inner}{names[s]} = {array}" + ("" if rows else "[i]"))
     for stage in stages:
         body = _cse_body([e.xreplace(names) for _, e in stage], op_name)
         body_lines, results = body.lines, body.results

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import DTypeError, ShapeError, SymgradError
 from ..runtime.elementwise import ElementwiseOp
-from .modules import Elementwise, Module, Sequential, _builtin
+from .modules import Elementwise, Module, Sequential, _builtin, _builtin_elementwise
 
 
 class Loss:
@@ -118,9 +118,7 @@ class _BuiltinLoss(ElementwiseLoss):
         self.name = self.op_name
 
     def _build(self) -> ElementwiseOp:
-        op = _builtin(self.op_name)
-        assert isinstance(op, ElementwiseOp)
-        return op
+        return _builtin_elementwise(self.op_name)
 
     def structure(self) -> str:
         return f"builtin:{self.op_name}"

@@ -29,6 +29,12 @@ def _builtin(name: str, **params: Any) -> Any:
     return builtin(name, **params)
 
 
+def _builtin_elementwise(name: str, **params: Any) -> ElementwiseOp:
+    op = _builtin(name, **params)
+    assert isinstance(op, ElementwiseOp)
+    return op
+
+
 class StateDictError(SymgradError, KeyError):
     """A state dict does not match a module's parameters (names or shapes)."""
 
@@ -309,9 +315,7 @@ class _BuiltinActivation(Elementwise):
 
     def _build(self) -> ElementwiseOp:
         options: dict[str, Any] = dict(self._params)  # torch's parameters, never ``wrt``
-        op = _builtin(self.op_name, **options)
-        assert isinstance(op, ElementwiseOp)
-        return op
+        return _builtin_elementwise(self.op_name, **options)
 
     def structure(self) -> str:
         return f"builtin:{self.op_name}:{sorted(self._params.items())}"

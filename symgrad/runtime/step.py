@@ -112,6 +112,7 @@ class FusedStep:
         self._fn: Any = None
         self._args: list[str] = []
         self._ops: dict[int, TensorOp] = {}
+        self._gemm_ops: dict[int, TensorOp] = {}  # layers whose bias joins the activation loop
         self._lowest = len(self.layers)
         self._dtype = np.dtype(np.float64)
         self._params = model.parameters()
@@ -133,6 +134,7 @@ class FusedStep:
         from ..api import builtin
         from .tensor import TensorOp
 
+        self._ops, self._gemm_ops = {}, {}
         for k, layer in enumerate(self.layers):
             if not isinstance(layer, Linear):
                 continue
@@ -142,6 +144,12 @@ class FusedStep:
             op = builtin(_linear_op(layer), wrt=wrt) if wrt else layer._op
             assert isinstance(op, TensorOp)
             self._ops[k] = op
+            following = self.layers[k + 1] if k + 1 < len(self.layers) else None
+            if layer.bias is not None and isinstance(following, Elementwise):
+                # forward: the GEMM, then bias and activation in one loop
+                gemm = builtin("matmul")
+                assert isinstance(gemm, TensorOp)
+                self._gemm_ops[k] = gemm
         if isinstance(self.loss, CrossEntropyLoss):
             self._loss_op: Any = builtin("softmax_cross_entropy", wrt=["X"])
         else:
@@ -156,6 +164,7 @@ class FusedStep:
 
     def _key(self) -> str:
         parts = [__name__, type(self.optimizer).__name__, self._dtype.name]
+        parts += [f"gemm:{k}:{op.spec.key}" for k, op in self._gemm_ops.items()]
         for k, layer in enumerate(self.layers):
             if isinstance(layer, Linear):
                 parts.append(f"linear:{self._ops[k].spec.key}:{layer.bias is not None}")
@@ -224,10 +233,16 @@ class FusedStep:
 
         op = self._ops[k]
         module = _module_name(op)
-        plan.imports.append(KernelCall(module, "forward", f"lin{k}_forward"))
         inputs = [a, f"W{k}", f"b{k}"] if layer.bias is not None else [a, f"W{k}.T"]
         dims = ", ".join(_dims(op, inputs))
-        plan.forward.append(f"{_PAD}lin{k}_forward({', '.join(inputs)}, {dims}, {out})")
+        if k in self._gemm_ops:  # the GEMM alone: its bias is added in the activation's loop
+            gemm = self._gemm_ops[k]
+            plan.imports.append(KernelCall(_module_name(gemm), "forward", f"mm{k}_forward"))
+            gemm_dims = ", ".join(_dims(gemm, [a, f"W{k}.T"]))
+            plan.forward.append(f"{_PAD}mm{k}_forward({a}, W{k}.T, {gemm_dims}, {out})")
+        else:
+            plan.imports.append(KernelCall(module, "forward", f"lin{k}_forward"))
+            plan.forward.append(f"{_PAD}lin{k}_forward({', '.join(inputs)}, {dims}, {out})")
         if k < self._lowest:
             return
         plan.imports.append(KernelCall(module, "vjp", f"lin{k}_vjp"))
@@ -246,11 +261,20 @@ class FusedStep:
         derivation = layer.op.derivation()
         (x,) = layer.op.spec.inputs
         n = f"{a}.size"
-        stores = [(f"{out}f[i]", derivation.stable_forward)]
-        if k > self._lowest:  # the local partial, for the backward pass
-            stores.append((f"d{k}f[i]", derivation.partials[0].final))
-        plan.forward += [f"{_PAD}{v}f = {v}.reshape({v}.size)" for v in (a, out, f"d{k}")]
-        plan.forward += elementwise_loop(plan, layer.op.name, n, {x: f"{a}f"}, [stores], _PAD)
+        if k - 1 in self._gemm_ops:  # the linear layer below left its bias to this loop
+            stores = [(f"{out}[r, i]", derivation.stable_forward)]
+            if k > self._lowest:  # the local partial, for the backward pass
+                stores.append((f"d{k}[r, i]", derivation.partials[0].final))
+            plan.forward += elementwise_loop(
+                plan, layer.op.name, f"{a}.shape[1]", {x: f"{a}[r, i] + b{k - 1}[i]"},
+                [stores], _PAD, rows=f"{a}.shape[0]",
+            )
+        else:
+            stores = [(f"{out}f[i]", derivation.stable_forward)]
+            if k > self._lowest:
+                stores.append((f"d{k}f[i]", derivation.partials[0].final))
+            plan.forward += [f"{_PAD}{v}f = {v}.reshape({v}.size)" for v in (a, out, f"d{k}")]
+            plan.forward += elementwise_loop(plan, layer.op.name, n, {x: f"{a}f"}, [stores], _PAD)
         if k < self._lowest:
             return
         g_in = f"g{k - 1}"
@@ -470,7 +494,8 @@ class FusedStep:
             from ..codegen.step import emit_step
 
             write_source(path, emit_step(self._plan(with_code=True), key).text)
-        kernels = [op for op in [*self._ops.values(), self._loss_op] if isinstance(op, TensorOp)]
+        ops = [*self._ops.values(), *self._gemm_ops.values(), self._loss_op]
+        kernels = [op for op in ops if isinstance(op, TensorOp)]
         imports = list(dict.fromkeys(Path(op._path).name for op in kernels))
         for op in kernels:
             _module_name(op)
