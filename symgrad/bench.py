@@ -15,9 +15,10 @@ Workloads (float32 unless stated, thread count fixed and reported, 1 by default)
   imports NumPy and Numba and calls one cached ``njit`` function with a GEMM — the floor any
   Numba-compiled step starts from.
 
-Timings are medians of repeats after warm-up, the candidates of one size interleaved so drift
-hits them alike (W1 times a block of consecutive steps per turn, as a training loop runs them);
-ratios are to torch eager measured in the same run.
+Every system gets ``threads`` threads (thread-pool settings) on as many cores (the process's CPU
+affinity).  Timings are medians of repeats after warm-up, the candidates of one size interleaved
+so drift hits them alike (W1 times a block of consecutive steps per turn, as a training loop
+runs them); ratios are to torch eager measured in the same run.
 """
 
 from __future__ import annotations
@@ -355,17 +356,19 @@ def _fresh_process_seconds(code: str, cache: str, threads: int) -> float:
 
 
 def _w3_rows(threads: int, repeats: int) -> list[dict[str, Any]]:
-    """Cold (empty cache, each time), warm and Numba-floor fresh-process times, medians."""
+    """Fresh-process times: cold (an empty cache, ``repeats`` times), warm and the Numba floor
+    (three runs after each cold one, interleaved); medians and minima."""
     cold, warm, floor = [], [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as cache:
             cold.append(_fresh_process_seconds(_FIRST_STEP, cache, threads))
-            warm.append(_fresh_process_seconds(_FIRST_STEP, cache, threads))
             script = os.path.join(cache, "floor.py")  # Numba caches functions of files only
             Path(script).write_text(_NUMBA_FLOOR)
             run_floor = f"import runpy; runpy.run_path({script!r})"
             _fresh_process_seconds(run_floor, cache, threads)  # compiles into the cache
-            floor.append(_fresh_process_seconds(run_floor, cache, threads))
+            for _ in range(3):
+                warm.append(_fresh_process_seconds(_FIRST_STEP, cache, threads))
+                floor.append(_fresh_process_seconds(run_floor, cache, threads))
     rows = []
     for size, system, times in (
         ("cold cache", "symgrad", cold),
@@ -400,14 +403,32 @@ def run(
 
     ``w1_sizes``, ``w2_size`` and ``w3`` override the workloads (tests run a tiny set).
     """
+    # Every thread pool at `threads`: libraries loaded from here on read these at load time,
+    # XLA (JAX) reads its flags at import, and SciPy's OpenBLAS — the BLAS Numba calls — is
+    # loaded now so that threadpool_limits (which sees loaded libraries only) covers it.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    multi = "true" if threads > 1 else "false"
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_cpu_multi_thread_eigen={multi} intra_op_parallelism_threads={threads}"
+    )
+    import scipy.linalg.cython_blas  # noqa: F401
     import torch
 
+    # ... and the process on `threads` cores: a pool that ignores every setting (XLA's ran two
+    # threads under all of the above) still gets no more cores than the others.
+    pinned = hasattr(os, "sched_setaffinity")
+    cores = sorted(os.sched_getaffinity(0)) if pinned else []
+    if pinned:
+        os.sched_setaffinity(0, cores[:threads])
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         rows = _rows(quick, threads, with_compile, w1_sizes, w2_size, w3)
     finally:
         torch.set_num_threads(before)
+        if pinned:
+            os.sched_setaffinity(0, cores)
     return {"machine": machine(), "versions": versions(), "threads": threads, "rows": rows}
 
 
