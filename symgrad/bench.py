@@ -399,7 +399,8 @@ def run(
     w2_size: int | None = None,
     w3: bool = True,
 ) -> dict[str, Any]:
-    """Run every workload; returns ``{"machine", "versions", "threads", "rows"}``.
+    """Run every workload; returns ``{"machine", "versions", "threads", "started", "seconds",
+    "rows"}``.
 
     ``w1_sizes``, ``w2_size`` and ``w3`` override the workloads (tests run a tiny set).
     """
@@ -415,6 +416,7 @@ def run(
     import scipy.linalg.cython_blas  # noqa: F401
     import torch
 
+    info = machine()  # before the pinning below: the machine's cores, not the run's
     # ... and the process on `threads` cores: a pool that ignores every setting (XLA's ran two
     # threads under all of the above) still gets no more cores than the others.
     pinned = hasattr(os, "sched_setaffinity")
@@ -423,13 +425,22 @@ def run(
         os.sched_setaffinity(0, cores[:threads])
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    started, start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     try:
         rows = _rows(quick, threads, with_compile, w1_sizes, w2_size, w3)
     finally:
         torch.set_num_threads(before)
         if pinned:
             os.sched_setaffinity(0, cores)
-    return {"machine": machine(), "versions": versions(), "threads": threads, "rows": rows}
+    info["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    return {
+        "machine": info,
+        "versions": versions(),
+        "threads": threads,
+        "started": started,
+        "seconds": round(time.perf_counter() - start, 1),
+        "rows": rows,
+    }
 
 
 def _rows(
@@ -500,11 +511,13 @@ def format_markdown(result: dict[str, Any], command: str) -> str:
     lines = [
         "# symgrad bench",
         "",
-        f"Command: `{command}` ({result['threads']} thread(s) for every system).",
+        f"Command: `{command}` ({result['threads']} thread(s) for every system, on as many "
+        f"cores); run {result.get('started', '?')}, {result.get('seconds', '?')} s.",
         "",
         f"Machine: {m['cpu']} ({m.get('cpu_family_model', '')}, "
         f"{m.get('simd', '')}), {m['cores']} cores, {m['platform']}, Python {m['python']}; "
-        f"load average at start {m['load_average_at_start']}.",
+        f"load average at start {m['load_average_at_start']}, at end "
+        f"{m.get('load_average_at_end', '?')}.",
         "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "",
