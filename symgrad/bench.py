@@ -78,7 +78,7 @@ def versions() -> dict[str, str]:
 
     import symgrad
 
-    return {
+    found = {
         "symgrad": symgrad.__version__,
         "numpy": numpy.__version__,
         "numba": numba.__version__,
@@ -86,6 +86,13 @@ def versions() -> dict[str, str]:
         "sympy": sympy.__version__,
         "torch": torch.__version__,
     }
+    try:
+        from importlib.metadata import version
+
+        found["jax"] = version("jax")
+    except ImportError:  # PackageNotFoundError is an ImportError: JAX is optional
+        pass
+    return found
 
 
 def interleaved(
