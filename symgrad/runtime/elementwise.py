@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from ..errors import ArgumentError, DTypeError, ShapeError
-from .cache import import_module, purge_compiled, verified_text
+from .compiled import CompiledOp
 
 if TYPE_CHECKING:  # the symbolic stages import SymPy; running kernels does not need it
     from ..symbolic.derive import Derivation
@@ -47,7 +46,7 @@ def _unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(grad.sum(axis=axes)).reshape(shape)  # an array even when 0-d
 
 
-class ElementwiseOp:
+class ElementwiseOp(CompiledOp["Derivation"]):
     """A compiled elementwise op.  Create it with :func:`symgrad.elementwise`.
 
     ``op(*arrays)`` is the forward, ``op.vjp(*arrays, grad_output)`` the gradients,
@@ -62,56 +61,16 @@ class ElementwiseOp:
         derive: Callable[[], Derivation],
         derivation: Derivation | None = None,
     ) -> None:
+        super().__init__(spec.name, path, derive, derivation)
         self.spec = spec
-        self.name = spec.name
         self.input_names = tuple(s.name for s in spec.inputs)
         self._wrt = tuple(spec.inputs.index(s) for s in spec.wrt)
-        self._path = path
-        self._derive = derive
-        self._derivation = derivation
-        self._module: ModuleType | None = None
-        self._recovered = False
-
-    # -- introspection ---------------------------------------------------------------------
-
-    @property
-    def source(self) -> str:
-        """The generated Numba source of this op's kernels."""
-        text = verified_text(self._path)
-        if text is None:
-            raise FileNotFoundError(
-                f"the kernel source of {self.name!r} vanished from {self._path}"
-            )
-        return text
-
-    def derivation(self) -> Derivation:
-        """The symbolic derivation behind the kernels (derived on first use if loaded warm)."""
-        if self._derivation is None:
-            self._derivation = self._derive()
-        return self._derivation
 
     def __repr__(self) -> str:
         consts = "".join(f", {k}={v!r}" for k, v in self.spec.constants)
         return f"<symgrad elementwise op {self.name}({', '.join(self.input_names)}{consts})>"
 
     # -- kernel calls ----------------------------------------------------------------------
-
-    def _kernel(self, name: str) -> Any:
-        if self._module is None:
-            self._module = import_module(self._path)
-        return getattr(self._module, name)
-
-    def _run(self, name: str, *args: Any) -> Any:
-        try:
-            return self._kernel(name)(*args)
-        except Exception:
-            # A corrupt Numba cache file fails on load: drop the binaries, re-import, retry once.
-            if self._recovered:
-                raise
-            self._recovered = True
-            purge_compiled(self._path)
-            self._module = None
-            return self._kernel(name)(*args)
 
     def _inputs(
         self, arrays: tuple[object, ...]

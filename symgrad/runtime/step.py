@@ -61,9 +61,7 @@ class _Buffers:
 
 
 def _module_name(op: Any) -> str:
-    if op._module is None:
-        op._module = ensure_imported(op._path)
-    return str(op._module.__name__)
+    return str(op.module.__name__)
 
 
 def _dims(op: TensorOp, args: list[str]) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ import sympy as sp
 
 from ..errors import ArgumentError, DTypeError, IndexRangeError, ShapeError
 from ..symbolic.index import TensorDerivation, TensorSpec
-from .cache import import_module, purge_compiled, verified_text
+from .compiled import CompiledOp
 from .elementwise import _as_float_array
 
 
@@ -32,7 +31,7 @@ def _as_index_array(value: object, what: str) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
-class TensorOp:
+class TensorOp(CompiledOp[TensorDerivation]):
     """A compiled tensor op.  Create it with :func:`symgrad.tensor_op`.
 
     ``op(*arrays)`` is the forward, ``op.vjp(*arrays, grad_output)`` returns one gradient per
@@ -46,14 +45,9 @@ class TensorOp:
         derive: Callable[[], TensorDerivation],
         derivation: TensorDerivation | None = None,
     ) -> None:
+        super().__init__(spec.name, path, derive, derivation)
         self.spec = spec
-        self.name = spec.name
         self.input_names = tuple(str(b.label) for b in spec.inputs)
-        self._path = path
-        self._derive = derive
-        self._derivation = derivation
-        self._module: ModuleType | None = None
-        self._recovered = False
         self._wrt = tuple(spec.inputs.index(b) for b in spec.wrt)
         # (integer tensor, axis, tensor it indexes, that axis's dim) for every gather
         uses = set()
@@ -66,37 +60,8 @@ class TensorOp:
                         uses.add((str(read.base.label), axis, str(access.base.label), dim))
         self._index_uses = sorted(uses, key=str)
 
-    @property
-    def source(self) -> str:
-        """The generated Numba source of this op's kernels."""
-        text = verified_text(self._path)
-        if text is None:
-            raise FileNotFoundError(
-                f"the kernel source of {self.name!r} vanished from {self._path}"
-            )
-        return text
-
-    def derivation(self) -> TensorDerivation:
-        """The symbolic derivation behind the kernels."""
-        if self._derivation is None:
-            self._derivation = self._derive()
-        return self._derivation
-
     def __repr__(self) -> str:
         return f"<symgrad tensor op {self.name}({', '.join(self.input_names)})>"
-
-    def _run(self, name: str, *args: Any) -> Any:
-        try:
-            if self._module is None:
-                self._module = import_module(self._path)
-            return getattr(self._module, name)(*args)
-        except Exception:
-            if self._recovered:
-                raise
-            self._recovered = True  # a corrupt Numba cache file: drop it and retry once
-            purge_compiled(self._path)
-            self._module = import_module(self._path)
-            return getattr(self._module, name)(*args)
 
     def _bind(
         self, arrays: tuple[object, ...]

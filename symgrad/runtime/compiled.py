@@ -1,0 +1,68 @@
+"""CompiledOp: what every compiled op wrapper shares — its cached module, source, derivation.
+
+:class:`~symgrad.runtime.elementwise.ElementwiseOp` and :class:`~symgrad.runtime.tensor.TensorOp`
+check arguments their own way; both hold a generated module in the kernel cache (imported on
+first call), its verified source, and a derivation that is derived on first use when the op was
+loaded from a warm cache.  A kernel call that fails — a corrupt Numba cache file fails on load —
+drops the module's compiled binaries, re-imports it and retries once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Generic, TypeVar
+
+from .cache import ensure_imported, import_module, purge_compiled, verified_text
+
+D = TypeVar("D")
+
+
+class CompiledOp(Generic[D]):
+    """The parts of a compiled op that do not depend on its kind."""
+
+    def __init__(
+        self, name: str, path: Path, derive: Callable[[], D], derivation: D | None
+    ) -> None:
+        self.name = name
+        self._path = path
+        self._derive = derive
+        self._derivation = derivation
+        self._module: ModuleType | None = None
+        self._recovered = False
+
+    @property
+    def source(self) -> str:
+        """The generated Numba source of this op's kernels."""
+        text = verified_text(self._path)
+        if text is None:
+            raise FileNotFoundError(
+                f"the kernel source of {self.name!r} vanished from {self._path}"
+            )
+        return text
+
+    def derivation(self) -> D:
+        """The symbolic derivation behind the kernels (derived on first use if loaded warm)."""
+        if self._derivation is None:
+            self._derivation = self._derive()
+        return self._derivation
+
+    @property
+    def module(self) -> ModuleType:
+        """The kernel module, imported on first use (once per process)."""
+        if self._module is None:
+            self._module = ensure_imported(self._path)
+        return self._module
+
+    def _run(self, name: str, *args: Any) -> Any:
+        try:
+            return getattr(self.module, name)(*args)
+        except Exception:
+            # A corrupt Numba cache file fails on load: drop the binaries, re-import, retry once.
+            if self._recovered:
+                raise
+            self._recovered = True
+            purge_compiled(self._path)
+            self._module = import_module(self._path)
+            return getattr(self._module, name)(*args)
