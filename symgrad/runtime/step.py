@@ -81,7 +81,10 @@ def _dims(op: TensorOp, args: list[str]) -> list[str]:
 class FusedStep:
     """A compiled training step; call ``step(x, y)`` → the batch loss (a float)."""
 
-    def __init__(self, model: Module, loss: Loss, optimizer: Optimizer) -> None:
+    def __init__(
+        self, model: Module, loss: Loss, optimizer: Optimizer, parallel: bool = False
+    ) -> None:
+        self.parallel = bool(parallel)
         body, objective = fuse(model, loss)
         if not isinstance(body, Sequential):
             raise UnsupportedStepError("the fused step compiles a Sequential model")
@@ -161,7 +164,7 @@ class FusedStep:
         return len(self.layers)
 
     def _key(self) -> str:
-        parts = [__name__, type(self.optimizer).__name__, self._dtype.name]
+        parts = [__name__, type(self.optimizer).__name__, self._dtype.name, str(self.parallel)]
         parts += [f"gemm:{k}:{op.spec.key}" for k, op in self._gemm_ops.items()]
         for k, layer in enumerate(self.layers):
             if isinstance(layer, Linear):
@@ -195,7 +198,7 @@ class FusedStep:
         """Arguments (always) and code lines (``with_code``) of the step function."""
         from ..codegen.step import StepPlan
 
-        plan = StepPlan("fused_step", single=self._dtype == np.float32)
+        plan = StepPlan("fused_step", single=self._dtype == np.float32, parallel=self.parallel)
         args = plan.params
         ce = isinstance(self.loss, CrossEntropyLoss)
         args += ["x", "labels", "target"] if ce else ["x", "target"]
@@ -278,7 +281,7 @@ class FusedStep:
         g_in = f"g{k - 1}"
         plan.backward += [f"{_PAD}{v}f = {v}.reshape({v}.size)" for v in (g_in, f"g{k}", f"d{k}")]
         plan.backward += [
-            f"{_PAD}for i in range({n}):",  # the chain rule: incoming gradient × local partial
+            f"{_PAD}for i in {plan.loop}({n}):",  # the chain rule: incoming gradient × partial
             f"{_PAD}{_PAD}{g_in}f[i] = g{k}f[i] * d{k}f[i]",
         ]
 
@@ -454,6 +457,7 @@ class FusedStep:
             "fused-step-manifest-1",
             toolchain_fingerprint(),
             self._dtype.name,
+            f"parallel={self.parallel}",
             self.optimizer.structure(),
             self.loss.structure(),
         ]
@@ -647,8 +651,15 @@ class FusedStep:
         return [values[name] for name in self._args]
 
 
-def compile_step(model: Module, loss: Loss, optimizer: Optimizer) -> FusedStep:
+def compile_step(
+    model: Module, loss: Loss, optimizer: Optimizer, parallel: bool = False
+) -> FusedStep:
     """One compiled function per training step of ``model`` + ``loss`` + ``optimizer``.
+
+    ``parallel=True`` spreads the step's elementwise loops (activations, their derivatives, the
+    loss, the updates) over Numba's threads (``NUMBA_NUM_THREADS``); its GEMMs use as many
+    threads as the BLAS library is given either way.  Results equal the serial step's, except
+    that an elementwise loss is summed in another order.
 
     >>> import numpy as np
     >>> from symgrad import nn, optim
@@ -662,4 +673,4 @@ def compile_step(model: Module, loss: Loss, optimizer: Optimizer) -> FusedStep:
     >>> second < first
     True
     """
-    return FusedStep(model, loss, optimizer)
+    return FusedStep(model, loss, optimizer, parallel)
