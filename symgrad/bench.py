@@ -137,9 +137,7 @@ def _mlp(hidden: int, dtype: Any = np.float32) -> Any:
     )
 
 
-def _w1_candidates(
-    batch: int, hidden: int, with_compile: bool, threads: int = 1
-) -> dict[str, Callable[[], object]]:
+def _w1_candidates(batch: int, hidden: int, with_compile: bool) -> dict[str, Callable[[], object]]:
     import torch
 
     from . import nn, optim
@@ -179,13 +177,8 @@ def _w1_candidates(
         tloss(twin(tx), ty).backward()
         topt.step()
 
-    candidates: dict[str, Callable[[], object]] = {"symgrad fused": lambda: fused(x, y)}
-    if threads > 1:  # the opt-in: elementwise loops over the cores too, not only the GEMMs
-        spread = mlp()
-        opt = optim.SGD(spread.parameters(), lr=LR)
-        parallel = compile_step(spread, nn.CrossEntropyLoss(), opt, parallel=True)
-        candidates["symgrad fused parallel"] = lambda: parallel(x, y)
-    candidates |= {
+    candidates: dict[str, Callable[[], object]] = {
+        "symgrad fused": lambda: fused(x, y),
         "symgrad layers": layer_by_layer,
         "torch eager": torch_eager,
         "numpy by hand": _numpy_step(mlp(), x, y)[0],
@@ -427,12 +420,9 @@ def run(
     os.environ["XLA_FLAGS"] = (
         f"--xla_cpu_multi_thread_eigen={multi} intra_op_parallelism_threads={threads}"
     )
-    import numba
     import scipy.linalg.cython_blas  # noqa: F401
     import torch
 
-    numba_before = numba.get_num_threads()
-    numba.set_num_threads(min(threads, getattr(numba.config, "NUMBA_NUM_THREADS", 1)))
     info = machine()  # before the pinning below: the machine's cores, not the run's
     # ... and the process on `threads` cores: a pool that ignores every setting (XLA's ran two
     # threads under all of the above) still gets no more cores than the others.
@@ -447,7 +437,6 @@ def run(
         rows = _rows(quick, threads, with_compile, w1_sizes, w2_size, w3)
     finally:
         torch.set_num_threads(before)
-        numba.set_num_threads(numba_before)
         if pinned:
             os.sched_setaffinity(0, cores)
     info["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -493,7 +482,7 @@ def _rows(
             work = batch * hidden * hidden + 1
             repeats = max(15, min(100, int(5e8 / work)))
             block = max(1, min(20, int(1e7 / work)))  # 20 steps a turn at B=32, H=128
-            cands = _w1_candidates(batch, hidden, with_compile and not quick, threads)
+            cands = _w1_candidates(batch, hidden, with_compile and not quick)
             timings = interleaved(cands, repeats, warmup=3, block=block)
             add("W1 train step", f"B={batch} H={hidden}", timings)
         n = w2_size if w2_size is not None else (1_000_000 if quick else 10_000_000)

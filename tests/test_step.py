@@ -228,22 +228,3 @@ def test_freezing_a_layer_after_a_step_takes_effect():
     frozen = model.state_dict()["0.weight"]
     step(x, y)
     np.testing.assert_array_equal(model.state_dict()["0.weight"], frozen)
-
-
-@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss, nn.BCEWithLogitsLoss])
-def test_a_parallel_step_equals_the_serial_one(loss):
-    rng = np.random.default_rng(7)
-    a, b = _mlp(), _mlp()
-    opt_a = optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
-    opt_b = optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
-    serial = compile_step(a, loss(), opt_a)
-    parallel = compile_step(b, loss(), opt_b, parallel=True)
-    for _ in range(3):
-        x = rng.normal(size=(40, 6))
-        y = rng.integers(0, 3, 40) if loss is nn.CrossEntropyLoss else rng.uniform(size=(40, 3))
-        assert parallel(x, y) == pytest.approx(serial(x, y), rel=1e-14)
-    for k, v in a.state_dict().items():
-        np.testing.assert_allclose(b.state_dict()[k], v, rtol=1e-13, atol=1e-15)
-    with open(parallel._fn.py_func.__code__.co_filename) as handle:
-        text = handle.read()
-    assert "parallel=True" in text and "in prange(" in text

@@ -56,12 +56,6 @@ class StepPlan:
     update: list[str] = field(default_factory=list)
     helpers: set[str] = field(default_factory=set)  # vectorisable math helpers the loops call
     single: bool = False  # float32 data: loops call the float32 helpers where there are any
-    parallel: bool = False  # elementwise loops over cores (prange); GEMMs follow BLAS's threads
-
-    @property
-    def loop(self) -> str:
-        """The loop of elementwise work: ``prange`` in a parallel step, else ``range``."""
-        return "prange" if self.parallel else "range"
 
 
 def elementwise_loop(
@@ -84,9 +78,9 @@ def elementwise_loop(
     expression in ``r`` and ``i`` (e.g. a GEMM's output plus its bias, ``h[r, i] + c[i]``).
     """
     names = {s: sp.Symbol(f"_v{k}", real=True) for k, s in enumerate(loads)}
-    lines = [] if rows is None else [f"{indent}for r in {plan.loop}({rows}):"]
+    lines = [] if rows is None else [f"{indent}for r in range({rows}):"]
     indent = indent if rows is None else indent + _PAD
-    lines.append(f"{indent}for i in {'range' if rows else plan.loop}({n}):")
+    lines.append(f"{indent}for i in range({n}):")
     inner = indent + _PAD
     for s, array in loads.items():
         lines.append(f"{inner}{names[s]} = {array}" + ("" if rows else "[i]"))
@@ -115,11 +109,11 @@ def _single(text: str) -> str:
 
 def emit_step(plan: StepPlan, key: str) -> KernelSource:
     """The module source of the fused step ``plan``."""
-    header_imports = ["import math", "", "import numpy as np", "from numba import njit, prange"]
+    header_imports = ["import math", "", "import numpy as np", "from numba import njit"]
     for call in plan.imports:
         header_imports.append(f"from {call.module} import {call.function} as {call.alias}")
     lines = [
-        f"@njit(cache=True, error_model='numpy', parallel={plan.parallel})",
+        "@njit(cache=True, error_model='numpy')",
         f"def step({', '.join(plan.params)}):",
         *plan.prologue,
         f"{_PAD}# forward",

@@ -81,10 +81,7 @@ def _dims(op: TensorOp, args: list[str]) -> list[str]:
 class FusedStep:
     """A compiled training step; call ``step(x, y)`` → the batch loss (a float)."""
 
-    def __init__(
-        self, model: Module, loss: Loss, optimizer: Optimizer, parallel: bool = False
-    ) -> None:
-        self.parallel = bool(parallel)
+    def __init__(self, model: Module, loss: Loss, optimizer: Optimizer) -> None:
         body, objective = fuse(model, loss)
         if not isinstance(body, Sequential):
             raise UnsupportedStepError("the fused step compiles a Sequential model")
@@ -164,7 +161,7 @@ class FusedStep:
         return len(self.layers)
 
     def _key(self) -> str:
-        parts = [__name__, type(self.optimizer).__name__, self._dtype.name, str(self.parallel)]
+        parts = [__name__, type(self.optimizer).__name__, self._dtype.name]
         parts += [f"gemm:{k}:{op.spec.key}" for k, op in self._gemm_ops.items()]
         for k, layer in enumerate(self.layers):
             if isinstance(layer, Linear):
@@ -198,7 +195,7 @@ class FusedStep:
         """Arguments (always) and code lines (``with_code``) of the step function."""
         from ..codegen.step import StepPlan
 
-        plan = StepPlan("fused_step", single=self._dtype == np.float32, parallel=self.parallel)
+        plan = StepPlan("fused_step", single=self._dtype == np.float32)
         args = plan.params
         ce = isinstance(self.loss, CrossEntropyLoss)
         args += ["x", "labels", "target"] if ce else ["x", "target"]
@@ -281,7 +278,7 @@ class FusedStep:
         g_in = f"g{k - 1}"
         plan.backward += [f"{_PAD}{v}f = {v}.reshape({v}.size)" for v in (g_in, f"g{k}", f"d{k}")]
         plan.backward += [
-            f"{_PAD}for i in {plan.loop}({n}):",  # the chain rule: incoming gradient × partial
+            f"{_PAD}for i in range({n}):",  # the chain rule: incoming gradient × local partial
             f"{_PAD}{_PAD}{g_in}f[i] = g{k}f[i] * d{k}f[i]",
         ]
 
@@ -457,7 +454,6 @@ class FusedStep:
             "fused-step-manifest-1",
             toolchain_fingerprint(),
             self._dtype.name,
-            f"parallel={self.parallel}",
             self.optimizer.structure(),
             self.loss.structure(),
         ]
@@ -651,15 +647,8 @@ class FusedStep:
         return [values[name] for name in self._args]
 
 
-def compile_step(
-    model: Module, loss: Loss, optimizer: Optimizer, parallel: bool = False
-) -> FusedStep:
+def compile_step(model: Module, loss: Loss, optimizer: Optimizer) -> FusedStep:
     """One compiled function per training step of ``model`` + ``loss`` + ``optimizer``.
-
-    ``parallel=True`` spreads the step's elementwise loops (activations, their derivatives, the
-    loss, the updates) over Numba's threads (``NUMBA_NUM_THREADS``); its GEMMs use as many
-    threads as the BLAS library is given either way.  Results equal the serial step's, except
-    that an elementwise loss is summed in another order.
 
     >>> import numpy as np
     >>> from symgrad import nn, optim
@@ -673,4 +662,4 @@ def compile_step(
     >>> second < first
     True
     """
-    return FusedStep(model, loss, optimizer, parallel)
+    return FusedStep(model, loss, optimizer)
