@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import DTypeError, ShapeError, SymgradError
 from ..runtime.elementwise import ElementwiseOp
-from .modules import Elementwise, Module, Sequential, _builtin, _builtin_elementwise
+from .modules import Elementwise, Module, Sequential, _builtin, _LazyBuiltin
 
 
 class Loss:
@@ -108,20 +108,13 @@ class _FusedLoss(ElementwiseLoss):
         return f"fused:{self.activation.structure()}:{self.loss.structure()}"
 
 
-class _BuiltinLoss(ElementwiseLoss):
+class _BuiltinLoss(_LazyBuiltin, ElementwiseLoss):
     """An elementwise loss backed by the built-in op ``op_name``, built on first use."""
-
-    op_name = ""
 
     def __init__(self) -> None:
         self._op = None
+        self._params = {}
         self.name = self.op_name
-
-    def _build(self) -> ElementwiseOp:
-        return _builtin_elementwise(self.op_name)
-
-    def structure(self) -> str:
-        return f"builtin:{self.op_name}"
 
 
 class MSELoss(_BuiltinLoss):

@@ -29,10 +29,22 @@ def _builtin(name: str, **params: Any) -> Any:
     return builtin(name, **params)
 
 
-def _builtin_elementwise(name: str, **params: Any) -> ElementwiseOp:
-    op = _builtin(name, **params)
-    assert isinstance(op, ElementwiseOp)
-    return op
+class _LazyBuiltin:
+    """Mixin of a layer or loss backed by the built-in elementwise op ``op_name`` with the
+    parameters ``_params``: the op is built on first use, and its structure (a key part of the
+    fused step's manifest) needs no SymPy."""
+
+    op_name = ""
+    _params: dict[str, float]  # set by the subclass's __init__
+
+    def _build(self) -> ElementwiseOp:
+        options: dict[str, Any] = dict(self._params)  # torch's parameters, never ``wrt``
+        op = _builtin(self.op_name, **options)
+        assert isinstance(op, ElementwiseOp)
+        return op
+
+    def structure(self) -> str:
+        return f"builtin:{self.op_name}:{sorted(self._params.items())}"
 
 
 class StateDictError(SymgradError, KeyError):
@@ -301,10 +313,8 @@ class Elementwise(Module):
         )
 
 
-class _BuiltinActivation(Elementwise):
+class _BuiltinActivation(_LazyBuiltin, Elementwise):
     """An activation module backed by the built-in op ``op_name`` (parameters as in torch)."""
-
-    op_name = ""
 
     def __init__(self, **params: float) -> None:
         Module.__init__(self)
@@ -312,13 +322,6 @@ class _BuiltinActivation(Elementwise):
         self._op = None
         if params:  # checked now (and built): a misspelt parameter is an error here
             self._op = self._build()
-
-    def _build(self) -> ElementwiseOp:
-        options: dict[str, Any] = dict(self._params)  # torch's parameters, never ``wrt``
-        return _builtin_elementwise(self.op_name, **options)
-
-    def structure(self) -> str:
-        return f"builtin:{self.op_name}:{sorted(self._params.items())}"
 
 
 class Tanh(_BuiltinActivation):

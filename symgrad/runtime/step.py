@@ -44,10 +44,6 @@ _SCALARS = ("first", "adam_s", "adam_c")  # arguments set on every call
 _LINEAR_INPUTS = {True: ("X", "W", "c"), False: ("A", "Bm")}  # linear / matmul op inputs
 
 
-def _linear_op(layer: Linear) -> str:
-    return "linear" if layer.bias is not None else "matmul"
-
-
 class UnsupportedStepError(SymgradError, TypeError):
     """A model, loss or optimizer the fused step cannot compile (use ``fit`` instead)."""
 
@@ -139,7 +135,7 @@ class FusedStep:
             names = _LINEAR_INPUTS[layer.bias is not None]
             wrt = [names[0]] if k > self._lowest else []
             wrt += [names[1 if p == "W" else 2] for p, _ in self._trainable(layer)]
-            op = builtin(_linear_op(layer), wrt=wrt) if wrt else layer._op
+            op = builtin(layer._op_name, wrt=wrt) if wrt else layer._op
             assert isinstance(op, TensorOp)
             self._ops[k] = op
             following = self.layers[k + 1] if k + 1 < len(self.layers) else None
@@ -572,8 +568,8 @@ class FusedStep:
                 f"{dtype}, got {x.shape} {x.dtype}"
             )
         batch = x.shape[0]
-        views = self._views.get(batch)
-        if views is None or self._buffers is None or self._buffers.dtype != dtype:
+        views = self._views.get(batch)  # emptied whenever the buffers are (re)allocated
+        if views is None:
             views = self._batch_views(batch, dtype)
         args = self._arguments(views)
         args[0] = x
@@ -606,12 +602,7 @@ class FusedStep:
                 state["step"] += 1
         key = (
             id(views),
-            *(id(lay.weight.data) for lay in self.layers if isinstance(lay, Linear)),
-            *(
-                id(lay.bias.data)
-                for lay in self.layers
-                if isinstance(lay, Linear) and lay.bias is not None
-            ),
+            *(id(p.data) for p in self._params),
             *(id(a) for st in states for a in st.values() if isinstance(a, np.ndarray)),
         )
         if self._cached is None or self._cached[0] != key:
@@ -642,8 +633,8 @@ class FusedStep:
             if "exp_avg" in state:
                 values[f"m_{name}{k}"] = state["exp_avg"]
                 values[f"v_{name}{k}"] = state["exp_avg_sq"]
-        values.update(x=None, labels=None, target=values.get("target"))
-        values.update(first=False, adam_s=0.0, adam_c=1.0)
+        values.setdefault("target", None)  # an elementwise loss's targets come with each call
+        values.update(x=None, labels=None, first=False, adam_s=0.0, adam_c=1.0)
         return [values[name] for name in self._args]
 
 
