@@ -9,11 +9,15 @@ mathematically equal to the input: every rung is an identity-preserving SymPy re
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
+import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 
 import sympy as sp
 
@@ -39,13 +43,28 @@ def _budget_from_env() -> float:
 _RETRY_SECONDS = 0.05
 
 
+def _swallowing(frame: FrameType | None) -> bool:
+    """Whether ``frame`` (or a caller) runs where Python drops exceptions: a ``__del__``, a
+    weakref callback, a ``gc`` callback or the unraisable-exception hook.  An alarm raised there
+    is lost (and reported as unraisable, or fails the hook); the repeated alarm lands later."""
+    hooks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    hooks.add(getattr(sys.unraisablehook, "__code__", None))
+    while frame is not None:
+        code = frame.f_code
+        if code in hooks or code.co_name == "__del__" or code.co_filename == weakref.__file__:
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextmanager
 def _deadline(seconds: float) -> Iterator[bool]:
     """Abandon the block after ``seconds``; yields whether a timer could be set.
 
     The alarm raises :class:`_OutOfTimeError` inside the block, which this context suppresses.  It
-    repeats every :data:`_RETRY_SECONDS`: an alarm that lands where Python swallows exceptions
-    (a ``gc`` callback, a ``__del__``) would otherwise leave the block running unbounded.
+    repeats every :data:`_RETRY_SECONDS`, and does not raise where Python swallows exceptions
+    (a ``gc`` callback, a ``__del__``; :func:`_swallowing`): there the exception would be lost,
+    or would fail the unraisable-exception hook that reports it.
     """
     can_time = (
         seconds > 0
@@ -57,8 +76,8 @@ def _deadline(seconds: float) -> Iterator[bool]:
         return
     armed = True
 
-    def on_alarm(signum: int, frame: object) -> None:
-        if armed:
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        if armed and not _swallowing(frame):
             raise _OutOfTimeError
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
