@@ -1,10 +1,10 @@
 """The on-disk kernel cache: generated modules, verified, imported, compiled by Numba.
 
 Layout: ``<cache dir>/<op name>_<digest>.py``, one module per op, where ``digest`` hashes the
-op's spec key with the *toolchain fingerprint* (symgrad's version and own source files, and the
-versions of SymPy, NumPy, Numba and llvmlite) — a change to any of them names a new file, so a
-stale kernel is never picked up.  Numba's own cache (``njit(cache=True)``) sits beside it in
-``__pycache__``.
+op's spec key with the *toolchain fingerprint* (symgrad's version, the source files of its code
+generators, and the versions of SymPy, NumPy, Numba and llvmlite) — a change to any of them names
+a new file, so a stale kernel is never picked up.  Numba's own cache (``njit(cache=True)``) sits
+beside it in ``__pycache__``.
 
 Every file carries the sha256 of its body in its header; a file whose body does not match (torn
 write, disk corruption, a hand edit) is rewritten, never trusted.  Files are written to a
@@ -32,6 +32,10 @@ from ..errors import CacheError
 
 _HEADER_HASH = re.compile(r"^# body-sha256 ([0-9a-f]{64})$", re.MULTILINE)
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+#: The parts of symgrad that write generated source: a change to any of them names new files.
+#: Everything else (wrappers, networks, the CLI) does not change what a kernel computes, so
+#: editing it keeps the cache warm.
+_GENERATORS = ("symbolic", "codegen", "compile", "runtime/step.py")
 
 
 def cache_dir() -> Path:
@@ -59,7 +63,8 @@ def cache_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def toolchain_fingerprint() -> str:
-    """A hash of everything besides the spec that shapes a compiled kernel."""
+    """A hash of everything besides the spec that shapes a compiled kernel: the versions of
+    symgrad and of the libraries it generates code with, and the source of its generators."""
     import llvmlite
     import numba
     import numpy
@@ -73,10 +78,18 @@ def toolchain_fingerprint() -> str:
         llvmlite.__version__,
     ):
         digest.update(part.encode() + b"\0")
-    for file in sorted(_PACKAGE_ROOT.rglob("*.py")):
+    for file in _generator_files():
         digest.update(file.relative_to(_PACKAGE_ROOT).as_posix().encode() + b"\0")
         digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+def _generator_files() -> list[Path]:
+    files: list[Path] = []
+    for part in _GENERATORS:
+        path = _PACKAGE_ROOT / part
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.exists() else []
+    return files
 
 
 def _sympy_version() -> str:
