@@ -14,6 +14,11 @@ Workloads (float32 unless stated, thread count fixed and reported, 1 by default)
   with a warm and with a cold (empty) kernel cache; beside it the same for a process that only
   imports NumPy and Numba and calls one cached ``njit`` function with a GEMM — the floor any
   Numba-compiled step starts from.
+* **W4** — forward + backward of one MiniLM-size BERT encoder layer (B=32, T=64, hidden 384,
+  12 heads, FFN 1536, padding mask): symgrad's layer on a tape, Hugging Face's ``BertLayer`` in
+  torch eager and ``torch.compile``, JAX ``jit``; and each part of the layer (linear layers,
+  attention products, masked softmax, GELU, residual layer norms) alone, symgrad vs torch
+  (:mod:`symgrad.bench_encoder`).
 
 Every system gets ``threads`` threads (thread-pool settings) on as many cores (the process's CPU
 affinity).  Timings are medians of repeats after warm-up, the candidates of one size interleaved
@@ -39,6 +44,8 @@ import numpy as np
 
 W1_SIZES = [(32, 128), (256, 512), (1024, 2048)]
 W1_QUICK = [(32, 128), (256, 512)]
+W4_SIZE = (32, 64)  # sequences, tokens
+WORKLOADS = ("W1", "W2", "W3", "W4")
 LR = 0.01
 
 
@@ -405,12 +412,18 @@ def run(
     w1_sizes: list[tuple[int, int]] | None = None,
     w2_size: int | None = None,
     w3: bool = True,
+    workloads: tuple[str, ...] = WORKLOADS,
+    w4_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Run every workload; returns ``{"machine", "versions", "threads", "started", "seconds",
-    "rows"}``.
+    """Run the ``workloads``; returns ``{"machine", "versions", "threads", "started",
+    "seconds", "rows"}``.
 
-    ``w1_sizes``, ``w2_size`` and ``w3`` override the workloads (tests run a tiny set).
+    ``w1_sizes``, ``w2_size``, ``w3`` and ``w4_size`` override the workloads (tests run a tiny
+    set).
     """
+    unknown = sorted(set(workloads) - set(WORKLOADS))
+    if unknown:
+        raise ValueError(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
     # Every thread pool at `threads`: libraries loaded from here on read these at load time,
     # XLA (JAX) reads its flags at import, and SciPy's OpenBLAS — the BLAS Numba calls — is
     # loaded now so that threadpool_limits (which sees loaded libraries only) covers it.
@@ -434,7 +447,10 @@ def run(
     torch.set_num_threads(threads)
     started, start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     try:
-        rows = _rows(quick, threads, with_compile, w1_sizes, w2_size, w3)
+        rows = _rows(
+            quick, threads, with_compile, w1_sizes, w2_size, w3 and "W3" in workloads,
+            workloads, w4_size,
+        )
     finally:
         torch.set_num_threads(before)
         if pinned:
@@ -457,6 +473,8 @@ def _rows(
     w1_sizes: list[tuple[int, int]] | None,
     w2_size: int | None,
     w3: bool,
+    workloads: tuple[str, ...] = WORKLOADS,
+    w4_size: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     from threadpoolctl import threadpool_limits
 
@@ -477,6 +495,8 @@ def _rows(
             )
 
     sizes = w1_sizes if w1_sizes is not None else (W1_QUICK if quick else W1_SIZES)
+    if "W1" not in workloads:
+        sizes = []
     with threadpool_limits(threads):
         for batch, hidden in sizes:
             work = batch * hidden * hidden + 1
@@ -486,9 +506,22 @@ def _rows(
             timings = interleaved(cands, repeats, warmup=3, block=block)
             add("W1 train step", f"B={batch} H={hidden}", timings)
         n = w2_size if w2_size is not None else (1_000_000 if quick else 10_000_000)
-        add(
-            "W2 sigmoid+BCE", f"n={n:,} float64", interleaved(_w2_candidates(n), 5 if quick else 15)
-        )
+        if "W2" in workloads:
+            add(
+                "W2 sigmoid+BCE",
+                f"n={n:,} float64",
+                interleaved(_w2_candidates(n), 5 if quick else 15),
+            )
+        if "W4" in workloads:
+            from . import bench_encoder
+
+            batch, seq = w4_size if w4_size is not None else W4_SIZE
+            size = f"B={batch} T={seq}"
+            repeats = 5 if quick else 11
+            cands = bench_encoder.candidates(batch, seq, with_compile and not quick)
+            add("W4 BERT layer", size, interleaved(cands, repeats))
+            for part, pair in bench_encoder.parts(batch, seq).items():
+                add(f"W4 {part}", size, interleaved(pair, repeats))
     if w3:
         rows += _w3_rows(threads, 1 if quick else 3)
     return rows

@@ -140,7 +140,12 @@ def _finetune_minilm(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    result = bench.run(quick=args.quick, threads=args.threads, with_compile=not args.no_compile)
+    result = bench.run(
+        quick=args.quick,
+        threads=args.threads,
+        with_compile=not args.no_compile,
+        workloads=tuple(args.workloads.split(",")),
+    )
     print(bench.format_table(result))
     if args.json:
         bench.write_json(result, args.json)
@@ -253,7 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="W1: one SGD step of a 64-H-H-10 tanh MLP (symgrad fused and layer by "
         "layer, torch eager, torch.compile, JAX if installed, NumPy by hand); W2: sigmoid+BCE "
         "value and gradient on 10M float64; W3: fresh process to first step, warm and cold "
-        "kernel cache. Medians after warm-up; ratios to torch eager in the same run.",
+        "kernel cache; W4: forward + backward of one MiniLM-size BERT encoder layer and of each "
+        "of its parts (symgrad, Hugging Face BertLayer eager and torch.compile, JAX). Medians "
+        "after warm-up; ratios to torch eager in the same run.",
+    )
+    bn.add_argument(
+        "--workloads",
+        default="W1,W2,W3,W4",
+        help="comma-separated workloads to run (default W1,W2,W3,W4)",
     )
     bn.add_argument("--quick", action="store_true", help="a reduced set, under 2 minutes")
     bn.add_argument("--threads", type=int, default=1, help="threads for every system (default 1)")
