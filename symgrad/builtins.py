@@ -237,6 +237,11 @@ def _linear() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...
     return sp.Sum(W[_i, _j] * X[_b, _j], (_j, 0, _N - 1)) + c[_i], (_b, _i), (X, W, c)
 
 
+def _linear_nobias() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+    X, W = _tensor("X", _B, _N), _tensor("W", _M, _N)
+    return sp.Sum(W[_i, _j] * X[_b, _j], (_j, 0, _N - 1)), (_b, _i), (X, W)
+
+
 def _matmul() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
     A, Bm = _tensor("A", _B, _N), _tensor("Bm", _N, _M)
     return sp.Sum(A[_b, _j] * Bm[_j, _i], (_j, 0, _N - 1)), (_b, _i), (A, Bm)
@@ -391,6 +396,13 @@ _TENSOR_ENTRIES = [
         lambda t, x, w, c: t.nn.functional.linear(x, w, c),
         domain=("normal", "normal", "normal"),
         doc="Y = X Wᵀ + c (torch layout)",
+    ),
+    TensorBuiltin(
+        "linear_nobias",
+        _linear_nobias,
+        lambda t, x, w: t.nn.functional.linear(x, w),
+        domain=("normal", "normal"),
+        doc="Y = X Wᵀ (torch layout): a linear layer without a bias",
     ),
     TensorBuiltin("matmul", _matmul, lambda t, a, b: a @ b, domain=("normal", "normal")),
     TensorBuiltin(

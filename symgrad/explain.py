@@ -989,10 +989,10 @@ def network_derivation(
                 layer = _tensor_layer(
                     pos, repr(module), builtin("linear"), current, out, weights, dims, pos == 0
                 )
-            else:  # matmul of the input with Wᵀ: Bm[j, i] is W[i, j]
+            else:
                 layer = _tensor_layer(
-                    pos, repr(module), builtin("matmul"), current, out,
-                    [("Bm", W, (1, 0), f"{pos}.weight")], dims, pos == 0,
+                    pos, repr(module), builtin("linear_nobias"), current, out,
+                    [("W", W, None, f"{pos}.weight")], dims, pos == 0,
                 )  # fmt: skip
         elif isinstance(module, LayerNorm):
             k += 1

@@ -111,18 +111,24 @@ def check_against_torch(
     largest = max(_magnitude(w) for w in [want_y, *want_grads] if w is not None)
     noise = NOISE[dtype] * largest
     _assert_close(y, want_y, rtol, f"{name} forward", noise)
-    grads = op.vjp(*cast, grad_output)
-    assert len(grads) == len(cast)
-    compared = 0
-    for base, a, g, want in zip(op.spec.inputs, cast, grads, want_grads, strict=True):
-        if base not in op.spec.wrt:  # an integer tensor, or a mask the op does not train
-            assert g is None, f"{name}: a gradient for {base.label}, which is not in wrt"
-            continue
-        assert g.shape == a.shape and g.dtype == dtype
-        if want is not None:
-            _assert_close(g, want, rtol, f"{name} grad_{base.label}", noise)
-            compared += 1
-    assert compared >= 1
+    # the plain VJP (recomputing), and the VJP reading what forward_saved kept, if anything
+    y_saved, saved = op.forward_saved(*cast)
+    _assert_close(y_saved, want_y, rtol, f"{name} forward_saved", noise)
+    runs = [("", op.vjp(*cast, grad_output))]
+    if saved is not None:
+        runs.append((" (saved)", op.vjp(*cast, grad_output, saved=saved)))
+    for how, grads in runs:
+        assert len(grads) == len(cast)
+        compared = 0
+        for base, a, g, want in zip(op.spec.inputs, cast, grads, want_grads, strict=True):
+            if base not in op.spec.wrt:  # an integer tensor, or a mask the op does not train
+                assert g is None, f"{name}: a gradient for {base.label}, which is not in wrt"
+                continue
+            assert g.shape == a.shape and g.dtype == dtype
+            if want is not None:
+                _assert_close(g, want, rtol, f"{name} grad_{base.label}{how}", noise)
+                compared += 1
+        assert compared >= 1
 
 
 SHAPES = [

@@ -225,12 +225,30 @@ def _calls(node: ast.AST, name: str) -> int:
 def test_linear_lowers_to_gemms_not_triple_loops():
     functions = _functions(sg.builtin("linear").source)
     forward, vjp = functions["forward"], functions["vjp"]
-    assert _calls(forward, "np.dot") == 1
-    assert _calls(vjp, "np.dot") == 2  # grad_X = grad_Y·W and grad_W = grad_Yᵀ·X
+    assert _calls(forward, "_gemm") == 1
+    assert _calls(vjp, "_gemm") == 2  # grad_X = grad_Y·W and grad_W = grad_Yᵀ·X
     assert _loop_depth(forward) <= 2 and _loop_depth(vjp) <= 2
     # the bias gradient Σ_b grad_Y[b, i] runs over rows in order (b outermost)
     (bias_loop,) = [n for n in vjp.body if isinstance(n, ast.For) and "grad_out" in ast.unparse(n)]
     assert ast.unparse(bias_loop.iter) == "range(0, B)"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["linear", "seq_linear", "head_projection", "head_merge", "attention_scores",
+     "attention_context"],
+)
+def test_contractions_read_their_operands_in_place(name):
+    """Every product of the transformer's contractions is one BLAS call on strided views of the
+    arguments — transposes as flags, the heads of a (B, S, H, M) tensor as a leading dimension
+    — writing into its destination: no operand is copied, no result copied back."""
+    source = sg.builtin(name).source
+    assert "_gemm(" in source
+    for copy in ("np.ascontiguousarray", "np.transpose", "np.dot", ".copy("):
+        assert copy not in source, source
+    for function in _functions(source).values():
+        for node in ast.walk(function):  # no temporary result arrays either
+            assert not (isinstance(node, ast.Call) and ast.unparse(node.func) == "np.empty")
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "softmax", "log_softmax", "softmax_cross_entropy"])

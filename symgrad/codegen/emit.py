@@ -44,7 +44,7 @@ from sympy.codegen.cfunctions import log1p
 from .._version import __version__
 from ..symbolic.derive import Derivation
 from ..symbolic.functions import sigmoid, softplus
-from .printer import VECTOR_FUNCTIONS, VECTOR_MATH_SOURCE, print_expr
+from .printer import NUMBA_FUNCTIONS, VECTOR_FUNCTIONS, VECTOR_MATH_SOURCE, print_expr
 
 KERNELS = ("forward", "vjp", "value_and_vjp", "value_and_vjp_sum")
 _RESERVED = {"math", "np", "njit", "prange", "i", "n", "out", "g", "g_step", "g_scale", "total"}
@@ -136,6 +136,19 @@ def _cse_body(exprs: list[sp.Expr], op: str) -> _Body:
     if _vectorisable("\n".join(scalar.lines + scalar.results)):
         return render(True)
     return scalar
+
+
+def calls_math(exprs: list[sp.Expr]) -> bool:
+    """Whether evaluating ``exprs`` calls a math function (``exp``, ``erf``, a root...), not
+    just arithmetic and comparisons: then a forward that keeps an op's local derivatives spares
+    its VJP that work (``SAVE_PARTIALS`` in the module)."""
+    return any(
+        type(node).__name__ in NUMBA_FUNCTIONS
+        or isinstance(node, (sigmoid, softplus))
+        or (isinstance(node, sp.Pow) and not node.exp.is_Integer)
+        for e in exprs
+        for node in sp.preorder_traversal(e)
+    )
 
 
 def _indent(lines: list[str], depth: int) -> list[str]:
@@ -262,6 +275,8 @@ def emit_elementwise(
         "",
         "import numpy as np",
         "from numba import njit, prange  # noqa: F401",
+        "",
+        f"SAVE_PARTIALS = {calls_math(partials)!r}",
         "",
         "",
     ]

@@ -15,6 +15,7 @@ An *assignment* ``target[free...] = expr`` becomes a loop nest over the free ind
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -22,6 +23,7 @@ import sympy as sp
 from .._version import __version__
 from ..errors import CodegenError
 from ..symbolic.index import ReduceMax, TensorDerivation
+from ..symbolic.residuals import normal
 from .emit import KernelSource, lower_primitives
 from .printer import NumbaPrinter
 
@@ -68,43 +70,157 @@ class _Assignment:
     index: tuple[sp.Symbol, ...] | None = None  # the target's subscript; default: all loops
 
 
+def _stride(shape: tuple[sp.Expr, ...], axis: int) -> sp.Expr:
+    """Elements between neighbours along ``axis`` of a C-contiguous array of ``shape``."""
+    return sp.Mul(*shape[axis + 1 :])
+
+
+def _is_run(axes: tuple[int, ...]) -> bool:
+    return all(b == a + 1 for a, b in itertools.pairwise(axes))
+
+
+@dataclass(frozen=True)
+class _View:
+    """Matrices inside a C-contiguous array, one per value of the batch axes: rows are the
+    flattened ``rows`` axes, columns the flattened ``cols`` axes.  Stored as is (``trans``
+    false: the columns are adjacent in memory, a row ``ld`` elements after the previous one)
+    or transposed."""
+
+    array: str
+    shape: tuple[sp.Expr, ...]
+    batch: tuple[int, ...]  # the array's axes fixed per product, in the GEMM's batch order
+    trans: bool
+    ld: sp.Expr
+
+    def offset(self, indices: tuple[str, ...]) -> sp.Expr:
+        """The flat offset of the matrix for the batch loop variables ``indices``."""
+        return sp.Add(
+            *[
+                sp.Symbol(i, integer=True) * _stride(self.shape, axis)
+                for i, axis in zip(indices, self.batch, strict=True)
+            ]
+        )
+
+
+def _matrix_view(
+    array: str,
+    shape: tuple[sp.Expr, ...],
+    batch: tuple[int, ...],
+    rows: tuple[int, ...],
+    cols: tuple[int, ...],
+) -> _View | None:
+    """The BLAS view of the matrices ``(rows, cols)`` of ``array``, or None when no leading
+    dimension describes them (their axes interleave, or neither group ends at the last axis).
+
+    One group must be a run of axes ending at the array's last axis (unit stride), the other a
+    run before it; axes fixed per product may sit anywhere else (attention's head axis between
+    the rows and the columns of ``Q[b, s, h, e]``).
+    """
+    last = len(shape) - 1
+
+    def fits(outer: tuple[int, ...], inner: tuple[int, ...]) -> sp.Expr | None:
+        if not (_is_run(outer) and _is_run(inner)):
+            return None
+        if inner and inner[-1] != last:
+            return None
+        if outer and inner and outer[-1] >= inner[0]:
+            return None
+        if outer:
+            return _stride(shape, outer[-1])
+        return sp.Mul(*[shape[k] for k in inner])
+
+    ld = fits(rows, cols)
+    if ld is not None:
+        return _View(array, shape, batch, False, ld)
+    ld = fits(cols, rows)
+    if ld is not None:
+        return _View(array, shape, batch, True, ld)
+    return None
+
+
+@dataclass(frozen=True)
+class _Store:
+    """``target[the first depth loop indices] = expr``, written inside another loop nest."""
+
+    target: str
+    depth: int
+    expr: sp.Expr
+
+
 @dataclass
 class _Gemm:
-    """One contraction computed by BLAS: ``np.dot(left, right)``, read back by index.
+    """One contraction computed by BLAS (:func:`symgrad.runtime.blas.gemm`), read back by index.
 
-    With batch indices (shared by both operands and not summed, as the batch and head of
-    attention's ``Σ_e Q[b, s, h, e]·K[b, t, h, e]``) the operands are ``(nb, P, J)`` and
-    ``(nb, J, Q)`` stacks and one ``np.dot`` runs per batch element.
+    ``C[batch, P, Q] = alpha · Σ_J A[batch, P, J]·B[batch, J, Q]``: every operand is a
+    :class:`_View` into a kernel argument (no copy, a transpose is a flag) or, where no view
+    describes it, into a contiguous copy made first.  Batch indices (shared by both operands
+    and not summed: the batch and head of attention's ``Σ_e Q[b, s, h, e]·K[b, t, h, e]``)
+    become loops around the call.  ``C`` is a temporary of shape ``dims``, or the target array
+    itself (``into``), possibly with permuted axes.
     """
 
     name: str
-    left: str  # (P, J) matrix source, or (nb, P, J)
-    right: str  # (J, Q) matrix source, or (nb, J, Q)
-    rows: str  # P
-    cols: str  # Q
+    a: _View
+    b: _View
+    m: sp.Expr  # P
+    n: sp.Expr  # Q
+    k: sp.Expr  # J
     dims: tuple[sp.Expr, ...]  # the result's shape: batch axes, then the free axes of a and b
+    batch: tuple[sp.Expr, ...]  # the batch dims
+    n_rows: int  # how many free axes are a's (the rows of C)
+    copies: tuple[str, ...] = ()  # statements making the contiguous operand copies
     uses: int = 1
-    into: str | None = None  # written straight into this target array instead of a temporary
-    batch: str | None = None  # nb, the product of the batch dims
+    into: _View | None = None  # written straight into this view of a target array
+    alpha: sp.Expr = sp.S.One
+
+    @property
+    def out(self) -> _View:
+        if self.into is not None:
+            return self.into
+        nb = len(self.batch)
+        return _View(self.name, self.dims, tuple(range(nb)), False, self.n)
 
     def statement(self) -> list[str]:
-        if self.batch is not None:
-            shape = ", ".join(_int(d) for d in self.dims)
-            stack = f"{self.name}_"
-            return [
-                f"{stack}a = {self.left}",
-                f"{stack}b = {self.right}",
-                f"{stack}c = np.empty(({self.batch}, {self.rows}, {self.cols}), {stack}a.dtype)",
-                f"for {stack}n in range({self.batch}):",
-                f"    np.dot({stack}a[{stack}n], {stack}b[{stack}n], {stack}c[{stack}n])",
-                f"{self.name} = {stack}c.reshape(({shape},))",
-            ]
-        if self.into is not None:
-            two_d = len(self.dims) == 2 and self.rows != "1" and self.cols != "1"
-            out = self.into if two_d else f"{self.into}.reshape(({self.rows}, {self.cols}))"
-            return [f"np.dot({self.left}, {self.right}, {out})"]
-        shape = ", ".join(_int(d) for d in self.dims) + ("," if len(self.dims) == 1 else "")
-        return [f"{self.name} = np.dot({self.left}, {self.right}).reshape(({shape or '1,'}))"]
+        lines = list(self.copies)
+        if self.into is None:
+            shape = ", ".join(_int(d) for d in self.dims) or "1"
+            lines.append(f"{self.name} = np.empty(({shape},), {self.a.array}.dtype)")
+        indices = tuple(f"{self.name}_b{n}" for n in range(len(self.batch)))
+        pad = ""
+        for index, dim in zip(indices, self.batch, strict=True):
+            lines.append(f"{pad}for {index} in range({_int(dim)}):")
+            pad += "    "
+        c = self.out
+        if c.trans:  # C stored transposed: compute C' = op(B)' op(A)'
+            first, second, m, n = self.b, self.a, self.n, self.m
+            flags = (not self.b.trans, not self.a.trans)
+        else:
+            first, second, m, n = self.a, self.b, self.m, self.n
+            flags = (self.a.trans, self.b.trans)
+        args = [
+            str(flags[0]),
+            str(flags[1]),
+            _int(m),
+            _int(n),
+            _int(self.k),
+            _print_scalar(self.alpha),
+            first.array,
+            _int(first.offset(indices)),
+            _int(first.ld),
+            second.array,
+            _int(second.offset(indices)),
+            _int(second.ld),
+            "0.0",
+            c.array,
+            _int(c.offset(indices)),
+            _int(c.ld),
+        ]
+        lines.append(f"{pad}_gemm({', '.join(args)})")
+        return lines
+
+
+def _print_scalar(expr: sp.Expr) -> str:
+    return NumbaPrinter().doprint(sp.sympify(expr))
 
 
 @dataclass(frozen=True)
@@ -123,6 +239,9 @@ class _Lowerer:
     def __init__(self, op: str, shapes: dict[str, tuple[sp.Expr, ...]]) -> None:
         self.op = op
         self.shapes = shapes  # tensor label → shape
+        self.dims = {
+            s for shape in shapes.values() for d in shape for s in sp.sympify(d).free_symbols
+        }
         self.gemms: list[_Gemm] = []  # computed before every loop
         self.n_acc = 0
         self.n_hoist = 0
@@ -168,80 +287,107 @@ class _Lowerer:
     def _gemm(self, node: sp.Sum, loop_order: list[sp.Symbol]) -> sp.Expr | None:
         """A read of the GEMM computing ``node``, if it is a contraction of two tensors."""
         found = self._contraction(node, loop_order)
-        if found is None:
-            return None
+        if found is None or (found.batch and not found.free_a and not found.free_b):
+            return None  # one dot product per batch element: a loop beats a BLAS call each
         a, b = found.a, found.b
-        shape_a = self.shapes[str(a.base.label)]
-        shape_b = self.shapes[str(b.base.label)]
 
-        def axes(f: sp.Indexed, names: tuple[sp.Symbol, ...]) -> list[int]:
-            return [list(f.indices).index(v) for v in names]
+        def axes(f: sp.Indexed, names: tuple[sp.Symbol, ...]) -> tuple[int, ...]:
+            return tuple(list(f.indices).index(v) for v in names)
 
-        def dims(f: sp.Indexed, shape: tuple[sp.Expr, ...], names: tuple[sp.Symbol, ...]) -> str:
-            return "*".join(_int(shape[k]) for k in axes(f, names)) or "1"
+        def dims(f: sp.Indexed, names: tuple[sp.Symbol, ...]) -> list[sp.Expr]:
+            shape = self.shapes[str(f.base.label)]
+            return [shape[k] for k in axes(f, names)]
 
-        rows, cols = dims(a, shape_a, found.free_a), dims(b, shape_b, found.free_b)
-        j = dims(a, shape_a, found.summed)
-        batch = dims(a, shape_a, found.batch) if found.batch else None
-        left = self._operand(
-            str(a.base.label),
-            axes(a, found.batch) + axes(a, found.free_a) + axes(a, found.summed),
-            ([batch] if batch else []) + [rows, j],
-        )
-        right = self._operand(
-            str(b.base.label),
-            axes(b, found.batch) + axes(b, found.summed) + axes(b, found.free_b),
-            ([batch] if batch else []) + [j, cols],
-        )
-        result_dims = tuple(
-            [shape_a[k] for k in axes(a, found.batch + found.free_a)]
-            + [shape_b[k] for k in axes(b, found.free_b)]
-        )
-        gemm = next(
-            (g for g in self.gemms if (g.left, g.right) == (left, right) and g.into is None), None
-        )
+        copies: list[str] = []
+        n_gemm = len(self.gemms)
+
+        def view(f: sp.Indexed, rows: tuple[sp.Symbol, ...], cols: tuple[sp.Symbol, ...]) -> _View:
+            label = str(f.base.label)
+            shape = self.shapes[label]
+            batch = axes(f, found.batch)
+            found_view = _matrix_view(label, shape, batch, axes(f, rows), axes(f, cols))
+            if found_view is not None:
+                return found_view
+            # no leading dimension describes it: a contiguous copy, axes (batch, rows, cols)
+            perm = batch + axes(f, rows) + axes(f, cols)
+            copy = f"_c{n_gemm}_{len(copies)}"
+            copies.append(f"{copy} = np.ascontiguousarray(np.transpose({label}, {perm}))")
+            nb, nr = len(batch), len(rows)
+            result = _matrix_view(
+                copy,
+                tuple(shape[k] for k in perm),
+                tuple(range(nb)),
+                tuple(range(nb, nb + nr)),
+                tuple(range(nb + nr, len(perm))),
+            )
+            assert result is not None
+            return result
+
+        left = view(a, found.free_a, found.summed)
+        right = view(b, found.summed, found.free_b)
+        gemm = next((g for g in self.gemms if (g.a, g.b) == (left, right) and g.into is None), None)
         if gemm is None:  # the same product twice (layer norm's Σ_i w_i g_i) is computed once
-            gemm = _Gemm(f"_c{len(self.gemms)}", left, right, rows, cols, result_dims, batch=batch)
+            gemm = _Gemm(
+                f"_c{n_gemm}",
+                left,
+                right,
+                sp.Mul(*dims(a, found.free_a)),
+                sp.Mul(*dims(b, found.free_b)),
+                sp.Mul(*dims(a, found.summed)),
+                tuple(dims(a, found.batch + found.free_a) + dims(b, found.free_b)),
+                tuple(dims(a, found.batch)),
+                len(found.free_a),
+                tuple(copies),
+            )
             self.gemms.append(gemm)
         else:
             gemm.uses += 1
         free = found.batch + found.free_a + found.free_b
-        return sp.IndexedBase(gemm.name)[free] if free else sp.Symbol(f"{gemm.name}[0]")
+        return sp.IndexedBase(gemm.name)[free] if free else sp.IndexedBase(gemm.name)[0]
 
     def _write_gemm_into(self, a: _Assignment, expr: sp.Expr) -> sp.Expr:
-        """Let a GEMM read once, at exactly this target's element, write into the target.
+        """Let a GEMM read once, at this target's element, write into the target.
 
-        ``grad_X[k0, k1] = _c0[k0, k1]`` then needs no temporary and no copy loop, and
+        ``grad_X[k0, k1] = _c0[k0, k1]`` then needs no temporary and no copy loop, a read with
+        permuted indices (``grad_Q[b, s, h, e] = _c0[b, h, s, e]``) writes through a strided
+        view, a loop-invariant factor becomes the GEMM's ``alpha`` (attention's ``1/√M``), and
         ``out[b, i] = _c0[b, i] + c[i]`` adds the bias in place.
         """
         if a.accumulate or a.index is not None or not a.loops:
             return expr
-        idx = tuple(v for v, _, _ in a.loops)
+        loop_vars = [v for v, _, _ in a.loops]
+        ranges = {v: (lo, hi) for v, lo, hi in a.loops}
+        position = {v: n for n, v in enumerate(loop_vars)}
+        shape = tuple(hi - lo + 1 for _, lo, hi in a.loops)
         for gemm in self.gemms:
-            read = sp.IndexedBase(gemm.name)[idx]
-            if gemm.uses != 1 or gemm.into is not None or gemm.batch or not expr.has(read):
+            if gemm.uses != 1 or gemm.into is not None:
                 continue
-            fits = len(gemm.dims) == len(a.loops) and all(
-                lo == 0 and sp.simplify(hi + 1 - d) == 0
-                for (_, lo, hi), d in zip(a.loops, gemm.dims, strict=True)
+            reads = [r for r in expr.atoms(sp.Indexed) if str(r.base.label) == gemm.name]
+            if len(reads) != 1:
+                continue
+            (read,) = reads
+            idx = list(read.indices)
+            if set(idx) != set(loop_vars) or len(idx) != len(loop_vars):
+                continue
+            if not all(
+                ranges[v][0] == 0 and sp.simplify(ranges[v][1] + 1 - d) == 0
+                for v, d in zip(idx, gemm.dims, strict=True)
+            ):
+                continue
+            nb, nr = len(gemm.batch), gemm.n_rows
+            target = _matrix_view(
+                a.target,
+                shape,
+                tuple(position[v] for v in idx[:nb]),
+                tuple(position[v] for v in idx[nb : nb + nr]),
+                tuple(position[v] for v in idx[nb + nr :]),
             )
-            if fits:
-                gemm.into = a.target
-                return expr.xreplace({read: sp.IndexedBase(a.target)[idx]})
+            if target is None:
+                continue
+            scale, rest = _split_factor(expr, read, self.dims)
+            gemm.into, gemm.alpha = target, scale
+            return rest.xreplace({read: sp.IndexedBase(a.target)[tuple(loop_vars)]})
         return expr
-
-    @staticmethod
-    def _operand(label: str, perm: list[int], shape: list[str]) -> str:
-        """Source for tensor ``label`` with its axes in the order ``perm``, reshaped to
-        ``shape``: the matrix itself or its transpose when it is 2-D and each of its axes is
-        one side of the product; else a reshaped view, or a transposed copy."""
-        target = f"({', '.join(shape)})"
-        matrix = len(perm) == len(shape) == 2 and "1" not in shape
-        if perm == list(range(len(perm))):
-            return label if matrix else f"{label}.reshape({target})"
-        if perm == [1, 0] and matrix:
-            return f"{label}.T"
-        return f"np.ascontiguousarray(np.transpose({label}, {tuple(perm)})).reshape({target})"
 
     # -- reductions ------------------------------------------------------------------------
 
@@ -303,18 +449,25 @@ class _Lowerer:
 
     # -- emission --------------------------------------------------------------------------
 
-    def assignment(self, a: _Assignment, indent: int) -> list[str]:
-        scatter = self._scatter(a, indent)
-        if scatter is not None:
-            return scatter
+    def assignment(self, a: _Assignment, indent: int, stores: tuple[_Store, ...] = ()) -> list[str]:
+        """The loop nest of ``a``; each of ``stores`` is written at its depth inside it, its
+        reductions shared with ``a``'s (a forward saving its row statistics computes them
+        once)."""
+        if not stores:
+            scatter = self._scatter(a, indent)
+            if scatter is not None:
+                return scatter
         if a.expr.has(sp.KroneckerDelta):  # δ(k, ids[b, t]) outside the scatter form
             a = _Assignment(a.target, a.loops, _guard(a.expr), a.accumulate, a.index)
-        batch = self._batch_sum(a, indent)
-        if batch is not None:
-            return batch
+        if not stores:
+            batch = self._batch_sum(a, indent)
+            if batch is not None:
+                return batch
         loop_vars = [v for v, _, _ in a.loops]
         reds: list[_Reduction] = []
-        expr = self.extract(a.expr, loop_vars, reds, {})
+        seen: dict[tuple, sp.Symbol] = {}
+        expr = self.extract(a.expr, loop_vars, reds, seen)
+        stored = [self.extract(st.expr, loop_vars[: st.depth], reds, seen) for st in stores]
         expr = self._write_gemm_into(a, expr)
         self._all = reds
         # Place each reduction: inside the reduction loop of the innermost enclosing reduction
@@ -341,7 +494,8 @@ class _Lowerer:
                 placed[max((level[v] for v in r.deps if v in level), default=0)].append(r)
 
         index = a.index if a.index is not None else tuple(loop_vars)
-        if not a.accumulate and index and expr == sp.IndexedBase(a.target)[index]:
+        wrote = not a.accumulate and index and expr == sp.IndexedBase(a.target)[index]
+        if wrote and not stores:
             return [" " * indent + line for line in materialized]  # a GEMM wrote the target
         red_level = {r.temp: n for n, rs in placed.items() for r in rs}
         expr, hoisted = self._hoist(expr, a.loops, red_level)
@@ -352,6 +506,12 @@ class _Lowerer:
                 lines += self._reduction(r, pad)
             for temp, value in hoisted.get(n, []):
                 lines.append(f"{pad}{temp} = {_print(value, self.op)}")
+            for st, value in zip(stores, stored, strict=True):
+                if st.depth == n:
+                    idx = ", ".join(_int(v) for v in loop_vars[:n])
+                    lines.append(f"{pad}{st.target}[{idx}] = {_print(value, self.op)}")
+            if wrote and n == max(st.depth for st in stores):
+                return lines
             if n < len(a.loops):
                 var, lo, hi = a.loops[n]
                 lines.append(f"{pad}for {var} in range({_int(lo)}, {_int(hi + 1)}):")
@@ -483,7 +643,7 @@ class _Lowerer:
         shape = ", ".join(_int(hi - lo + 1) for _, lo, hi in a.loops)
         index = tuple(v - lo for v, lo, _ in a.loops)
         lines = [f"{' ' * indent}{acc} = np.zeros(({shape},))"]
-        sum_loops = tuple((v, lo, hi) for v, lo, hi in reversed(total.limits))
+        sum_loops = tuple(reversed(_memory_order(total)))  # outermost first, rows in order
         # loops over axes before the summed one stay outside it (a batch axis: b, s, then t)
         n_out = _leading_loops(body, {v for v, _, _ in total.limits}, loop_vars)
         loops = a.loops[:n_out] + sum_loops + a.loops[n_out:]
@@ -529,6 +689,23 @@ class _Lowerer:
         else:
             lines.append(f"{pad}    {r.temp} = max({r.temp}, {body})")
         return lines
+
+
+def _split_factor(
+    expr: sp.Expr, read: sp.Indexed, constant: set[sp.Symbol]
+) -> tuple[sp.Expr, sp.Expr]:
+    """``(c, rest)`` with ``expr = rest`` where ``read`` stands for ``c·read``: ``c`` the
+    factor of a product ``c·read`` made of numbers and the ``constant`` symbols only (the dims:
+    it can scale the GEMM writing ``read``), else 1."""
+    if isinstance(expr, sp.Mul) and read in expr.args:
+        fixed = [
+            f
+            for f in expr.args
+            if f is not read and f.free_symbols <= constant and not f.has(sp.Indexed)
+        ]
+        if len(fixed) == len(expr.args) - 1:
+            return sp.Mul(*fixed), read
+    return sp.S.One, expr
 
 
 def _one_sum(a: _Assignment) -> tuple[sp.Sum, sp.Expr] | None:
@@ -606,22 +783,39 @@ def _reads_columns(body: sp.Expr, sum_vars: set[sp.Symbol], loop_vars: set[sp.Sy
 
 def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
     """Numba source of a tensor op: ``forward(inputs..., dims..., out)`` and
-    ``vjp(inputs..., dims..., grad_out, grad_<input>...)``."""
+    ``vjp(inputs..., dims..., grad_out, grad_<input>...)``.
+
+    When its VJPs can read saved residuals (:mod:`symgrad.symbolic.residuals`), also
+    ``forward_saved(inputs..., dims..., out, res...)``, which writes them, and
+    ``vjp_saved(inputs..., dims..., out, res..., grad_out, grad_<input>...)``, which reads them;
+    the module constants ``RESIDUALS`` (each residual's axes, as positions among the output's)
+    and ``READS_OUTPUT`` tell the runtime what to allocate and keep.
+    """
     spec = derivation.spec
     op = spec.name
     labels = [str(b.label) for b in spec.inputs]
     dims = [str(d) for d in spec.dims]
     shapes = {str(b.label): tuple(sp.sympify(d) for d in b.shape) for b in spec.inputs}
+    shapes["grad_out"] = shapes["out"] = spec.out_shape
     ranges = dict(spec.ranges)
     out_loops = tuple((i, *ranges[i]) for i in spec.out)
     decorator = "@njit(cache=True, error_model='numpy')"
+    uses_blas = False
 
-    def function(name: str, params: list[str], assignments: list[_Assignment]) -> list[str]:
-        lowerer = _Lowerer(op, {**shapes, "grad_out": spec.out_shape})
+    def function(
+        name: str,
+        params: list[str],
+        assignments: list[_Assignment],
+        stores: tuple[_Store, ...] = (),
+    ) -> list[str]:
+        """One ``@njit`` function; ``stores`` are written from inside the last assignment."""
+        nonlocal uses_blas
+        lowerer = _Lowerer(op, shapes)
         body: list[str] = []
-        for a in assignments:
-            body += lowerer.assignment(a, 4)
+        for n, a in enumerate(assignments):
+            body += lowerer.assignment(a, 4, stores if n == len(assignments) - 1 else ())
         prelude = ["    " + line for g in lowerer.gemms for line in g.statement()]
+        uses_blas = uses_blas or bool(lowerer.gemms)
         return [
             decorator,
             f"def {name}({', '.join(params)}):",
@@ -632,22 +826,68 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
             "",
         ]
 
+    def gradients(finals: list[sp.Expr]) -> list[_Assignment]:
+        """One assignment per gradient; a gradient equal to an earlier one (layer norm of a
+        residual sum: ``X`` and ``R`` enter alike) copies it instead of computing it again."""
+        found: list[_Assignment] = []
+        seen: dict[tuple, str] = {}
+        for p, final in zip(derivation.partials, finals, strict=True):
+            indices = zip(p.indices, p.wrt.shape, strict=True)
+            loops = tuple((k, sp.S.Zero, d - 1) for k, d in indices)
+            target = f"grad_{p.wrt.label}"
+            canon = {k: sp.Symbol(f"_k{n}", integer=True) for n, k in enumerate(p.indices)}
+            key = (tuple(p.wrt.shape), normal(final.xreplace(canon)))
+            if key in seen:
+                final = sp.IndexedBase(seen[key])[p.indices] if p.indices else sp.Symbol(seen[key])
+            else:
+                seen[key] = target
+            found.append(_Assignment(target, loops, final))
+        return found
+
     src = function(
         "forward",
         [*labels, *dims, "out"],
         [_Assignment("out", out_loops, derivation.stable_forward)],
     )
-    grads = []
-    for p in derivation.partials:
-        loops = tuple((k, sp.S.Zero, d - 1) for k, d in zip(p.indices, p.wrt.shape, strict=True))
-        grads.append(_Assignment(f"grad_{p.wrt.label}", loops, p.final))
-    src += function("vjp", [*labels, *dims, "grad_out", *[g.target for g in grads]], grads)
-    body_text = (
-        "\n".join(
-            ["import math", "", "import numpy as np", "from numba import njit", "", "", *src]
-        ).rstrip()
-        + "\n"
-    )
+    grads = gradients([p.final for p in derivation.partials])
+    grad_names = [g.target for g in grads]
+    src += function("vjp", [*labels, *dims, "grad_out", *grad_names], grads)
+    saved = derivation.saved
+    constants: list[str] = []
+    if saved is not None and saved.saves:
+        names = [r.name for r in saved.residuals]
+        for r in saved.residuals:
+            shapes[r.name] = r.shape
+        # A residual over the leading output indices (a row statistic) is stored from inside
+        # the forward's own loops, where the forward computes it anyway; any other is computed
+        # in a loop nest of its own first.
+        writes, stores = [], []
+        for r in saved.residuals:
+            if r.indices == spec.out[: len(r.indices)]:
+                stores.append(_Store(r.name, len(r.indices), r.node))
+            else:
+                loops = tuple((i, *ranges[i]) for i in r.indices)
+                writes.append(_Assignment(r.name, loops, r.value))
+        forward = saved.forward if writes else derivation.stable_forward
+        src += function(
+            "forward_saved",
+            [*labels, *dims, "out", *names],
+            [*writes, _Assignment("out", out_loops, forward)],
+            tuple(stores),
+        )
+        reads = [
+            e if e is not None else p.final
+            for p, e in zip(derivation.partials, saved.partials, strict=True)
+        ]
+        src += function(
+            "vjp_saved", [*labels, *dims, "out", *names, "grad_out", *grad_names], gradients(reads)
+        )
+        layout = tuple(tuple(spec.out.index(i) for i in r.indices) for r in saved.residuals)
+        constants = [f"RESIDUALS = {layout!r}", f"READS_OUTPUT = {saved.reads_output!r}", "", ""]
+    imports = ["import math", "", "import numpy as np", "from numba import njit"]
+    if uses_blas:
+        imports.append("from symgrad.runtime.blas import gemm as _gemm")
+    body_text = "\n".join([*imports, "", "", *constants, *src]).rstrip() + "\n"
     body_hash = hashlib.sha256(body_text.encode()).hexdigest()
     header = (
         f"# symgrad generated kernels for tensor op {op!r}\n"

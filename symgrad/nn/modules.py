@@ -220,12 +220,12 @@ class Linear(Module):
         bound = 1.0 / np.sqrt(in_features)
         self.weight = Parameter(_uniform(rng, bound, (out_features, in_features), dt))
         self.bias = Parameter(_uniform(rng, bound, (out_features,), dt)) if bias else None
-        self._op_name = "linear" if bias else "matmul"
+        self._op_name = "linear" if bias else "linear_nobias"
         self._built: Any = None
 
     @property
     def _op(self) -> Any:
-        """The layer's op (``linear``, or ``matmul`` without a bias), built on first use."""
+        """The layer's op (``linear``, or ``linear_nobias``), built on first use."""
         if self._built is None:
             self._built = _builtin(self._op_name)
         return self._built
@@ -248,7 +248,7 @@ class Linear(Module):
         x = self._check(x)
         if self.bias is not None:
             return self._op(x, self.weight.data, self.bias.data), x
-        return self._op(x, self.weight.data.T), x
+        return self._op(x, self.weight.data), x
 
     def backward(
         self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True
@@ -258,8 +258,7 @@ class Linear(Module):
             gx, gw, gb = self._op.vjp(x, self.weight.data, self.bias.data, grad_y)
             self.bias.accumulate(gb)
         else:
-            gx, gwt = self._op.vjp(x, self.weight.data.T, grad_y)
-            gw = gwt.T
+            gx, gw = self._op.vjp(x, self.weight.data, grad_y)
         self.weight.accumulate(gw)
         return gx if need_input_grad else None
 

@@ -6,6 +6,11 @@ record in reverse, hands each op the cotangent of its output, and adds the gradi
 returns into the cotangents of its inputs — or into ``Parameter.grad``.  Nothing here
 differentiates: every gradient comes from an op's derived VJP kernel.
 
+An op whose output a gradient may flow through — it reads a trainable parameter, an input
+marked with :meth:`Tape.watch`, or such an op's output — runs its ``forward_saved`` kernel:
+the forward keeps what the derived VJP reads (softmax's output, layer norm's row statistics,
+GELU's local derivative), and the backward pass reads it instead of recomputing it.
+
 >>> import numpy as np, symgrad as sg
 >>> from symgrad.nn import Parameter, Tape
 >>> w = Parameter(np.array([2.0]))
@@ -33,6 +38,7 @@ class _Record:
     args: tuple[Any, ...]  # Parameters or arrays, as given
     arrays: tuple[np.ndarray, ...]  # what the op was called with
     output: np.ndarray
+    saved: Any = None  # what op.forward_saved kept for the VJP, if it ran
 
 
 class Tape:
@@ -41,13 +47,30 @@ class Tape:
     def __init__(self) -> None:
         self._records: list[_Record] = []
         self._produced: set[int] = set()  # ids of the outputs recorded here
+        self._tracked: set[int] = set()  # ids of the arrays a gradient may flow through
+        self._watched: list[np.ndarray] = []  # keeps the watched arrays (and their ids) alive
+
+    def watch(self, *arrays: np.ndarray) -> None:
+        """Mark input arrays whose gradient ``backward(..., wrt=...)`` will be asked for: the
+        ops reading them keep what their VJPs need (parameters are tracked already)."""
+        for a in arrays:
+            self._watched.append(a)
+            self._tracked.add(id(a))
 
     def apply(self, op: Any, *args: Any) -> np.ndarray:
         """``op(*args)``, recorded.  ``args`` are arrays (inputs, or earlier outputs of this
         tape) and :class:`Parameter`\\ s, whose ``data`` the op reads."""
         arrays = tuple(a.data if isinstance(a, Parameter) else a for a in args)
-        output = op(*arrays)
-        self._records.append(_Record(op, args, arrays, output))
+        tracked = any(
+            a.requires_grad if isinstance(a, Parameter) else id(a) in self._tracked for a in args
+        )
+        saved = None
+        if tracked and hasattr(op, "forward_saved"):
+            output, saved = op.forward_saved(*arrays)
+            self._tracked.add(id(output))
+        else:
+            output = op(*arrays)
+        self._records.append(_Record(op, args, arrays, output, saved))
         self._produced.add(id(output))
         return output
 
@@ -89,7 +112,7 @@ class Tape:
             ]
             if not any(targets):
                 continue
-            grads = r.op.vjp(*r.arrays, g)
+            grads = r.op.vjp(*r.arrays, g, saved=r.saved) if r.saved else r.op.vjp(*r.arrays, g)
             for a, ga, take in zip(r.args, grads, targets, strict=True):
                 if not take or ga is None:
                     continue

@@ -32,10 +32,11 @@ from ..errors import CacheError
 
 _HEADER_HASH = re.compile(r"^# body-sha256 ([0-9a-f]{64})$", re.MULTILINE)
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-#: The parts of symgrad that write generated source: a change to any of them names new files.
+#: The parts of symgrad that write generated source, or that generated source calls: a change
+#: to any of them names new files.
 #: Everything else (wrappers, networks, the CLI) does not change what a kernel computes, so
 #: editing it keeps the cache warm.
-_GENERATORS = ("symbolic", "codegen", "compile", "runtime/step.py")
+_GENERATORS = ("symbolic", "codegen", "compile", "runtime/step.py", "runtime/blas.py")
 
 
 def cache_dir() -> Path:

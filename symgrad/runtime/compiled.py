@@ -10,13 +10,26 @@ drops the module's compiled binaries, re-imports it and retries once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Generic, TypeVar
 
+import numpy as np
+
 from .cache import ensure_imported, import_module, purge_compiled, verified_text
 
 D = TypeVar("D")
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What an op's forward kept for its VJP (``op.forward_saved``): the output as the kernel
+    wrote it, and the arrays its derived VJP reads instead of recomputing them — a tensor op's
+    residuals (row statistics), an elementwise op's local partial derivatives."""
+
+    out: np.ndarray
+    arrays: tuple[np.ndarray, ...]
 
 
 class CompiledOp(Generic[D]):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ..errors import ArgumentError, DTypeError, ShapeError
-from .compiled import CompiledOp
+from .compiled import CompiledOp, Saved
 
 if TYPE_CHECKING:  # the symbolic stages import SymPy; running kernels does not need it
     from ..symbolic.derive import Derivation
@@ -146,16 +146,35 @@ class ElementwiseOp(CompiledOp["Derivation"]):
         self._run("forward", *flat, out)
         return out.reshape(shape)
 
-    def vjp(self, *arrays_and_grad: object) -> tuple[Any, ...]:
+    def forward_saved(self, *arrays: object) -> tuple[np.ndarray, Saved | None]:
+        """The forward, and the local partial derivatives ``∂f/∂x`` computed in the same pass
+        (``None`` when they cost no math function to recompute: relu, a sum): then
+        ``op.vjp(*inputs, grad_output, saved=saved)`` is a product, no ``exp``/``erf`` again."""
+        if not getattr(self.module, "SAVE_PARTIALS", False):
+            return self(*arrays), None
+        checked, shape, dtype = self._inputs(arrays)
+        flat = self._flat(checked, shape)
+        partials = self._gradients(flat[0].shape, dtype)
+        out = np.empty(flat[0].shape, dtype=dtype)
+        self._run("value_and_vjp", *flat, np.ones(1, dtype=dtype), 0, out, *partials)
+        return out.reshape(shape), Saved(out, tuple(partials))
+
+    def vjp(self, *arrays_and_grad: object, saved: Saved | None = None) -> tuple[Any, ...]:
         """``op.vjp(*inputs, grad_output)``: one gradient per input, of its shape and dtype
         (``None`` for an input outside the op's ``wrt``).
 
-        ``grad_output`` has the output's shape (or is a scalar, broadcast).
+        ``grad_output`` has the output's shape (or is a scalar, broadcast).  ``saved``: what
+        :meth:`forward_saved` returned for these inputs (the local partials, multiplied by the
+        cotangent instead of being evaluated again).
         """
         if not arrays_and_grad:
             raise ArgumentError(f"op {self.name!r}: vjp takes the inputs and then grad_output")
         *arrays, grad_output = arrays_and_grad
         checked, shape, dtype = self._inputs(tuple(arrays))
+        if saved is not None:
+            g, _ = self._cotangent(grad_output, shape, dtype)
+            grads = [np.multiply(g, partial) for partial in saved.arrays]
+            return self._shaped(grads, checked, shape)
         flat = self._flat(checked, shape)
         g, step = self._cotangent(grad_output, shape, dtype)
         grads = self._gradients(flat[0].shape, dtype)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 _PAD = "    "
 _SCALARS = ("first", "adam_s", "adam_c")  # arguments set on every call
-_LINEAR_INPUTS = {True: ("X", "W", "c"), False: ("A", "Bm")}  # linear / matmul op inputs
+_LINEAR_INPUTS = {True: ("X", "W", "c"), False: ("X", "W")}  # linear / linear_nobias inputs
 
 
 class UnsupportedStepError(SymgradError, TypeError):
@@ -141,7 +141,7 @@ class FusedStep:
             following = self.layers[k + 1] if k + 1 < len(self.layers) else None
             if layer.bias is not None and isinstance(following, Elementwise):
                 # forward: the GEMM, then bias and activation in one loop
-                gemm = builtin("matmul")
+                gemm = builtin("linear_nobias")
                 assert isinstance(gemm, TensorOp)
                 self._gemm_ops[k] = gemm
         if isinstance(self.loss, CrossEntropyLoss):
@@ -183,8 +183,8 @@ class FusedStep:
         for p, _ in self._trainable(layer):
             if p == "b":
                 names.append(f"gb{k}")
-            else:  # a matmul layer's gradient is of W.T, transposed back after the call
-                names.append(f"gW{k}" if layer.bias is not None else f"gWT{k}")
+            else:
+                names.append(f"gW{k}")
         return names
 
     def _plan(self, with_code: bool) -> StepPlan:
@@ -204,8 +204,6 @@ class FusedStep:
                 args += [f"W{k}"] + ([f"b{k}"] if layer.bias is not None else [])
                 grads = self._grad_names(k, layer)
                 args += [out, f"g{k}", *grads]
-                if f"gWT{k}" in grads:
-                    args.append(f"gW{k}")
                 if with_code:
                     self._linear_code(plan, k, layer, a, out)
             else:
@@ -227,13 +225,13 @@ class FusedStep:
 
         op = self._ops[k]
         module = _module_name(op)
-        inputs = [a, f"W{k}", f"b{k}"] if layer.bias is not None else [a, f"W{k}.T"]
+        inputs = [a, f"W{k}", f"b{k}"] if layer.bias is not None else [a, f"W{k}"]
         dims = ", ".join(_dims(op, inputs))
         if k in self._gemm_ops:  # the GEMM alone: its bias is added in the activation's loop
             gemm = self._gemm_ops[k]
             plan.imports.append(KernelCall(_module_name(gemm), "forward", f"mm{k}_forward"))
-            gemm_dims = ", ".join(_dims(gemm, [a, f"W{k}.T"]))
-            plan.forward.append(f"{_PAD}mm{k}_forward({a}, W{k}.T, {gemm_dims}, {out})")
+            gemm_dims = ", ".join(_dims(gemm, [a, f"W{k}"]))
+            plan.forward.append(f"{_PAD}mm{k}_forward({a}, W{k}, {gemm_dims}, {out})")
         else:
             plan.imports.append(KernelCall(module, "forward", f"lin{k}_forward"))
             plan.forward.append(f"{_PAD}lin{k}_forward({', '.join(inputs)}, {dims}, {out})")
@@ -244,8 +242,6 @@ class FusedStep:
         plan.backward.append(
             f"{_PAD}lin{k}_vjp({', '.join(inputs)}, {dims}, g{k}, {', '.join(grads)})"
         )
-        if f"gWT{k}" in grads:
-            plan.backward.append(f"{_PAD}gW{k}[:, :] = gWT{k}.T")
 
     def _activation_code(
         self, plan: StepPlan, k: int, layer: Elementwise, a: str, out: str
@@ -507,10 +503,7 @@ class FusedStep:
                 for name in self._grad_names(k, layer):
                     param = layer.bias if name.startswith("gb") else layer.weight
                     assert param is not None
-                    shape = param.shape[::-1] if name.startswith("gWT") else param.shape
-                    arrays[name] = np.zeros(shape, dtype)
-                if f"gWT{k}" in arrays:
-                    arrays[f"gW{k}"] = np.zeros(layer.weight.shape, dtype)
+                    arrays[name] = np.zeros(param.shape, dtype)
             else:
                 arrays[f"d{k}"] = np.zeros((batch, width), dtype)
             arrays[f"h{k}"] = np.zeros((batch, width), dtype)

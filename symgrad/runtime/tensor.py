@@ -16,7 +16,7 @@ import sympy as sp
 
 from ..errors import ArgumentError, DTypeError, IndexRangeError, ShapeError
 from ..symbolic.index import TensorDerivation, TensorSpec
-from .compiled import CompiledOp
+from .compiled import CompiledOp, Saved
 from .elementwise import _as_float_array
 
 
@@ -148,9 +148,30 @@ class TensorOp(CompiledOp[TensorDerivation]):
         self._run("forward", *checked, *self._dims(sizes), out)
         return out if shape else out.reshape(())
 
-    def vjp(self, *arrays_and_grad: object) -> tuple[Any, ...]:
+    def forward_saved(self, *arrays: object) -> tuple[np.ndarray, Saved | None]:
+        """The forward, and what it saved for the VJP (``None`` when the VJP reads nothing
+        saved): ``out, saved = op.forward_saved(*inputs)``, later
+        ``op.vjp(*inputs, grad_output, saved=saved)`` — the same gradients as the plain
+        ``vjp``, without recomputing the row statistics (or ``exp``) the forward had."""
+        layout = getattr(self.module, "RESIDUALS", None)
+        if layout is None:
+            return self(*arrays), None
+        checked, sizes, dtype = self._bind(arrays)
+        shape = self._out_shape(sizes)
+        out = np.empty(shape if shape else (1,), dtype=dtype)
+        residuals = tuple(
+            np.empty(tuple(shape[k] for k in axes), dtype=dtype) for axes in layout
+        )
+        self._run("forward_saved", *checked, *self._dims(sizes), out, *residuals)
+        return (out if shape else out.reshape(())), Saved(out, residuals)
+
+    def vjp(self, *arrays_and_grad: object, saved: Saved | None = None) -> tuple[Any, ...]:
         """``op.vjp(*inputs, grad_output)``: one gradient per input, of its shape and dtype
-        (``None`` for integer inputs and inputs left out of ``wrt``)."""
+        (``None`` for integer inputs and inputs left out of ``wrt``).
+
+        ``saved``: what :meth:`forward_saved` returned for these inputs; the VJP then reads
+        the saved residuals instead of recomputing them.
+        """
         if not arrays_and_grad:
             raise ArgumentError(f"op {self.name!r}: vjp takes the inputs and then grad_output")
         *arrays, grad_output = arrays_and_grad
@@ -167,7 +188,11 @@ class TensorOp(CompiledOp[TensorDerivation]):
             )
         g_arg: Any = float(g) if not shape else np.ascontiguousarray(g, dtype=dtype)
         grads = [np.empty(checked[n].shape, dtype=dtype) for n in self._wrt]
-        self._run("vjp", *checked, *self._dims(sizes), g_arg, *grads)
+        if saved is not None:
+            kept = (saved.out, *saved.arrays)
+            self._run("vjp_saved", *checked, *self._dims(sizes), *kept, g_arg, *grads)
+        else:
+            self._run("vjp", *checked, *self._dims(sizes), g_arg, *grads)
         result: list[np.ndarray | None] = [None] * len(checked)
         for n, grad in zip(self._wrt, grads, strict=True):
             result[n] = grad

@@ -19,6 +19,7 @@ import hashlib
 import keyword
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import sympy as sp
 from sympy.concrete.expr_with_limits import ExprWithLimits
@@ -489,7 +490,11 @@ class TensorPartial:
 
 @dataclass(frozen=True)
 class TensorDerivation(Printouts):
-    """Everything symgrad derived for a tensor op."""
+    """Everything symgrad derived for a tensor op.
+
+    ``saved`` (:class:`~symgrad.symbolic.residuals.SavedForm`) holds the residuals the forward
+    can save and the VJPs that read them instead of recomputing.
+    """
 
     name: str
     spec: TensorSpec
@@ -497,6 +502,7 @@ class TensorDerivation(Printouts):
     stable_forward: sp.Expr
     forward_rewrites: tuple[Rewrite, ...]
     partials: tuple[TensorPartial, ...]
+    saved: Any = None  # a SavedForm (symbolic.residuals imports this module)
 
     def __str__(self) -> str:
         return self.to_text()
@@ -588,6 +594,11 @@ def derive_tensor(spec: TensorSpec) -> TensorDerivation:
         rewrites += guards
         partials.append(TensorPartial(base, indices, raw, contracted, final, rewrites))
     stable_forward, forward_rewrites = stabilize_tensor(forward)
+    from .residuals import save_residuals
+
+    saved = save_residuals(
+        stable_forward, spec.out, out_ranges, spec.out_shape, [p.final for p in partials]
+    )
     return TensorDerivation(
-        spec.name, spec, grad_output, stable_forward, forward_rewrites, tuple(partials)
+        spec.name, spec, grad_output, stable_forward, forward_rewrites, tuple(partials), saved
     )
