@@ -181,15 +181,36 @@ def builtin(
     array([0., 2.])
     """
     entry = get_builtin(name)
+    op: ElementwiseOp | TensorOp
     if isinstance(entry, TensorBuiltin):
         expr, out, inputs, constants = entry.build(**params)
         chosen = entry.wrt if wrt is None else _wrt_names(name, wrt)
-        return tensor_op(expr, out=out, inputs=inputs, name=name, constants=constants, wrt=chosen)
-    formula, constants = entry.expr(**params)
+        op = tensor_op(expr, out=out, inputs=inputs, name=name, constants=constants, wrt=chosen)
+    else:
+        formula, constants = entry.expr(**params)
+        op = elementwise(
+            formula, inputs=entry.inputs, name=name, constants=constants,
+            wrt=None if wrt is None else _wrt_names(name, wrt),
+        )  # fmt: skip
+    op.origin = (name, dict(params))
+    return op
+
+
+def with_wrt(op: ElementwiseOp | TensorOp, wrt: Iterable[str]) -> ElementwiseOp | TensorOp:
+    """``op`` derived again with gradients for the inputs named ``wrt`` only (a built-in keeps
+    its parameters; a user op its formula, constants and options)."""
+    names = list(wrt)
+    origin = getattr(op, "origin", None)
+    if origin is not None:
+        name, params = origin
+        return builtin(name, wrt=names, **params)
+    spec = op.spec
+    if isinstance(op, TensorOp):
+        return tensor_op(spec.expr, spec.out, spec.inputs, spec.name, wrt=names)
     return elementwise(
-        formula, inputs=entry.inputs, name=name, constants=constants,
-        wrt=None if wrt is None else _wrt_names(name, wrt),
-    )
+        spec.expr, spec.inputs, spec.name, fastmath=spec.fastmath, parallel=spec.parallel,
+        wrt=names,
+    )  # fmt: skip
 
 
 def _wrt_names(op: str, wrt: object) -> tuple[str, ...]:

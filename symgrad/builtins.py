@@ -135,6 +135,18 @@ _ENTRIES = [
         doc="x + y (a residual or embedding sum), per element",
     ),
     Builtin(
+        "additive_mask",
+        lambda fill: (1 - x) * fill,
+        (x,),
+        lambda t, a, fill: (1 - a) * fill,
+        params={"fill": -1e4},
+        domain=(Domain("uniform", 0.0, 1.0),),
+        edges=(0.0, 1.0),
+        doc="(1 - m)·fill: an attention mask of 1s (tokens) and 0s (padding) as the additive "
+        "mask of the scores (0 at tokens, fill at padding; BERT's fill is the dtype's most "
+        "negative number)",
+    ),
+    Builtin(
         "mse",
         lambda: (x - y) ** 2,
         (x, y),
@@ -276,6 +288,14 @@ def _logsumexp() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, 
 def _cross_entropy() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
     X, T = _tensor("X", _B, _N), _tensor("T", _B, _N)
     return -sp.Sum(T[_b, _i] * (X[_b, _i] - _lse(X)), (_i, 0, _N - 1)), (_b,), (X, T)
+
+
+def _cross_entropy_labels() -> tuple[
+    sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]
+]:
+    X = _tensor("X", _B, _N)
+    labels = sp.IndexedBase("labels", shape=(_B,), integer=True)
+    return -X[_b, labels[_b]] + _lse(X), (_b,), (X, labels)
 
 
 def _layer_norm(
@@ -420,6 +440,14 @@ _TENSOR_ENTRIES = [
         lambda t, x, p: t.nn.functional.cross_entropy(x, p, reduction="none"),
         domain=("normal", "simplex"),
         doc="cross-entropy of logits X against class probabilities T, per row",
+    ),
+    TensorBuiltin(
+        "cross_entropy",
+        _cross_entropy_labels,
+        lambda t, x, labels: t.nn.functional.cross_entropy(x, labels, reduction="none"),
+        domain=("normal", "ids:N"),
+        doc="cross-entropy of logits X against integer class labels, per row (torch's "
+        "F.cross_entropy with class indices); its gradient, derived, is softmax − one-hot",
     ),
     TensorBuiltin(
         "layer_norm",

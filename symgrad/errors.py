@@ -67,3 +67,8 @@ class FormulaError(DefinitionError):
 
 class ExplainError(SymgradError, TypeError):
     """A derivation printout was asked for something symgrad cannot explain (e.g. a module type)."""
+
+
+class UnsupportedStepError(SymgradError, TypeError):
+    """A model, loss or optimizer the step compiler cannot compile: the message names what and
+    why; the tape's reverse mode trains it instead (``fit(..., compiled=False)``)."""

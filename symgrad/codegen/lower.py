@@ -22,7 +22,7 @@ import sympy as sp
 
 from .._version import __version__
 from ..errors import CodegenError
-from ..symbolic.index import ReduceMax, TensorDerivation
+from ..symbolic.index import ReduceMax, TensorDerivation, TensorSpec
 from ..symbolic.residuals import normal
 from .emit import KernelSource, lower_primitives
 from .printer import NumbaPrinter
@@ -781,6 +781,22 @@ def _reads_columns(body: sp.Expr, sum_vars: set[sp.Symbol], loop_vars: set[sp.Sy
     return across > 0 and along == 0
 
 
+def _dim_sources(spec: TensorSpec) -> tuple[tuple[str, int, int] | None, ...]:
+    """For every dim argument of the kernels, ``(name, input, axis)``: the input axis whose
+    length it is (a compiled step passes ``input.shape[axis]``), or None where no input has it
+    as a whole axis."""
+    found: list[tuple[str, int, int] | None] = []
+    for dim in spec.dims:
+        source = None
+        for n, base in enumerate(spec.inputs):
+            shape = [sp.sympify(d) for d in base.shape]
+            if dim in shape:
+                source = (str(dim), n, shape.index(dim))
+                break
+        found.append(source)
+    return tuple(found)
+
+
 def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
     """Numba source of a tensor op: ``forward(inputs..., dims..., out)`` and
     ``vjp(inputs..., dims..., grad_out, grad_<input>...)``.
@@ -789,7 +805,8 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
     ``forward_saved(inputs..., dims..., out, res...)``, which writes them, and
     ``vjp_saved(inputs..., dims..., out, res..., grad_out, grad_<input>...)``, which reads them;
     the module constants ``RESIDUALS`` (each residual's axes, as positions among the output's)
-    and ``READS_OUTPUT`` tell the runtime what to allocate and keep.
+    and ``READS_OUTPUT`` tell the runtime what to allocate and keep.  ``DIMS`` says which input
+    axis each dim argument is the length of (:func:`_dim_sources`).
     """
     spec = derivation.spec
     op = spec.name
@@ -853,7 +870,7 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
     grad_names = [g.target for g in grads]
     src += function("vjp", [*labels, *dims, "grad_out", *grad_names], grads)
     saved = derivation.saved
-    constants: list[str] = []
+    constants = [f"DIMS = {_dim_sources(spec)!r}", ""]
     if saved is not None and saved.saves:
         names = [r.name for r in saved.residuals]
         for r in saved.residuals:
@@ -883,11 +900,11 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
             "vjp_saved", [*labels, *dims, "out", *names, "grad_out", *grad_names], gradients(reads)
         )
         layout = tuple(tuple(spec.out.index(i) for i in r.indices) for r in saved.residuals)
-        constants = [f"RESIDUALS = {layout!r}", f"READS_OUTPUT = {saved.reads_output!r}", "", ""]
+        constants += [f"RESIDUALS = {layout!r}", f"READS_OUTPUT = {saved.reads_output!r}", ""]
     imports = ["import math", "", "import numpy as np", "from numba import njit"]
     if uses_blas:
         imports.append("from symgrad.runtime.blas import gemm as _gemm")
-    body_text = "\n".join([*imports, "", "", *constants, *src]).rstrip() + "\n"
+    body_text = "\n".join([*imports, "", "", *constants, "", *src]).rstrip() + "\n"
     body_hash = hashlib.sha256(body_text.encode()).hexdigest()
     header = (
         f"# symgrad generated kernels for tensor op {op!r}\n"

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ShapeError
-from .modules import Module, Parameter, StateDictError, _builtin, _check_dtype
+from ..errors import DTypeError, ShapeError
+from .modules import Linear, Module, Parameter, StateDictError, _builtin, _check_dtype
 from .tape import Tape
 
 
@@ -193,6 +193,11 @@ def additive_mask(attention_mask: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.where(np.asarray(attention_mask) > 0, 0.0, np.finfo(dtype).min).astype(dtype)
 
 
+def _mask_op(dtype: np.dtype) -> Any:
+    """The ``additive_mask`` op of ``dtype``: ``(1 - m)·min``, recorded like any op."""
+    return _builtin("additive_mask", fill=float(np.finfo(dtype).min))
+
+
 class BertEncoder(Module):
     """Embeddings and ``num_hidden_layers`` layers; ``encode`` gives the last hidden states."""
 
@@ -230,7 +235,7 @@ class BertEncoder(Module):
         embeddings, or from ``hidden`` (the output of the layer before ``layers.start``)."""
         self._check(input_ids, attention_mask)
         ids = np.asarray(input_ids, dtype=np.int64)
-        mask = additive_mask(attention_mask, self.dtype)
+        mask = tape.apply(_mask_op(self.dtype), np.asarray(attention_mask, dtype=self.dtype))
         layers = range(len(self.layers)) if layers is None else layers
         if hidden is None:
             if layers.start != 0:
@@ -251,6 +256,11 @@ class BertEncoder(Module):
     @property
     def _pool_op(self) -> Any:
         return self.embeddings._op["masked_mean_pool"]
+
+    def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
+        """``(input_ids, attention_mask)`` → the last hidden states, recorded on ``tape``."""
+        input_ids, attention_mask = inputs
+        return self.encode(tape, input_ids, _float_mask(attention_mask, self.dtype))
 
     # -- Hugging Face weights --------------------------------------------------------------
 
@@ -299,3 +309,47 @@ class BertEncoder(Module):
                     data = data.reshape(-1, *data.shape[2:])
             out[name] = data.copy()
         return out
+
+
+def _float_mask(attention_mask: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The attention mask as given, if it has the model's dtype: a traced forward must see the
+    step's own input (a cast copy would be a constant of the compiled step)."""
+    mask = np.asarray(attention_mask)
+    if mask.dtype != dtype:
+        raise DTypeError(
+            f"a recorded BERT forward takes the attention mask in the model's dtype {dtype}, got "
+            f"{mask.dtype}: pass attention_mask.astype(np.{dtype})"
+        )
+    return mask
+
+
+class SequenceClassifier(Module):
+    """Mean-pooled encoder layers ``start:`` then a linear head: ``(x, attention_mask)`` →
+    logits ``(B, classes)``.  ``x`` is the token ids when ``start`` is 0, else the hidden
+    states entering layer ``start`` (cached outputs of a frozen bottom); ``start`` equal to the
+    number of layers trains the head alone on pooled embeddings ``x`` ``(B, N)``."""
+
+    def __init__(self, encoder: BertEncoder, head: Linear, start: int = 0) -> None:
+        super().__init__()
+        layers = len(encoder.layers)
+        if not 0 <= start <= layers:
+            raise ShapeError(f"start must be in [0, {layers}], got {start}")
+        self.encoder, self.head, self.start = encoder, head, start
+
+    def children(self) -> Iterator[tuple[str, Module]]:
+        yield "encoder", self.encoder
+        yield "head", self.head
+
+    def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
+        x, attention_mask = inputs
+        layers = len(self.encoder.layers)
+        if self.start == layers:
+            return self.head.record(tape, x)
+        mask = _float_mask(attention_mask, self.encoder.dtype)
+        if self.start == 0:
+            hidden = self.encoder.encode(tape, x, mask)
+        else:
+            hidden = self.encoder.encode(
+                tape, np.zeros(mask.shape, np.int64), mask, range(self.start, layers), x
+            )
+        return self.head.record(tape, self.encoder.pool(tape, hidden, mask))

@@ -9,13 +9,16 @@ result of §4.2 of the article the project grew from — derived, not hand-coded
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import DTypeError, ShapeError, SymgradError
 from ..runtime.elementwise import ElementwiseOp
 from .modules import Elementwise, Module, Sequential, _builtin, _LazyBuiltin
+
+if TYPE_CHECKING:
+    from .tape import Tape
 
 
 class Loss:
@@ -31,6 +34,11 @@ class Loss:
 
     def structure(self) -> str:
         """What determines this loss's generated code (a key part; no SymPy when built in)."""
+        raise NotImplementedError
+
+    def record(self, tape: Tape, input: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """The loss of every example (or element), recorded on ``tape``; the loss is their
+        mean."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -76,6 +84,10 @@ class ElementwiseLoss(Loss):
         input, target = self._check(input, target)
         value, (grad, _) = self.op.value_and_vjp(input, target, reduction="mean")
         return float(value), grad
+
+    def record(self, tape: Tape, input: np.ndarray, target: np.ndarray) -> np.ndarray:
+        input, target = self._check(input, target)
+        return tape.apply(self.op, input, target)
 
     def fused_with(self, activation: Elementwise) -> ElementwiseLoss:
         """This loss applied to ``activation(z)``, composed symbolically, then differentiated
@@ -166,7 +178,11 @@ class CrossEntropyLoss(Loss):
     def structure(self) -> str:
         return "cross_entropy"
 
-    def value_and_grad(self, input: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+    def record(self, tape: Tape, input: np.ndarray, target: np.ndarray) -> np.ndarray:
+        logits, labels = self._check(input, target)
+        return tape.apply(_builtin("cross_entropy"), logits, labels)
+
+    def _check(self, input: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits = np.asarray(input)
         labels = np.asarray(target)
         if logits.ndim != 2:
@@ -188,6 +204,10 @@ class CrossEntropyLoss(Loss):
                 f"CrossEntropyLoss: labels must lie in [0, {classes}), "
                 f"found {sorted(set(bad.tolist()))[:5]}"
             )
+        return logits, labels
+
+    def value_and_grad(self, input: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+        logits, labels = self._check(input, target)
         onehot = np.zeros_like(logits)
         onehot[np.arange(labels.size), labels] = 1
         losses = self.op(logits, onehot)

@@ -11,14 +11,22 @@ so state dicts copy across.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DTypeError, ShapeError, SymgradError
+from ..errors import DTypeError, ShapeError, SymgradError, UnsupportedStepError
 from ..runtime.elementwise import ElementwiseOp
 
+if TYPE_CHECKING:
+    from .tape import Tape
+
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class UnsupportedModuleError(UnsupportedStepError):
+    """A module that cannot record its forward on a :class:`~symgrad.nn.Tape` (so neither the
+    tape's reverse mode nor the step compiler can take it)."""
 
 
 def _builtin(name: str, **params: Any) -> Any:
@@ -176,6 +184,19 @@ class Module:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward(x)[0]
 
+    def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
+        """The forward, every op recorded on ``tape`` (see :class:`~symgrad.nn.Tape`): what the
+        step compiler traces (:func:`symgrad.compile.compile_step`).
+
+        Every array the output depends on must come from ``inputs``, a parameter, or a
+        recorded op; an array computed otherwise (NumPy on an input) would be a constant of a
+        compiled step.
+        """
+        raise UnsupportedModuleError(
+            f"{type(self).__name__} does not record its forward on a tape (no record method); "
+            "train it with symgrad.train.fit(..., compiled=False)"
+        )
+
     def extra_repr(self) -> str:
         return ""
 
@@ -250,6 +271,13 @@ class Linear(Module):
             return self._op(x, self.weight.data, self.bias.data), x
         return self._op(x, self.weight.data), x
 
+    def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
+        (x,) = inputs
+        x = self._check(x)
+        if self.bias is not None:
+            return tape.apply(self._op, x, self.weight, self.bias)
+        return tape.apply(self._op, x, self.weight)
+
     def backward(
         self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True
     ) -> np.ndarray | None:
@@ -297,6 +325,10 @@ class Elementwise(Module):
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
         return self.op(x), x
+
+    def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
+        (x,) = inputs
+        return tape.apply(self.op, x)
 
     def backward(
         self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True
@@ -407,6 +439,16 @@ class LayerNorm(Module):
         flat = x.reshape(-1, self.normalized_shape)
         return self._op(flat, self.weight.data, self.bias.data).reshape(x.shape), flat
 
+    def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
+        (x,) = inputs
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.normalized_shape:
+            raise UnsupportedModuleError(
+                f"LayerNorm({self.normalized_shape}) records (batch, {self.normalized_shape}) "
+                f"inputs on a tape, got {x.shape}"
+            )
+        return tape.apply(self._op, x, self.weight, self.bias)
+
     def backward(
         self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True
     ) -> np.ndarray | None:
@@ -446,6 +488,12 @@ class Sequential(Module):
 
     def __len__(self) -> int:
         return len(self._modules)
+
+    def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
+        (x,) = inputs
+        for module in self._modules:
+            x = module.record(tape, x)
+        return x
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
         ctxs = []

@@ -44,7 +44,10 @@ class _Record:
 class Tape:
     """The ops applied since it was created, for one reverse pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, execute: bool = True) -> None:
+        #: False: ``apply`` checks its arguments and returns an empty array of the output's
+        #: shape, computing nothing (the step compiler traces a model's forward this way).
+        self.execute = execute
         self._records: list[_Record] = []
         self._produced: set[int] = set()  # ids of the outputs recorded here
         self._tracked: set[int] = set()  # ids of the arrays a gradient may flow through
@@ -65,11 +68,15 @@ class Tape:
             a.requires_grad if isinstance(a, Parameter) else id(a) in self._tracked for a in args
         )
         saved = None
-        if tracked and hasattr(op, "forward_saved"):
+        if not self.execute:
+            shape, dtype = op.output_shape(*arrays)
+            output = np.empty(shape, dtype=dtype)
+        elif tracked and hasattr(op, "forward_saved"):
             output, saved = op.forward_saved(*arrays)
-            self._tracked.add(id(output))
         else:
             output = op(*arrays)
+        if tracked:
+            self._tracked.add(id(output))
         self._records.append(_Record(op, args, arrays, output, saved))
         self._produced.add(id(output))
         return output

@@ -44,6 +44,8 @@ class CompiledOp(Generic[D]):
         self._derivation = derivation
         self._module: ModuleType | None = None
         self._recovered = False
+        #: ``(name, params)`` of a built-in op (``symgrad.builtin`` sets it), else None
+        self.origin: tuple[str, dict[str, Any]] | None = None
 
     @property
     def source(self) -> str:

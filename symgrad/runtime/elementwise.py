@@ -138,6 +138,11 @@ class ElementwiseOp(CompiledOp["Derivation"]):
             )
         return np.ascontiguousarray(g, dtype=dtype).reshape(-1), 1
 
+    def output_shape(self, *arrays: object) -> tuple[tuple[int, ...], np.dtype]:
+        """The shape and dtype of ``op(*arrays)``, its arguments checked, nothing computed."""
+        _, shape, dtype = self._inputs(arrays)
+        return tuple(shape), dtype
+
     def __call__(self, *arrays: object) -> np.ndarray:
         """Forward: ``f`` applied element by element; inputs broadcast, output of their dtype."""
         checked, shape, dtype = self._inputs(arrays)

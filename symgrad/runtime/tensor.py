@@ -140,6 +140,11 @@ class TensorOp(CompiledOp[TensorDerivation]):
     def _dims(self, sizes: dict[sp.Symbol, int]) -> list[int]:
         return [sizes[d] for d in self.spec.dims]
 
+    def output_shape(self, *arrays: object) -> tuple[tuple[int, ...], np.dtype]:
+        """The shape and dtype of ``op(*arrays)``, its arguments checked, nothing computed."""
+        _, sizes, dtype = self._bind(arrays)
+        return self._out_shape(sizes), dtype
+
     def __call__(self, *arrays: object) -> np.ndarray:
         """Forward: the output tensor, of shape given by the ``out`` indices' ranges."""
         checked, sizes, dtype = self._bind(arrays)

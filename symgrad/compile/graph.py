@@ -1,0 +1,118 @@
+"""Trace: a model's forward, recorded on a tape without computing, becomes a :class:`Graph`.
+
+The graph's nodes are op applications in the order the forward made them; every argument of a
+node is a :class:`Ref` to a step input, a parameter, a constant or an earlier node's output.  A
+*constant* is any other array the forward passed to an op: position ids, an all-zero token-type
+array — values that may depend on the inputs' shapes but not on their contents (the trace is
+redone for every new combination of input shapes, and the constants with it).
+
+Nothing here computes: the tape runs in its checking mode (``Tape(execute=False)``), each op
+checking its arguments and giving the shape of its output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import UnsupportedStepError
+from ..nn.modules import Parameter
+from ..nn.tape import Tape
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An argument of a node: ``kind`` is ``"input"``, ``"param"``, ``"const"`` or ``"node"``,
+    ``index`` its position among those."""
+
+    kind: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.index}"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One op application: ``op(*args)`` with an output of ``shape`` and ``dtype``."""
+
+    op: Any  # an ElementwiseOp or a TensorOp
+    args: tuple[Ref, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclass
+class Graph:
+    """What a traced forward did (see the module docstring); ``output`` is the value the step
+    reduces to its loss."""
+
+    nodes: list[Node]
+    inputs: list[np.ndarray]
+    params: list[Parameter]
+    consts: list[np.ndarray]
+    output: Ref
+
+    def structure(self) -> str:
+        """A hash of everything the generated step depends on besides shapes: each node's op
+        (its spec key), the kinds of its arguments, the dtypes and ranks of the inputs, the
+        parameters and the constants."""
+        parts = [f"out:{self.output}"]
+        for a in self.inputs:
+            parts.append(f"in:{a.dtype.str}:{a.ndim}")
+        for p in self.params:
+            parts.append(f"param:{p.data.dtype.str}:{p.data.ndim}")
+        for c in self.consts:
+            parts.append(f"const:{c.dtype.str}:{c.ndim}")
+        for node in self.nodes:
+            args = ",".join(str(a) for a in node.args)
+            parts.append(f"node:{op_key(node.op)}:{args}:{node.dtype.str}")
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def shapes(self) -> tuple:
+        """The input shapes (the key of a traced graph's constants and buffer shapes)."""
+        return tuple(a.shape for a in self.inputs)
+
+
+def op_key(op: Any) -> str:
+    """The spec key of an op (its formula, inputs, gradients and constants, hashed)."""
+    key = getattr(op, "key", None)
+    return str(key if key is not None else op.spec.key)
+
+
+def trace(fn: Callable[..., np.ndarray], inputs: Sequence[np.ndarray]) -> Graph:
+    """The graph of ``fn(tape, *inputs)``, which must record every op on ``tape`` and return a
+    recorded output (see the module docstring)."""
+    tape = Tape(execute=False)
+    output = fn(tape, *inputs)
+    refs: dict[int, Ref] = {id(a): Ref("input", n) for n, a in enumerate(inputs)}
+    params: list[Parameter] = []
+    consts: list[np.ndarray] = []
+    nodes: list[Node] = []
+    for record in tape._records:
+        args = []
+        for given, array in zip(record.args, record.arrays, strict=True):
+            if isinstance(given, Parameter):
+                ref = refs.get(id(given))
+                if ref is None:
+                    ref = refs[id(given)] = Ref("param", len(params))
+                    params.append(given)
+            else:
+                ref = refs.get(id(array))
+                if ref is None:
+                    ref = refs[id(array)] = Ref("const", len(consts))
+                    consts.append(np.ascontiguousarray(array))
+            args.append(ref)
+        refs[id(record.output)] = Ref("node", len(nodes))
+        nodes.append(Node(record.op, tuple(args), record.output.shape, record.output.dtype))
+    found = refs.get(id(output))
+    if found is None or found.kind != "node":
+        raise UnsupportedStepError(
+            "the traced forward must return the output of an op it recorded on the tape (the "
+            "per-example losses), got an array computed outside the tape"
+        )
+    return Graph(nodes, list(inputs), params, consts, found)

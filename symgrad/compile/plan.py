@@ -1,0 +1,358 @@
+"""Plan a training step from a traced :class:`~symgrad.compile.graph.Graph` and write its source.
+
+What the step does, decided from the graph alone:
+
+* **forward only** — a node none of whose arguments leads back to a trained parameter runs its
+  plain forward kernel; the backward pass stops there;
+* **saved values** — a node in the backward pass runs its ``forward_saved`` kernel, which writes
+  what its derived VJP reads (a tensor op's residuals, an elementwise op's local partials), and
+  the backward pass runs ``vjp_saved`` (or multiplies by the partials);
+* **only the gradients needed** — each node's VJP is the op derived with ``wrt`` = the
+  arguments a gradient must reach (the lowest trained layer computes no input gradient);
+* **cotangents** — the first VJP reaching a value writes its cotangent, later ones write a
+  scratch buffer that is added to it; parameter gradients land in buffers the step returns;
+* **the loss** — the mean of the traced output, its cotangent ``1/n`` everywhere.
+
+The generated function depends on the graph's structure, not its shapes: every size is read
+from an array (``X.shape[1]``, ``X.size``), so one compiled step serves every batch shape, and
+the buffers are sized per binding (:class:`Buffer` shapes follow the traced shapes).  The source
+is plain text assembled here — no SymPy: the kernels' own modules say what their arguments are
+(``DIMS``, ``RESIDUALS``, ``SAVE_PARTIALS``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .._version import __version__
+from .graph import Graph, Ref, UnsupportedStepError
+
+_PAD = "    "
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """An array the step reads or writes, allocated by the caller: ``shape`` for the traced
+    shapes; ``first``/``last`` the positions (in the step's sequence of operations) where it is
+    written first and read last, so buffers whose lives do not overlap may share memory."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    role: str  # "value", "residual", "partial", "cotangent", "scratch", "grad"
+    first: int
+    last: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass
+class StepPlan:
+    """The step of one graph: arguments in call order, kernels imported, code, buffers."""
+
+    args: list[tuple[str, str, int | str]] = field(default_factory=list)  # (name, kind, index)
+    imports: list[tuple[str, str, str]] = field(default_factory=list)  # (module, fn, alias)
+    lines: list[str] = field(default_factory=list)
+    buffers: dict[str, Buffer] = field(default_factory=dict)
+    grads: dict[int, str] = field(default_factory=dict)  # trained param index → its buffer
+    forward_only: list[int] = field(default_factory=list)  # nodes without a backward pass
+    saving: list[int] = field(default_factory=list)  # nodes that save values for their VJP
+
+    def source(self, key: str) -> str:
+        """The module text: imports, then ``step(*args) -> loss``."""
+        head = ["import math", "", "import numpy as np", "from numba import njit"]
+        head += [f"from {m} import {fn} as {alias}" for m, fn, alias in self.imports]
+        body = [
+            "",
+            "",
+            "@njit(cache=True, error_model='numpy')",
+            f"def step({', '.join(name for name, _, _ in self.args)}):",
+            *self.lines,
+            f"{_PAD}return loss",
+        ]
+        text = "\n".join([*head, *body]) + "\n"
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        return (
+            f"# symgrad generated training step\n# symgrad {__version__}; graph {key}\n"
+            f"# body-sha256 {digest}\n{text}"
+        )
+
+    def peak_bytes(self) -> int:
+        """The bytes of all buffers (an upper bound of what the step holds at once)."""
+        return sum(b.nbytes for b in self.buffers.values())
+
+
+def _flat(name: str) -> str:
+    return f"{name}.reshape({name}.size)"
+
+
+def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> StepPlan:
+    """The plan of ``graph``'s step.
+
+    ``trained`` are the indices of the parameters that get a gradient; ``variants[n]`` is the op
+    node ``n`` runs when it is in the backward pass: its op derived with ``wrt`` = the float
+    arguments a gradient must reach (:func:`wanted`).
+    """
+    plan = StepPlan()
+    nodes = graph.nodes
+    needs = _needs_grad(graph, trained)
+    live = _reaching_output(graph)
+    backward = [n for n in range(len(nodes)) if live[n] and needs[Ref("node", n)]]
+    clock = [0]
+
+    def tick() -> int:
+        clock[0] += 1
+        return clock[0]
+
+    names: dict[Ref, str] = {}
+    for n, a in enumerate(graph.inputs):
+        names[Ref("input", n)] = f"in{n}"
+        plan.args.append((f"in{n}", "input", n))
+    for n, _ in enumerate(graph.params):
+        names[Ref("param", n)] = f"p{n}"
+        plan.args.append((f"p{n}", "param", n))
+    for n, _ in enumerate(graph.consts):
+        names[Ref("const", n)] = f"c{n}"
+        plan.args.append((f"c{n}", "const", n))
+    for n, _ in enumerate(nodes):
+        names[Ref("node", n)] = f"v{n}"
+
+    buffers: dict[str, list[Any]] = {}  # name → [shape, dtype, role, first, last]
+
+    def buffer(name: str, shape: tuple[int, ...], dtype: np.dtype, role: str) -> str:
+        if name not in buffers:
+            buffers[name] = [shape if shape else (1,), np.dtype(dtype), role, tick(), clock[0]]
+            plan.args.append((name, "buffer", name))
+        return name
+
+    def use(name: str) -> str:
+        if name in buffers:
+            buffers[name][4] = tick()
+        return name
+
+    def shape_of(ref: Ref) -> tuple[int, ...]:
+        if ref.kind == "input":
+            return tuple(graph.inputs[ref.index].shape)
+        if ref.kind == "param":
+            return tuple(graph.params[ref.index].data.shape)
+        if ref.kind == "const":
+            return tuple(graph.consts[ref.index].shape)
+        return tuple(nodes[ref.index].shape)
+
+    def alias(n: int, op: Any, fn: str) -> str:
+        name = f"k{n}_{fn}"
+        plan.imports.append((op.module.__name__, fn, name))
+        return name
+
+    lines = plan.lines
+    ones = None
+    # -- forward -------------------------------------------------------------------------
+    lines.append(f"{_PAD}# forward")
+    for n, node in enumerate(nodes):
+        args = [use(names[a]) for a in node.args]
+        for a in node.args:
+            if a.kind == "node" and nodes[a.index].shape == () and a != graph.output:
+                raise UnsupportedStepError(
+                    f"node {n} ({node.op.name}) reads the 0-d output of node {a.index}; the step "
+                    "compiler keeps 0-d values only as the loss"
+                )
+        out = buffer(f"v{n}", node.shape, node.dtype, "value")
+        in_backward = n in backward
+        op = variants[n] if in_backward else node.op
+        if _is_tensor(op):
+            dims = _dims(op, args, n)
+            layout = getattr(op.module, "RESIDUALS", None) if in_backward else None
+            if layout is not None:
+                res = [
+                    buffer(f"r{n}_{k}", tuple(node.shape[a] for a in axes), node.dtype, "residual")
+                    for k, axes in enumerate(layout)
+                ]
+                fn = alias(n, op, "forward_saved")
+                lines.append(f"{_PAD}{fn}({', '.join([*args, *dims, out, *res])})")
+                plan.saving.append(n)
+            else:
+                fn = alias(n, op, "forward")
+                lines.append(f"{_PAD}{fn}({', '.join([*args, *dims, out])})")
+        else:
+            for a in node.args:
+                if shape_of(a) != tuple(node.shape):
+                    raise UnsupportedStepError(
+                        f"node {n} ({op.name}): an elementwise op whose inputs broadcast "
+                        f"({shape_of(a)} to {node.shape}) is not compiled yet"
+                    )
+            flat = [_flat(a) for a in args]
+            if in_backward and getattr(op.module, "SAVE_PARTIALS", False):
+                if ones is None:
+                    ones = buffer("one", (1,), node.dtype, "ones")
+                parts = [
+                    buffer(f"d{n}_{k}", node.shape, node.dtype, "partial")
+                    for k in range(len(wanted(graph, n, needs)))
+                ]
+                fn = alias(n, op, "value_and_vjp")
+                call = [*flat, use(ones), "0", _flat(out), *(_flat(d) for d in parts)]
+                lines.append(f"{_PAD}{fn}({', '.join(call)})")
+                plan.saving.append(n)
+            else:
+                fn = alias(n, op, "forward")
+                lines.append(f"{_PAD}{fn}({', '.join([*flat, _flat(out)])})")
+        if not in_backward:
+            plan.forward_only.append(n)
+    # -- the loss: the mean of the output, and its cotangent 1/n ----------------------------
+    last = graph.output.index
+    out = use(f"v{last}")
+    lines += [
+        f"{_PAD}# loss: the mean of v{last}",
+        f"{_PAD}_lf = {_flat(out)}",
+        f"{_PAD}loss = 0.0",
+        f"{_PAD}for i in range(_lf.size):",
+        f"{_PAD}{_PAD}loss += _lf[i]",
+        f"{_PAD}loss = loss / _lf.size",
+    ]
+    cotangent: dict[int, str] = {}
+    if backward and backward[-1] == last:
+        g = buffer(f"g{last}", nodes[last].shape, nodes[last].dtype, "cotangent")
+        lines += [
+            f"{_PAD}_gf = {_flat(g)}",
+            f"{_PAD}for i in range(_gf.size):",
+            f"{_PAD}{_PAD}_gf[i] = 1.0 / _lf.size",
+        ]
+        cotangent[last] = g
+    # -- backward --------------------------------------------------------------------------
+    lines.append(f"{_PAD}# backward")
+    written: set[str] = set()
+    for n in reversed(backward):
+        node = nodes[n]
+        g = cotangent.get(n)
+        if g is None:  # nothing reached it (an output not used by the loss): no gradient
+            continue
+        op = variants[n]
+        want = wanted(graph, n, needs)
+        dsts: list[str] = []
+        adds: list[tuple[str, str]] = []
+        for k in want:
+            ref = node.args[k]
+            if ref.kind == "node":
+                target = cotangent.get(ref.index) or buffer(
+                    f"g{ref.index}", shape_of(ref), nodes[ref.index].dtype, "cotangent"
+                )
+                cotangent[ref.index] = target
+            else:
+                target = buffer(
+                    f"gp{ref.index}", shape_of(ref), graph.params[ref.index].data.dtype, "grad"
+                )
+                plan.grads[ref.index] = target
+            if target in written:  # a later contribution: into scratch, then added
+                scratch = buffer(f"t{n}_{k}", shape_of(ref), node.dtype, "scratch")
+                dsts.append(scratch)
+                adds.append((target, scratch))
+            else:
+                dsts.append(target)
+                written.add(target)
+        args = [use(names[a]) for a in node.args]
+        g = use(g)
+        if _is_tensor(op):
+            dims = _dims(op, args, n)
+            g_arg = f"{g}[0]" if node.shape == () else g
+            if n in plan.saving:
+                kept = [use(f"v{n}")]
+                kept += [use(f"r{n}_{k}") for k in range(len(op.module.RESIDUALS))]
+                fn = alias(n, op, "vjp_saved")
+                lines.append(f"{_PAD}{fn}({', '.join([*args, *dims, *kept, g_arg, *dsts])})")
+            else:
+                fn = alias(n, op, "vjp")
+                lines.append(f"{_PAD}{fn}({', '.join([*args, *dims, g_arg, *dsts])})")
+        elif n in plan.saving:  # the chain rule: the cotangent times each saved partial
+            lines.append(f"{_PAD}_g = {_flat(g)}")
+            for k, dst in enumerate(dsts):
+                lines += [
+                    f"{_PAD}_d = {_flat(use(f'd{n}_{k}'))}",
+                    f"{_PAD}_o = {_flat(dst)}",
+                    f"{_PAD}for i in range(_g.size):",
+                    f"{_PAD}{_PAD}_o[i] = _g[i] * _d[i]",
+                ]
+        else:
+            fn = alias(n, op, "vjp")
+            flat = [_flat(a) for a in args]
+            lines.append(f"{_PAD}{fn}({', '.join([*flat, _flat(g), '1', *map(_flat, dsts)])})")
+        for target, scratch in adds:
+            lines += [
+                f"{_PAD}_a = {_flat(use(target))}",
+                f"{_PAD}_s = {_flat(use(scratch))}",
+                f"{_PAD}for i in range(_a.size):",
+                f"{_PAD}{_PAD}_a[i] += _s[i]",
+            ]
+    for name in plan.grads.values():
+        use(name)
+    plan.buffers = {
+        name: Buffer(name, tuple(shape), dtype, role, first, last_use)
+        for name, (shape, dtype, role, first, last_use) in buffers.items()
+    }
+    return plan
+
+
+def _is_tensor(op: Any) -> bool:
+    return hasattr(op, "forward_saved") and hasattr(op, "_index_uses")
+
+
+def _dims(op: Any, args: list[str], n: int) -> list[str]:
+    """The dim arguments of a tensor op's kernels, read from its arguments' shapes."""
+    found = []
+    for source in op.module.DIMS:
+        if source is None:
+            raise UnsupportedStepError(
+                f"node {n} ({op.name}): a dim of the op is no whole axis of any input, so the "
+                "step cannot read it from an array's shape"
+            )
+        _, k, axis = source
+        found.append(f"{args[k]}.shape[{axis}]")
+    return found
+
+
+def _needs_grad(graph: Graph, trained: set[int]) -> dict[Ref, bool]:
+    needs: dict[Ref, bool] = {}
+    for n in range(len(graph.inputs)):
+        needs[Ref("input", n)] = False
+    for n in range(len(graph.consts)):
+        needs[Ref("const", n)] = False
+    for n in range(len(graph.params)):
+        needs[Ref("param", n)] = n in trained
+    for n, node in enumerate(graph.nodes):
+        needs[Ref("node", n)] = any(needs[a] for a in node.args)
+    return needs
+
+
+def _reaching_output(graph: Graph) -> list[bool]:
+    """Which nodes the output depends on."""
+    live = [False] * len(graph.nodes)
+    live[graph.output.index] = True
+    for n in range(len(graph.nodes) - 1, -1, -1):
+        if live[n]:
+            for a in graph.nodes[n].args:
+                if a.kind == "node":
+                    live[a.index] = True
+    return live
+
+
+def wanted(graph: Graph, n: int, needs: Mapping[Ref, bool]) -> list[int]:
+    """The argument positions of node ``n`` a gradient must reach (arguments that lead back
+    to a trained parameter)."""
+    return [k for k, a in enumerate(graph.nodes[n].args) if needs[a]]
+
+
+def needs_grad(graph: Graph, trained: set[int]) -> dict[Ref, bool]:
+    """Which values a gradient must reach (public form of the planner's analysis)."""
+    return _needs_grad(graph, trained)
+
+
+def backward_nodes(graph: Graph, trained: set[int]) -> list[int]:
+    """The nodes whose VJP the step runs."""
+    needs = _needs_grad(graph, trained)
+    live = _reaching_output(graph)
+    return [n for n in range(len(graph.nodes)) if live[n] and needs[Ref("node", n)]]
