@@ -112,7 +112,7 @@ def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> S
         return clock[0]
 
     names: dict[Ref, str] = {}
-    for n, a in enumerate(graph.inputs):
+    for n in range(len(graph.inputs)):
         names[Ref("input", n)] = f"in{n}"
         plan.args.append((f"in{n}", "input", n))
     for n, _ in enumerate(graph.params):
