@@ -14,11 +14,11 @@ Workloads (float32 unless stated, thread count fixed and reported, 1 by default)
   with a warm and with a cold (empty) kernel cache; beside it the same for a process that only
   imports NumPy and Numba and calls one cached ``njit`` function with a GEMM — the floor any
   Numba-compiled step starts from.
-* **W4** — forward + backward of one MiniLM-size BERT encoder layer (B=32, T=64, hidden 384,
-  12 heads, FFN 1536, padding mask): symgrad's layer on a tape, Hugging Face's ``BertLayer`` in
-  torch eager and ``torch.compile``, JAX ``jit``; and each part of the layer (linear layers,
-  attention products, masked softmax, GELU, residual layer norms) alone, symgrad vs torch
-  (:mod:`symgrad.bench_encoder`).
+* **W4** — one training step (forward, MSE, backward, AdamW) of a MiniLM-size BERT encoder layer
+  (B=32, T=64, hidden 384, 12 heads, FFN 1536, padding mask): symgrad's compiled step and its
+  tape, Hugging Face's ``BertLayer`` in torch eager and ``torch.compile``, JAX ``jit``; and each
+  part of the layer (linear layers, attention products, masked softmax, GELU, residual layer
+  norms) alone, forward + VJP, symgrad vs torch (:mod:`symgrad.bench_encoder`).
 
 Every system gets ``threads`` threads (thread-pool settings) on as many cores (the process's CPU
 affinity).  Timings are medians of repeats after warm-up, the candidates of one size interleaved

@@ -1,19 +1,22 @@
-"""W4 of ``symgrad bench``: one MiniLM-size BERT encoder layer, forward + backward, float32.
+"""W4 of ``symgrad bench``: one MiniLM-size BERT encoder layer's training step, float32.
 
 The layer of all-MiniLM-L6-v2 (hidden 384, 12 heads of 32, FFN 1536, exact GELU, post-norm) on
 a batch of ``B`` sequences of ``T`` tokens with a padding mask (each sequence ``T/2`` to ``T``
-tokens long), the cotangent of the output a fixed random array:
+tokens long); one step is the forward, the mean squared error against a fixed target, the
+backward pass (every parameter's gradient) and an AdamW update (lr 1e-4):
 
-* **symgrad tape** — :class:`symgrad.nn.BertLayer` recorded on a :class:`symgrad.nn.Tape`, the
-  backward pass the tape composing the ops' derived VJPs (every parameter's gradient and the
-  input's);
+* **symgrad compiled** — :func:`symgrad.compile.compile_step` of :class:`symgrad.nn.BertLayer`:
+  the whole step one generated function;
+* **symgrad tape** — the layer recorded on a :class:`symgrad.nn.Tape`, the backward pass the
+  tape composing the ops' derived VJPs, then ``optimizer.step()``;
 * **torch eager** — Hugging Face's ``BertLayer`` (transformers' default ``sdpa`` attention,
-  its fastest on the CPU) with the same weights, forward and ``backward``; **torch eager
+  its fastest on the CPU) with the same weights, ``torch.optim.AdamW``; **torch eager
   (eager attn)** the same with ``attn_implementation="eager"`` (softmax(QKᵀ/√d + mask)·V in
   torch ops: the formula symgrad derives);
-* **torch.compile** — ``torch.compile`` of that forward + backward;
-* **jax jit** — the layer written in ``jax.numpy``, ``jax.jit`` of its VJP (when JAX is
-  installed).
+* **torch.compile** — ``torch.compile`` of the layer (forward and its backward), the same
+  optimizer;
+* **jax jit** — the layer written in ``jax.numpy``, ``jax.jit`` of the whole step (value and
+  gradient, AdamW written out) when JAX is installed.
 
 :func:`parts` times the layer's parts in isolation — its six linear layers, the two attention
 products, the masked softmax, GELU and the two residual layer norms, each forward + VJP — for
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 
 HIDDEN, HEADS, FFN = 384, 12, 1536
+LR = 1e-4
 
 
 def _config() -> Any:
@@ -81,30 +85,43 @@ def _data(batch: int, seq: int) -> dict[str, Any]:
         "weights": f32,
         "hidden": rng.normal(size=(batch, seq, n)).astype(np.float32),
         "mask": mask,
-        "grad": rng.normal(size=(batch, seq, n)).astype(np.float32),
+        "target": rng.normal(size=(batch, seq, n)).astype(np.float32),
     }
 
 
-def _symgrad_layer(data: dict[str, Any]) -> Callable[[], object]:
-    from .nn import Tape
-    from .nn.bert import BertLayer, additive_mask
+def _symgrad_layer(data: dict[str, Any]) -> Any:
+    from .nn.bert import BertLayer
 
-    config = _config()
-    layer = BertLayer(config, np.dtype(np.float32))
+    layer = BertLayer(_config(), np.dtype(np.float32))
     params = dict(layer.named_parameters())
     for name, value in data["weights"].items():
         params[name].data = np.ascontiguousarray(value.reshape(params[name].shape))
-    hidden, grad = data["hidden"], data["grad"]
-    mask = additive_mask(data["mask"], np.dtype(np.float32))
+    return layer
 
-    def step() -> None:
-        layer.zero_grad()
+
+def _symgrad_steps(data: dict[str, Any]) -> dict[str, Callable[[], object]]:
+    from . import nn, optim
+    from .compile import compile_step
+    from .nn import Tape
+
+    hidden, mask, target = data["hidden"], data["mask"], data["target"]
+    layer = _symgrad_layer(data)
+    compiled = compile_step(layer, nn.MSELoss(), optim.AdamW(layer.parameters(), lr=LR))
+    taped = _symgrad_layer(data)
+    opt, mse = optim.AdamW(taped.parameters(), lr=LR), nn.MSELoss()
+
+    def tape_step() -> None:
+        opt.zero_grad()
         tape = Tape()
-        tape.watch(hidden)
-        out = layer.apply(tape, hidden, mask)
-        tape.backward(out, grad, wrt=(hidden,))
+        out = taped.record(tape, hidden, mask)
+        _, grad = mse.value_and_grad(out, target)
+        tape.backward(out, grad)
+        opt.step()
 
-    return step
+    return {
+        "symgrad compiled": lambda: compiled(hidden, mask, target),
+        "symgrad tape": tape_step,
+    }
 
 
 def _torch_layer(data: dict[str, Any], attn: str) -> tuple[Any, Callable[[], object]]:
@@ -124,39 +141,36 @@ def _torch_layer(data: dict[str, Any], attn: str) -> tuple[Any, Callable[[], obj
     )
     layer = BertLayer(config).eval()
     layer.load_state_dict({k: torch.from_numpy(v) for k, v in data["weights"].items()})
-    hidden = torch.from_numpy(data["hidden"]).requires_grad_(True)
+    return layer, _torch_step(layer, layer, data)
+
+
+def _torch_step(layer: Any, run: Any, data: dict[str, Any]) -> Callable[[], object]:
+    """A training step of ``layer`` whose forward is ``run`` (the layer, or its compiled
+    form)."""
+    import torch
+
+    hidden = torch.from_numpy(data["hidden"])
     mask = torch.from_numpy(data["mask"])
     extended = ((1.0 - mask) * torch.finfo(torch.float32).min)[:, None, None, :]
-    grad = torch.from_numpy(data["grad"])
+    target = torch.from_numpy(data["target"])
+    opt = torch.optim.AdamW(layer.parameters(), lr=LR)
 
     def step() -> None:
-        layer.zero_grad(set_to_none=True)
-        hidden.grad = None
-        out = layer(hidden, extended)
+        opt.zero_grad(set_to_none=True)
+        out = run(hidden, extended)
         out = out[0] if isinstance(out, tuple) else out
-        out.backward(grad)
+        torch.nn.functional.mse_loss(out, target).backward()
+        opt.step()
 
-    return layer, step
+    return step
 
 
 def _torch_compiled(data: dict[str, Any]) -> Callable[[], object] | None:
     import torch
 
     layer, _ = _torch_layer(data, "sdpa")
-    hidden = torch.from_numpy(data["hidden"]).requires_grad_(True)
-    mask = torch.from_numpy(data["mask"])
-    extended = ((1.0 - mask) * torch.finfo(torch.float32).min)[:, None, None, :]
-    grad = torch.from_numpy(data["grad"])
     try:
-        compiled = torch.compile(layer)
-
-        def step() -> None:
-            layer.zero_grad(set_to_none=True)
-            hidden.grad = None
-            out = compiled(hidden, extended)
-            out = out[0] if isinstance(out, tuple) else out
-            out.backward(grad)
-
+        step = _torch_step(layer, torch.compile(layer), data)
         step()
     except Exception:  # a peer that cannot compile here is left out of the table, not fatal
         return None
@@ -169,8 +183,7 @@ def _jax_layer(data: dict[str, Any]) -> Callable[[], object] | None:
         import jax.numpy as jnp
     except ImportError:
         return None
-    w = {k: jnp.asarray(v) for k, v in data["weights"].items()}
-    hidden, grad = jnp.asarray(data["hidden"]), jnp.asarray(data["grad"])
+    hidden, target = jnp.asarray(data["hidden"]), jnp.asarray(data["target"])
     add_mask = jnp.asarray((1.0 - data["mask"]) * np.finfo(np.float32).min)[:, None, None, :]
     m = HIDDEN // HEADS
 
@@ -179,16 +192,14 @@ def _jax_layer(data: dict[str, Any]) -> Callable[[], object] | None:
         var = ((x - mean) ** 2).mean(-1, keepdims=True)
         return (x - mean) / jnp.sqrt(var + 1e-12) * g + b
 
-    def dense(x: Any, name: str) -> Any:
-        return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+    def layer(w: Any, x: Any) -> Any:
+        def dense(x: Any, name: str) -> Any:
+            return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
 
-    def heads(x: Any) -> Any:
-        b, t, _ = x.shape
-        return x.reshape(b, t, HEADS, m).transpose(0, 2, 1, 3)
+        def heads(x: Any) -> Any:
+            b, t, _ = x.shape
+            return x.reshape(b, t, HEADS, m).transpose(0, 2, 1, 3)
 
-    def layer(ws: Any, x: Any) -> Any:
-        nonlocal w
-        w = ws
         q, k, v = (heads(dense(x, f"attention.self.{p}")) for p in ("query", "key", "value"))
         p = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(m) + add_mask, axis=-1)
         ctx = (p @ v).transpose(0, 2, 1, 3).reshape(x.shape)
@@ -204,24 +215,41 @@ def _jax_layer(data: dict[str, Any]) -> Callable[[], object] | None:
             w["output.LayerNorm.bias"],
         )
 
-    weights = dict(w)
+    def loss(w: Any) -> Any:
+        return jnp.mean((layer(w, hidden) - target) ** 2)
+
+    b1, b2, eps, wd = 0.9, 0.999, 1e-8, 1e-2
 
     @jax.jit
-    def step(ws: Any, x: Any, g: Any) -> Any:
-        _, pullback = jax.vjp(layer, ws, x)
-        return pullback(g)
+    def step(w: Any, m1: Any, m2: Any, t: Any) -> Any:
+        grads = jax.grad(loss)(w)
+        t = t + 1
+        new_w, new_m1, new_m2 = {}, {}, {}
+        for name, g in grads.items():
+            p = w[name] * (1 - LR * wd)
+            new_m1[name] = b1 * m1[name] + (1 - b1) * g
+            new_m2[name] = b2 * m2[name] + (1 - b2) * g * g
+            hat1 = new_m1[name] / (1 - b1**t)
+            hat2 = new_m2[name] / (1 - b2**t)
+            new_w[name] = p - LR * hat1 / (jnp.sqrt(hat2) + eps)
+        return new_w, new_m1, new_m2, t
+
+    weights = {k: jnp.asarray(v) for k, v in data["weights"].items()}
+    zeros = {k: jnp.zeros_like(v) for k, v in weights.items()}
+    state = {"all": (weights, zeros, dict(zeros), jnp.asarray(0.0))}
 
     def run() -> None:
-        jax.block_until_ready(step(weights, hidden, grad))
+        state["all"] = step(*state["all"])
+        jax.block_until_ready(state["all"][0])
 
     return run
 
 
 def candidates(batch: int, seq: int, with_compile: bool) -> dict[str, Callable[[], object]]:
-    """The W4 systems, each a callable running one forward + backward."""
+    """The W4 systems, each a callable running one training step."""
     data = _data(batch, seq)
     found: dict[str, Callable[[], object]] = {
-        "symgrad tape": _symgrad_layer(data),
+        **_symgrad_steps(data),
         "torch eager": _torch_layer(data, "sdpa")[1],
         "torch eager (eager attn)": _torch_layer(data, "eager")[1],
     }

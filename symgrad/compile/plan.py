@@ -44,7 +44,7 @@ class Buffer:
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
-    role: str  # "value", "residual", "partial", "cotangent", "scratch", "grad"
+    role: str  # "value", "residual", "partial", "cotangent", "scratch", "grad", "ones"
     first: int
     last: int
 
@@ -84,9 +84,36 @@ class StepPlan:
             f"# body-sha256 {digest}\n{text}"
         )
 
-    def peak_bytes(self) -> int:
-        """The bytes of all buffers (an upper bound of what the step holds at once)."""
+    def total_bytes(self) -> int:
+        """The bytes of all buffers, were none to share memory."""
         return sum(b.nbytes for b in self.buffers.values())
+
+    def allocate(self) -> tuple[dict[str, np.ndarray], int]:
+        """Arrays for the buffers, and the bytes they take: buffers whose lives do not overlap
+        share memory (each a contiguous view at the start of a shared block; the largest
+        fitting free block, else a new one).  The ``ones`` buffer is constant across calls
+        and shares with nothing."""
+        arrays: dict[str, np.ndarray] = {}
+        blocks: list[list[Any]] = []  # [storage, free from this operation on]
+        for buf in sorted(self.buffers.values(), key=lambda b: (b.first, b.name)):
+            size = max(1, int(np.prod(buf.shape, dtype=np.int64)))
+            if buf.role == "ones":
+                arrays[buf.name] = np.ones(buf.shape, buf.dtype)
+                continue
+            free = [
+                b for b in blocks
+                if b[1] < buf.first and b[0].dtype == buf.dtype and b[0].size >= size
+            ]  # fmt: skip
+            if free:
+                block = min(free, key=lambda b: b[0].size)
+            else:
+                block = [np.zeros(size, buf.dtype), 0]
+                blocks.append(block)
+            block[1] = buf.last
+            arrays[buf.name] = block[0][:size].reshape(buf.shape)
+        held = sum(b[0].nbytes for b in blocks)
+        held += sum(a.nbytes for n, a in arrays.items() if self.buffers[n].role == "ones")
+        return arrays, int(held)
 
 
 def _flat(name: str) -> str:
@@ -105,11 +132,10 @@ def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> S
     needs = _needs_grad(graph, trained)
     live = _reaching_output(graph)
     backward = [n for n in range(len(nodes)) if live[n] and needs[Ref("node", n)]]
-    clock = [0]
+    clock = [0]  # the operation being planned: buffers it reads or writes live through it
 
-    def tick() -> int:
+    def operation() -> None:
         clock[0] += 1
-        return clock[0]
 
     names: dict[Ref, str] = {}
     for n in range(len(graph.inputs)):
@@ -128,13 +154,13 @@ def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> S
 
     def buffer(name: str, shape: tuple[int, ...], dtype: np.dtype, role: str) -> str:
         if name not in buffers:
-            buffers[name] = [shape if shape else (1,), np.dtype(dtype), role, tick(), clock[0]]
+            buffers[name] = [shape if shape else (1,), np.dtype(dtype), role, clock[0], clock[0]]
             plan.args.append((name, "buffer", name))
-        return name
+        return use(name)
 
     def use(name: str) -> str:
         if name in buffers:
-            buffers[name][4] = tick()
+            buffers[name][4] = clock[0]
         return name
 
     def shape_of(ref: Ref) -> tuple[int, ...]:
@@ -156,6 +182,7 @@ def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> S
     # -- forward -------------------------------------------------------------------------
     lines.append(f"{_PAD}# forward")
     for n, node in enumerate(nodes):
+        operation()
         args = [use(names[a]) for a in node.args]
         for a in node.args:
             if a.kind == "node" and nodes[a.index].shape == () and a != graph.output:
@@ -205,6 +232,7 @@ def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> S
         if not in_backward:
             plan.forward_only.append(n)
     # -- the loss: the mean of the output, and its cotangent 1/n ----------------------------
+    operation()
     last = graph.output.index
     out = use(f"v{last}")
     lines += [
@@ -228,6 +256,7 @@ def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> S
     lines.append(f"{_PAD}# backward")
     written: set[str] = set()
     for n in reversed(backward):
+        operation()
         node = nodes[n]
         g = cotangent.get(n)
         if g is None:  # nothing reached it (an output not used by the loss): no gradient
@@ -282,12 +311,14 @@ def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> S
             flat = [_flat(a) for a in args]
             lines.append(f"{_PAD}{fn}({', '.join([*flat, _flat(g), '1', *map(_flat, dsts)])})")
         for target, scratch in adds:
+            operation()
             lines += [
                 f"{_PAD}_a = {_flat(use(target))}",
                 f"{_PAD}_s = {_flat(use(scratch))}",
                 f"{_PAD}for i in range(_a.size):",
                 f"{_PAD}{_PAD}_a[i] += _s[i]",
             ]
+    operation()  # the gradients are read after the step: they live to its end
     for name in plan.grads.values():
         use(name)
     plan.buffers = {

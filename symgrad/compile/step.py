@@ -36,10 +36,15 @@ class _Binding:
     plan: StepPlan
     args: list[Any]
     slots: list[tuple[int, str, int | str]]  # (position, kind, index) of per-call arguments
+    held: int  # bytes of the step's buffers (shared where their lives do not overlap)
 
 
 class CompiledStep:
-    """A compiled training step; ``step(*inputs, target)`` → the batch's mean loss."""
+    """A compiled training step; ``step(*inputs, target)`` → the batch's mean loss.
+
+    ``memory()`` reports, for the last shape run, the bytes its buffers hold and the bytes they
+    would without sharing.
+    """
 
     def __init__(self, model: Module, loss: Loss, optimizer: Any) -> None:
         self.model, self.loss, self.optimizer = model, loss, optimizer
@@ -48,6 +53,7 @@ class CompiledStep:
         self._variants: dict[str, Any] = {}  # op key + wanted inputs → the op derived so
         self._bindings: dict[tuple, _Binding] = {}
         self._flags: tuple[bool, ...] = ()
+        self._last: _Binding | None = None
 
     # -- tracing and planning ----------------------------------------------------------------
 
@@ -90,21 +96,18 @@ class CompiledStep:
         if source != self._source:
             self._fn = self._load(plan, source, key)
             self._source = source
+        arrays, held = plan.allocate()
         args: list[Any] = []
         slots = []
         for position, (_, kind, index) in enumerate(plan.args):
             if kind == "buffer":
-                buf = plan.buffers[str(index)]
-                args.append(
-                    np.ones(buf.shape, buf.dtype) if buf.role == "ones" else
-                    np.zeros(buf.shape, buf.dtype)
-                )  # fmt: skip
+                args.append(arrays[str(index)])
             elif kind == "const":
                 args.append(graph.consts[int(index)])
             else:
                 args.append(None)
                 slots.append((position, kind, index))
-        return _Binding(graph, plan, args, slots)
+        return _Binding(graph, plan, args, slots, held)
 
     @staticmethod
     def _load(plan: StepPlan, source: str, key: str) -> Any:
@@ -113,6 +116,12 @@ class CompiledStep:
         if verified_text(path) != source:
             write_source(path, source)
         return ensure_imported(path).step
+
+    def memory(self) -> dict[str, int]:
+        """``{"held": bytes, "unshared": bytes}`` of the buffers of the last shape run."""
+        if self._last is None:
+            return {"held": 0, "unshared": 0}
+        return {"held": self._last.held, "unshared": self._last.plan.total_bytes()}
 
     # -- running -----------------------------------------------------------------------------
 
@@ -130,6 +139,7 @@ class CompiledStep:
         binding = self._bindings.get(signature)
         if binding is None:
             binding = self._bindings[signature] = self._bind(given)
+        self._last = binding
         graph, args = binding.graph, binding.args
         for position, kind, index in binding.slots:
             if kind == "input":

@@ -120,6 +120,14 @@ class BertLayer(_Block):
         }
         self._op = _ops(config.layer_norm_eps)
 
+    def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
+        """``(hidden, attention_mask)`` → the layer's output, recorded on ``tape`` (the mask of
+        1s and 0s in the model's dtype, made additive by a recorded op)."""
+        hidden, attention_mask = inputs
+        dtype = self._params["output.dense.bias"].data.dtype
+        mask = tape.apply(_mask_op(dtype), _float_mask(attention_mask, dtype))
+        return self.apply(tape, hidden, mask)
+
     def apply(self, tape: Tape, hidden: np.ndarray, additive_mask: np.ndarray) -> np.ndarray:
         """``hidden`` ``(B, S, N)`` → ``(B, S, N)``; ``additive_mask`` ``(B, S)``: 0 at tokens,
         a large negative number at padding."""
