@@ -13,8 +13,8 @@ One command, one run, one pinned core, printed as a table (ratios are within thi
     ``exp`` far into underflow must not take a slow path: the finfo.min mask should cost what
     the 0 mask costs.  torch's ``softmax(x + mask)`` forward + backward beside it.
 (c) **a tiny tensor op's call**: ``linear`` on X (2, 4), W (3, 4), c (3) against the
-    ``np.dot(X, W.T)`` of the same arrays (``timeit``, best of 7): the per-call Python cost of
-    binding dims and checking shapes.  Target ≤ 3×.
+    ``np.dot(X, W.T)`` of the same arrays (``timeit``, interleaved, best of each): the per-call
+    cost of binding dims and checking shapes.  Target ≤ 3×.
 
 Threads: every pool is limited to one thread before NumPy, Numba or torch load, and the process
 is pinned to one core.  Timings are medians of interleaved repeats (``symgrad.bench.interleaved``)
@@ -155,8 +155,10 @@ def bench_call(repeats: int) -> list[tuple[str, float, str]]:
     op = sg.builtin("linear")
     op(x, w, c)
     number = 2000
-    ours = min(timeit.repeat(lambda: op(x, w, c), number=number, repeat=max(repeats // 2, 3)))
-    dot = min(timeit.repeat(lambda: np.dot(x, w.T), number=number, repeat=max(repeats // 2, 3)))
+    ours = dot = float("inf")
+    for _ in range(max(repeats, 5)):  # interleaved, best of each: the machine's load moves both
+        ours = min(ours, timeit.timeit(lambda: op(x, w, c), number=number))
+        dot = min(dot, timeit.timeit(lambda: np.dot(x, w.T), number=number))
     return [
         ("tiny linear call (2×4 · 4×3)", ours / number, f"{ours / dot:.2f}× np.dot"),
         ("np.dot of the same arrays", dot / number, ""),

@@ -72,7 +72,8 @@ class CompiledOp(Generic[D]):
     def _run(self, function: str, dtype: np.dtype, *args: Any) -> Any:
         """Call ``function``'s kernel for ``dtype`` data with ``args``."""
         try:
-            return self._kernel(function, dtype)(*args)
+            kernel = self._kernels.get((function, dtype))
+            return (kernel or self._kernel(function, dtype))(*args)
         except Exception:
             # A corrupt Numba cache file fails on load: drop the binaries, re-import, retry once.
             if self._recovered:

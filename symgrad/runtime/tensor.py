@@ -178,10 +178,10 @@ class TensorOp(CompiledOp[TensorDerivation]):
         return f"<symgrad tensor op {self.name}({', '.join(self.input_names)})>"
 
     def _bound(
-        self, arrays: tuple[object, ...]
+        self, arrays: tuple[object, ...], found: Any
     ) -> tuple[tuple[Any, ...], np.dtype, tuple[int, ...], tuple[int, ...]]:
-        """The arrays, ready for a kernel, their dtype, the dims and the output shape."""
-        found = self._plan.fast(arrays)
+        """The arrays, ready for a kernel, their dtype, the dims and the output shape, given
+        what the plan's fast path ``found`` for them (``None``: take the checked path)."""
         if found is None:
             checked = self._bind(arrays)
             found = self._plan.fast(checked)
@@ -257,9 +257,13 @@ class TensorOp(CompiledOp[TensorDerivation]):
 
     def __call__(self, *arrays: object) -> np.ndarray:
         """Forward: the output tensor, of shape given by the ``out`` indices' ranges."""
-        checked, dtype, dims, shape = self._bound(arrays)
-        out = np.empty(shape if shape else (1,), dtype=dtype)
-        self._run("forward", dtype, *checked, *dims, out)
+        found = self._plan.fast(arrays)
+        if found is not None and not found[3]:  # the common case: nothing to convert
+            dtype, dims, shape, _ = found
+        else:
+            arrays, dtype, dims, shape = self._bound(arrays, found)
+        out = np.empty(shape if shape else (1,), dtype)
+        self._run("forward", dtype, *arrays, *dims, out)
         return out if shape else out.reshape(())
 
     def vjp(self, *arrays_and_grad: object) -> tuple[Any, ...]:
@@ -268,7 +272,8 @@ class TensorOp(CompiledOp[TensorDerivation]):
         if not arrays_and_grad:
             raise ArgumentError(f"op {self.name!r}: vjp takes the inputs and then grad_output")
         *arrays, grad_output = arrays_and_grad
-        checked, dtype, dims, shape = self._bound(tuple(arrays))
+        given = tuple(arrays)
+        checked, dtype, dims, shape = self._bound(given, self._plan.fast(given))
         g = np.asarray(grad_output)
         if g.dtype.kind not in "iuf" or g.dtype == np.bool_:
             raise DTypeError(
