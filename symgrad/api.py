@@ -204,13 +204,13 @@ def with_wrt(op: ElementwiseOp | TensorOp, wrt: Iterable[str]) -> ElementwiseOp 
     if origin is not None:
         name, params = origin
         return builtin(name, wrt=names, **params)
-    spec = op.spec
     if isinstance(op, TensorOp):
-        return tensor_op(spec.expr, spec.out, spec.inputs, spec.name, wrt=names)
+        t = op.spec
+        return tensor_op(t.expr, t.out, t.inputs, t.name, wrt=names)
+    e = op.spec
     return elementwise(
-        spec.expr, spec.inputs, spec.name, fastmath=spec.fastmath, parallel=spec.parallel,
-        wrt=names,
-    )  # fmt: skip
+        e.expr, e.inputs, e.name, fastmath=e.fastmath, parallel=e.parallel, wrt=names
+    )
 
 
 def _wrt_names(op: str, wrt: object) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ import sympy as sp
 import torch
 
 import symgrad as sg
+from symgrad.codegen.lower import LANES
 
 torch.set_default_dtype(torch.float64)
 
@@ -213,9 +215,18 @@ def _functions(source: str) -> dict[str, ast.FunctionDef]:
 
 
 def _loop_depth(node: ast.AST) -> int:
-    """The deepest nesting of ``for`` loops under ``node``."""
+    """The deepest nesting of ``for`` loops over a dim under ``node``.
+
+    A vectorised reduction runs over its range in blocks (``for _r0_q in range(0, N, 256)``);
+    the loops inside a block — over the block's elements (``range(_r0_q, _r0_q + _r0_m)``) and
+    over the lanes (``range(8)``, ``range(0, _r0_n, 8)``) — are bounded by constants and do
+    not count: the block loop and its element loop together traverse the range once."""
     inner = max((_loop_depth(c) for c in ast.iter_child_nodes(node)), default=0)
-    return inner + 1 if isinstance(node, ast.For) else inner
+    if not isinstance(node, ast.For):
+        return inner
+    bounds = ast.unparse(node.iter)
+    within_block = bounds == f"range({LANES})" or re.search(r"_r\d+_[qmn]\b", bounds)
+    return inner if within_block else inner + 1
 
 
 def _calls(node: ast.AST, name: str) -> int:

@@ -1,7 +1,9 @@
 """Emit Numba source for an elementwise op from its :class:`Derivation`.
 
 Each op becomes one Python module with four ``@njit`` functions over flat (1-D, contiguous)
-arrays, all sharing the same per-element code path:
+arrays, all sharing the same per-element code path — each twice: for float64 data (the names
+below) and for float32 data (``forward_f32``..., see :mod:`symgrad.codegen.dtypes`), whose
+arithmetic is float32 throughout: float32 constants, the float32 helpers.
 
 ``forward(x, ..., out)``
     ``out[i] = f(x[i], ...)``
@@ -21,12 +23,18 @@ loss and its gradient cost one ``exp`` and one ``log1p`` per element.
 vectorising the element loop, and those calls are most of a kernel's time.  When every function a
 kernel uses has a branch-free implementation (:data:`~symgrad.codegen.printer.VECTOR_FUNCTIONS`),
 the kernel calls those instead (emitted into the module, within one ulp of libm) and its loop
-vectorises; a kernel that still needs a libm call (``erf``, ``sin``, ``pow``...) keeps ``math.*``
+vectorises; a kernel that still needs a libm call (``sin``, ``pow``...) keeps ``math.*``
 throughout, since a scalar loop is faster with libm.  ``Σ f`` is accumulated in element order, as a
 scalar loop would, so the reduction does not block vectorisation either: values go to a small
 buffer, block by block, and are added in order — the sum is bit-for-bit the sequential one.  With
 ``parallel=True`` the sum is over fixed chunks of :data:`CHUNK` elements, added in chunk order: the
-result does not depend on the number of threads.
+result does not depend on the number of threads.  ``Σ f`` is accumulated in float64 for float32
+data too (a loss over many elements).
+
+Why one module holds both dtypes' kernels rather than one module per dtype: the cache keeps one
+verified file per op, written at definition time with both variants, so a warm start of either
+dtype imports it without deriving anything (no SymPy); Numba compiles a function only when it is
+first called, so the variant a program does not use costs nothing but its text.
 
 The text is deterministic: same derivation and flags, same bytes.
 """
@@ -44,7 +52,15 @@ from sympy.codegen.cfunctions import log1p
 from .._version import __version__
 from ..symbolic.derive import Derivation
 from ..symbolic.functions import sigmoid, softplus
-from .printer import NUMBA_FUNCTIONS, VECTOR_FUNCTIONS, VECTOR_MATH_SOURCE, print_expr
+from .dtypes import SUFFIXES
+from .printer import (
+    NUMBA_FUNCTIONS,
+    SINGLE_PRECISION,
+    VECTOR_FUNCTIONS,
+    VECTOR_MATH_SOURCE,
+    print_expr,
+    with_helper_arguments,
+)
 
 KERNELS = ("forward", "vjp", "value_and_vjp", "value_and_vjp_sum")
 _RESERVED = {"math", "np", "njit", "prange", "i", "n", "out", "g", "g_step", "g_scale", "total"}
@@ -114,23 +130,30 @@ class _Body:
 
     def helpers(self) -> set[str]:
         text = "\n".join(self.lines + self.results)
-        return {h for h in VECTOR_FUNCTIONS.values() if re.search(rf"\b{h}\(", text)}
+        names = {*VECTOR_FUNCTIONS.values(), *SINGLE_PRECISION.values()}
+        return {h for h in names if re.search(rf"\b{h}\(", text)}
 
 
 def _vectorisable(text: str) -> bool:
-    """Whether ``text`` calls only what LLVM vectorises once exp/log1p are the helpers."""
+    """Whether ``text`` calls only what LLVM vectorises once exp, log, tanh... are helpers."""
     names = set(_MATH_NAME.findall(text)) - _VECTOR_SAFE_MATH - set(VECTOR_FUNCTIONS)
     return not names and "**" not in text
 
 
-def _cse_body(exprs: list[sp.Expr], op: str) -> _Body:
-    """CSE over ``exprs`` with temporaries ``_t0, _t1...``, printed for the fastest loop."""
-    temps = sp.numbered_symbols("_t")
-    replacements, reduced = sp.cse([lower_primitives(e) for e in exprs], symbols=temps)
+def _cse_body(exprs: list[sp.Expr], op: str, dtype: str = "float64") -> _Body:
+    """CSE over ``exprs`` with temporaries ``_t0, _t1...``, printed for the fastest loop over
+    ``dtype`` data.
+
+    With the vectorisable helpers, ``tanh`` and ``erf`` take their exponential as an argument
+    (:func:`~symgrad.codegen.printer.with_helper_arguments`) before CSE, so that it is shared
+    with an equal ``exp`` of the formula (GELU's value and derivative: one ``exp``)."""
+    lowered = [lower_primitives(e) for e in exprs]
 
     def render(vector: bool) -> _Body:
-        lines = [f"{sym} = {print_expr(value, op, vector)}" for sym, value in replacements]
-        return _Body(lines, [print_expr(r, op, vector) for r in reduced], vector)
+        forms = [with_helper_arguments(e) for e in lowered] if vector else lowered
+        replacements, reduced = sp.cse(forms, symbols=sp.numbered_symbols("_t"))
+        lines = [f"{sym} = {print_expr(v, op, vector, dtype)}" for sym, v in replacements]
+        return _Body(lines, [print_expr(r, op, vector, dtype) for r in reduced], vector)
 
     scalar = render(False)
     if _vectorisable("\n".join(scalar.lines + scalar.results)):
@@ -179,9 +202,14 @@ def emit_elementwise(
         return out
 
     def elementwise_kernel(
-        kname: str, params: list[str], outputs: list[sp.Expr], stores: list[str], cotangent: bool
+        kname: str,
+        params: list[str],
+        outputs: list[sp.Expr],
+        stores: list[str],
+        cotangent: bool,
+        dtype: str,
     ) -> list[str]:
-        body = _cse_body(outputs, op)
+        body = _cse_body(outputs, op, dtype)
         helpers.update(body.helpers())
         first = ("_g = g[i] if g_step != 0 else g[0]",) if cotangent else ()
         lines = [decorator, f"def {kname}({', '.join(params)}):", f"    n = {arrays[0]}.shape[0]"]
@@ -189,12 +217,14 @@ def emit_elementwise(
         lines += _indent(element(body, stores, first), 2)
         return [*lines, "    return None", "", ""]
 
-    def sum_kernel(params: list[str], outputs: list[sp.Expr], stores: list[str]) -> list[str]:
-        body = _cse_body(outputs, op)
+    def sum_kernel(
+        kname: str, params: list[str], outputs: list[sp.Expr], stores: list[str], dtype: str
+    ) -> list[str]:
+        body = _cse_body(outputs, op, dtype)
         helpers.update(body.helpers())
         head = [
             decorator,
-            f"def value_and_vjp_sum({', '.join(params)}):",
+            f"def {kname}({', '.join(params)}):",
             f"    n = {arrays[0]}.shape[0]",
         ]
 
@@ -252,24 +282,33 @@ def emit_elementwise(
         return [*head, *_indent(lines, 1), "    return total", "", ""]
 
     src: list[str] = []
-    src += elementwise_kernel("forward", [*arrays, "out"], [value], ["out[i] = "], False)
-    src += elementwise_kernel(
-        "vjp",
-        [*arrays, "g", "g_step", *grads],
-        partials,
-        [f"{gr}[i] = _g * " for gr in grads],
-        True,
-    )
-    src += elementwise_kernel(
-        "value_and_vjp",
-        [*arrays, "g", "g_step", "out", *grads],
-        [value, *partials],
-        ["out[i] = ", *(f"{gr}[i] = _g * " for gr in grads)],
-        True,
-    )
-    src += sum_kernel(
-        [*arrays, "g_scale", *grads], [value, *partials], [f"{gr}[i] = g_scale * " for gr in grads]
-    )
+    for dtype, suffix in SUFFIXES.items():  # forward (float64 data), forward_f32, ...
+        src += elementwise_kernel(
+            f"forward{suffix}", [*arrays, "out"], [value], ["out[i] = "], False, dtype
+        )
+        src += elementwise_kernel(
+            f"vjp{suffix}",
+            [*arrays, "g", "g_step", *grads],
+            partials,
+            [f"{gr}[i] = _g * " for gr in grads],
+            True,
+            dtype,
+        )
+        src += elementwise_kernel(
+            f"value_and_vjp{suffix}",
+            [*arrays, "g", "g_step", "out", *grads],
+            [value, *partials],
+            ["out[i] = ", *(f"{gr}[i] = _g * " for gr in grads)],
+            True,
+            dtype,
+        )
+        src += sum_kernel(
+            f"value_and_vjp_sum{suffix}",
+            [*arrays, "g_scale", *grads],
+            [value, *partials],
+            [f"{gr}[i] = g_scale * " for gr in grads],
+            dtype,
+        )
     prelude = [
         "import math",
         "",

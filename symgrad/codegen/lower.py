@@ -10,12 +10,28 @@ An *assignment* ``target[free...] = expr`` becomes a loop nest over the free ind
   place where all the indices it depends on are bound — layer norm's mean and variance are
   computed once per row, not once per element, so it stays O(B·N);
 * identical reductions (equal up to the name of their summation index) are computed once.
+
+**Dtypes.**  A function is lowered once and printed twice: for float64 data (``forward``,
+``vjp``) and for float32 data (``forward_f32``, ``vjp_f32``), whose arithmetic is float32
+throughout (float32 constants and helpers, see :class:`~symgrad.codegen.printer.NumbaPrinter`).
+While lowering, every expression and every dtype-dependent piece of text is a placeholder
+(:meth:`_Lowerer.piece`), filled in per dtype by :func:`_render`.  Sums accumulate in float64
+for both dtypes (then rounded once to the data's dtype); a row max stays in the data's dtype.
+
+**Vectorised reductions.**  A sum or max whose body has no libm call once ``exp``, ``log``...
+are the vectorisable helpers (softmax's ``Σ exp``, a row max, layer norm's sums) is computed in
+blocks of :data:`BLOCK` elements: the block's values go to a buffer in one loop (which LLVM
+vectorises), then into :data:`LANES` partial sums, element ``j`` of the range into lane
+``j % LANES``, added in a fixed tree at the end.  The order depends only on the range's
+length — never on threads or load — so results are deterministic; it avoids the serial chain
+of one accumulator (4 cycles per element) that a strict-IEEE loop cannot reassociate.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -24,29 +40,66 @@ from .._version import __version__
 from ..errors import CodegenError
 from ..symbolic.index import ReduceMax, TensorDerivation, TensorSpec
 from ..symbolic.residuals import normal
-from .emit import KernelSource, lower_primitives
-from .printer import NumbaPrinter
+from .dtypes import SUFFIXES
+from .emit import KernelSource, _vectorisable, lower_primitives
+from .printer import VECTOR_MATH_SOURCE, NumbaPrinter
 
 _CANON = sp.Symbol("_canon", integer=True)
+#: Elements per block of a vectorised reduction (its buffer's length; a multiple of LANES).
+BLOCK = 256
+#: Partial sums (or maxima) of a vectorised reduction: element j of the range goes to lane
+#: j % LANES.
+LANES = 8
+_PIECE = re.compile("\u27ea(\\d+)\u27eb")  # ⟪n⟫, a placeholder of _Lowerer.piece
 
 
 class _IndexPrinter(NumbaPrinter):
-    """Prints subscripts and loop bounds as integers (the base printer writes ``2`` as ``2.0``)."""
+    """Prints subscripts and loop bounds as integers (the base printer writes ``2`` as ``2.0``).
+
+    ``wide`` names float64 accumulator arrays: a float32 function reads them rounded to
+    float32, so that they do not turn its arithmetic into float64."""
+
+    def __init__(self, vector_math: bool, dtype: str, wide: frozenset[str]) -> None:
+        super().__init__(vector_math, dtype)
+        self._wide = wide
 
     def _print_Indexed(self, expr: sp.Indexed) -> str:
         idx = ", ".join(_int(i) for i in expr.indices)
-        return f"{expr.base.label}[{idx}]"
+        read = f"{expr.base.label}[{idx}]"
+        wide = self._single and str(expr.base.label) in self._wide
+        return f"np.float32({read})" if wide else read
 
 
 def _int(expr: sp.Expr) -> str:
     return sp.pycode(sp.sympify(expr), fully_qualified_modules=True)
 
 
-def _print(expr: sp.Expr, op: str) -> str:
+def _print(expr: sp.Expr, op: str, vector: bool, dtype: str, wide: frozenset[str]) -> str:
     try:
-        return _IndexPrinter().doprint(lower_primitives(expr))
+        return _IndexPrinter(vector, dtype, wide).doprint(expr)
     except Exception as err:
         raise CodegenError(f"op {op!r}: cannot generate code for {expr}: {err}") from err
+
+
+def _render(lines: list[str], pieces: list[sp.Expr | tuple[str, str]], dtype: str, op: str,
+            wide: frozenset[str]) -> list[str]:
+    """``lines`` with every placeholder of :meth:`_Lowerer.piece` printed for ``dtype``: an
+    expression with the vectorisable helpers when its scalar form calls no libm function
+    that keeps a loop from vectorising, else as it is."""
+    printed: dict[int, str] = {}
+
+    def fill(match: re.Match[str]) -> str:
+        k = int(match.group(1))
+        if k not in printed:
+            piece = pieces[k]
+            if isinstance(piece, tuple):
+                printed[k] = piece[0] if dtype == "float64" else piece[1]
+            else:
+                scalar = _print(piece, op, False, "float64", wide)
+                printed[k] = _print(piece, op, _vectorisable(scalar), dtype, wide)
+        return printed[k]
+
+    return [_PIECE.sub(fill, line) for line in lines]
 
 
 @dataclass
@@ -220,7 +273,8 @@ class _Gemm:
 
 
 def _print_scalar(expr: sp.Expr) -> str:
-    return NumbaPrinter().doprint(sp.sympify(expr))
+    """A GEMM's scale, in float64 for either dtype (the call rounds it to the data's)."""
+    return _print(sp.sympify(expr), "gemm", False, "float64", frozenset())
 
 
 @dataclass(frozen=True)
@@ -248,6 +302,23 @@ class _Lowerer:
         self.n_red = 0
         self.n_mat = 0
         self._all: list[_Reduction] = []
+        #: expressions and (float64 text, float32 text) pairs, printed per dtype by _render
+        self.pieces: list[sp.Expr | tuple[str, str]] = []
+        #: arrays allocated once at the top of the function (reduction buffers and lanes)
+        self.allocations: list[str] = []
+        #: float64 accumulator arrays (read rounded to float32 in a float32 function)
+        self.wide: set[str] = set()
+
+    def piece(self, value: sp.Expr | tuple[str, str]) -> str:
+        """A placeholder for an expression (printed per dtype, with the vectorisable helpers
+        where they apply) or for a ``(float64 text, float32 text)`` pair."""
+        if not isinstance(value, tuple):
+            value = lower_primitives(value)
+        self.pieces.append(value)
+        return f"\u27ea{len(self.pieces) - 1}\u27eb"
+
+    def _dtype(self) -> str:
+        return self.piece(("np.float64", "np.float32"))
 
     # -- contractions ----------------------------------------------------------------------
 
@@ -505,11 +576,11 @@ class _Lowerer:
             for r in placed[n]:
                 lines += self._reduction(r, pad)
             for temp, value in hoisted.get(n, []):
-                lines.append(f"{pad}{temp} = {_print(value, self.op)}")
+                lines.append(f"{pad}{temp} = {self.piece(value)}")
             for st, value in zip(stores, stored, strict=True):
                 if st.depth == n:
                     idx = ", ".join(_int(v) for v in loop_vars[:n])
-                    lines.append(f"{pad}{st.target}[{idx}] = {_print(value, self.op)}")
+                    lines.append(f"{pad}{st.target}[{idx}] = {self.piece(value)}")
             if wrote and n == max(st.depth for st in stores):
                 return lines
             if n < len(a.loops):
@@ -518,7 +589,7 @@ class _Lowerer:
                 pad += "    "
         idx = ", ".join(_int(v) for v in index) or "0"
         op = "+=" if a.accumulate else "="
-        lines.append(f"{pad}{a.target}[{idx}] {op} {_print(expr, self.op)}")
+        lines.append(f"{pad}{a.target}[{idx}] {op} {self.piece(expr)}")
         return lines
 
     def _hoist(
@@ -642,6 +713,7 @@ class _Lowerer:
         self.n_acc += 1
         shape = ", ".join(_int(hi - lo + 1) for _, lo, hi in a.loops)
         index = tuple(v - lo for v, lo, _ in a.loops)
+        self.wide.add(acc)  # accumulated in float64 for float32 data too
         lines = [f"{' ' * indent}{acc} = np.zeros(({shape},))"]
         sum_loops = tuple(reversed(_memory_order(total)))  # outermost first, rows in order
         # loops over axes before the summed one stay outside it (a batch axis: b, s, then t)
@@ -665,7 +737,7 @@ class _Lowerer:
         name = f"_m{self.n_mat}"
         self.n_mat += 1
         shape = ", ".join(_int(hi - lo + 1) for lo, hi in ranges.values())
-        lines.append(f"{name} = np.empty(({shape},))")
+        lines.append(f"{name} = np.empty(({shape},), {self._dtype()})")
         pad = ""
         for v, (lo, hi) in ranges.items():
             lines.append(f"{pad}for {v} in range({_int(lo)}, {_int(hi + 1)}):")
@@ -676,19 +748,68 @@ class _Lowerer:
         return sp.IndexedBase(name)[idx]
 
     def _reduction(self, r: _Reduction, pad: str) -> list[str]:
-        init = "0.0" if r.kind == "sum" else "-np.inf"
+        """Lines computing ``r.temp``: blocked and vectorised when its body allows (see the
+        module doc), else one loop; a sum accumulates in float64, then is rounded once."""
+        total = f"{r.temp}_s" if r.kind == "sum" else str(r.temp)
+        init = "0.0" if r.kind == "sum" else self.piece(("-math.inf", "np.float32(-math.inf)"))
+        cast = f"{r.temp} = {self.piece(('', 'np.float32'))}({total})"
+        body = self.piece(r.body)
+        if not r.children and _vectorisable(self._scalar_text(r.body)):
+            return self._blocked(r, pad, total, init, body) + (
+                [f"{pad}{cast}"] if r.kind == "sum" else []
+            )
         lines = [
-            f"{pad}{r.temp} = {init}",
+            f"{pad}{total} = {init}",
             f"{pad}for {r.var} in range({_int(r.lo)}, {_int(r.hi + 1)}):",
         ]
         for child in r.children:
             lines += self._reduction(child, pad + "    ")
-        body = _print(r.body, self.op)
         if r.kind == "sum":
-            lines.append(f"{pad}    {r.temp} += {body}")
+            lines += [f"{pad}    {total} += {body}", f"{pad}{cast}"]
         else:
-            lines.append(f"{pad}    {r.temp} = max({r.temp}, {body})")
+            lines.append(f"{pad}    {total} = max({total}, {body})")
         return lines
+
+    def _scalar_text(self, expr: sp.Expr) -> str:
+        return _print(lower_primitives(expr), self.op, False, "float64", frozenset())
+
+    def _blocked(self, r: _Reduction, pad: str, total: str, init: str, body: str) -> list[str]:
+        """``r`` over blocks of BLOCK elements: values to a buffer, then into LANES lanes."""
+        n = str(r.temp)
+        names = ("buf", "acc", "q", "m", "n", "o", "l")
+        buf, acc, q, m, full, o, lane = (f"{n}_{x}" for x in names)
+        lanes_type = "np.float64" if r.kind == "sum" else self._dtype()
+        self.allocations += [
+            f"{buf} = np.empty({BLOCK}, {self._dtype()})",
+            f"{acc} = np.empty({LANES}, {lanes_type})",
+        ]
+        lo, end = _int(r.lo), _int(r.hi + 1)
+        if r.kind == "sum":
+            into = [f"{acc}[{lane}] += {buf}[{o} + {lane}]", f"{acc}[{o} - {full}] += {buf}[{o}]"]
+        else:
+            into = [
+                f"{acc}[{lane}] = max({acc}[{lane}], {buf}[{o} + {lane}])",
+                f"{acc}[{o} - {full}] = max({acc}[{o} - {full}], {buf}[{o}])",
+            ]
+        tree = [f"{acc}[{k}]" for k in range(LANES)]
+        join = "({} + {})" if r.kind == "sum" else "max({}, {})"
+        while len(tree) > 1:
+            tree = [join.format(tree[k], tree[k + 1]) for k in range(0, len(tree), 2)]
+        return [
+            f"{pad}for {lane} in range({LANES}):",
+            f"{pad}    {acc}[{lane}] = {init}",
+            f"{pad}for {q} in range({lo}, {end}, {BLOCK}):",
+            f"{pad}    {m} = min({BLOCK}, {end} - {q})",
+            f"{pad}    for {r.var} in range({q}, {q} + {m}):",
+            f"{pad}        {buf}[{r.var} - {q}] = {body}",
+            f"{pad}    {full} = {m} - {m} % {LANES}",
+            f"{pad}    for {o} in range(0, {full}, {LANES}):",
+            f"{pad}        for {lane} in range({LANES}):",
+            f"{pad}            {into[0]}",
+            f"{pad}    for {o} in range({full}, {m}):",
+            f"{pad}        {into[1]}",
+            f"{pad}{total} = {tree[0]}",
+        ]
 
 
 def _split_factor(
@@ -799,14 +920,16 @@ def _dim_sources(spec: TensorSpec) -> tuple[tuple[str, int, int] | None, ...]:
 
 def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
     """Numba source of a tensor op: ``forward(inputs..., dims..., out)`` and
-    ``vjp(inputs..., dims..., grad_out, grad_<input>...)``.
+    ``vjp(inputs..., dims..., grad_out, grad_<input>...)``, and their float32 twins
+    ``forward_f32`` and ``vjp_f32``.
 
     When its VJPs can read saved residuals (:mod:`symgrad.symbolic.residuals`), also
     ``forward_saved(inputs..., dims..., out, res...)``, which writes them, and
-    ``vjp_saved(inputs..., dims..., out, res..., grad_out, grad_<input>...)``, which reads them;
-    the module constants ``RESIDUALS`` (each residual's axes, as positions among the output's)
-    and ``READS_OUTPUT`` tell the runtime what to allocate and keep.  ``DIMS`` says which input
-    axis each dim argument is the length of (:func:`_dim_sources`).
+    ``vjp_saved(inputs..., dims..., out, res..., grad_out, grad_<input>...)``, which reads them
+    (and their float32 twins); the module constants ``RESIDUALS`` (each residual's axes, as
+    positions among the output's) and ``READS_OUTPUT`` tell the runtime what to allocate and
+    keep.  ``DIMS`` says which input axis each dim argument is the length of
+    (:func:`_dim_sources`).
     """
     spec = derivation.spec
     op = spec.name
@@ -825,23 +948,28 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
         assignments: list[_Assignment],
         stores: tuple[_Store, ...] = (),
     ) -> list[str]:
-        """One ``@njit`` function; ``stores`` are written from inside the last assignment."""
+        """The function lowered once, printed for float64 (``name``) and float32 data;
+        ``stores`` are written from inside the last assignment."""
         nonlocal uses_blas
         lowerer = _Lowerer(op, shapes)
         body: list[str] = []
         for n, a in enumerate(assignments):
             body += lowerer.assignment(a, 4, stores if n == len(assignments) - 1 else ())
         prelude = ["    " + line for g in lowerer.gemms for line in g.statement()]
+        prelude += ["    " + line for line in lowerer.allocations]
         uses_blas = uses_blas or bool(lowerer.gemms)
-        return [
-            decorator,
-            f"def {name}({', '.join(params)}):",
-            *prelude,
-            *body,
-            "    return None",
-            "",
-            "",
-        ]
+        wide = frozenset(lowerer.wide)
+        out: list[str] = []
+        for dtype, suffix in SUFFIXES.items():
+            out += [
+                decorator,
+                f"def {name}{suffix}({', '.join(params)}):",
+                *_render([*prelude, *body], lowerer.pieces, dtype, op, wide),
+                "    return None",
+                "",
+                "",
+            ]
+        return out
 
     def gradients(finals: list[sp.Expr]) -> list[_Assignment]:
         """One assignment per gradient; a gradient equal to an earlier one (layer norm of a
@@ -901,10 +1029,16 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
         )
         layout = tuple(tuple(spec.out.index(i) for i in r.indices) for r in saved.residuals)
         constants += [f"RESIDUALS = {layout!r}", f"READS_OUTPUT = {saved.reads_output!r}", ""]
+    text = "\n".join(src)
+    helpers = [
+        VECTOR_MATH_SOURCE[h] + "\n"
+        for h in sorted(VECTOR_MATH_SOURCE)
+        if re.search(rf"\b{h}\(", text)
+    ]
     imports = ["import math", "", "import numpy as np", "from numba import njit"]
     if uses_blas:
         imports.append("from symgrad.runtime.blas import gemm as _gemm")
-    body_text = "\n".join([*imports, "", "", *constants, "", *src]).rstrip() + "\n"
+    body_text = "\n".join([*imports, "", "", *constants, "", *helpers, *src]).rstrip() + "\n"
     body_hash = hashlib.sha256(body_text.encode()).hexdigest()
     header = (
         f"# symgrad generated kernels for tensor op {op!r}\n"

@@ -6,33 +6,49 @@ One table, :data:`NUMBA_FUNCTIONS`, lists every SymPy function symgrad can compi
 :class:`~symgrad.errors.CodegenError` naming the function — never a partially printed kernel.
 Floats are printed with all 17 significant digits, so float64 constants survive exactly.
 
-With ``vector_math=True`` the functions of :data:`VECTOR_FUNCTIONS` print as calls of
-branch-free implementations (:data:`VECTOR_MATH_SOURCE`) that the emitter places in the kernel
-module: a libm call stops LLVM from vectorising a loop (Numba's SVML is not available here), an
-inlined polynomial does not.  They are within one unit in the last place of the libm functions
-(checked against glibc and mpmath; ``tanh`` of the exact value, glibc's being 2 ulp off), handle
-±inf, NaN, overflow and subnormal results, and use only IEEE arithmetic and bit casts — no
-fast-math.
+With ``vector_math=True`` the functions of :data:`VECTOR_FUNCTIONS` (``exp``, ``log``,
+``log1p``, ``tanh``, ``erf``) print as calls of branch-free implementations
+(:data:`VECTOR_MATH_SOURCE`) that the emitter places in the kernel module: a libm call stops LLVM
+from vectorising a loop (Numba's SVML is not available here), an inlined polynomial does not.
+They are within about one unit in the last place of the exact value, handle ±0, ±inf, NaN,
+overflow, underflow and subnormal arguments and results, and use only IEEE arithmetic, selects
+and bit casts — no fast-math, no branch, so an argument far outside the range (an attention mask
+of -3.4e38) costs what any other does.  ``tanh`` and ``erf`` take their exponential as a second
+argument (``exp(2|a|)``, ``exp(-a²)``, see :func:`with_helper_arguments`): a helper calling
+another would be too large for LLVM to inline, and CSE then shares it with the formula's own.
 
-``_sg_tanh`` against mpmath on 1.2 million points (log-uniform magnitudes from subnormal to 30,
-uniform on [-1, 1], [-2, 2], [-20, 20] and around the 0.625 switch): at most 0.81 ulp in float64
-(mean 0.21; glibc's ``tanh`` 2.14, NumPy's 1.17 on the same points), differing from glibc by at
-most 2 ulp.  A float32 kernel computes it in float64 and rounds once: every float32 result of the
-same points was the correctly rounded one (NumPy's float32 ``tanh``: up to 1.36 ulp).  -0.0, ±inf
-(±1) and NaN are exact.
+Kernels for float32 data (``dtype="float32"``) print float32 constants and call the float32
+twins of :data:`SINGLE_PRECISION`, which vectorise 8 lanes wide on AVX2, not 4.
 
-Kernels generated for float32 data only (the fused training step of a float32 model) call the
-float32 twins of :data:`SINGLE_PRECISION` instead, which vectorise 8 lanes wide on AVX2, not 4:
-against float64 NumPy on 1.2 million float32 points (uniform over exp's whole range, normal,
-log-uniform from 1e-38, and around tanh's 0.625 switch), ``_sg_exp_f32`` is within 0.97 ulp
-(NumPy's float32 ``exp``: 2.36) and ``_sg_tanh_f32`` within 1.32 ulp (NumPy's: 1.37); -0.0,
-±inf, NaN, overflow and underflow as libm.  Measured in ``tests/test_vector_math.py``.
+Measured in ``tests/test_vector_math.py`` (over a million points per helper and precision:
+uniform over the range, normal, log-uniform magnitudes from the smallest subnormal, both signs,
+around the range's ends) against the float64 reference (NumPy's, or glibc's ``erf``) — for the
+float32 twins that reference rounded to float32, itself correctly rounded in practice:
+
+=========  ===========================  =====================================================
+helper     float64: max (mean) ulp      float32 twin: max (mean) ulp, NumPy's float32 beside it
+=========  ===========================  =====================================================
+``exp``    1.0 (0.08)                   0.99 (0.24); NumPy 2.36
+``log``    1.0 (0.01)                   0.77 (0.25); NumPy 2.92
+``log1p``  1.0 (0.00)                   0.80 (0.22); NumPy 0.80
+``tanh``   1.0 (0.15)                   1.30 (0.21); NumPy 1.36
+``erf``    1.0 (0.03) against glibc     1.25 (0.21)
+=========  ===========================  =====================================================
+
+Against mpmath (30 digits): ``_sg_erf`` at most 1.22 ulp on 220,000 points (mean 0.24; glibc's
+``erf`` 0.88 there) — ``1 - exp(-x²)·t·h(t)`` above |x| = 1 rounds a few times in a quantity
+damped by erfc(x) <= 0.16; ``_sg_log`` at most 0.81 ulp on 220,000 points (mean 0.14; glibc's
+0.51); ``_sg_tanh`` at most 0.81 ulp on 1.2 million points (mean 0.21; glibc's ``tanh`` 2.14,
+NumPy's 1.17).  ``erf``'s polynomials are fitted by ``tools/fit_erf.py`` (mpmath's Chebyshev
+fits, 40 digits); ``log``/``log1p`` use fdlibm's reduction with Taylor coefficients; the
+float32 ``exp`` Cephes' polynomial.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import sympy as sp
 from sympy.codegen.cfunctions import log1p
 from sympy.printing.codeprinter import PrintMethodNotImplementedError
@@ -69,11 +85,18 @@ NUMBA_FUNCTIONS: dict[str, str] = {
 #: the emitter lowers to the functions above before printing).
 STRUCTURAL = frozenset(
     {"Abs", "Max", "Min", "sign", "Heaviside", "Piecewise", "sigmoid", "softplus"}
+    | {"_TanhWithExp", "_ErfWithExp"}  # printing forms (see with_helper_arguments)
 )
 
 #: SymPy function name → the vectorisable helper it prints as when ``vector_math`` is on
 #: (``tanh(a)`` as ``_sg_tanh(a, _sg_exp(2.0*abs(a)))``).
-VECTOR_FUNCTIONS: dict[str, str] = {"exp": "_sg_exp", "log1p": "_sg_log1p", "tanh": "_sg_tanh"}
+VECTOR_FUNCTIONS: dict[str, str] = {
+    "exp": "_sg_exp",
+    "log": "_sg_log",
+    "log1p": "_sg_log1p",
+    "tanh": "_sg_tanh",
+    "erf": "_sg_erf",
+}
 
 #: Numba source of each helper of :data:`VECTOR_FUNCTIONS` (needs ``math``, ``numpy as np`` and
 #: ``njit`` in the module).  Never fast-math: the helpers rely on exact IEEE rounding (the
@@ -85,9 +108,12 @@ VECTOR_MATH_SOURCE: dict[str, str] = {
 def _sg_exp(v):
     # exp(v), branch-free.  v = k*ln2 + r with |r| <= ln2/2 (ln2 in two parts: k*ln2_hi is
     # exact); exp(r) = 1 + r + r*r*q(r), q the Taylor series up to r**11/13! (Estrin's scheme);
-    # 2**k applied as two factors so that overflow and subnormal results round once.
+    # 2**k applied as two factors so that overflow and subnormal results round once.  Outside
+    # (-746, 710) the result is 0 or inf: computed from d = 0 there and replaced, so that an
+    # argument far into underflow (an attention mask of -3.4e38) costs what any other does.
     x = np.float64(v)
-    d = min(max(x, -746.0), 710.0)
+    inside = (x > -746.0) & (x < 710.0)
+    d = x if inside else 0.0
     t = d * 1.4426950408889634 + 6755399441055744.0
     kf = t - 6755399441055744.0
     rhi = d - kf * 0.6931471803691238
@@ -107,7 +133,8 @@ def _sg_exp(v):
     k1 = k >> 1
     s1 = np.int64((k1 + 1023) << 52).view(np.float64)
     s2 = np.int64((k - k1 + 1023) << 52).view(np.float64)
-    return p * s1 * s2 if x == x else x
+    res = p * s1 * s2 if inside else (math.inf if x > 0.0 else 0.0)
+    return res if x == x else x
 """,
     "_sg_log1p": """\
 @njit(cache=True, error_model='numpy', fastmath=False)
@@ -187,24 +214,29 @@ def _sg_tanh(v, e):
 @njit(cache=True, error_model='numpy', fastmath=False)
 def _sg_exp_f32(v):
     # exp(v) in float32 throughout (8 lanes per AVX2 vector, not 4): v = k*ln2 + r, ln2 in two
-    # parts (Cody-Waite), exp(r) = 1 + r + r*r*P(r) with Cephes' expf polynomial; 2**k as two
-    # factors, so overflow gives inf and tiny results 0.  NaN passes through.
+    # parts (Cody-Waite), exp(r) = 1 + r + r*r*P(r) with Cephes' expf polynomial (Estrin's
+    # scheme: short dependency chains); 2**k as two factors, so overflow gives inf and tiny
+    # results 0.  Outside (-104, 89) the result is 0 or inf, computed from d = 0 and replaced
+    # (no slow path far into underflow); NaN passes through.
     x = np.float32(v)
-    d = min(max(x, np.float32(-104.0)), np.float32(89.0))
+    inside = (x > np.float32(-104.0)) & (x < np.float32(89.0))
+    d = x if inside else np.float32(0.0)
     t = d * np.float32(1.4426950216293335) + np.float32(12582912.0)
     kf = t - np.float32(12582912.0)
     r = (d - kf * np.float32(0.693359375)) - kf * np.float32(-0.00021219444170128554)
-    p = np.float32(0.00019875691214110702) * r + np.float32(0.0013981999363750219)
-    p = p * r + np.float32(0.008333452045917511)
-    p = p * r + np.float32(0.04166579619050026)
-    p = p * r + np.float32(0.16666665673255920)
-    p = p * r + np.float32(0.50000001201E0)
-    p = p * (r * r) + r + np.float32(1.0)
+    r2 = r * r
+    r4 = r2 * r2
+    p = (np.float32(0.50000001201E0) + r * np.float32(0.16666665673255920)) + r2 * (
+        np.float32(0.04166579619050026) + r * np.float32(0.008333452045917511)
+    )
+    p = p + r4 * (np.float32(0.0013981999363750219) + r * np.float32(0.00019875691214110702))
+    p = p * r2 + r + np.float32(1.0)
     k = np.float32(t).view(np.int32) - np.int32(1262485504)
     k1 = k >> 1
     s1 = np.int32((k1 + 127) << 23).view(np.float32)
     s2 = np.int32((k - k1 + 127) << 23).view(np.float32)
-    return p * s1 * s2 if x == x else x
+    res = p * s1 * s2 if inside else (np.float32(math.inf) if x > 0 else np.float32(0.0))
+    return res if x == x else x
 """,
     "_sg_tanh_f32": """\
 @njit(cache=True, error_model='numpy', fastmath=False)
@@ -227,34 +259,362 @@ def _sg_tanh_f32(v, e):
     big = math.copysign(big, x)
     return small if a < np.float32(0.625) else big
 """,
+    "_sg_erf": """\
+@njit(cache=True, error_model='numpy', fastmath=False)
+def _sg_erf(v, e):
+    # erf(v) given e = exp(-v*v) (the printer passes _sg_exp(-v*v): see with_helper_arguments).
+    # Both forms computed, one selected.  |x| < 1: x + x*g(x*x), g(z) = erf(sqrt(z))/sqrt(z) - 1
+    # as a polynomial of degree 12.  1 <= |x| < 6: 1 - e*t*h(t - 0.6), t = 1/|x|, h the degree-23
+    # polynomial of x*exp(x*x)*erfc(x) in t (x*x is rounded, but erfc(x) <= 0.16 damps the
+    # error); 1 above 6 (erf rounds to 1 from 5.93).  The sign by copysign: NaN -> NaN,
+    # +-inf -> +-1, -0.0 kept.  Coefficients fitted by tools/fit_erf.py.
+    x = np.float64(v)
+    a = abs(x)
+    z = x * x
+    p = 5.957176147748911e-11 * z - 1.1372848856791674e-09
+    p = p * z + 1.4659775274047436e-08
+    p = p * z - 1.6350312701054695e-07
+    p = p * z + 1.6461000484121368e-06
+    p = p * z - 1.4925595266831182e-05
+    p = p * z + 0.0001205533111164271
+    p = p * z - 0.000854832698083379
+    p = p * z + 0.0052239776248180145
+    p = p * z - 0.026866170645076792
+    p = p * z + 0.11283791670954879
+    p = p * z - 0.3761263890318375
+    p = p * z + 0.1283791670955126
+    small = x + x * p
+    t = 1.0 / a
+    u = t - 0.6
+    q = 0.7832189615190528 * u - 0.26333659765955403
+    q = q * u - 0.6825594938578495
+    q = q * u + 0.3451667759832657
+    q = q * u + 0.06733066858413297
+    q = q * u + 0.011325784774648361
+    q = q * u - 0.04740586945956998
+    q = q * u - 0.029495850431007477
+    q = q * u + 0.07327350894387506
+    q = q * u - 0.07634039408041603
+    q = q * u + 0.060878810660172936
+    q = q * u - 0.03165857095982911
+    q = q * u - 0.004533666680946298
+    q = q * u + 0.037236842354354684
+    q = q * u - 0.05678242319666571
+    q = q * u + 0.05652801729661679
+    q = q * u - 0.03454443786049125
+    q = q * u - 0.004958642072124591
+    q = q * u + 0.05075075380253109
+    q = q * u - 0.08431841700922565
+    q = q * u + 0.080218812146252
+    q = q * u - 0.00700264962413316
+    q = q * u - 0.17138075875024392
+    q = q * u + 0.4938124622820189
+    big = 1.0 - (e * t) * q
+    big = 1.0 if a >= 6.0 else big
+    big = math.copysign(big, x)
+    return small if a < 1.0 else big
+""",
+    "_sg_erf_f32": """\
+@njit(cache=True, error_model='numpy', fastmath=False)
+def _sg_erf_f32(v, e):
+    # erf(v) in float32 given e = exp(-v*v) (from _sg_exp_f32), the forms of _sg_erf with
+    # polynomials of degree 7 (g) and 8 (h, in t - 0.6), fitted for float32 and evaluated by
+    # Estrin's scheme (short dependency chains: the loop is latency-bound); 1 above 3.92 (erf
+    # rounds to 1 in float32 from 3.919).
+    x = np.float32(v)
+    a = abs(x)
+    z = x * x
+    z2 = z * z
+    p1_0 = (np.float32(0.12837916612625122) + z * np.float32(-0.37612637877464294)) + z2 * (
+        np.float32(0.11283782124519348) + z * np.float32(-0.026865430176258087)
+    )
+    p1_1 = (np.float32(0.005221031606197357) + z * np.float32(-0.0008484080317430198)) + z2 * (
+        np.float32(0.00011265958892181516) + z * np.float32(-9.667044650996104e-06)
+    )
+    z4 = z2 * z2
+    p = (p1_0 + z4 * p1_1)
+    small = x + x * p
+    t = np.float32(1.0) / a
+    u = t - np.float32(0.6)
+    u2 = u * u
+    q1_0 = (np.float32(0.4938124418258667) + u * np.float32(-0.17138025164604187)) + u2 * (
+        np.float32(-0.006998246069997549) + u * np.float32(0.08016738295555115)
+    )
+    q1_1 = (np.float32(-0.0844971314072609) + u * np.float32(0.052202366292476654)) + u2 * (
+        np.float32(-0.002878788858652115) + u * np.float32(-0.05008591338992119)
+    )
+    u4 = u2 * u2
+    u8 = u4 * u4
+    q = ((q1_0 + u4 * q1_1) + u8 * np.float32(0.05292610451579094))
+    big = np.float32(1.0) - (np.float32(e) * t) * q
+    big = np.float32(1.0) if a >= np.float32(3.92) else big
+    big = math.copysign(big, x)
+    return small if a < np.float32(1.0) else big
+""",
+    "_sg_log": """\
+@njit(cache=True, error_model='numpy', fastmath=False)
+def _sg_log(v):
+    # log(v), branch-free, as _sg_log1p without the rounding correction: x = 2**k * (1 + f)
+    # with sqrt(2)/2 <= 1 + f < sqrt(2) (a subnormal x scaled by 2**54 first), log(1 + f) by
+    # fdlibm's form; special values selected at the end (0 -> -inf, negative -> NaN).
+    x = np.float64(v)
+    sub = x < 2.2250738585072014e-308
+    u = x * 18014398509481984.0 if sub else x
+    bits = np.float64(u).view(np.int64)
+    hu = (bits >> 32) + 614242
+    k = (hu >> 20) - 1023 - (54 if sub else 0)
+    hu = (hu & 1048575) + 1072079006
+    f = np.int64((hu << 32) | (bits & 4294967295)).view(np.float64) - 1.0
+    kf = np.float64(np.int32(k))
+    hfsq = 0.5 * f * f
+    s = f / (2.0 + f)
+    z = s * s
+    z2 = z * z
+    z4 = z2 * z2
+    a0 = 0.6666666666666666 + z * 0.4
+    a1 = 0.2857142857142857 + z * 0.2222222222222222
+    a2 = 0.18181818181818182 + z * 0.15384615384615385
+    a3 = 0.13333333333333333 + z * 0.11764705882352941
+    a4 = 0.10526315789473684 + z * 0.09523809523809523
+    big_r = z * ((a0 + z2 * a1) + z4 * ((a2 + z2 * a3) + z4 * a4))
+    res = kf * 0.6931471803691238 - (
+        (hfsq - (s * (hfsq + big_r) + kf * 1.9082149292705877e-10)) - f
+    )
+    res = x if x == math.inf else res
+    res = -math.inf if x == 0.0 else res
+    res = math.nan if x < 0.0 else res
+    return res if x == x else x
+""",
+    "_sg_log_f32": """\
+@njit(cache=True, error_model='numpy', fastmath=False)
+def _sg_log_f32(v):
+    # log(v) in float32 throughout: _sg_log's method with float32 bit fields (a subnormal x
+    # scaled by 2**25 first), R(z) the Taylor series of 2*atanh(s)/s - 2 up to s**8 and ln2 in
+    # two parts (k*ln2_hi exact).
+    x = np.float32(v)
+    sub = x < np.float32(1.1754943508222875e-38)
+    u = x * np.float32(33554432.0) if sub else x
+    ix = np.float32(u).view(np.int32) + np.int32(4913933)
+    k = (ix >> 23) - np.int32(127) - (np.int32(25) if sub else np.int32(0))
+    ix = (ix & np.int32(8388607)) + np.int32(1060439283)
+    f = np.int32(ix).view(np.float32) - np.float32(1.0)
+    kf = np.float32(k)
+    hfsq = np.float32(0.5) * f * f
+    s = f / (np.float32(2.0) + f)
+    z = s * s
+    big_r = np.float32(0.2222222238779068) * z + np.float32(0.2857142984867096)
+    big_r = big_r * z + np.float32(0.4000000059604645)
+    big_r = big_r * z + np.float32(0.6666666865348816)
+    big_r = big_r * z
+    res = kf * np.float32(0.693145751953125) - (
+        (hfsq - (s * (hfsq + big_r) + kf * np.float32(1.428606765330187e-06))) - f
+    )
+    res = x if x == np.float32(math.inf) else res
+    res = np.float32(-math.inf) if x == np.float32(0.0) else res
+    res = np.float32(math.nan) if x < np.float32(0.0) else res
+    return res if x == x else x
+""",
+    "_sg_log1p_f32": """\
+@njit(cache=True, error_model='numpy', fastmath=False)
+def _sg_log1p_f32(v):
+    # log1p(v) in float32 throughout: _sg_log_f32 of u = 1 + v rounded, plus the rounding
+    # error (1 + v) - u (exact by two-sum) over u, as _sg_log1p does in float64.
+    x = np.float32(v)
+    u = np.float32(1.0) + x
+    ub = u - np.float32(1.0)
+    c = ((np.float32(1.0) - (u - ub)) + (x - ub)) / u
+    ix = np.float32(u).view(np.int32) + np.int32(4913933)
+    k = (ix >> 23) - np.int32(127)
+    ix = (ix & np.int32(8388607)) + np.int32(1060439283)
+    f = np.int32(ix).view(np.float32) - np.float32(1.0)
+    kf = np.float32(k)
+    hfsq = np.float32(0.5) * f * f
+    s = f / (np.float32(2.0) + f)
+    z = s * s
+    big_r = np.float32(0.2222222238779068) * z + np.float32(0.2857142984867096)
+    big_r = big_r * z + np.float32(0.4000000059604645)
+    big_r = big_r * z + np.float32(0.6666666865348816)
+    big_r = big_r * z
+    res = kf * np.float32(0.693145751953125) - (
+        (hfsq - (s * (hfsq + big_r) + (kf * np.float32(1.428606765330187e-06) + c))) - f
+    )
+    res = x if abs(x) < np.float32(2.9802322387695312e-08) else res
+    res = u if u == np.float32(math.inf) else res
+    res = np.float32(-math.inf) if u == np.float32(0.0) else res
+    res = np.float32(math.nan) if x < np.float32(-1.0) else res
+    return res if x == x else x
+""",
 }
 
-#: The float32 twin of a helper, used in kernels generated for float32 data only (the fused
-#: training step of a float32 model): the float64 helpers convert their argument to float64,
-#: which halves the lanes of a vectorised float32 loop.
-SINGLE_PRECISION: dict[str, str] = {"_sg_exp": "_sg_exp_f32", "_sg_tanh": "_sg_tanh_f32"}
+#: The float32 twin of each helper, called by kernels for float32 data (the ``_f32`` functions
+#: of a generated module, and the fused step of a float32 model): the float64 helpers convert
+#: their argument to float64, which halves the lanes of a vectorised float32 loop.
+SINGLE_PRECISION: dict[str, str] = {
+    name: f"{name}_f32" for name in ("_sg_exp", "_sg_log", "_sg_log1p", "_sg_tanh", "_sg_erf")
+}
+
+
+class _WithExpBase(sp.Function):
+    """``f(a)`` computed by a helper that takes ``e``, an exponential of ``a``, as its second
+    argument (see :func:`with_helper_arguments`): ``e`` is an ordinary subexpression, printed
+    as the exp helper and shared by CSE with any equal ``exp`` of the formula.  (The name ends
+    in ``Base``: SymPy's printers look up a function's base classes only by such names.)"""
+
+    nargs = 2
+    helper = ""
+
+    def _eval_derivative(self, s: sp.Symbol) -> sp.Expr:  # pragma: no cover - printing only
+        raise TypeError(f"{type(self).__name__} is a printing form, not differentiable")
+
+
+class _TanhWithExp(_WithExpBase):
+    """``tanh(a)`` given ``exp(2|a|)``."""
+
+    helper = "_sg_tanh"
+
+
+class _ErfWithExp(_WithExpBase):
+    """``erf(a)`` given ``exp(-a²)``."""
+
+    helper = "_sg_erf"
+
+
+def with_helper_arguments(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with ``tanh(a)`` → ``tanh(a, exp(2|a|))`` and ``erf(a)`` → ``erf(a, exp(-a²))``
+    in the form their helpers take, so that CSE shares the exponential with the formula's own:
+    GELU's derivative holds ``exp(-x²/2)``, the ``exp(-a²)`` of its ``erf(x/√2)``, and its
+    ``value_and_vjp`` then computes one exponential per element, not two."""
+    return expr.replace(
+        lambda n: isinstance(n, (sp.tanh, sp.erf)),
+        lambda n: _TanhWithExp(n.args[0], sp.exp(2 * sp.Abs(n.args[0])))
+        if isinstance(n, sp.tanh)
+        else _ErfWithExp(n.args[0], sp.exp(-n.args[0] ** 2)),  # type: ignore[arg-type]
+    )
+
+
+def nearest_float32(value: sp.Expr) -> float:
+    """The float32 nearest to the exact real ``value`` (a number: ``1/3``, ``sqrt(2/pi)``...),
+    as a Python float (exactly representable)."""
+    exact = sp.Rational(value) if value.is_Rational else sp.Rational(value.evalf(40))
+    guess = np.float32(float(exact))
+    down, up = np.nextafter(guess, np.float32(-np.inf)), np.nextafter(guess, np.float32(np.inf))
+    candidates = [guess, down, up]
+    return float(min(candidates, key=lambda c: abs(sp.Rational(float(c)) - exact)))
 
 
 class NumbaPrinter(PythonCodePrinter):
-    """``PythonCodePrinter`` restricted to :data:`NUMBA_FUNCTIONS`, strict, exact floats."""
+    """``PythonCodePrinter`` restricted to :data:`NUMBA_FUNCTIONS`, strict, exact floats.
+
+    ``dtype="float32"`` prints for float32 data: every constant as a float32 (``np.float32(
+    0.5)``; a numeric subexpression such as ``sqrt(2/pi)`` as one constant, the float32
+    nearest to its exact value), integer symbols (dims, loop indices) converted where they
+    enter arithmetic, and the float32 helpers — a float64 constant would turn the whole loop
+    into float64 arithmetic (Numba types ``x*0.5`` as float64 for a float32 ``x``).
+    """
 
     # PythonCodePrinter looks functions up in this table; we replace it with ours.
     _kf: ClassVar[dict[str, str]] = {
         name: f"math.{target}" for name, target in NUMBA_FUNCTIONS.items()
     }
 
-    def __init__(self, vector_math: bool = False) -> None:
+    def __init__(self, vector_math: bool = False, dtype: str = "float64") -> None:
         super().__init__({"strict": True, "fully_qualified_modules": True})
         self.known_functions = {**self._kf, "Abs": "abs", "Max": "max", "Min": "min"}
         self._vector_math = vector_math
+        self._single = dtype == "float32"
+        self._integer_context = False  # inside a comparison of integers: no conversion
         if vector_math:
-            self.known_functions.update(VECTOR_FUNCTIONS)
+            self.known_functions.update(
+                {name: self._helper(h) for name, h in VECTOR_FUNCTIONS.items()}
+            )
+
+    def _helper(self, name: str) -> str:
+        return SINGLE_PRECISION[name] if self._single else name
+
+    # -- functions -------------------------------------------------------------------------
 
     def _print_tanh(self, expr: sp.Expr) -> str:
         if not self._vector_math:
             return str(super()._print_tanh(expr))
+        return self._print(with_helper_arguments(expr))
+
+    def _print_erf(self, expr: sp.Expr) -> str:
+        if not self._vector_math:
+            return str(super()._print_erf(expr))
+        return self._print(with_helper_arguments(expr))
+
+    def _print__WithExpBase(self, expr: _WithExpBase) -> str:
+        if not self._vector_math:
+            raise CodegenError(f"{expr.helper} needs the vectorisable helpers")
+        arg, e = (self._print(a) for a in expr.args)
+        return f"{self._helper(expr.helper)}({arg}, {e})"
+
+    def _print_sign(self, expr: sp.Expr) -> str:
         arg = self._print(expr.args[0])
-        return f"_sg_tanh({arg}, _sg_exp(2.0*abs({arg})))"
+        zero, one = self._number(0.0), self._number(1.0)
+        return f"({zero} if {arg} == 0 else math.copysign({one}, {arg}))"
+
+    # -- numbers ---------------------------------------------------------------------------
+
+    def _number(self, value: float) -> str:
+        """A float constant: exact float64 text, or the float32 ``value`` as ``np.float32``."""
+        return f"np.float32({value!r})" if self._single else repr(value)
+
+    def _print(self, expr: object, **kwargs: object) -> str:
+        if (
+            self._single
+            and isinstance(expr, sp.Expr)
+            and not isinstance(expr, (sp.Integer, sp.Rational, sp.Float))
+            and expr.is_number
+            and expr.is_extended_real
+            and expr.is_finite
+        ):
+            # sqrt(2)/sqrt(pi) as one float32 constant, rounded once from its exact value
+            return self._number(nearest_float32(expr))
+        return str(super()._print(expr, **kwargs))
+
+    def _print_Float(self, expr: sp.Float) -> str:
+        if self._single:
+            return self._number(float(np.float32(float(expr))))
+        return repr(float(expr))
+
+    def _print_Rational(self, expr: sp.Rational) -> str:
+        if self._single:
+            return self._number(nearest_float32(expr))
+        return f"({expr.p}/{expr.q})"
+
+    def _print_Half(self, expr: sp.Rational) -> str:
+        return self._number(0.5)
+
+    def _print_Integer(self, expr: sp.Integer) -> str:
+        if self._integer_context:
+            return str(int(expr))
+        return self._number(float(int(expr)))
+
+    def _print_Infinity(self, expr: sp.Expr) -> str:
+        return "np.float32(math.inf)" if self._single else "math.inf"
+
+    def _print_NegativeInfinity(self, expr: sp.Expr) -> str:
+        return "np.float32(-math.inf)" if self._single else "-math.inf"
+
+    def _print_NaN(self, expr: sp.Expr) -> str:
+        return "np.float32(math.nan)" if self._single else "math.nan"
+
+    def _print_Symbol(self, expr: sp.Symbol) -> str:
+        name = str(super()._print_Symbol(expr))
+        if self._single and expr.is_integer and not self._integer_context:
+            return f"np.float32({name})"  # a dim or loop index entering float arithmetic
+        return name
+
+    def _print_Relational(self, expr: sp.Expr) -> str:
+        integers = bool(expr.lhs.is_integer and expr.rhs.is_integer)
+        outer, self._integer_context = self._integer_context, integers or self._integer_context
+        try:
+            return str(super()._print_Relational(expr))
+        finally:
+            self._integer_context = outer
+
+    # -- arithmetic ------------------------------------------------------------------------
 
     def _print_Add(self, expr: sp.Add, order: str | None = None) -> str:
         # A bounded correction term — log1p(...), at most ln 2 in the stable forms — is added
@@ -274,26 +634,34 @@ class NumbaPrinter(PythonCodePrinter):
                 text += f" + {self.parenthesize(t, precedence(expr))}"
         return text
 
-    def _print_Float(self, expr: sp.Float) -> str:
-        return repr(float(expr))
-
-    def _print_Rational(self, expr: sp.Rational) -> str:
-        return f"({expr.p}/{expr.q})"
-
-    def _print_Half(self, expr: sp.Rational) -> str:
-        return "0.5"
-
-    def _print_Integer(self, expr: sp.Integer) -> str:
-        return f"{int(expr)}.0"
+    def _print_Mul(self, expr: sp.Mul) -> str:
+        if self._single:
+            numeric = [a for a in expr.args if a.is_number]
+            if len(numeric) > 1 or (numeric and not numeric[0].is_Rational):
+                # 2/sqrt(pi)·x: the numeric factors as one float32 constant, rounded once
+                coeff = sp.Mul(*numeric)
+                rest = sp.Mul(*[a for a in expr.args if not a.is_number])
+                if coeff.is_extended_real and coeff.is_finite:
+                    factor = self.parenthesize(rest, precedence(expr))
+                    return f"{self._number(nearest_float32(coeff))}*{factor}"
+        return str(super()._print_Mul(expr))
 
     def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
         base, exp = expr.as_base_exp()
+        one = self._number(1.0)
         if exp.is_Integer and abs(int(exp)) <= 4:
             # Small integer powers as products: exact, and faster than pow() in a loop.
             n = abs(int(exp))
             factor = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Mul"] + 1)
             product = "*".join([factor] * n)
-            return f"(1.0/({product}))" if exp < 0 else f"({product})"
+            return f"({one}/({product}))" if exp < 0 else f"({product})"
+        if self._single:
+            if exp == sp.S.Half:
+                return f"math.sqrt({self._print(base)})"
+            if exp == -sp.S.Half:
+                return f"({one}/math.sqrt({self._print(base)}))"
+            power = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Pow"] + 1)
+            return f"{power}**({self._print(exp)})"
         return super()._print_Pow(expr, rational=rational)
 
     def _print_ImaginaryUnit(self, expr: sp.Expr) -> str:
@@ -323,15 +691,18 @@ def check_supported(expr: sp.Basic, op: str, what: str = "the formula") -> None:
         )
 
 
-def print_expr(expr: sp.Expr, op: str, vector_math: bool = False) -> str:
+def print_expr(
+    expr: sp.Expr, op: str, vector_math: bool = False, dtype: str = "float64"
+) -> str:
     """Numba source for ``expr``; a :class:`CodegenError` if anything cannot be printed.
 
-    ``vector_math`` prints the functions of :data:`VECTOR_FUNCTIONS` as their helpers.
+    ``vector_math`` prints the functions of :data:`VECTOR_FUNCTIONS` as their helpers;
+    ``dtype="float32"`` prints for float32 data (see :class:`NumbaPrinter`).
     """
     bad = unsupported_functions(expr)
     if bad:
         raise CodegenError(f"op {op!r}: cannot generate code for {', '.join(bad)} in {expr}")
     try:
-        return NumbaPrinter(vector_math).doprint(expr)
+        return NumbaPrinter(vector_math, dtype).doprint(expr)
     except PrintMethodNotImplementedError as err:
         raise CodegenError(f"op {op!r}: cannot generate code for {expr}: {err}") from err

@@ -28,7 +28,7 @@ import sympy as sp
 
 from .._version import __version__
 from .emit import KernelSource, _cse_body
-from .printer import SINGLE_PRECISION, VECTOR_MATH_SOURCE
+from .printer import VECTOR_MATH_SOURCE
 
 _PAD = "    "
 
@@ -55,7 +55,7 @@ class StepPlan:
     backward: list[str] = field(default_factory=list)
     update: list[str] = field(default_factory=list)
     helpers: set[str] = field(default_factory=set)  # vectorisable math helpers the loops call
-    single: bool = False  # float32 data: loops call the float32 helpers where there are any
+    single: bool = False  # float32 data: loops print float32 constants and helpers
 
 
 def elementwise_loop(
@@ -84,11 +84,10 @@ def elementwise_loop(
     inner = indent + _PAD
     for s, array in loads.items():
         lines.append(f"{inner}{names[s]} = {array}" + ("" if rows else "[i]"))
+    dtype = "float32" if plan.single else "float64"
     for stage in stages:
-        body = _cse_body([e.xreplace(names) for _, e in stage], op_name)
+        body = _cse_body([e.xreplace(names) for _, e in stage], op_name, dtype)
         body_lines, results = body.lines, body.results
-        if plan.single:
-            body_lines, results = [_single(t) for t in body_lines], [_single(t) for t in results]
         text = "\n".join(body_lines + results)
         plan.helpers |= {h for h in VECTOR_MATH_SOURCE if re.search(rf"\b{h}\(", text)}
         lines += [inner + line for line in body_lines]
@@ -98,13 +97,6 @@ def elementwise_loop(
             else:
                 lines.append(f"{inner}{target} = {result}")
     return lines
-
-
-def _single(text: str) -> str:
-    """``text`` calling the float32 twins of the helpers that have one."""
-    for double, single in SINGLE_PRECISION.items():
-        text = re.sub(rf"\b{double}\(", f"{single}(", text)
-    return text
 
 
 def emit_step(plan: StepPlan, key: str) -> KernelSource:

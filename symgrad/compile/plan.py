@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
+from ..codegen.dtypes import kernel_name
 from .graph import Graph, Ref, UnsupportedStepError
 
 _PAD = "    "
@@ -174,7 +175,7 @@ def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> S
 
     def alias(n: int, op: Any, fn: str) -> str:
         name = f"k{n}_{fn}"
-        plan.imports.append((op.module.__name__, fn, name))
+        plan.imports.append((op.module.__name__, kernel_name(fn, nodes[n].dtype), name))
         return name
 
     lines = plan.lines
@@ -258,9 +259,10 @@ def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> S
     for n in reversed(backward):
         operation()
         node = nodes[n]
-        g = cotangent.get(n)
-        if g is None:  # nothing reached it (an output not used by the loss): no gradient
+        reached = cotangent.get(n)
+        if reached is None:  # nothing reached it (an output not used by the loss): no gradient
             continue
+        g = reached
         op = variants[n]
         want = wanted(graph, n, needs)
         dsts: list[str] = []
@@ -268,7 +270,8 @@ def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> S
         for k in want:
             ref = node.args[k]
             if ref.kind == "node":
-                target = cotangent.get(ref.index) or buffer(
+                known = cotangent.get(ref.index)
+                target = known if known is not None else buffer(
                     f"g{ref.index}", shape_of(ref), nodes[ref.index].dtype, "cotangent"
                 )
                 cotangent[ref.index] = target

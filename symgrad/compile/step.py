@@ -96,12 +96,12 @@ class CompiledStep:
         if source != self._source:
             self._fn = self._load(plan, source, key)
             self._source = source
-        arrays, held = plan.allocate()
+        buffers, held = plan.allocate()
         args: list[Any] = []
         slots = []
         for position, (_, kind, index) in enumerate(plan.args):
             if kind == "buffer":
-                args.append(arrays[str(index)])
+                args.append(buffers[str(index)])
             elif kind == "const":
                 args.append(graph.consts[int(index)])
             else:

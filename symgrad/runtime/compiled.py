@@ -3,7 +3,9 @@
 :class:`~symgrad.runtime.elementwise.ElementwiseOp` and :class:`~symgrad.runtime.tensor.TensorOp`
 check arguments their own way; both hold a generated module in the kernel cache (imported on
 first call), its verified source, and a derivation that is derived on first use when the op was
-loaded from a warm cache.  A kernel call that fails — a corrupt Numba cache file fails on load —
+loaded from a warm cache.  The module holds each kernel once per float dtype
+(:func:`~symgrad.codegen.dtypes.kernel_name`); :meth:`CompiledOp._run` picks the one for the
+data's dtype.  A kernel call that fails — a corrupt Numba cache file fails on load —
 drops the module's compiled binaries, re-imports it and retries once.
 """
 
@@ -17,6 +19,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from ..codegen.dtypes import kernel_name
 from .cache import ensure_imported, import_module, purge_compiled, verified_text
 
 D = TypeVar("D")
@@ -43,6 +46,7 @@ class CompiledOp(Generic[D]):
         self._derive = derive
         self._derivation = derivation
         self._module: ModuleType | None = None
+        self._kernels: dict[tuple[str, np.dtype], Callable[..., Any]] = {}
         self._recovered = False
         #: ``(name, params)`` of a built-in op (``symgrad.builtin`` sets it), else None
         self.origin: tuple[str, dict[str, Any]] | None = None
@@ -70,9 +74,19 @@ class CompiledOp(Generic[D]):
             self._module = ensure_imported(self._path)
         return self._module
 
-    def _run(self, name: str, *args: Any) -> Any:
+    def _kernel(self, function: str, dtype: np.dtype) -> Callable[..., Any]:
+        """The compiled ``function`` (``"forward"``, ``"vjp"``...) for ``dtype`` data."""
+        found = self._kernels.get((function, dtype))
+        if found is None:
+            found = getattr(self.module, kernel_name(function, dtype))
+            self._kernels[function, dtype] = found
+        return found
+
+    def _run(self, function: str, dtype: np.dtype, *args: Any) -> Any:
+        """Call ``function``'s kernel for ``dtype`` data with ``args``."""
         try:
-            return getattr(self.module, name)(*args)
+            kernel = self._kernels.get((function, dtype))
+            return (kernel or self._kernel(function, dtype))(*args)
         except Exception:
             # A corrupt Numba cache file fails on load: drop the binaries, re-import, retry once.
             if self._recovered:
@@ -80,4 +94,5 @@ class CompiledOp(Generic[D]):
             self._recovered = True
             purge_compiled(self._path)
             self._module = import_module(self._path)
-            return getattr(self._module, name)(*args)
+            self._kernels.clear()
+            return self._kernel(function, dtype)(*args)

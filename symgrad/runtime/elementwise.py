@@ -148,7 +148,7 @@ class ElementwiseOp(CompiledOp["Derivation"]):
         checked, shape, dtype = self._inputs(arrays)
         flat = self._flat(checked, shape)
         out = np.empty(flat[0].shape, dtype=dtype)
-        self._run("forward", *flat, out)
+        self._run("forward", dtype, *flat, out)
         return out.reshape(shape)
 
     def forward_saved(self, *arrays: object) -> tuple[np.ndarray, Saved | None]:
@@ -161,7 +161,7 @@ class ElementwiseOp(CompiledOp["Derivation"]):
         flat = self._flat(checked, shape)
         partials = self._gradients(flat[0].shape, dtype)
         out = np.empty(flat[0].shape, dtype=dtype)
-        self._run("value_and_vjp", *flat, np.ones(1, dtype=dtype), 0, out, *partials)
+        self._run("value_and_vjp", dtype, *flat, np.ones(1, dtype=dtype), 0, out, *partials)
         return out.reshape(shape), Saved(out, tuple(partials))
 
     def vjp(self, *arrays_and_grad: object, saved: Saved | None = None) -> tuple[Any, ...]:
@@ -183,7 +183,7 @@ class ElementwiseOp(CompiledOp["Derivation"]):
         flat = self._flat(checked, shape)
         g, step = self._cotangent(grad_output, shape, dtype)
         grads = self._gradients(flat[0].shape, dtype)
-        self._run("vjp", *flat, g, step, *grads)
+        self._run("vjp", dtype, *flat, g, step, *grads)
         return self._shaped(grads, checked, shape)
 
     def value_and_vjp(
@@ -201,7 +201,7 @@ class ElementwiseOp(CompiledOp["Derivation"]):
         if reduction == "none":
             g, step = self._cotangent(grad_output, shape, dtype)
             out = np.empty(flat[0].shape, dtype=dtype)
-            self._run("value_and_vjp", *flat, g, step, out, *grads)
+            self._run("value_and_vjp", dtype, *flat, g, step, out, *grads)
             value = out.reshape(shape)
         elif reduction in ("sum", "mean"):
             g = np.asarray(grad_output)
@@ -212,7 +212,7 @@ class ElementwiseOp(CompiledOp["Derivation"]):
                 )
             count = max(1, int(np.prod(shape)))
             scale = float(g) / count if reduction == "mean" else float(g)
-            total = self._run("value_and_vjp_sum", *flat, scale, *grads)
+            total = self._run("value_and_vjp_sum", dtype, *flat, dtype.type(scale), *grads)
             value = np.asarray(total / count if reduction == "mean" else total, dtype=dtype)
         else:
             raise ArgumentError(

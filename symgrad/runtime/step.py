@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..codegen.dtypes import kernel_name
 from ..errors import IndexRangeError, ShapeError, SymgradError
 from ..nn.losses import CrossEntropyLoss, ElementwiseLoss, Loss, fuse
 from ..nn.modules import Elementwise, Linear, Module, Sequential
@@ -227,17 +228,18 @@ class FusedStep:
         module = _module_name(op)
         inputs = [a, f"W{k}", f"b{k}"] if layer.bias is not None else [a, f"W{k}"]
         dims = ", ".join(_dims(op, inputs))
+        forward = kernel_name("forward", self._dtype)  # forward_f32 for float32 data
         if k in self._gemm_ops:  # the GEMM alone: its bias is added in the activation's loop
             gemm = self._gemm_ops[k]
-            plan.imports.append(KernelCall(_module_name(gemm), "forward", f"mm{k}_forward"))
+            plan.imports.append(KernelCall(_module_name(gemm), forward, f"mm{k}_forward"))
             gemm_dims = ", ".join(_dims(gemm, [a, f"W{k}"]))
             plan.forward.append(f"{_PAD}mm{k}_forward({a}, W{k}, {gemm_dims}, {out})")
         else:
-            plan.imports.append(KernelCall(module, "forward", f"lin{k}_forward"))
+            plan.imports.append(KernelCall(module, forward, f"lin{k}_forward"))
             plan.forward.append(f"{_PAD}lin{k}_forward({', '.join(inputs)}, {dims}, {out})")
         if k < self._lowest:
             return
-        plan.imports.append(KernelCall(module, "vjp", f"lin{k}_vjp"))
+        plan.imports.append(KernelCall(module, kernel_name("vjp", self._dtype), f"lin{k}_vjp"))
         grads = ([f"g{k - 1}"] if k > self._lowest else []) + self._grad_names(k, layer)
         plan.backward.append(
             f"{_PAD}lin{k}_vjp({', '.join(inputs)}, {dims}, g{k}, {', '.join(grads)})"
@@ -284,8 +286,8 @@ class FusedStep:
             op = self._loss_op
             module = _module_name(op)
             plan.imports += [
-                KernelCall(module, "forward", "loss_forward"),
-                KernelCall(module, "vjp", "loss_vjp"),
+                KernelCall(module, kernel_name("forward", self._dtype), "loss_forward"),
+                KernelCall(module, kernel_name("vjp", self._dtype), "loss_vjp"),
             ]
             # One-hot targets and the mean's cotangent; a label outside the classes stops the
             # step before anything is written (its row is returned and reported).

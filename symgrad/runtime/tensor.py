@@ -2,12 +2,18 @@
 
 Dims are bound from the arrays' shapes; a dim bound to two different sizes is a
 :class:`~symgrad.errors.ShapeError` naming the dim and both arrays.  Arrays must have the
-declared rank and one float dtype; non-contiguous arrays are copied.
+declared rank and one float dtype; non-contiguous arrays are copied.  Float32 arrays run the
+module's float32 kernels (``forward_f32``...), float64 arrays its float64 ones.
+
+How the arrays bind the dims is worked out once per op (:class:`_BindPlan`): a call runs a
+small generated function of plain ints, and no SymPy — a tiny op's call costs about what its
+kernel's does.  Error messages are composed only when a check fails.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,123 @@ def _as_index_array(value: object, what: str) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
+def _local(k: int, axis: int) -> str:
+    """The generated functions' name of the size of input ``k``'s axis ``axis``."""
+    return f"s{k}_{axis}"
+
+
+def _int_source(expr: sp.Expr, names: dict[sp.Symbol, str]) -> str:
+    """Python source of an integer dim expression, with each dim read from ``names``."""
+    text = sp.pycode(expr.xreplace({d: sp.Symbol(n, integer=True) for d, n in names.items()}))
+    exact = all(r.is_Integer for r in expr.atoms(sp.Rational)) and not expr.atoms(sp.Function)
+    return text if exact else f"int({text})"
+
+
+def _tuple(items: Iterable[str]) -> str:
+    """Source of a tuple of ``items`` (``(a, )``, ``()``)."""
+    return "(" + "".join(f"{item}, " for item in items) + ")"
+
+
+class _BindPlan:
+    """How a call's arrays bind an op's dims, worked out once per op from its spec.
+
+    Every axis of every input *binds* a dim (its first occurrence, input by input, axis by
+    axis), or is *checked* against a dim already bound, or against a dim expression (``N - K
+    + 1``).  :attr:`fast` is a small generated function of plain ints doing exactly that for
+    C-contiguous arrays of one float dtype (int64 for integer tensors): it returns the dtype,
+    the dims in ``spec.dims`` order and the output shape — or ``None`` when anything is off,
+    and the checked path (:meth:`TensorOp._bind`) converts the arrays or names the mismatch.
+    """
+
+    def __init__(self, spec: TensorSpec) -> None:
+        self.names = tuple(str(b.label) for b in spec.inputs)
+        self.integer = tuple(bool(b.is_integer) for b in spec.inputs)
+        shapes = [tuple(sp.sympify(d) for d in b.shape) for b in spec.inputs]
+        self.shape_text = tuple(tuple(map(str, shape)) for shape in shapes)
+        first: dict[sp.Symbol, tuple[int, int]] = {}
+        #: (input, axis, input, axis): an axis of a dim and the axis that bound it first
+        self.checks: list[tuple[int, int, int, int]] = []
+        for k, shape in enumerate(shapes):
+            for axis, dim in enumerate(shape):
+                if isinstance(dim, sp.Symbol):
+                    if dim in first:
+                        self.checks.append((k, axis, *first[dim]))
+                    else:
+                        first[dim] = (k, axis)
+        bound = {d: _local(*where) for d, where in first.items()}
+        self.first = first  # dim -> (input, axis) that binds it
+        #: (input, axis, the dim expression, its source in the bound sizes — None when it
+        #: uses a dim that no axis binds by itself, an error at every call)
+        self.derived = [
+            (k, axis, dim, _int_source(dim, bound) if dim.free_symbols <= set(first) else None)
+            for k, shape in enumerate(shapes)
+            for axis, dim in enumerate(shape)
+            if not isinstance(dim, sp.Symbol)
+        ]
+        dims = [bound.get(d, "None") for d in spec.dims]
+        out = [_int_source(d, bound) for d in spec.out_shape]
+        # (integer tensor, axis, tensor it indexes, source of that axis's size) per gather
+        uses = set()
+        for access in spec.expr.atoms(sp.Indexed):
+            for axis, (index, dim) in enumerate(
+                zip(access.indices, access.base.shape, strict=True)
+            ):
+                for read in index.atoms(sp.Indexed):
+                    if read.base.is_integer:
+                        uses.add((str(read.base.label), axis, str(access.base.label), dim))
+        index_sizes = []
+        self.index_uses: list[tuple[int, int, str]] = []
+        for label, axis, base, dim in sorted(uses, key=str):
+            self.index_uses.append((self.names.index(label), axis, base))
+            index_sizes.append(_int_source(sp.sympify(dim), bound))
+        self.fast = self._generate(dims, out, index_sizes)
+
+    def _generate(
+        self, dims: list[str], out: list[str], index_sizes: list[str]
+    ) -> Callable[[tuple[object, ...]], Any]:
+        """The fast path's source (see the class doc), compiled; plain ints and names only."""
+        n = len(self.names)
+        floats = [k for k in range(n) if not self.integer[k]]
+        lines = [
+            "def fast(arrays):",
+            f"    if len(arrays) != {n}:",
+            "        return None",
+            f"    {_tuple(f'a{k}' for k in range(n))} = arrays",
+        ]
+        if n:
+            types = " or ".join(f"type(a{k}) is not ndarray" for k in range(n))
+            lines += [f"    if {types}:", "        return None"]
+        lines.append(f"    dtype = a{floats[0]}.dtype" if floats else "    dtype = F64")
+        tests = ["(dtype is not F64 and dtype is not F32)"]
+        tests += [f"a{k}.dtype is not dtype" for k in floats[1:]]
+        tests += [f"a{k}.dtype is not I64" for k in range(n) if self.integer[k]]
+        tests += [f"not a{k}.flags.c_contiguous" for k in range(n)]
+        tests += [f"a{k}.ndim != {len(shape)}" for k, shape in enumerate(self.shape_text)]
+        lines += [f"    if {' or '.join(tests)}:", "        return None"]
+        for k, shape in enumerate(self.shape_text):
+            if shape:
+                lines.append(f"    {_tuple(_local(k, a) for a in range(len(shape)))} = a{k}.shape")
+        tests = [f"{_local(k, a)} != {_local(k0, a0)}" for k, a, k0, a0 in self.checks]
+        tests += [
+            f"{_local(k, a)} != {source}" if source else "True"
+            for k, a, _, source in self.derived
+        ]
+        if tests:
+            lines += [f"    if {' or '.join(tests)}:", "        return None"]
+        lines.append(f"    return dtype, {_tuple(dims)}, {_tuple(out)}, {_tuple(index_sizes)}")
+        namespace: dict[str, Any] = {
+            "ndarray": np.ndarray,
+            "F64": np.dtype(np.float64),
+            "F32": np.dtype(np.float32),
+            "I64": np.dtype(np.int64),
+            "int": int,
+            "math": math,
+        }
+        self.source = "\n".join(lines)
+        exec(self.source, namespace)  # the source is built above from ints and names
+        return namespace["fast"]  # type: ignore[no-any-return]
+
+
 class TensorOp(CompiledOp[TensorDerivation]):
     """A compiled tensor op.  Create it with :func:`symgrad.tensor_op`.
 
@@ -49,108 +172,103 @@ class TensorOp(CompiledOp[TensorDerivation]):
         self.spec = spec
         self.input_names = tuple(str(b.label) for b in spec.inputs)
         self._wrt = tuple(spec.inputs.index(b) for b in spec.wrt)
-        # (integer tensor, axis, tensor it indexes, that axis's dim) for every gather
-        uses = set()
-        for access in spec.expr.atoms(sp.Indexed):
-            for axis, (index, dim) in enumerate(
-                zip(access.indices, access.base.shape, strict=True)
-            ):
-                for read in index.atoms(sp.Indexed):
-                    if read.base.is_integer:
-                        uses.add((str(read.base.label), axis, str(access.base.label), dim))
-        self._index_uses = sorted(uses, key=str)
+        self._plan = _BindPlan(spec)
 
     def __repr__(self) -> str:
         return f"<symgrad tensor op {self.name}({', '.join(self.input_names)})>"
 
-    def _bind(
-        self, arrays: tuple[object, ...]
-    ) -> tuple[list[np.ndarray], dict[sp.Symbol, int], np.dtype]:
-        n = len(self.input_names)
+    def _bound(
+        self, arrays: tuple[object, ...], found: Any
+    ) -> tuple[tuple[Any, ...], np.dtype, tuple[int, ...], tuple[int, ...]]:
+        """The arrays, ready for a kernel, their dtype, the dims and the output shape, given
+        what the plan's fast path ``found`` for them (``None``: take the checked path)."""
+        if found is None:
+            checked = self._bind(arrays)
+            found = self._plan.fast(checked)
+            if found is None:  # pragma: no cover - _bind raises on anything fast rejects
+                raise AssertionError(f"op {self.name!r}: inconsistent shape checks")
+            arrays = checked
+        dtype, dims, out_shape, index_sizes = found
+        if index_sizes:
+            self._check_index_ranges(arrays, index_sizes)
+        return arrays, dtype, dims, out_shape
+
+    def _bind(self, arrays: tuple[object, ...]) -> tuple[np.ndarray, ...]:
+        """The checked path: convert the arrays (integer tensors to int64, non-contiguous
+        arrays copied) and raise the error that names what does not fit."""
+        plan = self._plan
+        n = len(plan.names)
         if len(arrays) != n:
             raise ArgumentError(
-                f"op {self.name!r} takes {n} array(s) ({', '.join(self.input_names)}), "
+                f"op {self.name!r} takes {n} array(s) ({', '.join(plan.names)}), "
                 f"got {len(arrays)}"
             )
         checked = [
             _as_index_array(a, f"op {self.name!r} input {nm!r}")
-            if base.is_integer
+            if integer
             else _as_float_array(a, f"op {self.name!r} input {nm!r}")
-            for nm, base, a in zip(self.input_names, self.spec.inputs, arrays, strict=True)
+            for nm, integer, a in zip(plan.names, plan.integer, arrays, strict=True)
         ]
         floats = [
             (nm, a)
-            for nm, base, a in zip(self.input_names, self.spec.inputs, checked, strict=True)
-            if not base.is_integer
+            for nm, integer, a in zip(plan.names, plan.integer, checked, strict=True)
+            if not integer
         ]
-        dtypes = {a.dtype for _, a in floats}
-        if len(dtypes) > 1:
+        if len({a.dtype for _, a in floats}) > 1:
             listing = ", ".join(f"{nm}: {a.dtype}" for nm, a in floats)
             raise DTypeError(
                 f"op {self.name!r}: inputs have different dtypes ({listing}); cast them to one"
             )
-        sizes: dict[sp.Symbol, int] = {}
-        where: dict[sp.Symbol, str] = {}
-        deferred = []
-        for nm, base, a in zip(self.input_names, self.spec.inputs, checked, strict=True):
-            shape = tuple(sp.sympify(d) for d in base.shape)
+        for nm, shape, a in zip(plan.names, plan.shape_text, checked, strict=True):
             if a.ndim != len(shape):
                 raise ShapeError(
                     f"op {self.name!r}: input {nm!r} must have {len(shape)} dims "
-                    f"{tuple(map(str, shape))}, got an array of shape {a.shape}"
+                    f"{shape}, got an array of shape {a.shape}"
                 )
-            for axis, (dim, size) in enumerate(zip(shape, a.shape, strict=True)):
-                if isinstance(dim, sp.Symbol):
-                    if dim in sizes and sizes[dim] != size:
-                        raise ShapeError(
-                            f"op {self.name!r}: dim {dim} is {sizes[dim]} in {where[dim]} but "
-                            f"{size} in {nm!r} (axis {axis}, shape {a.shape})"
-                        )
-                    sizes.setdefault(dim, size)
-                    where.setdefault(dim, f"{nm!r} (shape {a.shape})")
-                else:
-                    deferred.append((nm, axis, dim, size, a.shape))
-        for nm, axis, dim, size, shape in deferred:
-            expected = dim.xreplace(sizes)
+        for k, axis, k0, axis0 in plan.checks:
+            size, bound = checked[k].shape[axis], checked[k0].shape[axis0]
+            if size != bound:
+                raise ShapeError(
+                    f"op {self.name!r}: dim {plan.shape_text[k][axis]} is {bound} in "
+                    f"{plan.names[k0]!r} (shape {checked[k0].shape}) but {size} in "
+                    f"{plan.names[k]!r} (axis {axis}, shape {checked[k].shape})"
+                )
+        sizes = {d: checked[k].shape[axis] for d, (k, axis) in plan.first.items()}
+        for k, axis, dim, _ in plan.derived:
+            size, expected = checked[k].shape[axis], dim.xreplace(sizes)
             if not expected.is_Integer or int(expected) != size:
                 raise ShapeError(
-                    f"op {self.name!r}: axis {axis} of {nm!r} (shape {shape}) should be "
-                    f"{dim} = {expected}, got {size}"
+                    f"op {self.name!r}: axis {axis} of {plan.names[k]!r} (shape "
+                    f"{checked[k].shape}) should be {dim} = {expected}, got {size}"
                 )
-        self._check_index_ranges(checked, sizes)
-        return [np.ascontiguousarray(a) for a in checked], sizes, dtypes.pop()
+        return tuple(a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in checked)
 
-    def _check_index_ranges(self, arrays: list[np.ndarray], sizes: dict[sp.Symbol, int]) -> None:
+    def _check_index_ranges(self, arrays: tuple[Any, ...], sizes: tuple[int, ...]) -> None:
         """Every integer tensor's values must lie within each axis it subscripts: the
         compiled loops do not check bounds (a bad token id would read or write memory)."""
-        by_label = dict(zip(self.input_names, arrays, strict=True))
-        for label, axis, base, dim in self._index_uses:
-            values = by_label[label]
-            size = int(sp.sympify(dim).xreplace(sizes))
+        for (k, axis, base), size in zip(self._plan.index_uses, sizes, strict=True):
+            values = arrays[k]
             if values.size and (values.min() < 0 or values.max() >= size):
                 raise IndexRangeError(
-                    f"op {self.name!r}: integer input {label!r} holds values in "
+                    f"op {self.name!r}: integer input {self._plan.names[k]!r} holds values in "
                     f"[{values.min()}, {values.max()}], but it indexes axis {axis} of "
                     f"{base!r}, of size {size} (valid: 0 to {size - 1})"
                 )
 
-    def _out_shape(self, sizes: dict[sp.Symbol, int]) -> tuple[int, ...]:
-        return tuple(int(d.xreplace(sizes)) for d in self.spec.out_shape)
-
-    def _dims(self, sizes: dict[sp.Symbol, int]) -> list[int]:
-        return [sizes[d] for d in self.spec.dims]
-
     def output_shape(self, *arrays: object) -> tuple[tuple[int, ...], np.dtype]:
         """The shape and dtype of ``op(*arrays)``, its arguments checked, nothing computed."""
-        _, sizes, dtype = self._bind(arrays)
-        return self._out_shape(sizes), dtype
+        _, dtype, _, shape = self._bound(arrays, self._plan.fast(arrays))
+        return shape, dtype
 
     def __call__(self, *arrays: object) -> np.ndarray:
         """Forward: the output tensor, of shape given by the ``out`` indices' ranges."""
-        checked, sizes, dtype = self._bind(arrays)
-        shape = self._out_shape(sizes)
-        out = np.empty(shape if shape else (1,), dtype=dtype)
-        self._run("forward", *checked, *self._dims(sizes), out)
+        found = self._plan.fast(arrays)
+        if found is not None and not found[3]:  # the common case: nothing to convert
+            dtype, dims, shape, _ = found
+        else:
+            arrays, dtype, dims, shape = self._bound(arrays, found)
+        out = np.empty(shape if shape else (1,), dtype)
+        self._run("forward", dtype, *arrays, *dims, out)
         return out if shape else out.reshape(())
 
     def forward_saved(self, *arrays: object) -> tuple[np.ndarray, Saved | None]:
@@ -161,13 +279,12 @@ class TensorOp(CompiledOp[TensorDerivation]):
         layout = getattr(self.module, "RESIDUALS", None)
         if layout is None:
             return self(*arrays), None
-        checked, sizes, dtype = self._bind(arrays)
-        shape = self._out_shape(sizes)
+        checked, dtype, dims, shape = self._bound(arrays, self._plan.fast(arrays))
         out = np.empty(shape if shape else (1,), dtype=dtype)
         residuals = tuple(
             np.empty(tuple(shape[k] for k in axes), dtype=dtype) for axes in layout
         )
-        self._run("forward_saved", *checked, *self._dims(sizes), out, *residuals)
+        self._run("forward_saved", dtype, *checked, *dims, out, *residuals)
         return (out if shape else out.reshape(())), Saved(out, residuals)
 
     def vjp(self, *arrays_and_grad: object, saved: Saved | None = None) -> tuple[Any, ...]:
@@ -180,8 +297,8 @@ class TensorOp(CompiledOp[TensorDerivation]):
         if not arrays_and_grad:
             raise ArgumentError(f"op {self.name!r}: vjp takes the inputs and then grad_output")
         *arrays, grad_output = arrays_and_grad
-        checked, sizes, dtype = self._bind(tuple(arrays))
-        shape = self._out_shape(sizes)
+        given = tuple(arrays)
+        checked, dtype, dims, shape = self._bound(given, self._plan.fast(given))
         g = np.asarray(grad_output)
         if g.dtype.kind not in "iuf" or g.dtype == np.bool_:
             raise DTypeError(
@@ -191,14 +308,16 @@ class TensorOp(CompiledOp[TensorDerivation]):
             raise ShapeError(
                 f"op {self.name!r}: grad_output has shape {g.shape}, the output has shape {shape}"
             )
-        g_arg: Any = float(g) if not shape else np.ascontiguousarray(g, dtype=dtype)
+        # a scalar cotangent is passed as a scalar of the data's dtype (a Python float would
+        # turn the float32 kernel's arithmetic into float64)
+        g_arg: Any = dtype.type(g) if not shape else np.ascontiguousarray(g, dtype=dtype)
         grads = [np.empty(checked[n].shape, dtype=dtype) for n in self._wrt]
         if saved is not None:
-            kept = (saved.out, *saved.arrays)
-            self._run("vjp_saved", *checked, *self._dims(sizes), *kept, g_arg, *grads)
+            self._run("vjp_saved", dtype, *checked, *dims, saved.out, *saved.arrays, g_arg, *grads)
         else:
-            self._run("vjp", *checked, *self._dims(sizes), g_arg, *grads)
+            self._run("vjp", dtype, *checked, *dims, g_arg, *grads)
         result: list[np.ndarray | None] = [None] * len(checked)
         for n, grad in zip(self._wrt, grads, strict=True):
             result[n] = grad
         return tuple(result)
+
