@@ -31,6 +31,7 @@ import numpy as np
 
 from .._version import __version__
 from ..codegen.dtypes import kernel_name
+from ..runtime.tensor import TensorOp
 from .graph import Graph, Ref, UnsupportedStepError
 
 _PAD = "    "
@@ -332,7 +333,7 @@ def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> S
 
 
 def _is_tensor(op: Any) -> bool:
-    return hasattr(op, "forward_saved") and hasattr(op, "_index_uses")
+    return isinstance(op, TensorOp)
 
 
 def _dims(op: Any, args: list[str], n: int) -> list[str]:
