@@ -575,7 +575,8 @@ class NumbaPrinter(PythonCodePrinter):
 
     def _print_Float(self, expr: sp.Float) -> str:
         if self._single:
-            return self._number(float(np.float32(float(expr))))
+            with np.errstate(over="ignore"):  # beyond float32's range: ±inf, as IEEE rounds
+                return self._number(float(np.float32(float(expr))))
         return repr(float(expr))
 
     def _print_Rational(self, expr: sp.Rational) -> str:
