@@ -4,34 +4,40 @@
 stabilize (``Derivation``) → emit (``KernelSource``) → write to the cache and compile — and
 returns an :class:`~symgrad.runtime.elementwise.ElementwiseOp`.  When the cache already holds a
 verified module for the same spec and toolchain, derivation is skipped (it runs lazily if
-``op.derivation()`` is asked for), which keeps a warm start fast.
+``op.derivation()`` is asked for), which keeps a warm start fast; a built-in op asked for
+before is found without building its formula at all (:mod:`symgrad.runtime.stored`), so this
+module imports SymPy only on the way to deriving something.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import sympy as sp
-
-from .builtins import TensorBuiltin, get_builtin
-from .codegen.emit import KernelSource, emit_elementwise
-from .codegen.lower import emit_tensor
-from .codegen.printer import check_supported
 from .errors import DefinitionError
+from .runtime import stored
 from .runtime.cache import module_path, verified_text, write_source
 from .runtime.elementwise import ElementwiseOp
 from .runtime.tensor import TensorOp
-from .symbolic.derive import Derivation, derive_elementwise
-from .symbolic.index import TensorDerivation, derive_tensor, tensor_spec
-from .symbolic.spec import OpSpec, elementwise_spec
+
+if TYPE_CHECKING:
+    import sympy as sp
+
+    from .codegen.emit import KernelSource
+    from .symbolic.derive import Derivation
+    from .symbolic.index import TensorDerivation, TensorSpec
+    from .symbolic.spec import OpSpec
 
 _OPS: dict[str, ElementwiseOp | TensorOp] = {}
-D = TypeVar("D", Derivation, TensorDerivation)
+_BUILTINS: dict[str, ElementwiseOp | TensorOp] = {}  # built-in request → op (see builtin)
+D = TypeVar("D", "Derivation", "TensorDerivation")
 
 
 def _derive_checked(spec: OpSpec) -> Derivation:
+    from .codegen.printer import check_supported
+    from .symbolic.derive import derive_elementwise
+
     derivation = derive_elementwise(spec)
     for partial in derivation.partials:
         check_supported(partial.final, spec.name, f"the derivative with respect to {partial.wrt}")
@@ -76,6 +82,10 @@ def elementwise(
     >>> softsign.vjp(np.array([-1.0, 0.0, 3.0]), np.ones(3))[0]
     array([0.25  , 1.    , 0.0625])
     """
+    from .codegen.emit import emit_elementwise
+    from .codegen.printer import check_supported
+    from .symbolic.spec import elementwise_spec
+
     spec = elementwise_spec(
         expr, inputs, name, constants, fastmath=fastmath, parallel=parallel, wrt=wrt
     )
@@ -107,6 +117,8 @@ def _build(
 def _without_deltas(expr: sp.Expr) -> sp.Expr:
     """``expr`` for the support check: a Kronecker delta in a tensor formula is lowered (a
     scatter-add, or an index test), not printed as a function."""
+    import sympy as sp
+
     return expr.xreplace(dict.fromkeys(expr.atoms(sp.KroneckerDelta), sp.S.One))
 
 
@@ -147,16 +159,31 @@ def tensor_op(
     array([[ 3., 12., 21., 30.],
            [ 3., 12., 21., 30.]])
     """
-    spec = tensor_spec(expr, out, inputs, name, constants, wrt)
+    from .symbolic.index import tensor_spec
+
+    return _tensor_op(tensor_spec(expr, out, inputs, name, constants, wrt))
+
+
+def _tensor_derive(spec: TensorSpec) -> TensorDerivation:
+    from .codegen.printer import check_supported
+    from .symbolic.index import derive_tensor
+
+    derivation = derive_tensor(spec)
+    for p in derivation.partials:
+        check_supported(_without_deltas(p.final), spec.name, f"the gradient of {p.wrt}")
+    return derivation
+
+
+def _tensor_op(spec: TensorSpec) -> TensorOp:
+    from .codegen.lower import emit_tensor
+    from .codegen.printer import check_supported
+
     if spec.key in _OPS:
         return _OPS[spec.key]  # type: ignore[return-value]
     check_supported(_without_deltas(spec.expr), spec.name)
 
     def derive() -> TensorDerivation:
-        derivation = derive_tensor(spec)
-        for p in derivation.partials:
-            check_supported(_without_deltas(p.final), spec.name, f"the gradient of {p.wrt}")
-        return derivation
+        return _tensor_derive(spec)
 
     def emit(d: TensorDerivation) -> KernelSource:
         return emit_tensor(d, spec.key)
@@ -180,20 +207,38 @@ def builtin(
     >>> sg.builtin("relu")(np.array([-1.0, 2.0]))
     array([0., 2.])
     """
+    chosen = None if wrt is None else _wrt_names(name, wrt)
+    request = stored.request_key(name, params, chosen)
+    found = _BUILTINS.get(request)
+    if found is not None:
+        return found
+
+    def built() -> ElementwiseOp | TensorOp:
+        return _built(name, params, chosen)
+
+    op = stored.load(name, request, lambda: built().spec, lambda: built().derivation())
+    if op is None:
+        op = built()
+        stored.save(request, op)
+    op.origin = (name, dict(params))
+    _BUILTINS[request] = op
+    return op
+
+
+def _built(
+    name: str, params: Mapping[str, Any], wrt: tuple[str, ...] | None
+) -> ElementwiseOp | TensorOp:
+    """The built-in ``name`` built from its formula (SymPy; its kernels from the cache if
+    there)."""
+    from .builtins import TensorBuiltin, get_builtin
+
     entry = get_builtin(name)
-    op: ElementwiseOp | TensorOp
     if isinstance(entry, TensorBuiltin):
         expr, out, inputs, constants = entry.build(**params)
-        chosen = entry.wrt if wrt is None else _wrt_names(name, wrt)
-        op = tensor_op(expr, out=out, inputs=inputs, name=name, constants=constants, wrt=chosen)
-    else:
-        formula, constants = entry.expr(**params)
-        op = elementwise(
-            formula, inputs=entry.inputs, name=name, constants=constants,
-            wrt=None if wrt is None else _wrt_names(name, wrt),
-        )  # fmt: skip
-    op.origin = (name, dict(params))
-    return op
+        chosen = entry.wrt if wrt is None else wrt
+        return tensor_op(expr, out=out, inputs=inputs, name=name, constants=constants, wrt=chosen)
+    formula, constants = entry.expr(**params)
+    return elementwise(formula, inputs=entry.inputs, name=name, constants=constants, wrt=wrt)
 
 
 def with_wrt(op: ElementwiseOp | TensorOp, wrt: Iterable[str]) -> ElementwiseOp | TensorOp:

@@ -80,8 +80,7 @@ class Graph:
 
 def op_key(op: Any) -> str:
     """The spec key of an op (its formula, inputs, gradients and constants, hashed)."""
-    key = getattr(op, "key", None)
-    return str(key if key is not None else op.spec.key)
+    return str(op.key)
 
 
 def trace(fn: Callable[..., np.ndarray], inputs: Sequence[np.ndarray]) -> Graph:

@@ -74,7 +74,7 @@ class CompiledStep:
         current = [op.input_names[k] for k in op._wrt]
         if names == current:
             return op
-        key = f"{op.spec.key}:{','.join(names)}"
+        key = f"{op.key}:{','.join(names)}"
         if key not in self._variants:
             self._variants[key] = with_wrt(op, names)
         return self._variants[key]

@@ -65,7 +65,7 @@ class ElementwiseLoss(Loss):
         raise NotImplementedError  # pragma: no cover - only built-in and fused losses are lazy
 
     def structure(self) -> str:
-        return f"op:{self.op.spec.key}"
+        return f"op:{self.op.key}"
 
     def _check(self, input: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         input, target = np.asarray(input), np.asarray(target)

@@ -321,7 +321,7 @@ class Elementwise(Module):
 
     def structure(self) -> str:
         """What determines this layer's generated code (a key part; no SymPy when built in)."""
-        return f"op:{self.op.spec.key}"
+        return f"op:{self.op.key}"
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
         return self.op(x), x

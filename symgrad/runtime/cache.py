@@ -187,7 +187,7 @@ def clear_cache() -> int:
     for file in root.glob("*.py"):
         file.unlink()
         count += 1
-    for manifest in root.glob("*_manifest_*.json"):  # they list modules just deleted
-        manifest.unlink()
+    for manifest in [*root.glob("*_manifest_*.json"), *root.glob("op_*.json")]:
+        manifest.unlink()  # manifests and op records name modules just deleted
     shutil.rmtree(root / "__pycache__", ignore_errors=True)
     return count

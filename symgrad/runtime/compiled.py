@@ -39,9 +39,11 @@ class CompiledOp(Generic[D]):
     """The parts of a compiled op that do not depend on its kind."""
 
     def __init__(
-        self, name: str, path: Path, derive: Callable[[], D], derivation: D | None
+        self, name: str, path: Path, derive: Callable[[], D], derivation: D | None, key: str
     ) -> None:
         self.name = name
+        #: the spec's content hash: the formula, inputs, gradients and constants
+        self.key = key
         self._path = path
         self._derive = derive
         self._derivation = derivation

@@ -61,10 +61,37 @@ class ElementwiseOp(CompiledOp["Derivation"]):
         derive: Callable[[], Derivation],
         derivation: Derivation | None = None,
     ) -> None:
-        super().__init__(spec.name, path, derive, derivation)
-        self.spec = spec
+        super().__init__(spec.name, path, derive, derivation, spec.key)
+        self._spec: OpSpec | None = spec
+        self._spec_factory: Callable[[], OpSpec] = lambda: spec
         self.input_names = tuple(s.name for s in spec.inputs)
         self._wrt = tuple(spec.inputs.index(s) for s in spec.wrt)
+
+    @classmethod
+    def stored(
+        cls,
+        name: str,
+        key: str,
+        path: Path,
+        inputs: tuple[str, ...],
+        wrt: tuple[int, ...],
+        spec: Callable[[], OpSpec],
+        derive: Callable[[], Derivation],
+    ) -> ElementwiseOp:
+        """An op from the cache without SymPy; its spec built by ``spec`` on first use."""
+        op = cls.__new__(cls)
+        CompiledOp.__init__(op, name, path, derive, None, key)
+        op._spec, op._spec_factory = None, spec
+        op.input_names = tuple(inputs)
+        op._wrt = tuple(wrt)
+        return op
+
+    @property
+    def spec(self) -> OpSpec:
+        """The validated formula (built on first use for an op loaded from the cache)."""
+        if self._spec is None:
+            self._spec = self._spec_factory()
+        return self._spec
 
     def __repr__(self) -> str:
         consts = "".join(f", {k}={v!r}" for k, v in self.spec.constants)

@@ -7,7 +7,9 @@ module's float32 kernels (``forward_f32``...), float64 arrays its float64 ones.
 
 How the arrays bind the dims is worked out once per op (:class:`_BindPlan`): a call runs a
 small generated function of plain ints, and no SymPy — a tiny op's call costs about what its
-kernel's does.  Error messages are composed only when a check fails.
+kernel's does.  Error messages are composed only when a check fails.  A built-in op loaded from
+the cache (:mod:`symgrad.runtime.stored`) brings its plan as data: this module imports SymPy
+only to build a plan or a spec.
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sympy as sp
 
 from ..errors import ArgumentError, DTypeError, IndexRangeError, ShapeError
-from ..symbolic.index import TensorDerivation, TensorSpec
 from .compiled import CompiledOp, Saved
 from .elementwise import _as_float_array
+
+if TYPE_CHECKING:  # building a plan or a spec needs SymPy; running a stored op does not
+    import sympy as sp
+
+    from ..symbolic.index import TensorDerivation, TensorSpec
 
 
 def _as_index_array(value: object, what: str) -> np.ndarray:
@@ -44,6 +49,8 @@ def _local(k: int, axis: int) -> str:
 
 def _int_source(expr: sp.Expr, names: dict[sp.Symbol, str]) -> str:
     """Python source of an integer dim expression, with each dim read from ``names``."""
+    import sympy as sp
+
     text = sp.pycode(expr.xreplace({d: sp.Symbol(n, integer=True) for d, n in names.items()}))
     exact = all(r.is_Integer for r in expr.atoms(sp.Rational)) and not expr.atoms(sp.Function)
     return text if exact else f"int({text})"
@@ -65,7 +72,12 @@ class _BindPlan:
     and the checked path (:meth:`TensorOp._bind`) converts the arrays or names the mismatch.
     """
 
+    #: the plan's plain part, stored with a cached built-in op (:meth:`data`)
+    FIELDS = ("names", "integer", "shape_text", "checks", "index_uses", "source")
+
     def __init__(self, spec: TensorSpec) -> None:
+        import sympy as sp
+
         self.names = tuple(str(b.label) for b in spec.inputs)
         self.integer = tuple(bool(b.is_integer) for b in spec.inputs)
         shapes = [tuple(sp.sympify(d) for d in b.shape) for b in spec.inputs]
@@ -141,6 +153,11 @@ class _BindPlan:
         if tests:
             lines += [f"    if {' or '.join(tests)}:", "        return None"]
         lines.append(f"    return dtype, {_tuple(dims)}, {_tuple(out)}, {_tuple(index_sizes)}")
+        self.source = "\n".join(lines)
+        return self._compile(self.source)
+
+    @staticmethod
+    def _compile(source: str) -> Callable[[tuple[object, ...]], Any]:
         namespace: dict[str, Any] = {
             "ndarray": np.ndarray,
             "F64": np.dtype(np.float64),
@@ -149,12 +166,29 @@ class _BindPlan:
             "int": int,
             "math": math,
         }
-        self.source = "\n".join(lines)
-        exec(self.source, namespace)  # the source is built above from ints and names
+        exec(source, namespace)  # built by _generate from ints and names (no user text)
         return namespace["fast"]  # type: ignore[no-any-return]
 
+    def data(self) -> dict[str, Any]:
+        """The plan's plain part (JSON-ready): what a call needs when nothing fails."""
+        return {name: getattr(self, name) for name in self.FIELDS}
 
-class TensorOp(CompiledOp[TensorDerivation]):
+    @classmethod
+    def stored(cls, data: dict[str, Any]) -> _BindPlan:
+        """A plan from :meth:`data`, without SymPy; its checked path's messages need the full
+        plan (:meth:`TensorOp._checked_plan`)."""
+        plan = cls.__new__(cls)
+        plan.names = tuple(data["names"])
+        plan.integer = tuple(bool(v) for v in data["integer"])
+        plan.shape_text = tuple(tuple(s) for s in data["shape_text"])
+        plan.checks = [tuple(c) for c in data["checks"]]  # type: ignore[misc]
+        plan.index_uses = [tuple(u) for u in data["index_uses"]]  # type: ignore[misc]
+        plan.source = str(data["source"])
+        plan.fast = cls._compile(plan.source)
+        return plan
+
+
+class TensorOp(CompiledOp["TensorDerivation"]):
     """A compiled tensor op.  Create it with :func:`symgrad.tensor_op`.
 
     ``op(*arrays)`` is the forward, ``op.vjp(*arrays, grad_output)`` returns one gradient per
@@ -168,11 +202,48 @@ class TensorOp(CompiledOp[TensorDerivation]):
         derive: Callable[[], TensorDerivation],
         derivation: TensorDerivation | None = None,
     ) -> None:
-        super().__init__(spec.name, path, derive, derivation)
-        self.spec = spec
+        super().__init__(spec.name, path, derive, derivation, spec.key)
+        self._spec: TensorSpec | None = spec
+        self._spec_factory: Callable[[], TensorSpec] = lambda: spec
         self.input_names = tuple(str(b.label) for b in spec.inputs)
         self._wrt = tuple(spec.inputs.index(b) for b in spec.wrt)
         self._plan = _BindPlan(spec)
+        self._full_plan: _BindPlan | None = self._plan
+
+    @classmethod
+    def stored(
+        cls,
+        name: str,
+        key: str,
+        path: Path,
+        plan: dict[str, Any],
+        wrt: tuple[int, ...],
+        spec: Callable[[], TensorSpec],
+        derive: Callable[[], TensorDerivation],
+    ) -> TensorOp:
+        """An op from the cache without SymPy: its plan as data, its spec built by ``spec``
+        on first use (a derivation printout, an error message)."""
+        op = cls.__new__(cls)
+        CompiledOp.__init__(op, name, path, derive, None, key)
+        op._spec, op._spec_factory = None, spec
+        op._plan = _BindPlan.stored(plan)
+        op._full_plan = None
+        op.input_names = op._plan.names
+        op._wrt = tuple(wrt)
+        return op
+
+    @property
+    def spec(self) -> TensorSpec:
+        """The validated formula (built on first use for an op loaded from the cache)."""
+        if self._spec is None:
+            self._spec = self._spec_factory()
+        return self._spec
+
+    def _checked_plan(self) -> _BindPlan:
+        """The full plan (with the dims' formulas, for messages; SymPy)."""
+        if self._full_plan is None:
+            self._full_plan = _BindPlan(self.spec)
+        return self._full_plan
 
     def __repr__(self) -> str:
         return f"<symgrad tensor op {self.name}({', '.join(self.input_names)})>"
@@ -233,15 +304,20 @@ class TensorOp(CompiledOp[TensorDerivation]):
                     f"{plan.names[k0]!r} (shape {checked[k0].shape}) but {size} in "
                     f"{plan.names[k]!r} (axis {axis}, shape {checked[k].shape})"
                 )
-        sizes = {d: checked[k].shape[axis] for d, (k, axis) in plan.first.items()}
-        for k, axis, dim, _ in plan.derived:
+        ready = tuple(a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in checked)
+        if plan.fast(ready) is not None:
+            return ready
+        # only a dim given by an expression (N - K + 1) is left to fail: name it (SymPy)
+        full = self._checked_plan()
+        sizes = {d: checked[k].shape[axis] for d, (k, axis) in full.first.items()}
+        for k, axis, dim, _ in full.derived:
             size, expected = checked[k].shape[axis], dim.xreplace(sizes)
             if not expected.is_Integer or int(expected) != size:
                 raise ShapeError(
                     f"op {self.name!r}: axis {axis} of {plan.names[k]!r} (shape "
                     f"{checked[k].shape}) should be {dim} = {expected}, got {size}"
                 )
-        return tuple(a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in checked)
+        return ready
 
     def _check_index_ranges(self, arrays: tuple[Any, ...], sizes: tuple[int, ...]) -> None:
         """Every integer tensor's values must lie within each axis it subscripts: the
