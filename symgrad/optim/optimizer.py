@@ -24,6 +24,7 @@ import math
 import numbers
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from functools import cache
 from typing import Any, ClassVar
 
 import numpy as np
@@ -49,6 +50,14 @@ def check_real(
 ) -> float:
     """``value`` as a float if it is a real number within ``[low, high]`` (``[low, high)`` with
     ``high_open``); else a :class:`HyperparameterError` naming the group and the value."""
+    if type(value) is float or type(value) is int:  # the usual case, checked quickly
+        number = float(value)
+        if (
+            number == number
+            and (low is None or number >= low)
+            and (high is None or (number < high if high_open else number <= high))
+        ):
+            return number
     label = f"{what} {name}" if what else name
     bounds = []
     if low is not None:
@@ -74,13 +83,21 @@ def check_real(
 
 def check_flag(group: int, name: str, value: object) -> bool:
     """``value`` as a bool if it is one (or 0/1); else a :class:`HyperparameterError`."""
-    if isinstance(value, (bool, np.bool_)):
+    if value is True or value is False or isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
     raise HyperparameterError(
         f"param group {group}: invalid {name}: {value!r}; it must be True or False"
     )
+
+
+@cache
+def _switches(rule: UpdateRule) -> tuple[int, ...]:
+    """For each state of ``rule``, the index of the hyperparameter it is active with (-1:
+    always active)."""
+    names = [h.name for h in rule.hyperparameters]
+    return tuple(-1 if s.active_if is None else names.index(s.active_if) for s in rule.states)
 
 
 class Optimizer:
@@ -216,52 +233,83 @@ class Optimizer:
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update every trainable parameter that has a gradient; returns ``closure()`` (called
-        first, as in torch) or None."""
+        first, as in torch) or None.  Every group is checked before anything is updated."""
         loss = closure() if closure is not None else None
-        for index, group in enumerate(self.param_groups):  # all of them before any update
+        for index, group in enumerate(self.param_groups):
             self.check_group(group, index)
         for group in self.param_groups:
+            hyper = self.hyperparameters(group)
             for p in group["params"]:
                 if p.grad is None or not p.requires_grad:
                     continue
                 if not (p.data.flags.c_contiguous and p.data.flags.writeable):
                     p.data = np.array(p.data, order="C")  # updated in place from here on
-                states, scalars = self.update_inputs(p, group, np.empty(0, p.data.dtype))
-                update_kernel(self.rule, p.data.dtype).run(p.data, p.grad, states, scalars)
+                states, scalars, _ = self.prepare_update(p, hyper, np.empty(0, p.data.dtype))
+                kernel = update_kernel(self.rule, p.data.dtype)
+                kernel.run(p.data, p.grad, states, [*hyper, *scalars])
         return loss
 
-    def update_inputs(
-        self, p: Parameter, group: Mapping[str, Any], inactive: np.ndarray
-    ) -> tuple[list[np.ndarray], list[float]]:
-        """The state arrays and scalar inputs of ``p``'s next update (``rule.states`` and
-        ``rule.scalar_inputs`` order), its state created or advanced as torch does: the counter
-        incremented, an active state created as zeros (its fresh flag 1.0), an inactive one
-        passed as ``inactive`` and left as it is.  The eager step and the fused step both call
-        this before updating ``p``."""
+    def hyperparameters(self, group: Mapping[str, Any]) -> list[float]:
+        """The group's hyperparameters as the update reads them (``rule.hyperparameters``
+        order, floats)."""
+        return [h.value(group) for h in self.rule.hyperparameters]
+
+    def prepare_update(
+        self, p: Parameter, hyper: list[float], inactive: np.ndarray
+    ) -> tuple[list[np.ndarray], list[float], tuple[Any, ...]]:
+        """Create or advance ``p``'s state for its next update, as torch does, given its
+        group's :meth:`hyperparameters`: the counter incremented, an active state created as
+        zeros (its fresh flag 1.0), an inactive one passed as ``inactive`` and left as it is.
+
+        Returns the state arrays (``rule.states`` order), the scalar inputs after the
+        hyperparameters (counter, fresh flags) and what :meth:`undo_prepare` needs to take
+        the change back.  The eager step and the fused step both call this.
+        """
         rule = self.rule
+        switches = _switches(rule)
         state = self.state.get(p)
-        hyper = {h.name: h.value(group) for h in rule.hyperparameters}
-        scalars = list(hyper.values())
+        scalars: list[float] = []
+        previous = None
         if rule.counter is not None:
             if state is None:
                 state = self.state[p]
-            state[rule.counter] = float(state.get(rule.counter, 0.0)) + 1.0
+            previous = state.get(rule.counter)
+            state[rule.counter] = float(previous or 0.0) + 1.0
             scalars.append(state[rule.counter])
-        arrays, fresh = [], []
-        for spec in rule.states:
-            if spec.active_if is not None and hyper[spec.active_if] == 0.0:
+        arrays: list[np.ndarray] = []
+        created: list[str] = []
+        fresh: list[float] = []
+        for spec, switch in zip(rule.states, switches, strict=True):
+            if switch >= 0 and hyper[switch] == 0.0:
                 arrays.append(inactive)
-                created = False
+                new = False
             else:
                 if state is None:
                     state = self.state[p]
-                created = spec.name not in state
-                if created:
+                new = spec.name not in state
+                if new:
                     state[spec.name] = np.zeros_like(p.data)
+                    created.append(spec.name)
                 arrays.append(state[spec.name])
             if spec.fresh is not None:
-                fresh.append(1.0 if created else 0.0)
-        return arrays, scalars + fresh
+                fresh.append(1.0 if new else 0.0)
+        return arrays, scalars + fresh, (p, created, previous)
+
+    def undo_prepare(self, undo: tuple[Any, ...]) -> None:
+        """Take back what :meth:`prepare_update` did (an update that did not happen)."""
+        p, created, previous = undo
+        state = self.state.get(p)
+        if state is None:
+            return
+        for name in created:
+            state.pop(name, None)
+        if self.rule.counter is not None:
+            if previous is None:
+                state.pop(self.rule.counter, None)
+            else:
+                state[self.rule.counter] = previous
+        if not state:
+            del self.state[p]
 
     def structure(self) -> str:
         """What the generated update code depends on: the rule alone (no hyperparameter)."""

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import IndexRangeError, ShapeError, SymgradError
 from ..nn.losses import CrossEntropyLoss, ElementwiseLoss, Loss, fuse
-from ..nn.modules import Elementwise, Linear, Module, Parameter, Sequential
+from ..nn.modules import Elementwise, Linear, Module, Sequential
 from .cache import (
     atomic_write,
     cache_dir,
@@ -133,6 +133,9 @@ class FusedStep:
         self._flags: tuple[bool, ...] = ()
         self._grad_norm = np.zeros(1)
         self._inactive: dict[int, np.ndarray] = {}  # a stand-in for a state that is off
+        self._scalars = np.zeros((0, 0))
+        self._group_shape: tuple[tuple[int, int], ...] = ()
+        self._group_of: list[int] = []
 
     # -- planning --------------------------------------------------------------------------
 
@@ -352,9 +355,11 @@ class FusedStep:
     def _update_args_and_code(self, plan: StepPlan, with_code: bool) -> None:
         """The update of every trained parameter by the optimizer's rule, after clipping.
 
-        Each parameter's states, hyperparameters, counter and fresh flags are arguments named
-        ``<name>__<parameter>`` (``lr__W0``, ``exp_avg__b2``): read on every call, so the
-        generated code depends on the rule alone.
+        Each parameter's state arrays are arguments named ``<state>__<parameter>``
+        (``exp_avg__b2``); its scalar inputs (hyperparameters of its group, counter, fresh
+        flags) are row ``j`` of the argument ``scalars`` (one row per trained parameter, columns
+        in ``rule.scalar_inputs`` order), filled on every call: the generated code depends on
+        the rule alone.
         """
         import sympy as sp
 
@@ -374,15 +379,20 @@ class FusedStep:
         elif self._clip == "value":
             c = sp.Symbol("clip_value", real=True)
             clipped = sp.Min(sp.Max(grad, -c), c)  # torch.clamp(g, -c, c)
-        for k, name, _ in self._trained:
+        plan.params.append("scalars")
+        for j, (k, name, _) in enumerate(self._trained):
             p, g = f"{name}{k}", f"g{name}{k}"
             tag = f"__{p}"
             states = {s.name: f"{s.name}{tag}" for s in rule.states}
             scalars = {n: f"{n}{tag}" for n in rule.scalar_inputs}
-            plan.params += [*states.values(), *scalars.values()]
+            plan.params += list(states.values())
             if with_code:
                 flat = [p, g, *states.values()]
                 plan.update += [f"{_PAD}{v}f = {v}.reshape({v}.size)" for v in flat]
+                plan.update += [
+                    f"{_PAD}{local} = scalars[{j}, {c}]"
+                    for c, local in enumerate(scalars.values())
+                ]
                 arrays = {rule.param: f"{p}f", rule.grad: f"{g}f"}
                 arrays.update({s: f"{v}f" for s, v in states.items()})
                 plan.update += update_lines(plan, rule, arrays, scalars, _PAD, tag, clipped)
@@ -458,6 +468,7 @@ class FusedStep:
         """
         self._dtype = dtype  # float32 data gets float32 math where it has a helper for it
         self._buffers, self._views, self._cached = None, {}, None  # shaped by the old plan
+        self._group_shape = ()
         self._lowest = self._lowest_trained()
         self._trained = [
             (k, name, p)
@@ -472,10 +483,8 @@ class FusedStep:
         if not self._load(manifest):
             self._cold_compile(manifest)
         rule = self.optimizer.rule
+        self._scalars = np.zeros((len(self._trained), len(rule.scalar_inputs)))
         where = {name: k for k, name in enumerate(self._args)}
-        self._scalar_slots = [
-            [where[f"{n}__{name}{k}"] for n in rule.scalar_inputs] for k, name, _ in self._trained
-        ]
         self._clip_slot = where.get("max_norm", where.get("clip_value"))
 
     def _structure_key(self) -> str:
@@ -609,13 +618,13 @@ class FusedStep:
         views = self._views.get(batch)  # emptied whenever the buffers are (re)allocated
         if views is None:
             views = self._batch_views(batch, dtype)
-        before = self._snapshot()
-        args = self._arguments(views)
+        args, undo = self._arguments(views)
         args[0] = x
         args[1] = targets
         loss, bad = self._fn(*args)
         if bad >= 0:
-            self._restore(before)  # no update happened: the optimizer's state is as it was
+            for step in undo:  # no update happened: the optimizer's state is as it was
+                self.optimizer.undo_prepare(step)
             classes = self._output_width()
             raise IndexRangeError(
                 f"labels must lie in [0, {classes}): label {int(args[1][bad])} at row {bad}; "
@@ -623,44 +632,35 @@ class FusedStep:
             )
         return float(loss)
 
-    def _snapshot(self) -> list[tuple[Parameter, set[str], Any]]:
-        """What :meth:`_arguments` may change in the optimizer's state: the names held and the
-        counter of every trained parameter."""
-        counter = self.optimizer.rule.counter
-        out = []
-        for _, _, p in self._trained:
-            state = self.optimizer.state.get(p, {})
-            out.append((p, set(state), state.get(counter) if counter else None))
-        return out
+    def _arguments(self, views: dict[str, np.ndarray]) -> tuple[list[Any], list[Any]]:
+        """The step's arguments (the list is reused while the arrays stay the same objects),
+        and how to undo the optimizer's preparation.
 
-    def _restore(self, snapshot: list[tuple[Parameter, set[str], Any]]) -> None:
-        counter = self.optimizer.rule.counter
-        for p, names, count in snapshot:
-            state = self.optimizer.state[p]
-            for name in set(state) - names:
-                del state[name]
-            if counter and counter in names:
-                state[counter] = count
-            if not state:
-                del self.optimizer.state[p]
-
-    def _arguments(self, views: dict[str, np.ndarray]) -> list[Any]:
-        """The step's arguments; the list is reused while the arrays stay the same objects.
-
-        The optimizer creates or advances each trained parameter's state (as its eager step
-        does) and gives the scalars of its update, read from the parameter's group now.
+        Every group is checked; the optimizer creates or advances each trained parameter's
+        state (as its eager step does); row ``j`` of the ``scalars`` table gets parameter
+        ``j``'s hyperparameters, read from its group now, its counter and fresh flags.
         """
         opt = self.optimizer
-        groups: dict[int, tuple[int, dict[str, Any]]] = {}
-        for index, group in enumerate(opt.param_groups):
+        groups = opt.param_groups
+        shape = tuple((id(g), len(g["params"])) for g in groups)
+        if shape != self._group_shape:  # which group each trained parameter is in
+            where = {id(p): k for k, g in enumerate(groups) for p in g["params"]}
+            self._group_of = [where[id(p)] for _, _, p in self._trained]
+            self._group_shape = shape
+        hyper = []
+        for index, group in enumerate(groups):
             opt.check_group(group, index)
-            for p in group["params"]:
-                groups[id(p)] = (index, group)
-        arrays, scalars = [], []
-        for _, _, p in self._trained:
-            states, values = opt.update_inputs(p, groups[id(p)][1], self._inactive[id(p)])
+            hyper.append(opt.hyperparameters(group))
+        table = self._scalars
+        width = len(hyper[0]) if hyper else 0
+        arrays, undo = [], []
+        for j, (_, _, p) in enumerate(self._trained):
+            values = hyper[self._group_of[j]]
+            states, extra, step_undo = opt.prepare_update(p, values, self._inactive[id(p)])
+            table[j, :width] = values
+            table[j, width:] = extra
             arrays.append(states)
-            scalars.append(values)
+            undo.append(step_undo)
         key = (
             id(views),
             *(id(p.data) for p in self._params),
@@ -669,13 +669,10 @@ class FusedStep:
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, self._argument_list(views, arrays))
         args = self._cached[1]
-        for slots, values in zip(self._scalar_slots, scalars, strict=True):
-            for slot, value in zip(slots, values, strict=True):
-                args[slot] = value
         if self._clip_slot is not None:
             limit = self.clip_grad_norm if self._clip == "norm" else self.clip_grad_value
             args[self._clip_slot] = float(limit)  # type: ignore[arg-type]
-        return args
+        return args, undo
 
     def _argument_list(
         self, views: dict[str, np.ndarray], arrays: list[list[np.ndarray]]
@@ -690,10 +687,11 @@ class FusedStep:
         for (k, name, _), states in zip(self._trained, arrays, strict=True):
             for spec, array in zip(rule.states, states, strict=True):
                 values[f"{spec.name}__{name}{k}"] = array
-            for n in rule.scalar_inputs:
-                values[f"{n}__{name}{k}"] = 0.0  # set on every call
         values.setdefault("target", None)  # an elementwise loss's targets come with each call
-        values.update(x=None, labels=None, max_norm=0.0, clip_value=0.0, grad_norm=self._grad_norm)
+        values.update(
+            x=None, labels=None, max_norm=0.0, clip_value=0.0, grad_norm=self._grad_norm,
+            scalars=self._scalars,
+        )
         return [values[name] for name in self._args]
 
 

@@ -84,7 +84,7 @@ class Formulas:
     updates: tuple[tuple[sp.Symbol, sp.Expr], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per rule
 class UpdateRule:
     """One optimizer's update (see the module docstring).
 
