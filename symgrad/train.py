@@ -24,7 +24,7 @@ from .nn.losses import Loss, fuse
 from .nn.modules import Module
 from .nn.utils import clip_grad_norm_, clip_grad_value_
 from .optim import Optimizer
-from .optim.lr_scheduler import LRScheduler
+from .optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from .optim.serialize import from_json, to_json
 
 
@@ -195,7 +195,8 @@ def fit(
             :func:`symgrad.nn.fuse`).
         scheduler: a learning-rate scheduler of ``optimizer``, stepped after every optimizer
             step (``scheduler_interval="step"``, as in BERT fine-tuning) or after every epoch
-            (``"epoch"``); saved in and restored from checkpoints.
+            (``"epoch"``; a ``ReduceLROnPlateau`` always, with the epoch's mean loss); saved in
+            and restored from checkpoints.
         clip_grad_norm, clip_grad_value: clip the gradients before each optimizer step to this
             global 2-norm (:func:`symgrad.nn.utils.clip_grad_norm_`) or into
             ``[-value, value]`` (:func:`~symgrad.nn.utils.clip_grad_value_`); one of the two.
@@ -221,6 +222,7 @@ def fit(
     body, objective = fuse(model, loss) if fuse_loss else (model, loss)
     # One forward over everything: a wrong feature count or label fails here, not mid-run.
     objective.value_and_grad(body(x), y)
+    plateau = isinstance(scheduler, ReduceLROnPlateau)  # stepped with each epoch's loss
     start, history = 0, History()
     if resume and checkpoint is not None and Path(checkpoint).exists():
         start, history = load_checkpoint(checkpoint, model, optimizer, scheduler)
@@ -238,7 +240,7 @@ def fit(
             elif clip_grad_value is not None:
                 clip_grad_value_(model.parameters(), clip_grad_value)
             optimizer.step()
-            if scheduler is not None and scheduler_interval == "step":
+            if scheduler_interval == "step" and scheduler is not None and not plateau:
                 scheduler.step()
             history.step_losses.append(value)
             total, count = total + value * len(idx), count + len(idx)
@@ -246,7 +248,9 @@ def fit(
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}")
         history.epoch_losses.append(total / count)
-        if scheduler is not None and scheduler_interval == "epoch":
+        if isinstance(scheduler, ReduceLROnPlateau):
+            scheduler.step(total / count)
+        elif scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()
         if evaluate is not None:
             history.evals.append(evaluate(model))

@@ -250,6 +250,7 @@ RATE_SCHEDULES = {
     "chained": lambda lib, opt: lib.ChainedScheduler(
         [lib.ConstantLR(opt, factor=0.5, total_iters=5), lib.ExponentialLR(opt, gamma=0.9)]
     ),
+    "warm_restarts": lambda lib, opt: lib.CosineAnnealingWarmRestarts(opt, T_0=7, T_mult=2),
     "one_cycle_linear_three_phase": lambda lib, opt: lib.OneCycleLR(
         opt, max_lr=0.5, epochs=5, steps_per_epoch=10, anneal_strategy="linear",
         three_phase=True,
@@ -287,6 +288,48 @@ def test_scheduler_rates_equal_torch_and_resume_from_state_dict(name):
             ours.load_state_dict(saved)
     assert ours.get_last_lr() == theirs.get_last_lr()
     assert getattr(ours, "last_epoch", None) == getattr(theirs, "last_epoch", None)
+
+
+def test_reduce_on_plateau_follows_torch_and_fit_steps_it_with_the_epoch_loss():
+    metrics = [1.0, 0.9, 0.95, 0.97, 0.96, 0.99, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.1]
+    topt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    opt = optim.SGD([nn.Parameter(np.zeros(1))], lr=0.1)
+    kwargs = {"factor": 0.5, "patience": 2, "cooldown": 1, "min_lr": 0.02}
+    theirs = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, **kwargs)
+    ours = sched.ReduceLROnPlateau(opt, **kwargs)
+    for metric in metrics:
+        theirs.step(metric)
+        ours.step(metric)
+        assert ours.get_last_lr() == theirs.get_last_lr()
+    assert ours.get_last_lr()[0] < 0.1  # the metrics did trigger reductions
+    from symgrad.train import fit
+
+    rng = np.random.default_rng(0)
+    model = _model()
+    opt = optim.SGD(model.parameters(), lr=1e-3)
+    plateau = sched.ReduceLROnPlateau(opt, patience=0, threshold=0.5)  # no epoch halves the loss
+    fit(model, nn.CrossEntropyLoss(), opt, rng.normal(size=(20, 5)), rng.integers(0, 3, 20),
+        epochs=3, batch_size=10, scheduler=plateau)
+    assert plateau.last_epoch == 3 and opt.param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+def test_clip_grad_norm_of_any_order_as_torch():
+    rng = np.random.default_rng(8)
+    grads = [rng.normal(size=(3, 4)), rng.normal(size=5)]
+    for order in (2.0, 1.0, 3.5, float("inf"), "inf"):
+        params = [nn.Parameter(np.zeros_like(g)) for g in grads]
+        tparams = [torch.zeros(g.shape, dtype=torch.float64, requires_grad=True) for g in grads]
+        for p, tp, g in zip(params, tparams, grads, strict=True):
+            p.grad, tp.grad = g.copy(), torch.tensor(g)
+        total = clip_grad_norm_(params, 0.5, norm_type=order)
+        want = torch.nn.utils.clip_grad_norm_(tparams, 0.5, norm_type=order)
+        assert total.item() == pytest.approx(want.item(), rel=1e-14)
+        for p, tp in zip(params, tparams, strict=True):
+            assert _rel(p.grad, tp.grad.numpy()) < 1e-14
+    p = nn.Parameter(np.zeros(2))
+    p.grad = np.array([np.inf, 1.0])
+    with pytest.raises(SymgradError, match="not finite"):
+        clip_grad_norm_(p, 1.0, error_if_nonfinite=True)
 
 
 def test_warmup_schedule_is_hugging_faces():

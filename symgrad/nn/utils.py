@@ -35,43 +35,47 @@ def _real(name: str, value: object) -> float:
 def clip_grad_norm_(
     parameters: Parameter | Iterable[Parameter],
     max_norm: float,
-    norm_type: float = 2.0,
+    norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
-) -> float:
+    foreach: bool | None = None,
+) -> np.float64:
     """Scale the gradients so that their global norm is at most ``max_norm``; returns the
     norm before clipping (torch's ``clip_grad_norm_``).
 
     The norm is that of the per-parameter norms, as torch computes it; every gradient is
     multiplied by ``min(max_norm / (norm + 1e-6), 1)``.  ``norm_type`` is any positive real or
-    ``inf``.
+    ``inf`` (or ``"inf"``).  The norm is a NumPy float (``.item()`` works, as on torch's
+    tensor); ``foreach`` is accepted for torch's signature and changes nothing.
 
     >>> import numpy as np
     >>> from symgrad import nn
     >>> p = nn.Parameter(np.zeros(2)); p.grad = np.array([3.0, 4.0])
-    >>> clip_grad_norm_([p], max_norm=1.0)
+    >>> float(clip_grad_norm_([p], max_norm=1.0))
     5.0
     >>> p.grad.round(6)
     array([0.6, 0.8])
     """
     max_norm = _real("max_norm", max_norm)
-    norm_type = _real("norm_type", norm_type)
-    if norm_type <= 0:
+    if isinstance(norm_type, str) and norm_type.strip().lower() in ("inf", "+inf"):
+        norm_type = math.inf
+    order = _real("norm_type", norm_type)
+    if order <= 0:
         raise SymgradError(f"norm_type must be positive (or inf), got {norm_type!r}")
     grads = _grads(parameters)
     if not grads:
-        return 0.0
-    if math.isinf(norm_type):
-        total = max(float(np.max(np.abs(g))) if g.size else 0.0 for g in grads)
+        return np.float64(0.0)
+    if math.isinf(order):
+        total = np.float64(max(float(np.max(np.abs(g))) if g.size else 0.0 for g in grads))
     else:
-        norms = [float(np.linalg.norm(g.ravel(), ord=norm_type)) for g in grads]
-        total = float(np.linalg.norm(np.asarray(norms), ord=norm_type))
+        norms = [np.linalg.norm(g.ravel(), ord=order) for g in grads]
+        total = np.float64(np.linalg.norm(np.asarray(norms, dtype=np.float64), ord=order))
     if error_if_nonfinite and not math.isfinite(total):
         raise NonFiniteNormError(
             f"the total norm of order {norm_type} of the gradients is {total}: it is not "
             "finite, so clip_grad_norm_ cannot scale them; set error_if_nonfinite=False to "
             "scale them anyway"
         )
-    coef = max_norm / (total + 1e-6)
+    coef = max_norm / (float(total) + 1e-6)
     coef = 1.0 if coef > 1.0 else coef  # torch.clamp(max=1.0): a NaN stays NaN
     for g in grads:
         g *= coef
