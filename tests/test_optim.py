@@ -421,6 +421,33 @@ def test_checkpoint_without_scheduler_state_is_refused(tmp_path):
             scheduler=sched.StepLR(opt, step_size=1))
 
 
+def test_epoch_interval_and_checkpoints_of_the_earlier_layout(tmp_path):
+    """``scheduler_interval="epoch"`` steps once per epoch; a checkpoint written before
+    parameter groups (flat ``optim/<index>.<name>`` arrays) still restores the state."""
+    from symgrad.train import fit, load_checkpoint
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 5)), rng.integers(0, 3, 20)
+    model = _model()
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    schedule = sched.StepLR(opt, step_size=1, gamma=0.5)
+    fit(model, nn.CrossEntropyLoss(), opt, x, y, epochs=3, batch_size=5, scheduler=schedule,
+        scheduler_interval="epoch")
+    assert schedule.last_epoch == 3 and opt.param_groups[0]["lr"] == 0.1 * 0.5**3
+    buffers = {k: opt.state[p]["momentum_buffer"] for k, p in enumerate(model.parameters())}
+    old = {f"model/{k}": v for k, v in model.state_dict().items()}
+    old.update({f"optim/{k}.momentum_buffer": v for k, v in buffers.items()})
+    old.update(epoch=np.asarray(3), step_losses=np.zeros(12), epoch_losses=np.zeros(3),
+               evals=np.asarray("[]"))
+    np.savez(tmp_path / "old.npz", **old)
+    other = _model()
+    other_opt = optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    epoch, _ = load_checkpoint(tmp_path / "old.npz", other, other_opt)
+    assert epoch == 3
+    for k, p in enumerate(other.parameters()):
+        np.testing.assert_array_equal(other_opt.state[p]["momentum_buffer"], buffers[k])
+
+
 def test_state_dict_has_torchs_layout_and_loads_torchs():
     """Keys and layout as torch's; a torch state dict (tensors as arrays) loads and the two
     optimizers carry on alike."""
