@@ -221,7 +221,7 @@ def test_eager_and_fused_steps_can_alternate():
     theirs, _, _ = _run_torch("adam", "cosine", True, "norm")
     model = _model()
     params = model.parameters()
-    kind, kwargs = OPTIMIZERS["adam"]
+    _, kwargs = OPTIMIZERS["adam"]
     opt = optim.Adam(_groups(params, True), **kwargs)
     scheduler = sched.CosineAnnealingLR(opt, T_max=20, eta_min=1e-4)
     loss = nn.CrossEntropyLoss()

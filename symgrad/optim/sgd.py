@@ -70,7 +70,7 @@ class SGD(Optimizer):
     >>> opt.param_groups[0]["lr"] = 1.0   # takes effect on the next step
     >>> opt.step()
     >>> w.data
-    array([-1. , -4. ])
+    array([-1., -4.])
     """
 
     rule = SGD_RULE

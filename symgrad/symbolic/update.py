@@ -58,9 +58,6 @@ class Hyperparameter:
         raw = group[self.key] if self.index is None else group[self.key][self.index]
         return float(raw)
 
-    def describe(self) -> str:
-        return self.key if self.index is None else f"{self.key}[{self.index}]"
-
 
 @dataclass(frozen=True)
 class State:
@@ -118,23 +115,12 @@ class UpdateRule:
         """The array arguments of an update, in order: the parameter, its gradient, states."""
         return (self.param, self.grad, *(s.name for s in self.states))
 
-    def hyperparameter(self, name: str) -> Hyperparameter:
-        for h in self.hyperparameters:
-            if h.name == name:
-                return h
-        raise KeyError(name)
-
     def fingerprint(self) -> str:
         """A hash of the rule computed without SymPy: its plain fields and the source of its
         ``build`` function (a changed formula names new kernels)."""
         return _fingerprint(self)
 
     # -- the formulas ---------------------------------------------------------------------------
-
-    def symbol(self, name: str) -> sp.Symbol:
-        import sympy as sp
-
-        return sp.Symbol(name, real=True)
 
     def formulas(self) -> Formulas:
         """The rule's formulas, built on first use and checked (:class:`DefinitionError` for a
