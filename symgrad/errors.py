@@ -72,3 +72,21 @@ class ExplainError(SymgradError, TypeError):
 class UnsupportedStepError(SymgradError, TypeError):
     """A model, loss or optimizer the step compiler cannot compile: the message names what and
     why; the tape's reverse mode trains it instead (``fit(..., compiled=False)``)."""
+
+
+class OptimizerError(SymgradError, ValueError):
+    """An optimizer's parameter groups or state dict are malformed (no parameters, a parameter
+    in two groups, a state dict made for other parameters)."""
+
+
+class HyperparameterError(OptimizerError):
+    """A hyperparameter of a parameter group is invalid (a negative learning rate, a beta
+    outside [0, 1)); the message names the group and the value, as torch's ValueError does."""
+
+
+class SchedulerError(SymgradError, ValueError):
+    """A learning-rate scheduler got invalid arguments or a state it cannot use."""
+
+
+class NonFiniteNormError(SymgradError, RuntimeError):
+    """The total gradient norm is NaN or infinite and ``error_if_nonfinite`` was set."""

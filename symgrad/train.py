@@ -2,7 +2,9 @@
 
 Batches are a pure function of ``(seed, epoch)`` (:func:`batch_order`), so a run resumed from a
 checkpoint — or a PyTorch twin fed by the same function — sees exactly the same batches in the
-same order.  Checkpoints are ``.npz`` files written atomically (temporary file + rename).
+same order.  Checkpoints are ``.npz`` files written atomically (temporary file + rename): the
+model's weights, the optimizer's state arrays (``optim/state/<index>/<name>``) and its
+parameter groups (JSON), the learning-rate scheduler's state (JSON), the epoch and the history.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SymgradError
+from .errors import SchedulerError, SymgradError
 from .nn.losses import Loss, fuse
 from .nn.modules import Module
+from .nn.utils import clip_grad_norm_, clip_grad_value_
 from .optim import Optimizer
+from .optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from .optim.serialize import from_json, to_json
 
 
 class DataError(SymgradError, ValueError):
@@ -75,12 +80,51 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
+def _optimizer_arrays(optimizer: Optimizer) -> dict[str, np.ndarray]:
+    """The optimizer's state dict as checkpoint entries: arrays, and the groups as JSON."""
+    state = optimizer.state_dict()
+    arrays = {
+        f"optim/state/{index}/{name}": np.asarray(value)
+        for index, values in state["state"].items()
+        for name, value in values.items()
+    }
+    arrays["optim/param_groups"] = np.asarray(to_json(state["param_groups"]))
+    return arrays
+
+
+def _optimizer_state(data: Any, optimizer: Optimizer) -> dict[str, Any]:
+    """The optimizer state dict stored by :func:`_optimizer_arrays` (or, from a checkpoint of
+    symgrad before parameter groups, its flat ``optim/<index>.<name>`` arrays)."""
+    state: dict[int, dict[str, Any]] = {}
+    if "optim/param_groups" in data.files:
+        groups = from_json(str(data["optim/param_groups"]))
+        for key in data.files:
+            if key.startswith("optim/state/"):
+                index, name = key[len("optim/state/") :].split("/", 1)
+                state.setdefault(int(index), {})[name] = data[key]
+        return {"state": state, "param_groups": groups}
+    for key in data.files:  # the earlier layout: one group, its hyperparameters not saved
+        if key.startswith("optim/"):
+            index, name = key[len("optim/") :].split(".", 1)
+            state.setdefault(int(index), {})[name] = data[key]
+    current = optimizer.state_dict()["param_groups"]
+    return {"state": state, "param_groups": current}
+
+
 def save_checkpoint(
-    path: str | Path, model: Module, optimizer: Optimizer, epoch: int, history: History
+    path: str | Path,
+    model: Module,
+    optimizer: Optimizer,
+    epoch: int,
+    history: History,
+    scheduler: LRScheduler | None = None,
 ) -> None:
-    """Write model, optimizer state, the next epoch and the history to ``path`` atomically."""
+    """Write model, optimizer state (groups included), the scheduler's state, the next epoch
+    and the history to ``path`` atomically."""
     arrays: dict[str, np.ndarray] = {f"model/{k}": v for k, v in model.state_dict().items()}
-    arrays.update({f"optim/{k}": v for k, v in optimizer.state_dict().items()})
+    arrays.update(_optimizer_arrays(optimizer))
+    if scheduler is not None:
+        arrays["scheduler"] = np.asarray(to_json(scheduler.state_dict()))
     arrays["epoch"] = np.asarray(epoch)
     arrays["step_losses"] = np.asarray(history.step_losses, dtype=np.float64)
     arrays["epoch_losses"] = np.asarray(history.epoch_losses, dtype=np.float64)
@@ -88,11 +132,27 @@ def save_checkpoint(
     _atomic_savez(Path(path), arrays)
 
 
-def load_checkpoint(path: str | Path, model: Module, optimizer: Optimizer) -> tuple[int, History]:
-    """Restore what :func:`save_checkpoint` wrote; returns ``(next_epoch, history)``."""
+def load_checkpoint(
+    path: str | Path,
+    model: Module,
+    optimizer: Optimizer,
+    scheduler: LRScheduler | None = None,
+) -> tuple[int, History]:
+    """Restore what :func:`save_checkpoint` wrote; returns ``(next_epoch, history)``.
+
+    With ``scheduler`` (built as for the original run) its state is restored too, so the
+    schedule continues where it stopped.
+    """
     with np.load(Path(path)) as data:
+        if scheduler is not None and "scheduler" not in data.files:
+            raise SchedulerError(
+                f"the checkpoint {path} holds no scheduler state (it was saved without a "
+                "scheduler): resume it without one, or start the run again"
+            )
         model.load_state_dict({k[6:]: data[k] for k in data.files if k.startswith("model/")})
-        optimizer.load_state_dict({k[6:]: data[k] for k in data.files if k.startswith("optim/")})
+        optimizer.load_state_dict(_optimizer_state(data, optimizer))
+        if scheduler is not None:
+            scheduler.load_state_dict(from_json(str(data["scheduler"])))
         history = History(
             list(map(float, data["step_losses"])),
             list(map(float, data["epoch_losses"])),
@@ -117,6 +177,10 @@ def fit(
     stop_after_epoch: int | None = None,
     progress: bool = False,
     fuse_loss: bool = True,
+    scheduler: LRScheduler | None = None,
+    scheduler_interval: str = "step",
+    clip_grad_norm: float | None = None,
+    clip_grad_value: float | None = None,
 ) -> History:
     """Train ``model`` on ``(x, y)``; returns the :class:`History`.
 
@@ -129,6 +193,13 @@ def fit(
         stop_after_epoch: stop (as if interrupted) after this many epochs in total.
         fuse_loss: fold a trailing elementwise activation into an elementwise loss (see
             :func:`symgrad.nn.fuse`).
+        scheduler: a learning-rate scheduler of ``optimizer``, stepped after every optimizer
+            step (``scheduler_interval="step"``, as in BERT fine-tuning) or after every epoch
+            (``"epoch"``; a ``ReduceLROnPlateau`` always, with the epoch's mean loss); saved in
+            and restored from checkpoints.
+        clip_grad_norm, clip_grad_value: clip the gradients before each optimizer step to this
+            global 2-norm (:func:`symgrad.nn.utils.clip_grad_norm_`) or into
+            ``[-value, value]`` (:func:`~symgrad.nn.utils.clip_grad_value_`); one of the two.
 
     Data are checked first — NaN, lengths, feature count, labels — and an error is raised
     before any weight changes.
@@ -137,12 +208,24 @@ def fit(
     check_data(x, y)
     if batch_size < 1 or epochs < 0:
         raise SymgradError(f"need batch_size ≥ 1 and epochs ≥ 0, got {batch_size}, {epochs}")
+    if scheduler is not None and scheduler.optimizer is not optimizer:
+        raise SchedulerError("the scheduler given to fit schedules another optimizer")
+    if scheduler_interval not in ("step", "epoch"):
+        raise SchedulerError(
+            f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}"
+        )
+    if clip_grad_norm is not None and clip_grad_value is not None:
+        raise SymgradError(
+            "give clip_grad_norm or clip_grad_value, not both: which one comes first changes "
+            "the result"
+        )
     body, objective = fuse(model, loss) if fuse_loss else (model, loss)
     # One forward over everything: a wrong feature count or label fails here, not mid-run.
     objective.value_and_grad(body(x), y)
+    plateau = isinstance(scheduler, ReduceLROnPlateau)  # stepped with each epoch's loss
     start, history = 0, History()
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        start, history = load_checkpoint(checkpoint, model, optimizer)
+        start, history = load_checkpoint(checkpoint, model, optimizer, scheduler)
     last = epochs if stop_after_epoch is None else min(epochs, stop_after_epoch)
     bar = _progress(progress, (last - start) * -(-len(x) // batch_size))
     for epoch in range(start, last):
@@ -152,17 +235,27 @@ def fit(
             out, ctx = body.forward(x[idx])
             value, grad = objective.value_and_grad(out, y[idx])
             body.backward(ctx, grad, need_input_grad=False)
+            if clip_grad_norm is not None:
+                clip_grad_norm_(model.parameters(), clip_grad_norm)
+            elif clip_grad_value is not None:
+                clip_grad_value_(model.parameters(), clip_grad_value)
             optimizer.step()
+            if scheduler_interval == "step" and scheduler is not None and not plateau:
+                scheduler.step()
             history.step_losses.append(value)
             total, count = total + value * len(idx), count + len(idx)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}")
         history.epoch_losses.append(total / count)
+        if isinstance(scheduler, ReduceLROnPlateau):
+            scheduler.step(total / count)
+        elif scheduler is not None and scheduler_interval == "epoch":
+            scheduler.step()
         if evaluate is not None:
             history.evals.append(evaluate(model))
         if checkpoint is not None:
-            save_checkpoint(checkpoint, model, optimizer, epoch + 1, history)
+            save_checkpoint(checkpoint, model, optimizer, epoch + 1, history, scheduler)
     if bar is not None:
         bar.close()
     return history

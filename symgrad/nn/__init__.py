@@ -1,5 +1,6 @@
 """Trainable networks built from derived kernels (torch-compatible layout and names)."""
 
+from . import utils
 from .bert import BertConfig, BertEncoder
 from .losses import (
     BCELoss,
@@ -59,4 +60,5 @@ __all__ = [
     "Tanh",
     "Tape",
     "fuse",
+    "utils",
 ]

@@ -2,11 +2,19 @@
 
 ``compile_step(model, loss, optimizer)`` plans the step of a ``Sequential`` of ``Linear``
 layers and one-input elementwise activations, a loss (``CrossEntropyLoss`` or an elementwise
-loss, after fusing a trailing activation into it) and an optimizer (``SGD``, ``Adam``,
-``AdamW``), generates it with :mod:`symgrad.codegen.step`, and returns a callable
-``step(x, y) -> loss`` that updates the parameters in place.  Buffers are preallocated and
-reused; the optimizer's state lives in ``optimizer.state`` exactly as in the layer-by-layer
+loss, after fusing a trailing activation into it) and an optimizer (any symgrad optimizer: its
+:class:`~symgrad.symbolic.update.UpdateRule` is compiled into the step's update loops by
+:mod:`symgrad.codegen.update`), generates it with :mod:`symgrad.codegen.step`, and returns a
+callable ``step(x, y) -> loss`` that updates the parameters in place.  Buffers are preallocated
+and reused; the optimizer's state lives in ``optimizer.state`` exactly as in the layer-by-layer
 path, so the two paths can be mixed and checkpoints work.  Parameter ``.grad`` is not filled.
+
+Every hyperparameter of every parameter group (``lr``, ``momentum``, ``betas``...) is an
+argument of the step, read on each call: a scheduler, or a rate changed by hand, takes effect
+without compiling anything.  With ``clip_grad_norm=max_norm`` the step computes the global norm
+of the gradients after the backward pass and scales them by ``min(max_norm/(norm + 1e-6), 1)``
+in the update loops (``step.grad_norm`` holds the norm before clipping, as torch's
+``clip_grad_norm_`` returns it); with ``clip_grad_value=c`` it clamps them into ``[-c, c]``.
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ from ..codegen.dtypes import kernel_name
 from ..errors import IndexRangeError, ShapeError, SymgradError
 from ..nn.losses import CrossEntropyLoss, ElementwiseLoss, Loss, fuse
 from ..nn.modules import Elementwise, Linear, Module, Sequential
-from ..optim import SGD, Adam, Optimizer
 from .cache import (
     atomic_write,
     cache_dir,
@@ -38,10 +45,10 @@ from .cache import (
 # cache does not, so those imports happen inside the cold path (see FusedStep._compile).
 if TYPE_CHECKING:
     from ..codegen.step import StepPlan
+    from ..optim.optimizer import Optimizer
     from .tensor import TensorOp
 
 _PAD = "    "
-_SCALARS = ("first", "adam_s", "adam_c")  # arguments set on every call
 _LINEAR_INPUTS = {True: ("X", "W", "c"), False: ("X", "W")}  # linear / linear_nobias inputs
 
 
@@ -78,7 +85,15 @@ def _dims(op: TensorOp, args: list[str]) -> list[str]:
 class FusedStep:
     """A compiled training step; call ``step(x, y)`` → the batch loss (a float)."""
 
-    def __init__(self, model: Module, loss: Loss, optimizer: Optimizer) -> None:
+    def __init__(
+        self,
+        model: Module,
+        loss: Loss,
+        optimizer: Optimizer,
+        *,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+    ) -> None:
         body, objective = fuse(model, loss)
         if not isinstance(body, Sequential):
             raise UnsupportedStepError("the fused step compiles a Sequential model")
@@ -97,10 +112,15 @@ class FusedStep:
         if not isinstance(objective, (CrossEntropyLoss, ElementwiseLoss)):
             raise UnsupportedStepError(f"loss {objective!r} is not supported by the fused step")
         self.loss: CrossEntropyLoss | ElementwiseLoss = objective
-        if not isinstance(optimizer, (SGD, Adam)):
-            raise UnsupportedStepError(f"optimizer {type(optimizer).__name__} is not supported")
-        owned = {id(p) for p in model.parameters()}
-        self._opt_index = {id(p): k for k, p in enumerate(optimizer.params) if id(p) in owned}
+        if not hasattr(optimizer, "rule") or not hasattr(optimizer, "param_groups"):
+            raise UnsupportedStepError(
+                f"optimizer {type(optimizer).__name__} is not a symgrad optimizer (one with an "
+                "update rule and parameter groups)"
+            )
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_value = clip_grad_value
+        self._clip = self._clip_kind()
+        self._optimized: set[int] = set()  # ids of the parameters the optimizer updates
         self._buffers: _Buffers | None = None
         self._views: dict[int, dict[str, np.ndarray]] = {}
         self._cached: tuple[tuple[int, ...], list[Any]] | None = None
@@ -112,12 +132,17 @@ class FusedStep:
         self._dtype = np.dtype(np.float64)
         self._params = model.parameters()
         self._flags: tuple[bool, ...] = ()
+        self._grad_norm = np.zeros(1)
+        self._inactive: dict[int, np.ndarray] = {}  # a stand-in for a state that is off
+        self._scalars = np.zeros((0, 0))
+        self._group_shape: tuple[tuple[int, int], ...] = ()
+        self._group_of: list[int] = []
 
     # -- planning --------------------------------------------------------------------------
 
     def _trainable(self, layer: Linear) -> list[tuple[str, Any]]:
         params = [("W", layer.weight)] + ([("b", layer.bias)] if layer.bias is not None else [])
-        return [(n, p) for n, p in params if p.requires_grad and id(p) in self._opt_index]
+        return [(n, p) for n, p in params if p.requires_grad and id(p) in self._optimized]
 
     def _select_ops(self) -> None:
         """Each linear layer's op, with only the gradients the step uses.
@@ -167,16 +192,8 @@ class FusedStep:
             else:
                 parts.append(f"act:{layer.op.spec.key}:{k > self._lowest}")
         parts.append(f"loss:{self._loss_op.spec.key}")
-        for op in self._optimizer_ops():
-            parts.append(f"opt:{op.spec.key}")
+        parts.append(f"opt:{self.optimizer.structure()}:clip={self._clip}")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
-
-    def _optimizer_ops(self) -> list[Any]:
-        opt = self.optimizer
-        if isinstance(opt, SGD):
-            return [opt._decayed, opt._buffer, opt._step]
-        assert isinstance(opt, Adam)
-        return [opt._m, opt._v, opt._step]
 
     def _grad_names(self, k: int, layer: Linear) -> list[str]:
         """The gradient buffers of layer ``k``'s trainable parameters, in its op's input order."""
@@ -334,89 +351,106 @@ class FusedStep:
         plan.loss.append(f"{_PAD}loss = loss * inv_n")
 
     def _update_args_and_code(self, plan: StepPlan, with_code: bool) -> None:
-        opt = self.optimizer
-        if isinstance(opt, SGD) and opt.momentum != 0:
-            plan.params.append("first")
-        if isinstance(opt, Adam):
-            plan.params += ["adam_s", "adam_c"]
-        for k, layer in enumerate(self.layers):
-            if not isinstance(layer, Linear):
-                continue
-            for name, _ in self._trainable(layer):
-                p, g = f"{name}{k}", f"g{name}{k}"
-                state = self._state_names(p)
-                plan.params += state
-                if with_code:
-                    plan.update += self._update_code(plan, p, g, state)
+        """The update of every trained parameter by the optimizer's rule, after clipping.
 
-    def _state_names(self, p: str) -> list[str]:
-        opt = self.optimizer
-        if isinstance(opt, SGD):
-            return [f"buf_{p}"] if opt.momentum != 0 else []
-        return [f"m_{p}", f"v_{p}"]
-
-    def _update_code(self, plan: StepPlan, p: str, g: str, state: list[str]) -> list[str]:
+        Each parameter's state arrays are arguments named ``<state>__<parameter>``
+        (``exp_avg__b2``); its scalar inputs (hyperparameters of its group, counter, fresh
+        flags) are row ``j`` of the argument ``scalars`` (one row per trained parameter, columns
+        in ``rule.scalar_inputs`` order), filled on every call: the generated code depends on
+        the rule alone.
+        """
         import sympy as sp
 
+        from ..codegen.update import update_lines
+
+        rule = self.optimizer.rule
+        if self._clip == "norm":
+            plan.params += ["max_norm", "grad_norm"]
+            if with_code:
+                self._norm_code(plan)
+        elif self._clip == "value":
+            plan.params.append("clip_value")
+        grad = sp.Symbol(rule.grad, real=True)
+        clipped: sp.Expr | None = None
+        if self._clip == "norm":
+            clipped = sp.Symbol("clip_coef", real=True) * grad
+        elif self._clip == "value":
+            c = sp.Symbol("clip_value", real=True)
+            clipped = sp.Min(sp.Max(grad, -c), c)  # torch.clamp(g, -c, c)
+        plan.params.append("scalars")
+        for j, (k, name, _) in enumerate(self._trained):
+            p, g = f"{name}{k}", f"g{name}{k}"
+            tag = f"__{p}"
+            states = {s.name: f"{s.name}{tag}" for s in rule.states}
+            scalars = {n: f"{n}{tag}" for n in rule.scalar_inputs}
+            plan.params += list(states.values())
+            if with_code:
+                flat = [p, g, *states.values()]
+                plan.update += [f"{_PAD}{v}f = {v}.reshape({v}.size)" for v in flat]
+                plan.update += [
+                    f"{_PAD}{local} = scalars[{j}, {c}]"
+                    for c, local in enumerate(scalars.values())
+                ]
+                arrays = {rule.param: f"{p}f", rule.grad: f"{g}f"}
+                arrays.update({s: f"{v}f" for s, v in states.items()})
+                plan.update += update_lines(plan, rule, arrays, scalars, _PAD, tag, clipped)
+
+    def _norm_code(self, plan: StepPlan) -> None:
+        """The global 2-norm of the gradients (each one's norm first, then the norm of those,
+        as torch's ``clip_grad_norm_``) and the clipping factor, before the update loops."""
+        import sympy as sp
+
+        from ..codegen.printer import print_expr
         from ..codegen.step import elementwise_loop
 
-        opt = self.optimizer
-        arrays = [p, g, *state]
-        lines = [f"{_PAD}{v}f = {v}.reshape({v}.size)" for v in arrays]
-        n = f"{p}.size"
-        if isinstance(opt, SGD):
-            step = opt._step.derivation().stable_forward
-            p_, g_, b = (sp.Symbol(n_, real=True) for n_ in ("p", "g", "b"))
-            if opt.momentum == 0:
-                return lines + elementwise_loop(
-                    plan, "sgd", n, {p_: f"{p}f", g_: f"{g}f"}, [[(f"{p}f[i]", step)]], _PAD
-                )
-            buf = state[0]
-            first = opt._decayed.derivation().stable_forward
-            later = opt._buffer.derivation().stable_forward
-            loads = {p_: f"{p}f", g_: f"{g}f", b: f"{buf}f"}
-            new_b = sp.Symbol("new_b", real=True)  # the new buffer, then the step that uses it
-            out = []
-            for branch, rule in (("if first:", first), ("else:", later)):
-                out.append(f"{_PAD}{branch}")
-                out += elementwise_loop(
-                    plan,
-                    "sgd",
-                    n,
-                    loads,
-                    [
-                        [("new_b", rule)],
-                        [(f"{buf}f[i]", new_b), (f"{p}f[i]", step.xreplace({b: new_b}))],
-                    ],
-                    _PAD + _PAD,
-                )
-            return lines + out
-        assert isinstance(opt, Adam)
-        m_rule = opt._m.derivation().stable_forward
-        v_rule = opt._v.derivation().stable_forward
-        step = opt._step.derivation().stable_forward
-        m, v, s, c = (sp.Symbol(n_, real=True) for n_ in ("m", "v", "s", "c"))
-        new_m, new_v = sp.Symbol("new_m", real=True), sp.Symbol("new_v", real=True)
-        scalars = {s: sp.Symbol("adam_s", real=True), c: sp.Symbol("adam_c", real=True)}
-        update = step.xreplace({m: new_m, v: new_v, **scalars})
-        loads = {
-            sp.Symbol("p", real=True): f"{p}f",
-            sp.Symbol("g", real=True): f"{g}f",
-            m: f"{state[0]}f",
-            v: f"{state[1]}f",
-        }
-        return lines + elementwise_loop(
-            plan,
-            "adam",
-            n,
-            loads,
-            [
-                [("new_m", m_rule)],
-                [("new_v", v_rule)],
-                [(f"{state[0]}f[i]", new_m), (f"{state[1]}f[i]", new_v), (f"{p}f[i]", update)],
-            ],
-            _PAD,
-        )
+        g = sp.Symbol("g", real=True)
+        lines = [f"{_PAD}clip_total = 0.0"]
+        for k, name, _ in self._trained:
+            grad = f"g{name}{k}"
+            lines += [f"{_PAD}{grad}f = {grad}.reshape({grad}.size)", f"{_PAD}clip_sq = 0.0"]
+            lines += elementwise_loop(
+                plan, "clip_grad_norm", f"{grad}.size", {g: f"{grad}f"}, [[("sq", g**2)]], _PAD,
+                accumulate={"sq": "clip_sq"},
+            )
+            lines += [
+                f"{_PAD}clip_norm = math.sqrt(clip_sq)",
+                f"{_PAD}clip_total += clip_norm * clip_norm",
+            ]
+        total, max_norm = sp.symbols("clip_total max_norm", real=True)
+        coef = max_norm / (total + sp.Float(1e-6))
+        clamped = sp.Piecewise((sp.S.One, coef > 1), (coef, True))  # a NaN stays NaN
+        lines += [
+            f"{_PAD}clip_total = math.sqrt(clip_total)",
+            f"{_PAD}grad_norm[0] = clip_total",
+            f"{_PAD}clip_coef = {print_expr(clamped, 'clip_grad_norm')}",
+        ]
+        plan.update += lines
+
+    def _clip_kind(self) -> str | None:
+        """``"norm"``, ``"value"`` or None, from ``clip_grad_norm`` / ``clip_grad_value``."""
+        if self.clip_grad_norm is not None and self.clip_grad_value is not None:
+            raise SymgradError(
+                "give clip_grad_norm or clip_grad_value, not both: which one comes first "
+                "changes the result"
+            )
+        for name in ("clip_grad_norm", "clip_grad_value"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float, np.floating, np.integer))
+                or np.isnan(value)
+                or value < 0
+            ):
+                raise SymgradError(f"{name} must be a real number ≥ 0 or None, got {value!r}")
+        if self.clip_grad_norm is not None:
+            return "norm"
+        return "value" if self.clip_grad_value is not None else None
+
+    @property
+    def grad_norm(self) -> float:
+        """The global gradient norm of the last step, before clipping (with
+        ``clip_grad_norm``; NaN otherwise)."""
+        return float(self._grad_norm[0]) if self._clip == "norm" else float("nan")
 
     # -- compile and run -------------------------------------------------------------------
 
@@ -424,13 +458,15 @@ class FusedStep:
         """Load the step from the cache, or plan, derive and emit it (then cache it).
 
         A warm start reads a manifest keyed by the step's *structure* — layer kinds, built-in
-        activation and loss names and parameters, which parameters train, the optimizer and its
-        hyperparameters, the dtype, the toolchain — and imports the modules it lists: no
-        formula is built, so SymPy is never imported.  A missing or unverifiable manifest or
+        activation and loss names and parameters, which parameters train, the optimizer's
+        update rule (not its hyperparameters: they are arguments), the kind of clipping, the
+        dtype, the toolchain — and imports the modules it lists: no formula is built, so SymPy
+        is never imported.  A missing or unverifiable manifest or
         module takes the cold path, which rewrites the manifest.
         """
         self._dtype = dtype  # float32 data gets float32 math where it has a helper for it
         self._buffers, self._views, self._cached = None, {}, None  # shaped by the old plan
+        self._group_shape = ()
         self._lowest = self._lowest_trained()
         self._trained = [
             (k, name, p)
@@ -438,10 +474,16 @@ class FusedStep:
             if isinstance(layer, Linear)
             for name, p in self._trainable(layer)
         ]
+        self._inactive = {
+            id(p): np.empty((0,) * p.data.ndim, dtype) for _, _, p in self._trained
+        }
         manifest = cache_dir() / f"fused_step_manifest_{self._structure_key()[:24]}.json"
         if not self._load(manifest):
             self._cold_compile(manifest)
-        self._slots = {n: self._args.index(n) for n in _SCALARS if n in self._args}
+        rule = self.optimizer.rule
+        self._scalars = np.zeros((len(self._trained), len(rule.scalar_inputs)))
+        where = {name: k for k, name in enumerate(self._args)}
+        self._clip_slot = where.get("max_norm", where.get("clip_value"))
 
     def _structure_key(self) -> str:
         parts = [
@@ -449,6 +491,7 @@ class FusedStep:
             toolchain_fingerprint(),
             self._dtype.name,
             self.optimizer.structure(),
+            f"clip:{self._clip}",
             self.loss.structure(),
         ]
         for layer in self.layers:
@@ -552,9 +595,12 @@ class FusedStep:
         """One step on the batch ``(x, y)``: parameters and optimizer state updated in place."""
         first = self._first
         dtype = first.weight.data.dtype
-        flags = tuple(p.requires_grad for p in self._params)
-        if self._fn is None or dtype != self._dtype or flags != self._flags:
+        self._optimized = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        flags = tuple(p.requires_grad and id(p) in self._optimized for p in self._params)
+        clip = self._clip_kind()
+        if self._fn is None or dtype != self._dtype or flags != self._flags or clip != self._clip:
             self._flags = flags  # freezing a layer after a step compiles another step
+            self._clip = clip
             self._compile(dtype)
         x = np.ascontiguousarray(x)
         if x.ndim != 2 or x.shape[1] != first.in_features or x.dtype != dtype:
@@ -563,14 +609,17 @@ class FusedStep:
                 f"{dtype}, got {x.shape} {x.dtype}"
             )
         batch = x.shape[0]
+        targets = self._targets(y, batch, dtype)
         views = self._views.get(batch)  # emptied whenever the buffers are (re)allocated
         if views is None:
             views = self._batch_views(batch, dtype)
-        args = self._arguments(views)
+        args, undo = self._arguments(views)
         args[0] = x
-        args[1] = self._targets(y, batch, dtype)
+        args[1] = targets
         loss, bad = self._fn(*args)
         if bad >= 0:
+            for step in undo:  # no update happened: the optimizer's state is as it was
+                self.optimizer.undo_prepare(step)
             classes = self._output_width()
             raise IndexRangeError(
                 f"labels must lie in [0, {classes}): label {int(args[1][bad])} at row {bad}; "
@@ -578,43 +627,50 @@ class FusedStep:
             )
         return float(loss)
 
-    def _arguments(self, views: dict[str, np.ndarray]) -> list[Any]:
-        """The step's arguments; the list is reused while the arrays stay the same objects."""
+    def _arguments(self, views: dict[str, np.ndarray]) -> tuple[list[Any], list[Any]]:
+        """The step's arguments (the list is reused while the arrays stay the same objects),
+        and how to undo the optimizer's preparation.
+
+        Every group is checked; the optimizer creates or advances each trained parameter's
+        state (as its eager step does); row ``j`` of the ``scalars`` table gets parameter
+        ``j``'s hyperparameters, read from its group now, its counter and fresh flags.
+        """
         opt = self.optimizer
-        states = [opt.state[self._opt_index[id(p)]] for _, _, p in self._trained]
-        first_step = False
-        if isinstance(opt, SGD) and opt.momentum != 0:
-            first_step = any("momentum_buffer" not in state for state in states)
-            for (_, _, p), state in zip(self._trained, states, strict=True):
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = np.zeros_like(p.data)
-        elif isinstance(opt, Adam):
-            for (_, _, p), state in zip(self._trained, states, strict=True):
-                if "step" not in state:
-                    state.update(
-                        step=0, exp_avg=np.zeros_like(p.data), exp_avg_sq=np.zeros_like(p.data)
-                    )
-                state["step"] += 1
+        groups = opt.param_groups
+        shape = tuple((id(g), len(g["params"])) for g in groups)
+        if shape != self._group_shape:  # which group each trained parameter is in
+            where = {id(p): k for k, g in enumerate(groups) for p in g["params"]}
+            self._group_of = [where[id(p)] for _, _, p in self._trained]
+            self._group_shape = shape
+        hyper = []
+        for index, group in enumerate(groups):
+            opt.check_group(group, index)
+            hyper.append(opt.hyperparameters(group))
+        table = self._scalars
+        width = len(hyper[0]) if hyper else 0
+        arrays, undo = [], []
+        for j, (_, _, p) in enumerate(self._trained):
+            values = hyper[self._group_of[j]]
+            states, extra, step_undo = opt.prepare_update(p, values, self._inactive[id(p)])
+            table[j, :width] = values
+            table[j, width:] = extra
+            arrays.append(states)
+            undo.append(step_undo)
         key = (
             id(views),
             *(id(p.data) for p in self._params),
-            *(id(a) for st in states for a in st.values() if isinstance(a, np.ndarray)),
+            *(id(a) for states in arrays for a in states),
         )
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, self._argument_list(views, states))
+            self._cached = (key, self._argument_list(views, arrays))
         args = self._cached[1]
-        slots = self._slots
-        if "first" in slots:
-            args[slots["first"]] = first_step
-        if isinstance(opt, Adam):
-            t = states[0]["step"] if states else 1
-            beta1, beta2 = opt.betas
-            args[slots["adam_s"]] = opt.lr / (1 - beta1**t)
-            args[slots["adam_c"]] = (1 - beta2**t) ** 0.5
-        return args
+        if self._clip_slot is not None:
+            limit = self.clip_grad_norm if self._clip == "norm" else self.clip_grad_value
+            args[self._clip_slot] = float(limit)  # type: ignore[arg-type]
+        return args, undo
 
     def _argument_list(
-        self, views: dict[str, np.ndarray], states: list[dict[str, Any]]
+        self, views: dict[str, np.ndarray], arrays: list[list[np.ndarray]]
     ) -> list[Any]:
         values: dict[str, Any] = dict(views)
         for k, layer in enumerate(self.layers):
@@ -622,19 +678,31 @@ class FusedStep:
                 values[f"W{k}"] = layer.weight.data
                 if layer.bias is not None:
                     values[f"b{k}"] = layer.bias.data
-        for (k, name, _), state in zip(self._trained, states, strict=True):
-            if "momentum_buffer" in state:
-                values[f"buf_{name}{k}"] = state["momentum_buffer"]
-            if "exp_avg" in state:
-                values[f"m_{name}{k}"] = state["exp_avg"]
-                values[f"v_{name}{k}"] = state["exp_avg_sq"]
+        rule = self.optimizer.rule
+        for (k, name, _), states in zip(self._trained, arrays, strict=True):
+            for spec, array in zip(rule.states, states, strict=True):
+                values[f"{spec.name}__{name}{k}"] = array
         values.setdefault("target", None)  # an elementwise loss's targets come with each call
-        values.update(x=None, labels=None, first=False, adam_s=0.0, adam_c=1.0)
+        values.update(
+            x=None, labels=None, max_norm=0.0, clip_value=0.0, grad_norm=self._grad_norm,
+            scalars=self._scalars,
+        )
         return [values[name] for name in self._args]
 
 
-def compile_step(model: Module, loss: Loss, optimizer: Optimizer) -> FusedStep:
+def compile_step(
+    model: Module,
+    loss: Loss,
+    optimizer: Optimizer,
+    *,
+    clip_grad_norm: float | None = None,
+    clip_grad_value: float | None = None,
+) -> FusedStep:
     """One compiled function per training step of ``model`` + ``loss`` + ``optimizer``.
+
+    ``clip_grad_norm`` / ``clip_grad_value`` clip the gradients inside the step, as torch's
+    ``clip_grad_norm_`` / ``clip_grad_value_`` between backward and ``optimizer.step()``; the
+    limits (attributes of the step) and every hyperparameter are read on each call.
 
     >>> import numpy as np
     >>> from symgrad import nn, optim
@@ -648,4 +716,6 @@ def compile_step(model: Module, loss: Loss, optimizer: Optimizer) -> FusedStep:
     >>> second < first
     True
     """
-    return FusedStep(model, loss, optimizer)
+    return FusedStep(
+        model, loss, optimizer, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value
+    )

@@ -119,7 +119,7 @@ def _phase(
 
     twin = twin_lib.to_torch(model)
     loss = nn.CrossEntropyLoss()
-    opt = make_optimizer(cfg.optimizer, model.parameters())
+    opt = make_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
     topt = twin_lib.twin_optimizer(opt, [p for p in twin.parameters() if p.requires_grad])
     start = time.perf_counter()
     history: History = fit(

@@ -4,7 +4,8 @@
 index formula, every gradient derived) loads the MiniLM weights; a Hugging Face ``BertModel``
 loads the same file (:mod:`symgrad.torch.bert`).  Both get the same fresh ``Linear(384, 2)``
 head, the same minibatches (:func:`symgrad.train.batch_order`, each padded to its longest
-message) and AdamW with the same hyperparameters.  Levels:
+message) and one AdamW with the same two parameter groups — the pretrained layers at ``lr``,
+the fresh head at ``head_lr`` — and the same hyperparameters.  Levels:
 
 * ``a`` — the encoder frozen: each side computes the pooled sentence embeddings once, then
   trains the head on them;
@@ -177,22 +178,19 @@ class _Ours:
         return out
 
 
-def _optimizers(cfg: MinilmConfig, ours: _Ours, twin: Any) -> list[tuple[Any, Any]]:
-    """AdamW pairs (symgrad, torch): the pretrained layers at ``lr``, the fresh head at
-    ``head_lr`` (alone, at level a, it takes larger steps: 1e-3)."""
+def _optimizers(cfg: MinilmConfig, ours: _Ours, twin: Any) -> tuple[optim.AdamW, Any]:
+    """One AdamW on each side (symgrad, torch), with two parameter groups: the pretrained
+    layers at ``lr`` and the fresh head at ``head_lr`` (alone, at level a, it takes larger
+    steps: 1e-3)."""
     from ..torch import twin_optimizer
 
     head_lr = cfg.head_lr if cfg.head_lr is not None else 1e-3 if cfg.level == "a" else cfg.lr
-    pairs = []
-    groups = [
-        ([p for p in ours.encoder.parameters() if p.requires_grad], twin.layer_params, cfg.lr),
-        (ours.head.parameters(), twin.head_params, head_lr),
-    ]
-    for mine, theirs, lr in groups:
-        if mine:
-            opt = optim.AdamW(mine, lr=lr, weight_decay=cfg.weight_decay)
-            pairs.append((opt, twin_optimizer(opt, theirs)))
-    return pairs
+    encoder = [p for p in ours.encoder.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": encoder, "lr": cfg.lr}] if encoder else []
+    groups.append({"params": ours.head.parameters(), "lr": head_lr})
+    theirs = [*twin.layer_params, *twin.head_params] if encoder else list(twin.head_params)
+    opt = optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, twin_optimizer(opt, theirs)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -259,7 +257,7 @@ def run(cfg: MinilmConfig, progress: bool = False) -> dict[str, Any]:
     check = agreement_check(cfg.level, train.subset(np.arange(cfg.check_batch)), cfg.seed)
 
     ours, twin = _sides(cfg.level, dtype, cfg.seed)
-    optimizers = _optimizers(cfg, ours, twin)
+    opt, topt = _optimizers(cfg, ours, twin)
     start = time.perf_counter()
     ours_train, ours_test = ours.cache(train), ours.cache(test)
     ours_cache_s = time.perf_counter() - start
@@ -278,14 +276,12 @@ def run(cfg: MinilmConfig, progress: bool = False) -> dict[str, Any]:
             ids, mask, labels = train.batch(idx)
             t0 = time.perf_counter()
             ours_losses.append(ours.step(train, ours_train, idx))
-            for opt, _ in optimizers:
-                opt.step()
-                opt.zero_grad()
+            opt.step()
+            opt.zero_grad()
             t1 = time.perf_counter()
             twin_losses.append(twin.step(ids, mask, labels, [twin_train[n] for n in idx]))
-            for _, topt in optimizers:
-                topt.step()
-                topt.zero_grad()
+            topt.step()
+            topt.zero_grad()
             t2 = time.perf_counter()
             t_ours += t1 - t0
             t_twin += t2 - t1

@@ -53,25 +53,32 @@ def twin_loss(loss: nn.Loss) -> torch.nn.Module:
 
 
 def twin_optimizer(opt: optim.Optimizer, params: Any) -> torch.optim.Optimizer:
-    """A torch optimizer with ``opt``'s hyperparameters over ``params``."""
-    if isinstance(opt, optim.SGD):
-        return torch.optim.SGD(
-            params,
-            lr=opt.lr,
-            momentum=opt.momentum,
-            dampening=opt.dampening,
-            weight_decay=opt.weight_decay,
-            nesterov=opt.nesterov,
+    """A torch optimizer with ``opt``'s parameter groups and hyperparameters over ``params``.
+
+    ``params`` are the torch twins of ``opt``'s parameters, in order across its groups (one
+    flat list: ``[*group0_twins, *group1_twins, ...]``); each torch group gets the
+    hyperparameters of the matching symgrad group as they are now.
+    """
+    table = {
+        optim.SGD: torch.optim.SGD,
+        optim.Adam: torch.optim.Adam,
+        optim.AdamW: torch.optim.AdamW,
+    }
+    if type(opt) not in table:
+        raise SymgradError(f"optimizer {type(opt).__name__} has no torch twin")
+    params = list(params)
+    sizes = [len(group["params"]) for group in opt.param_groups]
+    if sum(sizes) != len(params):
+        raise SymgradError(
+            f"{type(opt).__name__} has {sum(sizes)} parameters in groups of {sizes}; got "
+            f"{len(params)} torch parameters"
         )
-    if isinstance(opt, optim.AdamW):
-        return torch.optim.AdamW(
-            params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay
-        )
-    if isinstance(opt, optim.Adam):
-        return torch.optim.Adam(
-            params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay
-        )
-    raise SymgradError(f"optimizer {type(opt).__name__} has no torch twin")
+    groups, start = [], 0
+    for group, size in zip(opt.param_groups, sizes, strict=True):
+        hyper = {key: value for key, value in group.items() if key in opt.defaults}
+        groups.append({"params": params[start : start + size], **hyper})
+        start += size
+    return table[type(opt)](groups)
 
 
 def run_twin(
