@@ -496,8 +496,10 @@ def nearest_float32(value: sp.Expr) -> float:
     """The float32 nearest to the exact real ``value`` (a number: ``1/3``, ``sqrt(2/pi)``...),
     as a Python float (exactly representable)."""
     exact = sp.Rational(value) if value.is_Rational else sp.Rational(value.evalf(40))
-    guess = np.float32(float(exact))
-    down, up = np.nextafter(guess, np.float32(-np.inf)), np.nextafter(guess, np.float32(np.inf))
+    with np.errstate(over="ignore"):  # beyond float32's range: ±inf, as IEEE rounds
+        guess = np.float32(float(exact))
+        down = np.nextafter(guess, np.float32(-np.inf))
+        up = np.nextafter(guess, np.float32(np.inf))
     candidates = [guess, down, up]
     return float(min(candidates, key=lambda c: abs(sp.Rational(float(c)) - exact)))
 

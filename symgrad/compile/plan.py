@@ -32,6 +32,7 @@ import numpy as np
 from .._version import __version__
 from ..codegen.dtypes import kernel_name
 from ..runtime.tensor import TensorOp
+from ..symbolic.update import UpdateRule
 from .graph import Graph, Ref, UnsupportedStepError
 
 _PAD = "    "
@@ -64,19 +65,50 @@ class StepPlan:
     lines: list[str] = field(default_factory=list)
     buffers: dict[str, Buffer] = field(default_factory=dict)
     grads: dict[int, str] = field(default_factory=dict)  # trained param index → its buffer
+    #: the updated parameters, in the rows of the ``scalars`` argument: (param index, the
+    #: names of its state arguments)
+    updates: list[tuple[int, list[str]]] = field(default_factory=list)
     forward_only: list[int] = field(default_factory=list)  # nodes without a backward pass
     saving: list[int] = field(default_factory=list)  # nodes that save values for their VJP
 
-    def source(self, key: str) -> str:
-        """The module text: imports, then ``step(*args) -> loss``."""
+    def source(self, key: str, rule: UpdateRule | None, clip: str | None) -> str:
+        """The module text: ``forward_backward(*args) -> loss`` (the loss and every trained
+        parameter's gradient), ``update(*args)`` (the optimizer's rule on every trained
+        parameter, after clipping) and ``step(*args)``, both in one call.
+
+        The update's loops are generated from the rule's formulas (SymPy): only when the
+        module is not in the cache yet.
+        """
+        update: list[str] = []
+        helpers: set[str] = set()
+        if rule is not None:
+            update, helpers = _update_lines(self, rule, clip)
         head = ["import math", "", "import numpy as np", "from numba import njit"]
         head += [f"from {m} import {fn} as {alias}" for m, fn, alias in self.imports]
+        from ..codegen.printer import VECTOR_MATH_SOURCE
+
+        params = ", ".join(name for name, _, _ in self.args)
+        decorator = "@njit(cache=True, error_model='numpy')"
         body = [
             "",
             "",
-            "@njit(cache=True, error_model='numpy')",
-            f"def step({', '.join(name for name, _, _ in self.args)}):",
+            *[VECTOR_MATH_SOURCE[h] + "\n" for h in sorted(helpers)],
+            decorator,
+            f"def forward_backward({params}):",
             *self.lines,
+            f"{_PAD}return loss",
+            "",
+            "",
+            decorator,
+            f"def update({params}):",
+            *(update or [f"{_PAD}pass"]),
+            f"{_PAD}return None",
+            "",
+            "",
+            decorator,
+            f"def step({params}):",
+            f"{_PAD}loss = forward_backward({params})",
+            f"{_PAD}update({params})",
             f"{_PAD}return loss",
         ]
         text = "\n".join([*head, *body]) + "\n"
@@ -122,12 +154,19 @@ def _flat(name: str) -> str:
     return f"{name}.reshape({name}.size)"
 
 
-def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> StepPlan:
+def plan_step(
+    graph: Graph,
+    trained: set[int],
+    variants: Mapping[int, Any],
+    rule: UpdateRule | None = None,
+    clip: str | None = None,
+) -> StepPlan:
     """The plan of ``graph``'s step.
 
     ``trained`` are the indices of the parameters that get a gradient; ``variants[n]`` is the op
     node ``n`` runs when it is in the backward pass: its op derived with ``wrt`` = the float
-    arguments a gradient must reach (:func:`wanted`).
+    arguments a gradient must reach (:func:`wanted`).  ``rule`` is the optimizer's update
+    (None: the step only computes gradients), ``clip`` ``"norm"``, ``"value"`` or None.
     """
     plan = StepPlan()
     nodes = graph.nodes
@@ -329,7 +368,74 @@ def plan_step(graph: Graph, trained: set[int], variants: Mapping[int, Any]) -> S
         name: Buffer(name, tuple(shape), dtype, role, first, last_use)
         for name, (shape, dtype, role, first, last_use) in buffers.items()
     }
+    if rule is not None:
+        # the update's arguments: each parameter's states, a table of scalars (one row per
+        # parameter: its group's hyperparameters, counter, fresh flags), the clipping limits
+        for n in sorted(plan.grads):
+            states = [f"{st.name}__p{n}" for st in rule.states]
+            plan.args += [(name, "state", f"{n}:{k}") for k, name in enumerate(states)]
+            plan.updates.append((n, states))
+        plan.args.append(("scalars", "scalars", 0))
+        if clip == "norm":
+            plan.args += [("max_norm", "max_norm", 0), ("grad_norm", "grad_norm", 0)]
+        elif clip == "value":
+            plan.args.append(("clip_value", "clip_value", 0))
     return plan
+
+
+def _update_lines(plan: StepPlan, rule: UpdateRule, clip: str | None) -> tuple[list[str], set[str]]:
+    """The update of every trained parameter by ``rule``, after clipping (SymPy: the code
+    generation of a cold start), and the math helpers its loops call."""
+    import sympy as sp
+
+    from ..codegen.printer import print_expr
+    from ..codegen.step import StepPlan as Loops
+    from ..codegen.step import elementwise_loop
+    from ..codegen.update import update_lines
+
+    dtypes = {plan.buffers[g].dtype for g in plan.grads.values()}
+    loops = Loops("update", single=dtypes == {np.dtype(np.float32)})
+    lines: list[str] = []
+    grad = sp.Symbol(rule.grad, real=True)
+    clipped: sp.Expr | None = None
+    if clip == "norm":
+        # the global 2-norm: each gradient's norm, then the norm of those (as torch)
+        g = sp.Symbol("g", real=True)
+        lines.append(f"{_PAD}clip_total = 0.0")
+        for n, _ in plan.updates:
+            name = plan.grads[n]
+            lines += [f"{_PAD}_gf = {_flat(name)}", f"{_PAD}clip_sq = 0.0"]
+            lines += elementwise_loop(
+                loops, "clip_grad_norm", "_gf.size", {g: "_gf"}, [[("sq", g**2)]], _PAD,
+                accumulate={"sq": "clip_sq"},
+            )  # fmt: skip
+            lines += [
+                f"{_PAD}clip_norm = math.sqrt(clip_sq)",  # each gradient's norm, rounded,
+                f"{_PAD}clip_total += clip_norm * clip_norm",  # as torch adds them up
+            ]
+        total, max_norm = sp.symbols("clip_total max_norm", real=True)
+        coef = max_norm / (total + sp.Float(1e-6))
+        clamped = sp.Piecewise((sp.S.One, coef > 1), (coef, True))  # a NaN stays NaN
+        lines += [
+            f"{_PAD}clip_total = math.sqrt(clip_total)",
+            f"{_PAD}grad_norm[0] = clip_total",
+            f"{_PAD}clip_coef = {print_expr(clamped, 'clip_grad_norm')}",
+        ]
+        clipped = sp.Symbol("clip_coef", real=True) * grad
+    elif clip == "value":
+        c = sp.Symbol("clip_value", real=True)
+        clipped = sp.Min(sp.Max(grad, -c), c)  # torch.clamp(g, -c, c)
+    for j, (n, states) in enumerate(plan.updates):
+        tag = f"__p{n}"
+        scalars = {name: f"{name}{tag}" for name in rule.scalar_inputs}
+        lines += [f"{_PAD}{local} = scalars[{j}, {c}]" for c, local in enumerate(scalars.values())]
+        arrays = {rule.param: f"_p{tag}", rule.grad: f"_g{tag}"}
+        lines += [f"{_PAD}_p{tag} = {_flat(f'p{n}')}", f"{_PAD}_g{tag} = {_flat(plan.grads[n])}"]
+        for st, name in zip(rule.states, states, strict=True):
+            arrays[st.name] = f"_s{name}"
+            lines.append(f"{_PAD}_s{name} = {_flat(name)}")
+        lines += update_lines(loops, rule, arrays, scalars, _PAD, tag, clipped)
+    return lines, set(loops.helpers)
 
 
 def _is_tensor(op: Any) -> bool:

@@ -1,30 +1,40 @@
-"""CompiledStep: a model's whole training step — forward, loss, backward — as one function.
+"""CompiledStep: a model's whole training step — forward, loss, backward, update — as one
+function.
 
 ``compile_step(model, loss, optimizer)`` returns ``step(*inputs, target) -> loss``.  On a call
 with input shapes it has not seen, the model's forward is traced (:func:`~symgrad.compile.graph.
-trace`, nothing computed), planned (:func:`~symgrad.compile.plan.plan_step`) and — the first
-time for a structure — emitted as one ``@njit`` function calling the ops' kernels, written to
-the kernel cache under a name hashing its source.  Every later shape of the same structure
-reuses that function with buffers of its own; the buffers of a shape are allocated once.
+trace`, nothing computed) and planned (:func:`~symgrad.compile.plan.plan_step`); the step's
+module is looked up in the kernel cache by a key hashing the graph's structure, which
+parameters train, the optimizer's update rule and the kind of clipping — and generated (the one
+time SymPy is needed) only when it is not there.  Every later shape of the same structure reuses
+that module with buffers of its own, allocated once.
 
-After the compiled function has written every trained parameter's gradient, the optimizer's
-update runs (``optimizer.step()``), exactly as in the tape's reverse mode: the two paths give
-the same parameters.  Models the tracer cannot take (a module without ``record``, an
-elementwise op that broadcasts) raise :class:`UnsupportedStepError`; ``fit`` then trains
-through the tape instead.
+The optimizer's hyperparameters are arguments, read from its parameter groups on every call
+(a scheduler never recompiles the step), and its state lives in ``optimizer.state`` as in the
+eager path, so the two can be mixed and checkpoints work.  ``clip_grad_norm=max_norm`` or
+``clip_grad_value=c`` clip inside the step (``step.grad_norm`` is the norm before clipping);
+``grad_hook(grads)`` runs between the backward pass and the update, on the gradient arrays
+(views of the step's buffers, changeable in place: data-parallel training averages them).
+
+Models the tracer cannot take (a module without ``record``, an elementwise op that broadcasts)
+raise :class:`~symgrad.errors.UnsupportedStepError`; ``fit`` then trains through the tape.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..errors import SymgradError, UnsupportedStepError
 from ..nn.losses import Loss
-from ..nn.modules import Module
+from ..nn.modules import Module, Parameter
 from ..runtime.cache import ensure_imported, module_path, verified_text, write_source
-from .graph import Graph, Ref, UnsupportedStepError, trace
+from ..runtime.tensor import TensorOp
+from .graph import Graph, Ref, trace
 from .plan import StepPlan, needs_grad, plan_step, wanted
 
 
@@ -37,6 +47,8 @@ class _Binding:
     args: list[Any]
     slots: list[tuple[int, str, int | str]]  # (position, kind, index) of per-call arguments
     held: int  # bytes of the step's buffers (shared where their lives do not overlap)
+    grads: list[tuple[Parameter, np.ndarray]]  # each trained parameter and its gradient buffer
+    gathers: list[tuple[TensorOp, list[int]]]  # ops reading integer inputs: their arg slots
 
 
 class CompiledStep:
@@ -46,14 +58,33 @@ class CompiledStep:
     would without sharing.
     """
 
-    def __init__(self, model: Module, loss: Loss, optimizer: Any) -> None:
+    def __init__(
+        self,
+        model: Module,
+        loss: Loss,
+        optimizer: Any,
+        *,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        grad_hook: Callable[[list[np.ndarray]], None] | None = None,
+    ) -> None:
         self.model, self.loss, self.optimizer = model, loss, optimizer
-        self._fn: Any = None
-        self._source: str | None = None
+        self.rule = getattr(optimizer, "rule", None)
+        if self.rule is None or not hasattr(optimizer, "prepare_update"):
+            raise UnsupportedStepError(
+                f"the step compiler updates parameters by an optimizer's UpdateRule; "
+                f"{type(optimizer).__name__} has none (symgrad.optim's optimizers do)"
+            )
+        self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
+        self._clip = _clip_kind(clip_grad_norm, clip_grad_value)
+        self.grad_hook = grad_hook
+        self._module: Any = None
+        self._key: str | None = None
         self._variants: dict[str, Any] = {}  # op key + wanted inputs → the op derived so
         self._bindings: dict[tuple, _Binding] = {}
         self._flags: tuple[bool, ...] = ()
         self._last: _Binding | None = None
+        self._grad_norm = np.full(1, np.nan)
 
     # -- tracing and planning ----------------------------------------------------------------
 
@@ -62,7 +93,7 @@ class CompiledStep:
         return self.loss.record(tape, self.model.record(tape, *inputs), target)
 
     def _trained(self, graph: Graph) -> set[int]:
-        owned = {id(p) for group in _groups(self.optimizer) for p in group}
+        owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         return {n for n, p in enumerate(graph.params) if p.requires_grad and id(p) in owned}
 
     def _variant(self, graph: Graph, n: int, want: list[int]) -> Any:
@@ -87,15 +118,16 @@ class CompiledStep:
         needs = needs_grad(graph, trained)
         variants = {
             n: self._variant(graph, n, wanted(graph, n, needs))
-            for n, node in enumerate(graph.nodes)
+            for n in range(len(graph.nodes))
             if needs[Ref("node", n)]
         }
-        plan = plan_step(graph, trained, variants)
-        key = f"{graph.structure()}:{sorted(trained)}"
-        source = plan.source(key)
-        if source != self._source:
-            self._fn = self._load(plan, source, key)
-            self._source = source
+        plan = plan_step(graph, trained, variants, self.rule, self._clip)
+        parts = [graph.structure(), str(sorted(trained)), self.rule.name]
+        parts += [self.rule.fingerprint(), str(self._clip)]
+        key = hashlib.sha256("|".join(parts).encode()).hexdigest()
+        if key != self._key:
+            self._module = self._load(plan, key)
+            self._key = key
         buffers, held = plan.allocate()
         args: list[Any] = []
         slots = []
@@ -107,15 +139,24 @@ class CompiledStep:
             else:
                 args.append(None)
                 slots.append((position, kind, index))
-        return _Binding(graph, plan, args, slots, held)
+        grads = [(graph.params[n], buffers[name]) for n, name in plan.grads.items()]
+        where = {name: k for k, (name, _, _) in enumerate(plan.args)}
+        gathers = [
+            (node.op, [where[_arg_name(a)] for a in node.args])
+            for node in graph.nodes
+            if isinstance(node.op, TensorOp) and any(node.op._plan.integer)
+        ]
+        return _Binding(graph, plan, args, slots, held, grads, gathers)
 
-    @staticmethod
-    def _load(plan: StepPlan, source: str, key: str) -> Any:
-        # the kernels' modules the step imports by name were imported while planning
+    def _load(self, plan: StepPlan, key: str) -> Any:
+        """The step's module: from the cache, else generated (with SymPy) and cached.  The
+        kernels' modules it imports by name were imported while planning."""
         path = module_path("training_step", key)
-        if verified_text(path) != source:
-            write_source(path, source)
-        return ensure_imported(path).step
+        if verified_text(path) is None:
+            write_source(path, plan.source(key, self.rule, self._clip))
+        return ensure_imported(path)
+
+    # -- running -----------------------------------------------------------------------------
 
     def memory(self) -> dict[str, int]:
         """``{"held": bytes, "unshared": bytes}`` of the buffers of the last shape run."""
@@ -123,7 +164,11 @@ class CompiledStep:
             return {"held": 0, "unshared": 0}
         return {"held": self._last.held, "unshared": self._last.plan.total_bytes()}
 
-    # -- running -----------------------------------------------------------------------------
+    @property
+    def grad_norm(self) -> float:
+        """The global gradient norm of the last step, before clipping (with
+        ``clip_grad_norm``; NaN otherwise)."""
+        return float(self._grad_norm[0])
 
     def __call__(self, *arrays: Any) -> float:
         """One training step on a batch: ``step(*inputs, target)`` → its mean loss; every
@@ -145,23 +190,109 @@ class CompiledStep:
             if kind == "input":
                 args[position] = given[int(index)]
             elif kind == "param":
-                args[position] = graph.params[int(index)].data
-        loss = float(self._fn(*args))
-        buffers = dict(zip((name for name, _, _ in binding.plan.args), args, strict=True))
-        for n, name in binding.plan.grads.items():
-            graph.params[n].grad = buffers[name]
-        self.optimizer.step()
+                p = graph.params[int(index)]
+                if not (p.data.flags.c_contiguous and p.data.flags.writeable):
+                    p.data = np.array(p.data, order="C")  # updated in place from here on
+                args[position] = p.data
+        for op, positions in binding.gathers:  # an index out of range stops the step here
+            found = op._plan.fast(tuple(args[k] for k in positions))
+            if found is not None and found[3]:
+                op._check_index_ranges([args[k] for k in positions], found[3])
+        undo = self._prepare(binding)
+        module = self._module
+        try:
+            if self.grad_hook is None:
+                loss = float(module.step(*args))
+            else:
+                loss = float(module.forward_backward(*args))
+                self.grad_hook([g for _, g in binding.grads])
+                module.update(*args)
+        except BaseException:
+            for step_undo in undo:
+                self.optimizer.undo_prepare(step_undo)
+            raise
+        for p, g in binding.grads:
+            p.grad = g
         return loss
 
+    def _prepare(self, binding: _Binding) -> list[Any]:
+        """Fill the optimizer's arguments: every group checked, each trained parameter's state
+        created or advanced (as the eager step does), its row of scalars written."""
+        opt, rule = self.optimizer, self.rule
+        groups = opt.param_groups
+        hyper = []
+        for index, group in enumerate(groups):
+            opt.check_group(group, index)
+            hyper.append(opt.hyperparameters(group))
+        where = {id(p): k for k, g in enumerate(groups) for p in g["params"]}
+        graph, plan, args = binding.graph, binding.plan, binding.args
+        rows = len(plan.updates)
+        width = len(rule.scalar_inputs)
+        table = np.zeros((max(rows, 1), max(width, 1)))
+        states: dict[str, np.ndarray] = {}
+        undo = []
+        for j, (n, names) in enumerate(plan.updates):
+            p = graph.params[n]
+            values = hyper[where[id(p)]]
+            inactive = np.empty((0,) * p.data.ndim, p.data.dtype)
+            arrays, extra, step_undo = opt.prepare_update(p, values, inactive)
+            table[j, : len(values)] = values
+            table[j, len(values) : len(values) + len(extra)] = extra
+            states.update(zip(names, arrays, strict=True))
+            undo.append(step_undo)
+        for position, kind, _ in binding.slots:
+            if kind == "state":
+                args[position] = states[plan.args[position][0]]
+            elif kind == "scalars":
+                args[position] = table
+            elif kind == "max_norm":
+                args[position] = float(self.clip_grad_norm)  # type: ignore[arg-type]
+            elif kind == "clip_value":
+                args[position] = float(self.clip_grad_value)  # type: ignore[arg-type]
+            elif kind == "grad_norm":
+                args[position] = self._grad_norm
+        return undo
 
-def _groups(optimizer: Any) -> list[list[Any]]:
-    groups = getattr(optimizer, "param_groups", None)
-    if groups is not None:
-        return [list(g["params"]) for g in groups]
-    return [list(optimizer.params)]
+    def flat_gradients(self) -> list[np.ndarray]:
+        """The gradients of the last shape run (views of the step's buffers), in the order
+        of the graph's trained parameters."""
+        return [] if self._last is None else [g for _, g in self._last.grads]
 
 
-def compile_step(model: Module, loss: Loss, optimizer: Any) -> CompiledStep:
+def _arg_name(ref: Ref) -> str:
+    prefix = {"input": "in", "param": "p", "const": "c", "node": "v"}[ref.kind]
+    return f"{prefix}{ref.index}"
+
+
+def _clip_kind(norm: float | None, value: float | None) -> str | None:
+    """``"norm"``, ``"value"`` or None; a bad limit is an error."""
+    if norm is not None and value is not None:
+        raise SymgradError(
+            "give clip_grad_norm or clip_grad_value, not both: which one comes first changes "
+            "the result"
+        )
+    for name, limit in (("clip_grad_norm", norm), ("clip_grad_value", value)):
+        if limit is not None and (
+            isinstance(limit, bool)
+            or not isinstance(limit, (int, float, np.floating, np.integer))
+            or np.isnan(limit)
+            or limit < 0
+        ):
+            raise SymgradError(f"{name} must be a real number ≥ 0 or None, got {limit!r}")
+    if norm is not None:
+        return "norm"
+    return "value" if value is not None else None
+
+
+def compile_step(
+    model: Module,
+    loss: Loss,
+    optimizer: Any,
+    *,
+    clip_grad_norm: float | None = None,
+    clip_grad_value: float | None = None,
+    grad_hook: Callable[[list[np.ndarray]], None] | None = None,
+) -> CompiledStep:
     """One compiled function per training step of ``model`` + ``loss`` + ``optimizer``.
 
     >>> import numpy as np
@@ -176,4 +307,12 @@ def compile_step(model: Module, loss: Loss, optimizer: Any) -> CompiledStep:
     >>> second < first
     True
     """
-    return CompiledStep(model, loss, optimizer)
+    return CompiledStep(
+        model,
+        loss,
+        optimizer,
+        clip_grad_norm=clip_grad_norm,
+        clip_grad_value=clip_grad_value,
+        grad_hook=grad_hook,
+    )
+

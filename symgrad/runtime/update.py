@@ -35,7 +35,7 @@ class UpdateKernel(CompiledOp["Formulas"]):
             from ..codegen.update import emit_update
 
             write_source(path, emit_update(rule, key, single).text)
-        super().__init__(f"update_{rule.name}", path, rule.formulas, None)
+        super().__init__(f"update_{rule.name}", path, rule.formulas, None, key)
         self.rule = rule
 
     def formulas(self) -> Formulas:
@@ -85,8 +85,14 @@ class UpdateKernel(CompiledOp["Formulas"]):
                 )
             flat.append(state.reshape(-1))
         assert len(scalars) == len(rule.scalar_inputs), (scalars, rule.scalar_inputs)
+        # an update module is generated for one dtype; its one function is named `update`
         self._run(
-            "update", param.reshape(-1), grad.reshape(-1), *flat, *(float(s) for s in scalars)
+            "update",
+            _FLOATS[1],
+            param.reshape(-1),
+            grad.reshape(-1),
+            *flat,
+            *(float(s) for s in scalars),
         )
 
 
