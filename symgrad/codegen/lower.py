@@ -21,7 +21,9 @@ import sympy as sp
 
 from .._version import __version__
 from ..errors import CodegenError
+from ..symbolic.bounds import is_zero
 from ..symbolic.index import ReduceMax, TensorDerivation
+from . import names
 from .emit import KernelSource, lower_primitives
 from .printer import NumbaPrinter
 
@@ -152,7 +154,7 @@ class _Lowerer:
         for v, lo, hi in node.limits:
             da = self.shapes[str(a.base.label)][list(a.indices).index(v)]
             db = self.shapes[str(b.base.label)][list(b.indices).index(v)]
-            if sp.simplify(lo) != 0 or sp.simplify(hi - (da - 1)) != 0 or sp.simplify(da - db):
+            if not (is_zero(lo) and is_zero(hi - (da - 1)) and is_zero(da - db)):
                 return None
         order = {v: n for n, v in enumerate(loop_order)}
         free_a = [i for i in a.indices if i not in summed]
@@ -222,7 +224,7 @@ class _Lowerer:
             if gemm.uses != 1 or gemm.into is not None or gemm.batch or not expr.has(read):
                 continue
             fits = len(gemm.dims) == len(a.loops) and all(
-                lo == 0 and sp.simplify(hi + 1 - d) == 0
+                lo == 0 and is_zero(hi + 1 - d)
                 for (_, lo, hi), d in zip(a.loops, gemm.dims, strict=True)
             )
             if fits:
@@ -262,7 +264,7 @@ class _Lowerer:
             if isinstance(node, (sp.Sum, ReduceMax)):
                 # A fresh loop variable per reduction: terms split off one sum share its name.
                 fresh = {
-                    v: sp.Symbol(f"{v}_{self.n_red}_{n}", integer=True)
+                    v: sp.Symbol(f"_{v}_{self.n_red}_{n}", integer=True)
                     for n, (v, _, _) in enumerate(node.limits)
                 }
                 limits = [(fresh[v], lo, hi) for v, lo, hi in _memory_order(node)]
@@ -606,18 +608,13 @@ def _reads_columns(body: sp.Expr, sum_vars: set[sp.Symbol], loop_vars: set[sp.Sy
 
 def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
     """Numba source of a tensor op: ``forward(inputs..., dims..., out)`` and
-    ``vjp(inputs..., dims..., grad_out, grad_<input>...)``."""
-    spec = derivation.spec
-    op = spec.name
-    labels = [str(b.label) for b in spec.inputs]
-    dims = [str(d) for d in spec.dims]
-    shapes = {str(b.label): tuple(sp.sympify(d) for d in b.shape) for b in spec.inputs}
-    ranges = dict(spec.ranges)
-    out_loops = tuple((i, *ranges[i]) for i in spec.out)
+    ``vjp(inputs..., dims..., grad_out, grad_<input>...)``, user names mangled."""
+    op = derivation.spec.name
+    mangled = names.tensor_names(derivation)  # every user name mangled (codegen/names.py)
     decorator = "@njit(cache=True, error_model='numpy')"
 
     def function(name: str, params: list[str], assignments: list[_Assignment]) -> list[str]:
-        lowerer = _Lowerer(op, {**shapes, "grad_out": spec.out_shape})
+        lowerer = _Lowerer(op, mangled.shapes)
         body: list[str] = []
         for a in assignments:
             body += lowerer.assignment(a, 4)
@@ -632,16 +629,12 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
             "",
         ]
 
+    params = [*mangled.labels, *mangled.dims]
     src = function(
-        "forward",
-        [*labels, *dims, "out"],
-        [_Assignment("out", out_loops, derivation.stable_forward)],
+        "forward", [*params, "out"], [_Assignment("out", mangled.out_loops, mangled.forward)]
     )
-    grads = []
-    for p in derivation.partials:
-        loops = tuple((k, sp.S.Zero, d - 1) for k, d in zip(p.indices, p.wrt.shape, strict=True))
-        grads.append(_Assignment(f"grad_{p.wrt.label}", loops, p.final))
-    src += function("vjp", [*labels, *dims, "grad_out", *[g.target for g in grads]], grads)
+    grads = [_Assignment(target, loops, value) for target, loops, value in mangled.gradients]
+    src += function("vjp", [*params, "grad_out", *[g.target for g in grads]], grads)
     body_text = (
         "\n".join(
             ["import math", "", "import numpy as np", "from numba import njit", "", "", *src]
