@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import sympy as sp
 
 from .builtins import TensorBuiltin, get_builtin
-from .codegen.emit import KernelSource, emit_elementwise
+from .codegen.emit import emit_elementwise
 from .codegen.lower import emit_tensor
 from .codegen.printer import check_supported
 from .errors import DefinitionError
@@ -83,24 +83,24 @@ def elementwise(
         return _OPS[spec.key]  # type: ignore[return-value]
     check_supported(spec.expr, spec.name)
 
-    def emit(d: Derivation) -> KernelSource:
-        return emit_elementwise(d, spec.key, fastmath, parallel)
+    def emit(d: Derivation) -> str:
+        return emit_elementwise(d, spec.key, fastmath, parallel).text
 
     path, derivation = _build(spec.name, spec.key, lambda: _derive_checked(spec), emit)
-    op = ElementwiseOp(spec, path, lambda: _derive_checked(spec), derivation)
+    op = ElementwiseOp(spec, path, lambda: _derive_checked(spec), derivation, emit)
     _OPS[spec.key] = op
     return op
 
 
 def _build(
-    name: str, key: str, derive: Callable[[], D], emit: Callable[[D], KernelSource]
+    name: str, key: str, derive: Callable[[], D], emit: Callable[[D], str]
 ) -> tuple[Path, D | None]:
     """The cached module of an op, derived and emitted only when the cache has no valid copy."""
     path = module_path(name, key)
-    if verified_text(path) is not None:
+    if verified_text(path, key) is not None:
         return path, None
     derivation = derive()
-    write_source(path, emit(derivation).text)
+    write_source(path, emit(derivation))
     return path, derivation
 
 
@@ -158,11 +158,11 @@ def tensor_op(
             check_supported(_without_deltas(p.final), spec.name, f"the gradient of {p.wrt}")
         return derivation
 
-    def emit(d: TensorDerivation) -> KernelSource:
-        return emit_tensor(d, spec.key)
+    def emit(d: TensorDerivation) -> str:
+        return emit_tensor(d, spec.key).text
 
     path, derivation = _build(spec.name, spec.key, derive, emit)
-    op = TensorOp(spec, path, derive, derivation)
+    op = TensorOp(spec, path, derive, derivation, emit)
     _OPS[spec.key] = op
     return op
 

@@ -1,45 +1,76 @@
 """CompiledOp: what every compiled op wrapper shares — its cached module, source, derivation.
 
 :class:`~symgrad.runtime.elementwise.ElementwiseOp` and :class:`~symgrad.runtime.tensor.TensorOp`
-check arguments their own way; both hold a generated module in the kernel cache (imported on
-first call), its verified source, and a derivation that is derived on first use when the op was
-loaded from a warm cache.  A kernel call that fails — a corrupt Numba cache file fails on load —
-drops the module's compiled binaries, re-imports it and retries once.
+check arguments their own way; both hold a generated module in the kernel cache, its verified
+source, and a derivation that is derived on first use when the op was loaded from a warm cache.
+
+The module is imported on first call, from text verified against its hash and its op's spec key
+at that moment: a file changed or deleted since the op was defined is regenerated (derived and
+emitted again), never run.  A kernel call that fails *inside Numba's own cache* (a corrupt
+index or data file fails on load) drops the module's compiled binaries, re-imports it and retries
+once; any other error — a typing error, a bad argument — is the caller's, and propagates as is.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Generic, TypeVar
 
-from .cache import ensure_imported, import_module, purge_compiled, verified_text
+from .cache import ensure_imported, import_module, purge_compiled, verified_text, write_source
 
 D = TypeVar("D")
 
+_NUMBA_CACHE = os.path.join("numba", "core", "caching.py")
+
+
+def _raised_in_numba_cache(err: BaseException) -> bool:
+    """Whether ``err`` was raised while Numba loaded its cache files (index or binaries)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(_NUMBA_CACHE):
+            return True
+        tb = tb.tb_next
+    return False
+
 
 class CompiledOp(Generic[D]):
-    """The parts of a compiled op that do not depend on its kind."""
+    """The parts of a compiled op that do not depend on its kind.
+
+    ``derive`` derives the op, ``emit`` turns a derivation into the module's source text
+    (used again if the cached file is damaged or gone), ``key`` is the op's spec key.
+    """
 
     def __init__(
-        self, name: str, path: Path, derive: Callable[[], D], derivation: D | None
+        self,
+        name: str,
+        path: Path,
+        derive: Callable[[], D],
+        derivation: D | None,
+        emit: Callable[[D], str],
+        key: str,
     ) -> None:
         self.name = name
         self._path = path
         self._derive = derive
         self._derivation = derivation
+        self._emit = emit
+        self._key = key
         self._module: ModuleType | None = None
         self._recovered = False
 
     @property
     def source(self) -> str:
-        """The generated Numba source of this op's kernels."""
-        text = verified_text(self._path)
-        if text is None:
-            raise FileNotFoundError(
-                f"the kernel source of {self.name!r} vanished from {self._path}"
-            )
+        """The generated Numba source of this op's kernels (regenerated if the file was lost)."""
+        return self._verified_source()
+
+    def _verified_source(self) -> str:
+        text = verified_text(self._path, self._key)
+        if text is None:  # changed, damaged or deleted since the op was defined
+            text = self._emit(self.derivation())
+            write_source(self._path, text)
         return text
 
     def derivation(self) -> D:
@@ -50,19 +81,19 @@ class CompiledOp(Generic[D]):
 
     @property
     def module(self) -> ModuleType:
-        """The kernel module, imported on first use (once per process)."""
+        """The kernel module, imported on first use (once per process) from verified text."""
         if self._module is None:
-            self._module = ensure_imported(self._path)
+            self._module = ensure_imported(self._path, self._verified_source())
         return self._module
 
     def _run(self, name: str, *args: Any) -> Any:
         try:
             return getattr(self.module, name)(*args)
-        except Exception:
+        except Exception as err:
             # A corrupt Numba cache file fails on load: drop the binaries, re-import, retry once.
-            if self._recovered:
+            if self._recovered or not _raised_in_numba_cache(err):
                 raise
             self._recovered = True
             purge_compiled(self._path)
-            self._module = import_module(self._path)
+            self._module = import_module(self._path, self._verified_source())
             return getattr(self._module, name)(*args)

@@ -43,9 +43,10 @@ class TensorOp(CompiledOp[TensorDerivation]):
         spec: TensorSpec,
         path: Path,
         derive: Callable[[], TensorDerivation],
-        derivation: TensorDerivation | None = None,
+        derivation: TensorDerivation | None,
+        emit: Callable[[TensorDerivation], str],
     ) -> None:
-        super().__init__(spec.name, path, derive, derivation)
+        super().__init__(spec.name, path, derive, derivation, emit, spec.key)
         self.spec = spec
         self.input_names = tuple(str(b.label) for b in spec.inputs)
         self._wrt = tuple(spec.inputs.index(b) for b in spec.wrt)
