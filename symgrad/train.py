@@ -2,7 +2,10 @@
 
 Batches are a pure function of ``(seed, epoch)`` (:func:`batch_order`), so a run resumed from a
 checkpoint — or a PyTorch twin fed by the same function — sees exactly the same batches in the
-same order.  Checkpoints are ``.npz`` files written atomically (temporary file + rename).
+same order.  Checkpoints are ``.npz`` files written atomically (temporary file + rename; a
+temporary file left by a killed save is removed by the next), read without pickle, and a damaged
+one is a :class:`~symgrad.errors.CheckpointError` naming the file and the cause — before any
+weight is changed.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SymgradError
+from .errors import CheckpointError, SymgradError
 from .nn.losses import Loss, fuse
 from .nn.modules import Module
 from .optim import Optimizer
@@ -63,16 +68,43 @@ def check_data(x: np.ndarray, y: np.ndarray) -> None:
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed save
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy stubs: kwargs
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write the checkpoint {path}: {err.strerror or err}"
+        ) from err
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def check_checkpoint_path(path: str | Path) -> Path:
+    """``path`` as a checkpoint to write: its directory must exist or be creatable, and be
+    writable, and ``path`` must not be a directory — checked before training starts (a
+    training run must not find out after its first epoch)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"the checkpoint path {path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write the checkpoint {path}: its directory {path.parent} is not "
+            f"writable ({err.strerror or err})"
+        ) from err
+    return path
 
 
 def save_checkpoint(
@@ -88,17 +120,42 @@ def save_checkpoint(
     _atomic_savez(Path(path), arrays)
 
 
+#: What reading a damaged ``.npz`` raises: a bad or truncated zip, a missing array, bad data.
+_DAMAGED = (
+    zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError, TypeError, OSError,
+    json.JSONDecodeError,
+)  # fmt: skip
+
+
 def load_checkpoint(path: str | Path, model: Module, optimizer: Optimizer) -> tuple[int, History]:
-    """Restore what :func:`save_checkpoint` wrote; returns ``(next_epoch, history)``."""
-    with np.load(Path(path)) as data:
-        model.load_state_dict({k[6:]: data[k] for k in data.files if k.startswith("model/")})
-        optimizer.load_state_dict({k[6:]: data[k] for k in data.files if k.startswith("optim/")})
+    """Restore what :func:`save_checkpoint` wrote; returns ``(next_epoch, history)``.
+
+    Everything is read and checked before the model or the optimizer is touched; a damaged,
+    truncated or foreign file is a :class:`~symgrad.errors.CheckpointError`.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}  # every array decompressed now
+        model_state = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
+        optim_state = {k[6:]: v for k, v in arrays.items() if k.startswith("optim/")}
+        epoch = int(arrays["epoch"])
         history = History(
-            list(map(float, data["step_losses"])),
-            list(map(float, data["epoch_losses"])),
-            json.loads(str(data["evals"])),
+            [float(v) for v in arrays["step_losses"]],
+            [float(v) for v in arrays["epoch_losses"]],
+            json.loads(str(arrays["evals"])),
         )
-        return int(data["epoch"]), history
+        if not model_state or not isinstance(history.evals, list):
+            raise ValueError("it holds no model state")
+    except _DAMAGED as err:
+        cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"the checkpoint {path} is damaged or not a symgrad checkpoint ({cause}); delete "
+            "it to start afresh"
+        ) from err
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(optim_state)
+    return epoch, history
 
 
 def fit(
@@ -137,6 +194,8 @@ def fit(
     check_data(x, y)
     if batch_size < 1 or epochs < 0:
         raise SymgradError(f"need batch_size ≥ 1 and epochs ≥ 0, got {batch_size}, {epochs}")
+    if checkpoint is not None:
+        check_checkpoint_path(checkpoint)
     body, objective = fuse(model, loss) if fuse_loss else (model, loss)
     # One forward over everything: a wrong feature count or label fails here, not mid-run.
     objective.value_and_grad(body(x), y)
