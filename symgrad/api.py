@@ -24,7 +24,6 @@ from .runtime.tensor import TensorOp
 if TYPE_CHECKING:
     import sympy as sp
 
-    from .codegen.emit import KernelSource
     from .symbolic.derive import Derivation
     from .symbolic.index import TensorDerivation, TensorSpec
     from .symbolic.spec import OpSpec
@@ -93,24 +92,24 @@ def elementwise(
         return _OPS[spec.key]  # type: ignore[return-value]
     check_supported(spec.expr, spec.name)
 
-    def emit(d: Derivation) -> KernelSource:
-        return emit_elementwise(d, spec.key, fastmath, parallel)
+    def emit(d: Derivation) -> str:
+        return emit_elementwise(d, spec.key, fastmath, parallel).text
 
     path, derivation = _build(spec.name, spec.key, lambda: _derive_checked(spec), emit)
-    op = ElementwiseOp(spec, path, lambda: _derive_checked(spec), derivation)
+    op = ElementwiseOp(spec, path, lambda: _derive_checked(spec), derivation, emit)
     _OPS[spec.key] = op
     return op
 
 
 def _build(
-    name: str, key: str, derive: Callable[[], D], emit: Callable[[D], KernelSource]
+    name: str, key: str, derive: Callable[[], D], emit: Callable[[D], str]
 ) -> tuple[Path, D | None]:
     """The cached module of an op, derived and emitted only when the cache has no valid copy."""
     path = module_path(name, key)
-    if verified_text(path) is not None:
+    if verified_text(path, key) is not None:
         return path, None
     derivation = derive()
-    write_source(path, emit(derivation).text)
+    write_source(path, emit(derivation))
     return path, derivation
 
 
@@ -185,11 +184,11 @@ def _tensor_op(spec: TensorSpec) -> TensorOp:
     def derive() -> TensorDerivation:
         return _tensor_derive(spec)
 
-    def emit(d: TensorDerivation) -> KernelSource:
-        return emit_tensor(d, spec.key)
+    def emit(d: TensorDerivation) -> str:
+        return emit_tensor(d, spec.key).text
 
     path, derivation = _build(spec.name, spec.key, derive, emit)
-    op = TensorOp(spec, path, derive, derivation)
+    op = TensorOp(spec, path, derive, derivation, emit)
     _OPS[spec.key] = op
     return op
 
@@ -216,7 +215,13 @@ def builtin(
     def built() -> ElementwiseOp | TensorOp:
         return _built(name, params, chosen)
 
-    op = stored.load(name, request, lambda: built().spec, lambda: built().derivation())
+    op = stored.load(
+        name,
+        request,
+        lambda: built().spec,
+        lambda: built().derivation(),
+        lambda d: built()._emit(d),
+    )
     if op is None:
         op = built()
         stored.save(request, op)

@@ -1,15 +1,19 @@
 """The registry of built-in ops: each is its forward formula, written once.
 
 An entry holds the formula (a function of its parameters returning the SymPy expression and its
-input symbols), the parameters' torch defaults, the torch reference the test suite checks it
-against (a function of the ``torch`` module passed in, so this module imports no torch), and the
-domain its inputs are drawn from in tests.  Derivation, codegen, printouts and the gradient
-tests all read this one table: a new op is one new entry.
+input symbols), the parameters' torch defaults and the values each may take
+(:class:`Allowed`, checked in one place, :func:`check_params`, when the op is defined), the
+torch reference the test suite checks it against (a function of the ``torch`` module passed
+in, so this module imports no torch), and the domain its inputs are drawn from in tests.
+Derivation, codegen, printouts and the gradient tests all read this one table: a new op is
+one new entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +35,80 @@ class Domain:
 
 
 @dataclass(frozen=True)
+class Allowed:
+    """The values a built-in's parameter may take: a finite real number in an interval
+    (``low < value``, or ``low <= value`` with ``closed_low``; likewise ``high``)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    closed_low: bool = False
+    closed_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.closed_low else value > self.low
+        below = value <= self.high if self.closed_high else value < self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low == -math.inf and self.high == math.inf:
+            return "a finite real number"
+        parts = []
+        if self.low != -math.inf:
+            parts.append(f"{'≥' if self.closed_low else '>'} {self.low:g}")
+        if self.high != math.inf:
+            parts.append(f"{'≤' if self.closed_high else '<'} {self.high:g}")
+        return "a finite real number " + " and ".join(parts)
+
+
+ANY = Allowed()
+POSITIVE = Allowed(low=0.0)
+
+#: A relation between parameters: a description (``"min_val < max_val"``) and its test.
+Relation = tuple[str, Callable[[Mapping[str, float]], bool]]
+
+
+def check_params(
+    op: str,
+    defaults: Mapping[str, float],
+    given: Mapping[str, object],
+    allowed: Mapping[str, Allowed],
+    relations: tuple[Relation, ...] = (),
+    otherwise: Allowed = ANY,
+) -> dict[str, float]:
+    """The parameters of built-in ``op``: its ``defaults`` updated with ``given``, each checked
+    against ``allowed`` (``otherwise`` for a parameter not in it) and the ``relations``.
+
+    Raises DefinitionError naming the op, the parameter, the value and what it may be.
+    """
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise DefinitionError(
+            f"built-in op {op!r} has no parameter(s) {unknown}; its parameters are "
+            f"{sorted(defaults) or 'none'}"
+        )
+    values: dict[str, float] = {}
+    for name, default in defaults.items():
+        value = given.get(name, default)
+        domain = allowed.get(name, otherwise)
+        number = (
+            float(value)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool)
+            else math.nan
+        )
+        if not (math.isfinite(number) and number in domain):
+            raise DefinitionError(
+                f"built-in op {op!r}: parameter {name}={value!r} is not allowed; {name} is "
+                f"{domain}"
+            )
+        values[name] = value  # type: ignore[assignment]  # a real number, checked above
+    for text, holds in relations:
+        if not holds(values):
+            shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            raise DefinitionError(f"built-in op {op!r}: need {text}, got {shown}")
+    return values
+
+
+@dataclass(frozen=True)
 class Builtin:
     """One built-in op (see the module docstring)."""
 
@@ -39,6 +117,9 @@ class Builtin:
     inputs: tuple[sp.Symbol, ...]
     torch_ref: Callable[..., Any]
     params: dict[str, float] = field(default_factory=dict)
+    #: the values each parameter may take (default: any finite real), and relations between them
+    allowed: dict[str, Allowed] = field(default_factory=dict)
+    relations: tuple[Relation, ...] = ()
     domain: tuple[Domain, ...] = (Domain(),)
     #: which inputs torch can differentiate (its BCE has no gradient for the target)
     torch_grads: tuple[bool, ...] = (True,)
@@ -48,13 +129,7 @@ class Builtin:
 
     def expr(self, **params: float) -> tuple[sp.Expr, dict[sp.Symbol, float]]:
         """The formula with symbolic parameters, and the constants binding them."""
-        unknown = sorted(set(params) - set(self.params))
-        if unknown:
-            raise DefinitionError(
-                f"built-in op {self.name!r} has no parameter(s) {unknown}; its parameters are "
-                f"{sorted(self.params) or 'none'}"
-            )
-        values = {**self.params, **params}
+        values = check_params(self.name, self.params, params, self.allowed, self.relations)
         symbols = {k: sp.Symbol(k, real=True) for k in self.params}
         formula = self.formula(**symbols)
         return formula, {
@@ -112,6 +187,7 @@ _ENTRIES = [
         (x,),
         lambda t, a, beta, threshold: t.nn.functional.softplus(a, beta, threshold),
         params={"beta": 1.0, "threshold": 20.0},
+        allowed={"beta": POSITIVE},
     ),
     Builtin(
         "softsign", lambda: x / (1 + sp.Abs(x)), (x,), lambda t, a: t.nn.functional.softsign(a)
@@ -124,6 +200,7 @@ _ENTRIES = [
         (x,),
         lambda t, a, min_val, max_val: t.nn.functional.hardtanh(a, min_val, max_val),
         params={"min_val": -1.0, "max_val": 1.0},
+        relations=(("min_val < max_val", lambda p: p["min_val"] < p["max_val"]),),
     ),
     Builtin(
         "add",
@@ -171,6 +248,7 @@ _ENTRIES = [
         (x, y),
         lambda t, a, b, delta: t.nn.functional.huber_loss(a, b, reduction="none", delta=delta),
         params={"delta": 1.0},
+        allowed={"delta": POSITIVE},
         domain=_LOSS_DOMAIN,
         torch_grads=(True, True),
     ),
@@ -223,6 +301,9 @@ class TensorBuiltin:
     formula: Callable[..., tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]]
     torch_ref: Callable[..., Any]
     params: dict[str, float] = field(default_factory=dict)
+    #: the values each parameter may take (default: POSITIVE — the formula's parameter
+    #: symbols are declared positive)
+    allowed: dict[str, Allowed] = field(default_factory=dict)
     domain: tuple[str, ...] = ("normal",)
     torch_grads: tuple[bool, ...] | None = None
     doc: str = ""
@@ -232,15 +313,9 @@ class TensorBuiltin:
         self, **params: float
     ) -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...], dict[sp.Symbol, float]]:
         """``(expr, out, inputs, constants)`` with torch's default parameters."""
-        unknown = sorted(set(params) - set(self.params))
-        if unknown:
-            raise DefinitionError(
-                f"built-in op {self.name!r} has no parameter(s) {unknown}; its parameters are "
-                f"{sorted(self.params) or 'none'}"
-            )
+        values = check_params(self.name, self.params, params, self.allowed, otherwise=POSITIVE)
         symbols = {k: sp.Symbol(k, positive=True) for k in self.params}
         expr, out, inputs = self.formula(**symbols)
-        values = {**self.params, **params}
         return expr, out, inputs, {symbols[k]: v for k, v in values.items()}
 
 
@@ -454,6 +529,7 @@ _TENSOR_ENTRIES = [
         _layer_norm,
         lambda t, x, w, b, eps: t.nn.functional.layer_norm(x, x.shape[-1:], w, b, eps),
         params={"eps": 1e-5},
+        allowed={"eps": POSITIVE},
         domain=("normal",) * 3,
         doc="over the last axis, biased variance, affine weight and bias, as torch",
     ),
@@ -528,6 +604,7 @@ _TENSOR_ENTRIES += [
         _add_layer_norm,
         lambda t, x, r, w, b, eps: t.nn.functional.layer_norm(x + r, x.shape[-1:], w, b, eps),
         params={"eps": 1e-5},
+        allowed={"eps": POSITIVE},
         domain=("normal",) * 4,
         doc="layer norm of a residual sum X + R over the last axis (torch's eps; BERT's is 1e-12)",
     ),

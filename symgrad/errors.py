@@ -29,6 +29,12 @@ class NonDifferentiableError(DefinitionError):
     """Differentiating a formula produced a construct that has no numeric meaning."""
 
 
+class ComplexityError(DefinitionError):
+    """A symbolic step (differentiation, contraction, common subexpressions...) would exceed
+    one of symgrad's size limits (:mod:`symgrad.symbolic.bounds`); the message names the op, the
+    step and the limit."""
+
+
 class CodegenError(SymgradError, ValueError):
     """The code generator met an expression it cannot print as Numba source."""
 
@@ -50,7 +56,13 @@ class MissingDataError(SymgradError, FileNotFoundError):
 
 
 class CacheError(SymgradError, OSError):
-    """The kernel cache directory cannot be used."""
+    """The kernel cache cannot be used: a directory or file that cannot be created, read or
+    written (the message names the path and the cause)."""
+
+
+class CheckpointError(SymgradError, OSError):
+    """A training checkpoint cannot be read (damaged, truncated, not a checkpoint) or written;
+    the message names the file and the cause."""
 
 
 class ArgumentError(SymgradError, TypeError):

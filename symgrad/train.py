@@ -2,9 +2,12 @@
 
 Batches are a pure function of ``(seed, epoch)`` (:func:`batch_order`), so a run resumed from a
 checkpoint — or a PyTorch twin fed by the same function — sees exactly the same batches in the
-same order.  Checkpoints are ``.npz`` files written atomically (temporary file + rename): the
-model's weights, the optimizer's state arrays (``optim/state/<index>/<name>``) and its
-parameter groups (JSON), the learning-rate scheduler's state (JSON), the epoch and the history.
+same order.  Checkpoints are ``.npz`` files written atomically (temporary file + rename; a
+temporary file left by a killed save is removed by the next): the model's weights, the
+optimizer's state arrays (``optim/state/<index>/<name>``) and its parameter groups (JSON), the
+learning-rate scheduler's state (JSON), the epoch and the history.  They are read without
+pickle, and a damaged one is a :class:`~symgrad.errors.CheckpointError` naming the file and the
+cause — before any weight is changed.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+import zipfile
+import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import SchedulerError, SymgradError
+from .errors import CheckpointError, SchedulerError, SymgradError
 from .nn.losses import Loss, fuse
 from .nn.modules import Module
 from .nn.utils import clip_grad_norm_, clip_grad_value_
@@ -68,16 +73,43 @@ def check_data(x: np.ndarray, y: np.ndarray) -> None:
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed save
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy stubs: kwargs
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write the checkpoint {path}: {err.strerror or err}"
+        ) from err
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def check_checkpoint_path(path: str | Path) -> Path:
+    """``path`` as a checkpoint to write: its directory must exist or be creatable, and be
+    writable, and ``path`` must not be a directory — checked before training starts (a
+    training run must not find out after its first epoch)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"the checkpoint path {path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write the checkpoint {path}: its directory {path.parent} is not "
+            f"writable ({err.strerror or err})"
+        ) from err
+    return path
 
 
 def _optimizer_arrays(optimizer: Optimizer) -> dict[str, np.ndarray]:
@@ -92,18 +124,18 @@ def _optimizer_arrays(optimizer: Optimizer) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _optimizer_state(data: Any, optimizer: Optimizer) -> dict[str, Any]:
+def _optimizer_state(data: Mapping[str, Any], optimizer: Optimizer) -> dict[str, Any]:
     """The optimizer state dict stored by :func:`_optimizer_arrays` (or, from a checkpoint of
     symgrad before parameter groups, its flat ``optim/<index>.<name>`` arrays)."""
     state: dict[int, dict[str, Any]] = {}
-    if "optim/param_groups" in data.files:
+    if "optim/param_groups" in data:
         groups = from_json(str(data["optim/param_groups"]))
-        for key in data.files:
+        for key in data:
             if key.startswith("optim/state/"):
                 index, name = key[len("optim/state/") :].split("/", 1)
                 state.setdefault(int(index), {})[name] = data[key]
         return {"state": state, "param_groups": groups}
-    for key in data.files:  # the earlier layout: one group, its hyperparameters not saved
+    for key in data:  # the earlier layout: one group, its hyperparameters not saved
         if key.startswith("optim/"):
             index, name = key[len("optim/") :].split(".", 1)
             state.setdefault(int(index), {})[name] = data[key]
@@ -132,6 +164,13 @@ def save_checkpoint(
     _atomic_savez(Path(path), arrays)
 
 
+#: What reading a damaged ``.npz`` raises: a bad or truncated zip, a missing array, bad data.
+_DAMAGED = (
+    zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError, TypeError, OSError,
+    json.JSONDecodeError,
+)  # fmt: skip
+
+
 def load_checkpoint(
     path: str | Path,
     model: Module,
@@ -141,24 +180,41 @@ def load_checkpoint(
     """Restore what :func:`save_checkpoint` wrote; returns ``(next_epoch, history)``.
 
     With ``scheduler`` (built as for the original run) its state is restored too, so the
-    schedule continues where it stopped.
+    schedule continues where it stopped.  Everything is read and checked before the model or
+    the optimizer is touched; a damaged, truncated or foreign file is a
+    :class:`~symgrad.errors.CheckpointError`.
     """
-    with np.load(Path(path)) as data:
-        if scheduler is not None and "scheduler" not in data.files:
-            raise SchedulerError(
-                f"the checkpoint {path} holds no scheduler state (it was saved without a "
-                "scheduler): resume it without one, or start the run again"
-            )
-        model.load_state_dict({k[6:]: data[k] for k in data.files if k.startswith("model/")})
-        optimizer.load_state_dict(_optimizer_state(data, optimizer))
-        if scheduler is not None:
-            scheduler.load_state_dict(from_json(str(data["scheduler"])))
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}  # every array decompressed now
+        model_state = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
+        optim_state = _optimizer_state(arrays, optimizer)
+        epoch = int(arrays["epoch"])
         history = History(
-            list(map(float, data["step_losses"])),
-            list(map(float, data["epoch_losses"])),
-            json.loads(str(data["evals"])),
+            [float(v) for v in arrays["step_losses"]],
+            [float(v) for v in arrays["epoch_losses"]],
+            json.loads(str(arrays["evals"])),
         )
-        return int(data["epoch"]), history
+        schedule = from_json(str(arrays["scheduler"])) if "scheduler" in arrays else None
+        if not model_state or not isinstance(history.evals, list):
+            raise ValueError("it holds no model state")
+    except _DAMAGED as err:
+        cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"the checkpoint {path} is damaged or not a symgrad checkpoint ({cause}); delete "
+            "it to start afresh"
+        ) from err
+    if scheduler is not None and schedule is None:
+        raise SchedulerError(
+            f"the checkpoint {path} holds no scheduler state (it was saved without a "
+            "scheduler): resume it without one, or start the run again"
+        )
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(optim_state)
+    if scheduler is not None and schedule is not None:
+        scheduler.load_state_dict(schedule)
+    return epoch, history
 
 
 def fit(
@@ -219,6 +275,8 @@ def fit(
             "give clip_grad_norm or clip_grad_value, not both: which one comes first changes "
             "the result"
         )
+    if checkpoint is not None:
+        check_checkpoint_path(checkpoint)
     body, objective = fuse(model, loss) if fuse_loss else (model, loss)
     # One forward over everything: a wrong feature count or label fails here, not mid-run.
     objective.value_and_grad(body(x), y)

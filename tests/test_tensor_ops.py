@@ -241,7 +241,7 @@ def test_linear_lowers_to_gemms_not_triple_loops():
     assert _loop_depth(forward) <= 2 and _loop_depth(vjp) <= 2
     # the bias gradient Σ_b grad_Y[b, i] runs over rows in order (b outermost)
     (bias_loop,) = [n for n in vjp.body if isinstance(n, ast.For) and "grad_out" in ast.unparse(n)]
-    assert ast.unparse(bias_loop.iter) == "range(0, B)"
+    assert ast.unparse(bias_loop.iter) == "range(0, s_B)"  # the dim B, mangled
 
 
 @pytest.mark.parametrize(

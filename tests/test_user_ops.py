@@ -182,7 +182,7 @@ def test_user_op_reduction(tri):
 
 
 def test_input_names_that_clash_with_generated_code():
-    """Inputs named like the kernels' own locals, a keyword, or a module are renamed safely."""
+    """Inputs named like the kernels' own locals, a keyword, or a module are mangled safely."""
     i, out, lam, t0, np_ = sp.symbols("i out lambda _t0 np", real=True)
     op = sg.elementwise(i * sp.exp(out) - lam * sp.sin(t0) + np_**2,
                         inputs=[i, out, lam, t0, np_], name="user_awkward")

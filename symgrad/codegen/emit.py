@@ -42,7 +42,6 @@ The text is deterministic: same derivation and flags, same bytes.
 from __future__ import annotations
 
 import hashlib
-import keyword
 import re
 from dataclasses import dataclass
 
@@ -50,8 +49,10 @@ import sympy as sp
 from sympy.codegen.cfunctions import log1p
 
 from .._version import __version__
+from ..symbolic.bounds import check_size
 from ..symbolic.derive import Derivation
 from ..symbolic.functions import sigmoid, softplus
+from . import names
 from .dtypes import SUFFIXES
 from .printer import (
     NUMBA_FUNCTIONS,
@@ -63,7 +64,6 @@ from .printer import (
 )
 
 KERNELS = ("forward", "vjp", "value_and_vjp", "value_and_vjp_sum")
-_RESERVED = {"math", "np", "njit", "prange", "i", "n", "out", "g", "g_step", "g_scale", "total"}
 
 #: Elements per block of a reducing kernel: their values are buffered, then added in order.
 BLOCK = 512
@@ -107,19 +107,6 @@ def lower_primitives(expr: sp.Expr) -> sp.Expr:
     )
 
 
-def _local_names(inputs: tuple[sp.Symbol, ...]) -> list[str]:
-    names = [s.name for s in inputs]
-    ok = all(
-        n.isidentifier()
-        and not keyword.iskeyword(n)
-        and n not in _RESERVED
-        and not n.startswith("_")
-        and not n.startswith("grad_")
-        for n in names
-    )
-    return names if ok else [f"v{k}" for k in range(len(names))]
-
-
 @dataclass(frozen=True)
 class _Body:
     """One kernel's per-element code: CSE assignments and printed results, without indent."""
@@ -148,6 +135,7 @@ def _cse_body(exprs: list[sp.Expr], op: str, dtype: str = "float64") -> _Body:
     (:func:`~symgrad.codegen.printer.with_helper_arguments`) before CSE, so that it is shared
     with an equal ``exp`` of the formula (GELU's value and derivative: one ``exp``)."""
     lowered = [lower_primitives(e) for e in exprs]
+    check_size(sp.Tuple(*lowered), op, "the kernel's expressions (before CSE)")
 
     def render(vector: bool) -> _Body:
         forms = [with_helper_arguments(e) for e in lowered] if vector else lowered
@@ -183,13 +171,14 @@ def emit_elementwise(
 ) -> KernelSource:
     """Generate the module source of an elementwise op's four kernels."""
     op = derivation.name
-    locals_ = _local_names(derivation.inputs)
-    subs = {s: sp.Symbol(n, real=True) for s, n in zip(derivation.inputs, locals_, strict=True)}
+    # Every user name is mangled (codegen/names.py): input x is the value s_x, read from the
+    # array t_x; its gradient array is grad_t_x.
+    subs = {s: names.scalar(s) for s in derivation.inputs}
+    locals_ = [subs[s].name for s in derivation.inputs]
     value = derivation.stable_forward.xreplace(subs)
     partials = [d.xreplace(subs) for d in derivation.gradients]
-    arrays = [f"{n}_a" for n in locals_]
-    local_of = dict(zip(derivation.inputs, locals_, strict=True))
-    grads = [f"grad_{local_of[p.wrt]}" for p in derivation.partials]  # the wrt inputs only
+    arrays = [names.mangle(s.name, "t") for s in derivation.inputs]
+    grads = [names.gradient(p.wrt.name) for p in derivation.partials]  # the wrt inputs only
     loop = "prange" if parallel else "range"
     decorator = f"@njit(cache=True, error_model='numpy', fastmath={fastmath}, parallel={parallel})"
     loads = [f"{n} = {a}[i]" for n, a in zip(locals_, arrays, strict=True)]
@@ -324,8 +313,8 @@ def emit_elementwise(
     body = "\n".join([*prelude, *src]).rstrip() + "\n"
     body_hash = hashlib.sha256(body.encode()).hexdigest()
     header = (
-        f"# symgrad generated kernels for op {op!r} "
-        f"({', '.join(s.name for s in derivation.inputs)})\n"
+        f"# symgrad generated kernels for op {op!r}, inputs "
+        f"{', '.join(repr(s.name) for s in derivation.inputs)}\n"
         f"# symgrad {__version__}; spec {key}\n"
         f"# body-sha256 {body_hash}\n"
     )

@@ -38,8 +38,10 @@ import sympy as sp
 
 from .._version import __version__
 from ..errors import CodegenError
+from ..symbolic.bounds import is_zero
 from ..symbolic.index import ReduceMax, TensorDerivation, TensorSpec
 from ..symbolic.residuals import normal
+from . import names
 from .dtypes import SUFFIXES
 from .emit import KernelSource, _vectorisable, lower_primitives
 from .printer import VECTOR_MATH_SOURCE, NumbaPrinter
@@ -342,7 +344,7 @@ class _Lowerer:
         for v, lo, hi in node.limits:
             da = self.shapes[str(a.base.label)][list(a.indices).index(v)]
             db = self.shapes[str(b.base.label)][list(b.indices).index(v)]
-            if sp.simplify(lo) != 0 or sp.simplify(hi - (da - 1)) != 0 or sp.simplify(da - db):
+            if not (is_zero(lo) and is_zero(hi - (da - 1)) and is_zero(da - db)):
                 return None
         order = {v: n for n, v in enumerate(loop_order)}
         free_a = [i for i in a.indices if i not in summed]
@@ -441,7 +443,7 @@ class _Lowerer:
             if set(idx) != set(loop_vars) or len(idx) != len(loop_vars):
                 continue
             if not all(
-                ranges[v][0] == 0 and sp.simplify(ranges[v][1] + 1 - d) == 0
+                ranges[v][0] == 0 and is_zero(ranges[v][1] + 1 - d)
                 for v, d in zip(idx, gemm.dims, strict=True)
             ):
                 continue
@@ -479,7 +481,7 @@ class _Lowerer:
             if isinstance(node, (sp.Sum, ReduceMax)):
                 # A fresh loop variable per reduction: terms split off one sum share its name.
                 fresh = {
-                    v: sp.Symbol(f"{v}_{self.n_red}_{n}", integer=True)
+                    v: sp.Symbol(f"_{v}_{self.n_red}_{n}", integer=True)
                     for n, (v, _, _) in enumerate(node.limits)
                 }
                 limits = [(fresh[v], lo, hi) for v, lo, hi in _memory_order(node)]
@@ -921,7 +923,7 @@ def _dim_sources(spec: TensorSpec) -> tuple[tuple[str, int, int] | None, ...]:
 def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
     """Numba source of a tensor op: ``forward(inputs..., dims..., out)`` and
     ``vjp(inputs..., dims..., grad_out, grad_<input>...)``, and their float32 twins
-    ``forward_f32`` and ``vjp_f32``.
+    ``forward_f32`` and ``vjp_f32``, user names mangled (:mod:`symgrad.codegen.names`).
 
     When its VJPs can read saved residuals (:mod:`symgrad.symbolic.residuals`), also
     ``forward_saved(inputs..., dims..., out, res...)``, which writes them, and
@@ -933,12 +935,9 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
     """
     spec = derivation.spec
     op = spec.name
-    labels = [str(b.label) for b in spec.inputs]
-    dims = [str(d) for d in spec.dims]
-    shapes = {str(b.label): tuple(sp.sympify(d) for d in b.shape) for b in spec.inputs}
-    shapes["grad_out"] = shapes["out"] = spec.out_shape
-    ranges = dict(spec.ranges)
-    out_loops = tuple((i, *ranges[i]) for i in spec.out)
+    mangled = names.tensor_names(derivation)  # every user name mangled (codegen/names.py)
+    shapes = dict(mangled.shapes)
+    shapes["out"] = shapes["grad_out"]
     decorator = "@njit(cache=True, error_model='numpy')"
     uses_blas = False
 
@@ -976,56 +975,54 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
         residual sum: ``X`` and ``R`` enter alike) copies it instead of computing it again."""
         found: list[_Assignment] = []
         seen: dict[tuple, str] = {}
-        for p, final in zip(derivation.partials, finals, strict=True):
-            indices = zip(p.indices, p.wrt.shape, strict=True)
-            loops = tuple((k, sp.S.Zero, d - 1) for k, d in indices)
-            target = f"grad_{p.wrt.label}"
-            canon = {k: sp.Symbol(f"_k{n}", integer=True) for n, k in enumerate(p.indices)}
-            key = (tuple(p.wrt.shape), normal(final.xreplace(canon)))
+        for (target, loops, _), final in zip(mangled.gradients, finals, strict=True):
+            indices = tuple(k for k, _, _ in loops)
+            canon = {k: sp.Symbol(f"_k{n}", integer=True) for n, k in enumerate(indices)}
+            key = (tuple(hi for _, _, hi in loops), normal(final.xreplace(canon)))
             if key in seen:
-                final = sp.IndexedBase(seen[key])[p.indices] if p.indices else sp.Symbol(seen[key])
+                final = sp.IndexedBase(seen[key])[indices] if indices else sp.Symbol(seen[key])
             else:
                 seen[key] = target
             found.append(_Assignment(target, loops, final))
         return found
 
+    params = [*mangled.labels, *mangled.dims]
     src = function(
-        "forward",
-        [*labels, *dims, "out"],
-        [_Assignment("out", out_loops, derivation.stable_forward)],
+        "forward", [*params, "out"], [_Assignment("out", mangled.out_loops, mangled.forward)]
     )
-    grads = gradients([p.final for p in derivation.partials])
+    grads = gradients([value for _, _, value in mangled.gradients])
     grad_names = [g.target for g in grads]
-    src += function("vjp", [*labels, *dims, "grad_out", *grad_names], grads)
+    src += function("vjp", [*params, "grad_out", *grad_names], grads)
     saved = derivation.saved
     constants = [f"DIMS = {_dim_sources(spec)!r}", ""]
     if saved is not None and saved.saves:
-        names = [r.name for r in saved.residuals]
+        res_names = [r.name for r in saved.residuals]
         for r in saved.residuals:
-            shapes[r.name] = r.shape
+            shapes[r.name] = tuple(mangled.apply(d) for d in r.shape)
+        loop_of = {i: loop for i, loop in zip(spec.out, mangled.out_loops, strict=True)}
         # A residual over the leading output indices (a row statistic) is stored from inside
         # the forward's own loops, where the forward computes it anyway; any other is computed
         # in a loop nest of its own first.
         writes, stores = [], []
         for r in saved.residuals:
             if r.indices == spec.out[: len(r.indices)]:
-                stores.append(_Store(r.name, len(r.indices), r.node))
+                stores.append(_Store(r.name, len(r.indices), mangled.apply(r.node)))
             else:
-                loops = tuple((i, *ranges[i]) for i in r.indices)
-                writes.append(_Assignment(r.name, loops, r.value))
-        forward = saved.forward if writes else derivation.stable_forward
+                loops = tuple(loop_of[i] for i in r.indices)
+                writes.append(_Assignment(r.name, loops, mangled.apply(r.value)))
+        forward = mangled.apply(saved.forward) if writes else mangled.forward
         src += function(
             "forward_saved",
-            [*labels, *dims, "out", *names],
-            [*writes, _Assignment("out", out_loops, forward)],
+            [*params, "out", *res_names],
+            [*writes, _Assignment("out", mangled.out_loops, forward)],
             tuple(stores),
         )
         reads = [
-            e if e is not None else p.final
-            for p, e in zip(derivation.partials, saved.partials, strict=True)
+            mangled.apply(e) if e is not None else value
+            for (_, _, value), e in zip(mangled.gradients, saved.partials, strict=True)
         ]
         src += function(
-            "vjp_saved", [*labels, *dims, "out", *names, "grad_out", *grad_names], gradients(reads)
+            "vjp_saved", [*params, "out", *res_names, "grad_out", *grad_names], gradients(reads)
         )
         layout = tuple(tuple(spec.out.index(i) for i in r.indices) for r in saved.residuals)
         constants += [f"RESIDUALS = {layout!r}", f"READS_OUTPUT = {saved.reads_output!r}", ""]

@@ -667,6 +667,14 @@ class NumbaPrinter(PythonCodePrinter):
             return f"{power}**({self._print(exp)})"
         return super()._print_Pow(expr, rational=rational)
 
+    def _print_Heaviside(self, expr: sp.Expr) -> str:
+        # Printed directly: SymPy's fallback rewrites it to a Piecewise first, which folds and
+        # re-simplifies the argument (seconds for a derivative of a nested Max).  Same values
+        # as that Piecewise: 0 below, H(0) at 0 (1/2 by default), 1 above and for NaN.
+        arg = self._print(expr.args[0])
+        at_zero = self._print(expr.args[1] if len(expr.args) > 1 else sp.S.Half)
+        return f"((0.0) if ({arg}) < 0.0 else ({at_zero}) if ({arg}) == 0.0 else (1.0))"
+
     def _print_ImaginaryUnit(self, expr: sp.Expr) -> str:
         raise CodegenError("the expression is complex (contains I): symgrad computes in reals")
 

@@ -34,6 +34,7 @@ from ..nn.losses import Loss
 from ..nn.modules import Module, Parameter
 from ..runtime.cache import ensure_imported, module_path, verified_text, write_source
 from ..runtime.tensor import TensorOp
+from ..symbolic.update import UpdateRule
 from .graph import Graph, Ref, trace
 from .plan import StepPlan, needs_grad, plan_step, wanted
 
@@ -69,12 +70,13 @@ class CompiledStep:
         grad_hook: Callable[[list[np.ndarray]], None] | None = None,
     ) -> None:
         self.model, self.loss, self.optimizer = model, loss, optimizer
-        self.rule = getattr(optimizer, "rule", None)
-        if self.rule is None or not hasattr(optimizer, "prepare_update"):
+        rule = getattr(optimizer, "rule", None)
+        if rule is None or not hasattr(optimizer, "prepare_update"):
             raise UnsupportedStepError(
                 f"the step compiler updates parameters by an optimizer's UpdateRule; "
                 f"{type(optimizer).__name__} has none (symgrad.optim's optimizers do)"
             )
+        self.rule: UpdateRule = rule
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
         self._clip = _clip_kind(clip_grad_norm, clip_grad_value)
         self.grad_hook = grad_hook
@@ -197,7 +199,7 @@ class CompiledStep:
         for op, positions in binding.gathers:  # an index out of range stops the step here
             found = op._plan.fast(tuple(args[k] for k in positions))
             if found is not None and found[3]:
-                op._check_index_ranges([args[k] for k in positions], found[3])
+                op._check_index_ranges(tuple(args[k] for k in positions), found[3])
         undo = self._prepare(binding)
         module = self._module
         try:

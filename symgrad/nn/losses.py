@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DTypeError, ShapeError, SymgradError
-from ..runtime.elementwise import ElementwiseOp
+from ..runtime.elementwise import ElementwiseOp, mean
 from .modules import Elementwise, Module, Sequential, _builtin, _LazyBuiltin
 
 if TYPE_CHECKING:
@@ -211,10 +211,9 @@ class CrossEntropyLoss(Loss):
         onehot = np.zeros_like(logits)
         onehot[np.arange(labels.size), labels] = 1
         losses = self.op(logits, onehot)
-        batch = max(1, labels.size)
-        grad_out = np.full(labels.size, 1.0 / batch, dtype=logits.dtype)
+        grad_out = np.full(labels.size, mean(1.0, labels.size), dtype=logits.dtype)
         grad, _ = self.op.vjp(logits, onehot, grad_out)
-        return float(losses.mean(dtype=np.float64)), grad
+        return mean(float(losses.sum(dtype=np.float64)), labels.size), grad
 
 
 def fuse(model: Module, loss: Loss) -> tuple[Module, Loss]:

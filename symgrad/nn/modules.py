@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DTypeError, ShapeError, SymgradError, UnsupportedStepError
+from ..errors import ArgumentError, DTypeError, ShapeError, SymgradError, UnsupportedStepError
 from ..runtime.elementwise import ElementwiseOp
 
 if TYPE_CHECKING:
@@ -347,8 +347,24 @@ class Elementwise(Module):
 class _BuiltinActivation(_LazyBuiltin, Elementwise):
     """An activation module backed by the built-in op ``op_name`` (parameters as in torch)."""
 
-    def __init__(self, **params: float) -> None:
+    def __init__(self, *args: float, **params: float) -> None:
         Module.__init__(self)
+        if args:  # positional, in torch's order: LeakyReLU(0.2), Softplus(2.0, 10.0)
+            from ..builtins import get_builtin  # SymPy: the op is built right below anyway
+
+            names = list(get_builtin(self.op_name).params)
+            if len(args) > len(names):
+                raise ArgumentError(
+                    f"{type(self).__name__} takes at most {len(names)} positional "
+                    f"parameter(s) ({', '.join(names) or 'none'}), got {len(args)}: {args!r}"
+                )
+            for name, value in zip(names, args, strict=False):
+                if name in params:
+                    raise ArgumentError(
+                        f"{type(self).__name__} got parameter {name!r} twice (positionally "
+                        "and by keyword)"
+                    )
+                params[name] = value
         self._params = dict(params)
         self._op = None
         if params:  # checked now (and built): a misspelt parameter is an error here

@@ -6,11 +6,18 @@ generators, and the versions of SymPy, NumPy, Numba and llvmlite) — a change t
 a new file, so a stale kernel is never picked up.  Numba's own cache (``njit(cache=True)``) sits
 beside it in ``__pycache__``.
 
-Every file carries the sha256 of its body in its header; a file whose body does not match (torn
-write, disk corruption, a hand edit) is rewritten, never trusted.  Files are written to a
-temporary name and renamed into place (atomic on POSIX), so two processes compiling the same op
-at once both succeed.  The directory is ``$SYMGRAD_CACHE_DIR`` if set, else
-``$XDG_CACHE_HOME/symgrad`` (``~/.cache/symgrad``).
+Every file carries the sha256 of its body in its header, and the spec key of its op; a file whose
+body does not match (torn write, disk corruption, a hand edit), or that belongs to another op, is
+rewritten, never trusted.  The check runs where a module is *imported*, and the module is
+executed from the very text that was checked (:func:`ensure_imported`), so a file changed or
+deleted after an op was defined is regenerated, not run.  Files are written to a temporary name
+and renamed into place (atomic on POSIX), so two processes compiling the same op at once both
+succeed; a temporary file left by a killed writer is removed by the next write.
+
+A read-only cache is usable as long as it holds verified files: only writing needs a writable
+directory.  A failure to write (no space left, no permission, a directory where a file should
+be) is a :class:`~symgrad.errors.CacheError` naming the path and the cause.  The directory is
+``$SYMGRAD_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/symgrad`` (``~/.cache/symgrad``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -40,26 +48,27 @@ _GENERATORS = ("symbolic", "codegen", "compile", "runtime/step.py", "runtime/bla
 
 
 def cache_dir() -> Path:
-    """The kernel cache directory (created if missing)."""
+    """The kernel cache directory (created if missing; it may be read-only)."""
     env = os.environ.get("SYMGRAD_CACHE_DIR")
     if env:
         path = Path(env).expanduser()
     else:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         path = Path(base) / "symgrad"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CacheError(
-            f"cannot create the kernel cache directory {path}: {err}. Point SYMGRAD_CACHE_DIR "
-            "at a writable directory"
-        ) from err
-    if not os.access(path, os.W_OK):
-        raise CacheError(
-            f"the kernel cache directory {path} is not writable: point SYMGRAD_CACHE_DIR at a "
-            "writable directory"
-        )
+    if not path.is_dir():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CacheError(
+                f"cannot create the kernel cache directory {path}: {_cause(err)}. Point "
+                "SYMGRAD_CACHE_DIR at a writable directory"
+            ) from err
     return path
+
+
+def _cause(err: OSError) -> str:
+    """``err``'s reason without the path (messages name the path themselves)."""
+    return err.strerror or type(err).__name__
 
 
 @lru_cache(maxsize=1)
@@ -112,14 +121,17 @@ def module_path(name: str, key: str) -> Path:
     return cache_dir() / f"{name}_{digest}.py"
 
 
-def verified_text(path: Path) -> str | None:
-    """The file's text if its body matches the hash in its header, else None."""
+def verified_text(path: Path, key: str | None = None) -> str | None:
+    """The file's text if its body matches the hash in its header (and, given ``key``, the
+    header names that spec), else None."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
     match = _HEADER_HASH.search(text)
     if match is None:
+        return None
+    if key is not None and f"; spec {key}\n" not in text[: match.start()]:
         return None
     body = text[match.end() + 1 :]
     if hashlib.sha256(body.encode()).hexdigest() != match.group(1):
@@ -128,17 +140,42 @@ def verified_text(path: Path) -> str | None:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place.
+
+    Temporary files of ``path`` left by a killed writer are removed first; any failure (no
+    space, no permission, a directory in the way) is a :class:`CacheError` naming the path.
+    """
+    for stale in path.parent.glob(f".{path.stem}.*.tmp"):
+        if time.time() - _mtime(stale) > _STALE_SECONDS:  # not a live writer's
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is readable like any source
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    except OSError as err:
+        raise CacheError(
+            f"cannot write {path} in the kernel cache: {_cause(err)}. Free some space, make "
+            "the directory writable, or point SYMGRAD_CACHE_DIR at another directory"
+        ) from err
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+#: A temporary file older than this is a killed writer's, not a live one's.
+_STALE_SECONDS = 600.0
 
 
 def write_source(path: Path, text: str) -> None:
@@ -148,7 +185,7 @@ def write_source(path: Path, text: str) -> None:
     """
     if verified_text(path) == text:
         return
-    if path.exists():
+    if path.exists() or path.is_symlink():
         purge_compiled(path)
     atomic_write(path, text)
 
@@ -162,32 +199,55 @@ def purge_compiled(path: Path) -> None:
                 item.unlink()
 
 
-def import_module(path: Path) -> ModuleType:
-    """Import the generated module at ``path`` under a unique private name."""
+def import_module(path: Path, text: str) -> ModuleType:
+    """Import the generated module ``text`` (read and verified from ``path``) under a unique
+    private name, executing that text — not whatever the file holds by now."""
     name = f"_symgrad_kernels_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:  # pragma: no cover - a .py path always has one
+    if spec is None:  # pragma: no cover - a .py path always has one
         raise CacheError(f"cannot import the generated module {path}")
     module = importlib.util.module_from_spec(spec)
+    code = compile(text, str(path), "exec")
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        exec(code, module.__dict__)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module
 
 
-def ensure_imported(path: Path) -> ModuleType:
-    """The generated module at ``path``, imported once per process (see :func:`import_module`)."""
+def ensure_imported(path: Path, text: str | None = None) -> ModuleType:
+    """The generated module at ``path``, imported once per process from verified text.
+
+    ``text`` is the file's verified text if the caller has it; otherwise it is read and
+    verified here, and a file that fails is a :class:`CacheError` (callers that can regenerate
+    the file verify it first).
+    """
     module = sys.modules.get(f"_symgrad_kernels_{path.stem}")
-    return module if module is not None else import_module(path)
+    if module is not None:
+        return module
+    if text is None:
+        text = verified_text(path)
+        if text is None:
+            raise CacheError(
+                f"the generated module {path} is missing or fails verification; "
+                "`symgrad cache clear` and run again"
+            )
+    return import_module(path, text)
 
 
 def clear_cache() -> int:
     """Delete every cached kernel; returns the number of modules removed."""
     root = cache_dir()
     count = 0
-    for file in root.glob("*.py"):
-        file.unlink()
-        count += 1
-    for manifest in [*root.glob("*_manifest_*.json"), *root.glob("op_*.json")]:
-        manifest.unlink()  # manifests and op records name modules just deleted
+    try:
+        for file in root.glob("*.py"):
+            file.unlink()
+            count += 1
+        for manifest in [*root.glob("*_manifest_*.json"), *root.glob("op_*.json")]:
+            manifest.unlink()  # manifests and op records name modules just deleted
+    except OSError as err:
+        raise CacheError(f"cannot clear the kernel cache {root}: {_cause(err)}") from err
     shutil.rmtree(root / "__pycache__", ignore_errors=True)
     return count

@@ -1,16 +1,19 @@
 """CompiledOp: what every compiled op wrapper shares — its cached module, source, derivation.
 
 :class:`~symgrad.runtime.elementwise.ElementwiseOp` and :class:`~symgrad.runtime.tensor.TensorOp`
-check arguments their own way; both hold a generated module in the kernel cache (imported on
-first call), its verified source, and a derivation that is derived on first use when the op was
-loaded from a warm cache.  The module holds each kernel once per float dtype
-(:func:`~symgrad.codegen.dtypes.kernel_name`); :meth:`CompiledOp._run` picks the one for the
-data's dtype.  A kernel call that fails — a corrupt Numba cache file fails on load —
-drops the module's compiled binaries, re-imports it and retries once.
+check arguments their own way; both hold a generated module in the kernel cache, its verified
+source, and a derivation that is derived on first use when the op was loaded from a warm cache.
+
+The module is imported on first call, from text verified against its hash and its op's spec key
+at that moment: a file changed or deleted since the op was defined is regenerated (derived and
+emitted again), never run.  A kernel call that fails *inside Numba's own cache* (a corrupt
+index or data file fails on load) drops the module's compiled binaries, re-imports it and retries
+once; any other error — a typing error, a bad argument — is the caller's, and propagates as is.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +23,21 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from ..codegen.dtypes import kernel_name
-from .cache import ensure_imported, import_module, purge_compiled, verified_text
+from .cache import ensure_imported, import_module, purge_compiled, verified_text, write_source
 
 D = TypeVar("D")
+
+_NUMBA_CACHE = os.path.join("numba", "core", "caching.py")
+
+
+def _raised_in_numba_cache(err: BaseException) -> bool:
+    """Whether ``err`` was raised while Numba loaded its cache files (index or binaries)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(_NUMBA_CACHE):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 @dataclass(frozen=True)
@@ -36,10 +51,20 @@ class Saved:
 
 
 class CompiledOp(Generic[D]):
-    """The parts of a compiled op that do not depend on its kind."""
+    """The parts of a compiled op that do not depend on its kind.
+
+    ``derive`` derives the op, ``emit`` turns a derivation into the module's source text
+    (used again if the cached file is damaged or gone), ``key`` is the op's spec key.
+    """
 
     def __init__(
-        self, name: str, path: Path, derive: Callable[[], D], derivation: D | None, key: str
+        self,
+        name: str,
+        path: Path,
+        derive: Callable[[], D],
+        derivation: D | None,
+        emit: Callable[[D], str],
+        key: str,
     ) -> None:
         self.name = name
         #: the spec's content hash: the formula, inputs, gradients and constants
@@ -47,6 +72,7 @@ class CompiledOp(Generic[D]):
         self._path = path
         self._derive = derive
         self._derivation = derivation
+        self._emit = emit
         self._module: ModuleType | None = None
         self._kernels: dict[tuple[str, np.dtype], Callable[..., Any]] = {}
         self._recovered = False
@@ -55,12 +81,14 @@ class CompiledOp(Generic[D]):
 
     @property
     def source(self) -> str:
-        """The generated Numba source of this op's kernels."""
-        text = verified_text(self._path)
-        if text is None:
-            raise FileNotFoundError(
-                f"the kernel source of {self.name!r} vanished from {self._path}"
-            )
+        """The generated Numba source of this op's kernels (regenerated if the file was lost)."""
+        return self._verified_source()
+
+    def _verified_source(self) -> str:
+        text = verified_text(self._path, self.key)
+        if text is None:  # changed, damaged or deleted since the op was defined
+            text = self._emit(self.derivation())
+            write_source(self._path, text)
         return text
 
     def derivation(self) -> D:
@@ -71,9 +99,9 @@ class CompiledOp(Generic[D]):
 
     @property
     def module(self) -> ModuleType:
-        """The kernel module, imported on first use (once per process)."""
+        """The kernel module, imported on first use (once per process) from verified text."""
         if self._module is None:
-            self._module = ensure_imported(self._path)
+            self._module = ensure_imported(self._path, self._verified_source())
         return self._module
 
     def _kernel(self, function: str, dtype: np.dtype) -> Callable[..., Any]:
@@ -89,12 +117,12 @@ class CompiledOp(Generic[D]):
         try:
             kernel = self._kernels.get((function, dtype))
             return (kernel or self._kernel(function, dtype))(*args)
-        except Exception:
+        except Exception as err:
             # A corrupt Numba cache file fails on load: drop the binaries, re-import, retry once.
-            if self._recovered:
+            if self._recovered or not _raised_in_numba_cache(err):
                 raise
             self._recovered = True
             purge_compiled(self._path)
-            self._module = import_module(self._path)
+            self._module = import_module(self._path, self._verified_source())
             self._kernels.clear()
             return self._kernel(function, dtype)(*args)

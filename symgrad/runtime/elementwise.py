@@ -8,6 +8,7 @@ copied to contiguous ones.  Results have the inputs' dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,6 +36,12 @@ def _as_float_array(value: object, what: str) -> np.ndarray:
     return array
 
 
+def mean(total: float, count: int) -> float:
+    """``total / count``: the mean of ``count`` values summing to ``total``.  The mean of no
+    values is NaN, as torch's mean of an empty tensor (not 0: an empty batch has no loss)."""
+    return total / count if count else math.nan
+
+
 def _unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Sum ``grad`` (of the broadcast shape) back down to an input's ``shape``."""
     if grad.shape == shape:
@@ -59,9 +66,10 @@ class ElementwiseOp(CompiledOp["Derivation"]):
         spec: OpSpec,
         path: Path,
         derive: Callable[[], Derivation],
-        derivation: Derivation | None = None,
+        derivation: Derivation | None,
+        emit: Callable[[Derivation], str],
     ) -> None:
-        super().__init__(spec.name, path, derive, derivation, spec.key)
+        super().__init__(spec.name, path, derive, derivation, emit, spec.key)
         self._spec: OpSpec | None = spec
         self._spec_factory: Callable[[], OpSpec] = lambda: spec
         self.input_names = tuple(s.name for s in spec.inputs)
@@ -77,10 +85,11 @@ class ElementwiseOp(CompiledOp["Derivation"]):
         wrt: tuple[int, ...],
         spec: Callable[[], OpSpec],
         derive: Callable[[], Derivation],
+        emit: Callable[[Derivation], str],
     ) -> ElementwiseOp:
         """An op from the cache without SymPy; its spec built by ``spec`` on first use."""
         op = cls.__new__(cls)
-        CompiledOp.__init__(op, name, path, derive, None, key)
+        CompiledOp.__init__(op, name, path, derive, None, emit, key)
         op._spec, op._spec_factory = None, spec
         op.input_names = tuple(inputs)
         op._wrt = tuple(wrt)
@@ -237,10 +246,11 @@ class ElementwiseOp(CompiledOp["Derivation"]):
                     f"op {self.name!r}: with reduction={reduction!r} grad_output is a real "
                     f"scalar, got {grad_output!r}"
                 )
-            count = max(1, int(np.prod(shape)))
-            scale = float(g) / count if reduction == "mean" else float(g)
+            count = int(np.prod(shape))
+            # the mean's weight 1/count (NaN for no elements: then there is no gradient to scale)
+            scale = float(g) * mean(1.0, count) if reduction == "mean" else float(g)
             total = self._run("value_and_vjp_sum", dtype, *flat, dtype.type(scale), *grads)
-            value = np.asarray(total / count if reduction == "mean" else total, dtype=dtype)
+            value = np.asarray(mean(total, count) if reduction == "mean" else total, dtype=dtype)
         else:
             raise ArgumentError(
                 f"op {self.name!r}: reduction must be 'none', 'sum' or 'mean', got {reduction!r}"

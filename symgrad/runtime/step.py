@@ -477,9 +477,10 @@ class FusedStep:
         self._inactive = {
             id(p): np.empty((0,) * p.data.ndim, dtype) for _, _, p in self._trained
         }
-        manifest = cache_dir() / f"fused_step_manifest_{self._structure_key()[:24]}.json"
-        if not self._load(manifest):
-            self._cold_compile(manifest)
+        structure = self._structure_key()
+        manifest = cache_dir() / f"fused_step_manifest_{structure[:24]}.json"
+        if not self._load(manifest, structure):
+            self._cold_compile(manifest, structure)
         rule = self.optimizer.rule
         self._scalars = np.zeros((len(self._trained), len(rule.scalar_inputs)))
         where = {name: k for k, name in enumerate(self._args)}
@@ -502,41 +503,50 @@ class FusedStep:
                 parts.append(layer.structure())
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
-    def _load(self, manifest: Path) -> bool:
-        """Import the step a manifest lists; False when anything is missing or fails to verify."""
+    def _load(self, manifest: Path, structure: str) -> bool:
+        """Import the step a manifest lists; False when anything is missing or fails to verify,
+        or when the manifest describes another structure (its file name holds only a prefix
+        of the key: the whole key is stored inside and compared)."""
         try:
             entry = json.loads(manifest.read_text(encoding="utf-8"))
             paths = [manifest.parent / name for name in [*entry["imports"], entry["step"]]]
             args = [str(a) for a in entry["args"]]
+            if entry["structure"] != structure:
+                return False
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        if any(p.parent != manifest.parent or verified_text(p) is None for p in paths):
+        if any(p.parent != manifest.parent for p in paths):
             return False
-        *imports, step = paths
-        for path in imports:  # the step imports its kernels' modules by name: those first
-            ensure_imported(path)
-        self._fn = ensure_imported(step).step
+        texts = [verified_text(p) for p in paths]
+        if any(text is None for text in texts):
+            return False
+        *imports, step = zip(paths, texts, strict=True)
+        for path, text in imports:  # the step imports its kernels' modules by name: those first
+            ensure_imported(path, text)
+        self._fn = ensure_imported(*step).step
         self._args = args
         return True
 
-    def _cold_compile(self, manifest: Path) -> None:
+    def _cold_compile(self, manifest: Path, structure: str) -> None:
         from .tensor import TensorOp
 
         self._select_ops()
         key = self._key()
         path = module_path("fused_step", key)
-        if verified_text(path) is None:
+        text = verified_text(path, key)
+        if text is None:
             from ..codegen.step import emit_step
 
-            write_source(path, emit_step(self._plan(with_code=True), key).text)
+            text = emit_step(self._plan(with_code=True), key).text
+            write_source(path, text)
         ops = [*self._ops.values(), *self._gemm_ops.values(), self._loss_op]
         kernels = [op for op in ops if isinstance(op, TensorOp)]
         imports = list(dict.fromkeys(Path(op._path).name for op in kernels))
         for op in kernels:
             _module_name(op)
         self._args = self._plan(with_code=False).params
-        self._fn = ensure_imported(path).step
-        entry = {"step": path.name, "imports": imports, "args": self._args}
+        self._fn = ensure_imported(path, text).step
+        entry = {"structure": structure, "step": path.name, "imports": imports, "args": self._args}
         atomic_write(manifest, json.dumps(entry, indent=1) + "\n")
 
     def _allocate(self, batch: int, dtype: np.dtype) -> _Buffers:

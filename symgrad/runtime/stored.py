@@ -41,24 +41,29 @@ def record_path(name: str, request: str) -> Path:
 
 
 def load(
-    name: str, request: str, spec: Callable[[], Any], derive: Callable[[], Any]
+    name: str,
+    request: str,
+    spec: Callable[[], Any],
+    derive: Callable[[], Any],
+    emit: Callable[[Any], str],
 ) -> ElementwiseOp | TensorOp | None:
-    """The op a record describes, or None when there is no valid record."""
+    """The op a record describes, or None when there is no valid record.  ``spec``,
+    ``derive`` and ``emit`` build the op's spec, derivation and source on demand (SymPy)."""
     path = record_path(name, request)
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
         if entry.get("request") != request or entry.get("format") != _FORMAT:
             return None
         module = path.parent / entry["module"]
-        if module.parent != path.parent or verified_text(module) is None:
+        if module.parent != path.parent or verified_text(module, entry["key"]) is None:
             return None
         wrt = tuple(int(k) for k in entry["wrt"])
         if entry["kind"] == "tensor":
             return TensorOp.stored(
-                entry["name"], entry["key"], module, entry["plan"], wrt, spec, derive
+                entry["name"], entry["key"], module, entry["plan"], wrt, spec, derive, emit
             )
         return ElementwiseOp.stored(
-            entry["name"], entry["key"], module, tuple(entry["inputs"]), wrt, spec, derive
+            entry["name"], entry["key"], module, tuple(entry["inputs"]), wrt, spec, derive, emit
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -200,9 +200,10 @@ class TensorOp(CompiledOp["TensorDerivation"]):
         spec: TensorSpec,
         path: Path,
         derive: Callable[[], TensorDerivation],
-        derivation: TensorDerivation | None = None,
+        derivation: TensorDerivation | None,
+        emit: Callable[[TensorDerivation], str],
     ) -> None:
-        super().__init__(spec.name, path, derive, derivation, spec.key)
+        super().__init__(spec.name, path, derive, derivation, emit, spec.key)
         self._spec: TensorSpec | None = spec
         self._spec_factory: Callable[[], TensorSpec] = lambda: spec
         self.input_names = tuple(str(b.label) for b in spec.inputs)
@@ -220,11 +221,12 @@ class TensorOp(CompiledOp["TensorDerivation"]):
         wrt: tuple[int, ...],
         spec: Callable[[], TensorSpec],
         derive: Callable[[], TensorDerivation],
+        emit: Callable[[TensorDerivation], str],
     ) -> TensorOp:
         """An op from the cache without SymPy: its plan as data, its spec built by ``spec``
         on first use (a derivation printout, an error message)."""
         op = cls.__new__(cls)
-        CompiledOp.__init__(op, name, path, derive, None, key)
+        CompiledOp.__init__(op, name, path, derive, None, emit, key)
         op._spec, op._spec_factory = None, spec
         op._plan = _BindPlan.stored(plan)
         op._full_plan = None

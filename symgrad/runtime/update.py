@@ -35,7 +35,12 @@ class UpdateKernel(CompiledOp["Formulas"]):
             from ..codegen.update import emit_update
 
             write_source(path, emit_update(rule, key, single).text)
-        super().__init__(f"update_{rule.name}", path, rule.formulas, None, key)
+        def emit(_: Formulas) -> str:
+            from ..codegen.update import emit_update
+
+            return emit_update(rule, key, single).text
+
+        super().__init__(f"update_{rule.name}", path, rule.formulas, None, emit, key)
         self.rule = rule
 
     def formulas(self) -> Formulas:

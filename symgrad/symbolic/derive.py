@@ -6,11 +6,14 @@ The pipeline for an :class:`~symgrad.symbolic.spec.OpSpec`:
    constant's side, so ``Max(x, 0)`` differentiates like torch's relu (0 at the kink) instead of
    to ``Heaviside(x)`` (1/2 there);
 2. *stabilize* the forward (overflow-prone forms → stable primitives), canonicalize and simplify
-   it within a time budget, stabilize again;
+   it (a deterministic, size-bounded ladder of rewrites), stabilize again;
 3. for every input, ``sympy.diff`` — ``Piecewise`` is differentiated branch by branch, the
    primitives by their derived rules — then the same canonicalize → simplify → stabilize.
 
-Nothing here is written per op: every op goes through the same steps.
+Nothing here is written per op: every op goes through the same steps.  Every intermediate
+result is measured (:mod:`symgrad.symbolic.bounds`): past a size limit the definition fails with a
+:class:`~symgrad.errors.ComplexityError` naming the op and the step, instead of running for
+minutes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from ..errors import NonDifferentiableError
+from .bounds import check_derivatives, check_size
 from .simplify import bounded_simplify
 from .spec import OpSpec
 from .stabilize import Rewrite, canonicalize, stabilize
@@ -116,23 +120,32 @@ def _check_numeric(op: str, what: str, expr: sp.Expr) -> None:
         )
 
 
-def _clean(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr, tuple[Rewrite, ...]]:
+def _clean(
+    expr: sp.Expr, op: str = "", what: str = "the expression"
+) -> tuple[sp.Expr, sp.Expr, tuple[Rewrite, ...]]:
     """canonicalize → bounded simplify → stabilize; returns (simplified, final, rewrites)."""
     simplified = bounded_simplify(canonicalize(expr))
     result = stabilize(simplified)
+    check_size(result.expr, op, f"{what}, stabilized")
     return simplified, result.expr, result.rewrites
 
 
 def derive_elementwise(spec: OpSpec) -> Derivation:
     """Derive the stable forward and every partial derivative of an elementwise op."""
-    _check_numeric(spec.name, "the formula", spec.expr)
+    op = spec.name
+    check_size(spec.expr, op, "the formula")
+    _check_numeric(op, "the formula", spec.expr)
     first = stabilize(prepare(spec.expr))
-    _, stable_forward, more = _clean(first.expr)
+    check_size(first.expr, op, "the stabilized formula")
+    _, stable_forward, more = _clean(first.expr, op, "the forward formula")
+    check_derivatives(stable_forward, spec.wrt, op)
     partials = []
     for x in spec.wrt:
-        raw = sp.diff(stable_forward, x)
-        _check_numeric(spec.name, f"the derivative with respect to {x}", raw)
-        simplified, final, rewrites = _clean(raw)
+        raw = check_size(
+            sp.diff(stable_forward, x), op, f"the derivative with respect to {x}"
+        )
+        _check_numeric(op, f"the derivative with respect to {x}", raw)
+        simplified, final, rewrites = _clean(raw, op, f"the derivative with respect to {x}")
         partials.append(Partial(x, raw, simplified, final, rewrites))
     return Derivation(
         name=spec.name,

@@ -24,7 +24,6 @@ the kink, as in torch, rather than a ``DiracDelta``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import sympy as sp
@@ -32,7 +31,7 @@ import sympy as sp
 from ..errors import NonDifferentiableError
 from .derive import Derivation, prepare
 from .index import TensorDerivation, TensorSpec
-from .spec import OpSpec
+from .spec import OpSpec, fresh_name
 from .stabilize import stabilize
 
 
@@ -51,15 +50,6 @@ class TensorFormula:
     expr: sp.Expr
     out: tuple[sp.Symbol, ...]
     inputs: tuple[sp.IndexedBase, ...]
-
-
-def fresh_name(stem: str, taken: Iterable[str]) -> str:
-    """``stem``, with underscores appended until it is none of ``taken``."""
-    used = set(taken)
-    name = stem
-    while name in used:
-        name += "_"
-    return name
 
 
 def without_kinks(expr: sp.Expr) -> sp.Expr:

@@ -16,7 +16,6 @@ leaves ``Piecewise`` range guards.
 from __future__ import annotations
 
 import hashlib
-import keyword
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +23,11 @@ from typing import Any
 import sympy as sp
 from sympy.concrete.expr_with_limits import ExprWithLimits
 
-from ..errors import DefinitionError, NonDifferentiableError, UnboundSymbolError
+from ..errors import ComplexityError, DefinitionError, NonDifferentiableError, UnboundSymbolError
+from .bounds import MAX_TERMS, check_derivatives, check_size, is_zero
 from .derive import Printouts
-from .spec import bind_constants, check_name
+from .parse import as_expression
+from .spec import bind_constants, check_name, fresh_name
 from .stabilize import Rewrite, stabilize
 
 Range = tuple[sp.Expr, sp.Expr]  # inclusive (low, high)
@@ -129,7 +130,7 @@ def _infer_ranges(expr: sp.Expr, op: str) -> dict[sp.Symbol, Range]:
         for index, dim in zip(access.indices, shape, strict=True):
             if isinstance(index, sp.Symbol):
                 new = (sp.S.Zero, dim - 1)
-                if index in ranges and sp.simplify(ranges[index][1] - new[1]) != 0:
+                if index in ranges and not is_zero(ranges[index][1] - new[1]):
                     raise DefinitionError(
                         f"op {op!r}: index {index} runs over dim {ranges[index][1] + 1} in "
                         f"{seen_in[index]} but over dim {dim} in {access}; use separate indices"
@@ -139,37 +140,35 @@ def _infer_ranges(expr: sp.Expr, op: str) -> dict[sp.Symbol, Range]:
     return ranges
 
 
-#: Names the generated kernels use for themselves: the modules, the output and cotangent
-#: arrays. Generated temporaries start with ``_``; the gradient of input ``X`` is ``grad_X``.
-_GENERATED_NAMES = frozenset({"math", "np", "njit", "prange", "out", "grad_out"})
-
-
-def _check_generated_names(
+def _check_names(
     op: str,
     formula: sp.Expr,
     inputs: tuple[sp.IndexedBase, ...],
     out: tuple[sp.Symbol, ...],
     dims: list[sp.Symbol],
 ) -> None:
-    """Tensor, dim and index names become variables of the generated source: reject the ones
-    that are not identifiers or that the generated code uses itself."""
-    labels = {str(b.label) for b in inputs}
-    gradients = {f"grad_{label}" for label in labels}
-    names = labels | {str(s) for s in (*out, *dims)} | {s.name for s in formula.atoms(sp.Symbol)}
-    for n in sorted(names):
-        if (
-            not n.isidentifier()
-            or keyword.iskeyword(n)
-            or n in _GENERATED_NAMES
-            or n in gradients
-            or n.startswith("_")
-        ):
+    """One name, one symbol: two different symbols (say ``j`` declared integer and ``j``
+    declared real) spelled alike would be one variable in the kernels and in printouts.
+
+    Any name is usable otherwise: the generated code mangles every user name
+    (:mod:`symgrad.codegen.names`), so ``range``, ``out``, ``np`` or ``x`` beside ``x_a`` are fine.
+    """
+    labels = {b.label for b in inputs}
+    symbols = {s for s in formula.atoms(sp.Symbol) if s not in labels} | set(out) | set(dims)
+    by_name: dict[str, sp.Symbol] = {}
+    for s in sorted(symbols, key=sp.default_sort_key):
+        other = by_name.setdefault(s.name, s)
+        if other != s:
             raise DefinitionError(
-                f"op {op!r}: the name {n!r} cannot be used for a tensor, dim or index: names must "
-                "be Python identifiers, not keywords, not start with '_', not be 'grad_' + an "
-                f"input's name, and not be one of {sorted(_GENERATED_NAMES)} (the generated "
-                "kernels use those); rename it"
+                f"op {op!r}: the name {s.name!r} belongs to two different symbols "
+                f"({other!r} with {_assumptions(other)}, {s!r} with {_assumptions(s)}); "
+                "use one symbol, or rename one of them"
             )
+
+
+def _assumptions(s: sp.Symbol) -> str:
+    shown = {k: v for k, v in s.assumptions0.items() if k in ("integer", "positive", "real")}
+    return ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) or "no assumptions"
 
 
 def _fresh_indices(base: sp.IndexedBase, taken: set[str]) -> tuple[sp.Symbol, ...]:
@@ -200,7 +199,7 @@ def tensor_spec(
     ``wrt`` names the inputs that get a gradient (default: every non-integer input).
     """
     name = check_name(name)
-    formula = sp.sympify(expr)
+    formula = as_expression(expr, f"op {name!r}: the formula", strings=False)
     if not isinstance(formula, sp.Expr):
         raise DefinitionError(
             f"op {name!r}: the formula must be a SymPy expression, got {formula!r}"
@@ -244,7 +243,7 @@ def tensor_spec(
     formula, bound = bind_constants(
         formula, constants, reserved=[*labels, *(str(i) for i in out), *(str(d) for d in dims)]
     )
-    _check_generated_names(name, formula, inputs, out, dims)
+    _check_names(name, formula, inputs, out, dims)
     ranges = _infer_ranges(formula, name)
     for index in out:
         if index not in ranges:
@@ -303,7 +302,7 @@ def _check_wrt(
 
 
 def _same_range(a: Range, b: Range) -> bool:
-    return sp.simplify(a[0] - b[0]) == 0 and sp.simplify(a[1] - b[1]) == 0
+    return is_zero(a[0] - b[0]) and is_zero(a[1] - b[1])
 
 
 def _contract_term(
@@ -331,25 +330,37 @@ def _contract_term(
     return sp.Mul(*outside) * sp.Sum(sp.Mul(*inside), (var, rng[0], rng[1]))
 
 
-def _terms(expr: sp.Expr) -> list[sp.Expr]:
+def _terms(expr: sp.Expr, op: str = "", limit: int = MAX_TERMS) -> list[sp.Expr]:
     """Additive terms of ``expr``, distributing products over the sums that hold a delta.
 
     Only a factor with a ``KroneckerDelta`` in it is multiplied out: the delta must stand
     alone in a product to be contracted.  Every other factor keeps its form — expanding
     ``g·w·(X - mean)`` into ``g·w·X - g·w·mean`` would turn layer norm's centered sums into
     differences of large sums, which cancel catastrophically when the mean is large.
+
+    A product of sums multiplies out into exponentially many terms: more than ``limit`` is a
+    :class:`~symgrad.errors.ComplexityError`.
     """
     terms: list[sp.Expr] = []
-    for term in sp.Add.make_args(expr):
+    pending = list(reversed(sp.Add.make_args(expr)))
+    while pending:  # depth-first, in the order of the terms
+        term = pending.pop()
         factors = sp.Mul.make_args(term)
         for n, f in enumerate(factors):
             if isinstance(f, sp.Add) and f.has(sp.KroneckerDelta):
                 rest = sp.Mul(*factors[:n], *factors[n + 1 :])
-                for part in f.args:
-                    terms.extend(_terms(rest * part))
+                pending.extend(
+                    reversed([t for part in f.args for t in sp.Add.make_args(rest * part)])
+                )
                 break
         else:
             terms.append(term)
+        if len(terms) + len(pending) > limit:
+            raise ComplexityError(
+                f"op {op!r}: the Kronecker-delta contraction multiplies a gradient out into more "
+                f"than {limit:,} terms (symgrad.symbolic.bounds.MAX_TERMS); split the formula "
+                "into smaller ops"
+            )
     return terms
 
 
@@ -386,7 +397,7 @@ def rename_bound(expr: sp.Expr) -> sp.Expr:
     return visit(expr)
 
 
-def contract(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range]) -> sp.Expr:
+def contract(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range], op: str = "") -> sp.Expr:
     """Remove Kronecker deltas from ``expr`` by contracting the sums that bind them.
 
     ``ranges`` gives the range of every free index; a delta ``δ(j, k)`` under ``Σ_j`` is
@@ -405,7 +416,9 @@ def contract(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range]) -> sp.Expr:
                 known[var] = (lo, hi)
             body = visit(node.function)
             for var, lo, hi in node.limits:  # innermost first
-                body = sp.Add(*[_contract_term(t, var, (lo, hi), known) for t in _terms(body)])
+                body = sp.Add(
+                    *[_contract_term(t, var, (lo, hi), known) for t in _terms(body, op)]
+                )
             return body
         if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase)):
             return node
@@ -414,8 +427,15 @@ def contract(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range]) -> sp.Expr:
 
     previous = None
     result = expr
-    while result != previous:  # contracting can expose a delta to an outer sum
+    # Contracting can expose a delta to an outer sum, so it repeats — at most a number of
+    # rounds fixed by the expression (its sums and deltas; the built-ins need two or three).
+    # Every round is an identity: stopping at the cap would leave deltas for guard_deltas
+    # (index tests in the kernel), never a wrong result.
+    rounds = len(expr.atoms(sp.Sum)) + len(expr.atoms(sp.KroneckerDelta)) + 2
+    while result != previous and rounds > 0:
         previous, result = result, visit(result)
+        rounds -= 1
+        check_size(result, op, "the Kronecker-delta contraction")
     return unify_bound(result)
 
 
@@ -426,6 +446,12 @@ def unify_bound(expr: sp.Expr) -> sp.Expr:
     ``Σ_j1 X[b, j1] - Σ_j2 X[b, j2]`` cancels to 0 and printouts show each sum once.
     """
     seen: dict[sp.Basic, sp.Basic] = {}
+    placeholders: list[sp.Dummy] = []  # the n-th summation index of any sum, by position
+
+    def placeholder(n: int) -> sp.Dummy:
+        while len(placeholders) <= n:
+            placeholders.append(sp.Dummy(f"bound{len(placeholders)}", integer=True))
+        return placeholders[n]
 
     def visit(node: sp.Basic) -> sp.Basic:
         if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase, sp.Symbol)):
@@ -433,9 +459,7 @@ def unify_bound(expr: sp.Expr) -> sp.Expr:
         args = [visit(a) for a in node.args]
         node = node.func(*args) if args != list(node.args) else node
         if isinstance(node, (sp.Sum, ReduceMax)):
-            canon = {
-                v: sp.Symbol(f"_bound{n}", integer=True) for n, (v, *_) in enumerate(node.limits)
-            }
+            canon = {v: placeholder(n) for n, (v, *_) in enumerate(node.limits)}
             return seen.setdefault(node.xreplace(canon), node)
         return node
 
@@ -569,27 +593,34 @@ def derive_tensor(spec: TensorSpec) -> TensorDerivation:
     """Derive the VJP of every input of a tensor op by the symbolic chain rule."""
     from .derive import prepare
 
-    forward = prepare(spec.expr)
+    forward = check_size(prepare(spec.expr), spec.name, "the formula")
     out_ranges = dict(spec.ranges)
-    grad_output: sp.Expr = (
-        sp.IndexedBase("grad_out", shape=spec.out_shape)
-        if spec.out
-        else sp.Symbol("grad_out", real=True)
-    )
-    partials = []
     taken = {s.name for s in spec.expr.atoms(sp.Symbol)} | {str(d) for d in spec.dims}
+    cotangent = fresh_name("grad_out", taken)  # grad_out, unless the formula uses the name
+    grad_output: sp.Expr = (
+        sp.IndexedBase(cotangent, shape=spec.out_shape)
+        if spec.out
+        else sp.Symbol(cotangent, real=True)
+    )
+    targets = {}
     for base in spec.wrt:
         indices = _fresh_indices(base, taken)
+        targets[base] = (indices, base[indices] if indices else base)
+    check_derivatives(forward, [target for _, target in targets.values()], spec.name)
+    partials = []
+    for base, (indices, target) in targets.items():
         ranges = {
             **out_ranges,
             **{k: (sp.S.Zero, d - 1) for k, d in zip(indices, base.shape, strict=True)},
         }
-        local = sp.diff(forward, base[indices] if indices else base)
+        what = f"the derivative with respect to {base}"
+        local = check_size(sp.diff(forward, target), spec.name, what)
         chain = (grad_output[spec.out] if spec.out else grad_output) * local
         raw = sp.Sum(chain, *[(i, *out_ranges[i]) for i in spec.out]) if spec.out else chain
-        _check_numeric(spec, f"the derivative with respect to {base}", raw)
-        contracted = contract(raw, ranges)
+        _check_numeric(spec, what, raw)
+        contracted = contract(raw, ranges, spec.name)
         final, rewrites = stabilize_tensor(contracted)
+        check_size(final, spec.name, f"the gradient of {base}, stabilized")
         final, guards = guard_deltas(final)
         rewrites += guards
         partials.append(TensorPartial(base, indices, raw, contracted, final, rewrites))

@@ -20,7 +20,12 @@ arguments, calls of any other name — is a :class:`~symgrad.errors.FormulaError
 construct and its column.  Inputs longer than :data:`MAX_LENGTH` characters, deeper than
 :data:`MAX_DEPTH` or with more than :data:`MAX_NODES` nodes are refused before SymPy sees them,
 and so are a constant exponent above :data:`MAX_POWER` (expanding ``(x + 1)**100000`` would not
-end) and integers of more than :data:`MAX_DIGITS` digits.
+end), integers of more than :data:`MAX_DIGITS` digits, and a ``Max``/``Min`` with more than 16
+arguments once SymPy has merged the nested ones (SymPy compares every pair as it builds one).
+
+:func:`as_expression` is the one door for formulas given to symgrad's Python API: SymPy objects
+pass, strings come here, and anything else — a tuple or dict of strings, which ``sympify``
+evaluates even with ``strict=True`` — is refused.
 
 >>> parse_formula("x*tanh(softplus(x))")
 x*tanh(softplus(x))
@@ -35,6 +40,7 @@ from __future__ import annotations
 import ast
 import keyword
 import math
+import numbers
 import re
 import warnings
 from collections.abc import Callable
@@ -42,7 +48,7 @@ from collections.abc import Callable
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-from ..errors import FormulaError
+from ..errors import DefinitionError, FormulaError
 from .functions import sigmoid, softplus
 
 #: The longest formula accepted, in characters.
@@ -120,7 +126,7 @@ _ALLOWED = (
     ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.BitAnd, ast.BitOr, ast.Invert,
 )  # fmt: skip
 _LOGIC = (ast.BitAnd, ast.BitOr)  # SymPy's & and |: only between conditions
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _DESCRIBE: dict[type[ast.AST], str] = {
     ast.Attribute: "attribute access",
     ast.Subscript: "a subscript ([...])",
@@ -223,7 +229,7 @@ class _Parser:
                 node,
                 "symbols are plain names such as x, y, alpha",
             )
-        if not _NAME.match(name) or len(name) > MAX_NAME or keyword.iskeyword(name):
+        if not _NAME.fullmatch(name) or len(name) > MAX_NAME or keyword.iskeyword(name):
             raise self.fail(
                 f"the name {name[:MAX_NAME]!r}",
                 node,
@@ -308,8 +314,17 @@ class _Parser:
             name = node.func.id
             if name == "Piecewise":
                 return self.piecewise(node)
-            function = FUNCTIONS[name][0]
+            function, _, most = FUNCTIONS[name]
             args = [self.build(a) for a in node.args]
+            if function in (sp.Max, sp.Min):  # SymPy merges nested ones: count the merged
+                merged = 0
+                for a in args:
+                    merged += len(a.args) if a.func is function else 1
+                if merged > most:
+                    raise FormulaError(
+                        f"formula {self.shown}: {name} at column {node.col_offset + 1} has "
+                        f"{merged} arguments once nested {name}s are merged, more than {most}"
+                    )
             try:
                 return self.checked(function(*args), node)
             except (TypeError, ValueError) as err:
@@ -442,3 +457,40 @@ def parse_formula(text: str) -> sp.Expr:
     if not isinstance(expr, sp.Expr):
         raise FormulaError(f"formula {parser.shown} is not an expression, got {expr}")
     return expr
+
+
+def as_expression(value: object, what: str, strings: bool = True) -> sp.Basic:
+    """A formula given to symgrad's API as a SymPy object, without evaluating any Python.
+
+    SymPy objects pass unchanged; a string goes through :func:`parse_formula` (when
+    ``strings``; else it is refused: index notation has no string form); a real number
+    becomes a SymPy number.  Everything else — in particular a tuple, list or dict, which
+    ``sympify`` would evaluate element by element even with ``strict=True`` — is a
+    :class:`~symgrad.errors.DefinitionError`.
+
+    >>> as_expression("x*tanh(x)", "op 'f': the formula")
+    x*tanh(x)
+    >>> as_expression(("__import__('os')",), "op 'f': the formula")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    symgrad.errors.DefinitionError: op 'f': the formula ... is a tuple, not a SymPy expression...
+    """
+    if isinstance(value, sp.Basic):
+        return value
+    if isinstance(value, str):
+        if not strings:
+            raise DefinitionError(
+                f"{what} is a string ({value[:60]!r}); write it as a SymPy expression over "
+                "IndexedBase tensors (strings are never evaluated)"
+            )
+        return parse_formula(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if isinstance(value, numbers.Integral):
+            return sp.Integer(int(value))
+        return sp.Float(float(value))
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise DefinitionError(
+        f"{what} {shown} is a {type(value).__name__}, not a SymPy expression; build it "
+        "from sympy symbols and functions (or give a formula string)"
+    )

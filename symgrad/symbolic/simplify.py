@@ -1,128 +1,106 @@
-"""Simplification with a time budget.
+"""Deterministic simplification: a ladder of rewrites, each bounded by the expression's size.
 
-``sympy.simplify`` can take minutes on a large derivative.  :func:`bounded_simplify` tries a
-ladder of rewrites, cheapest first, and keeps the one with the fewest operations; the expensive
-``sympy.simplify`` rung runs under a wall-clock budget (a ``SIGALRM`` timer, available on the
-main thread of a POSIX process) and is skipped where no timer can be set.  The result is always
-mathematically equal to the input: every rung is an identity-preserving SymPy rewrite.
+``sympy.simplify`` tries dozens of strategies and can take minutes on a modest derivative, so
+it cannot run unbounded; bounding it by a clock would make the generated code depend on the
+machine's load and on the thread (a timer is only available on the main thread).
+:func:`bounded_simplify` instead tries a fixed ladder of SymPy rewrites, cheapest first, and keeps
+the one with the fewest operations (``count_ops``; ties keep the earlier).  Whether a rung runs is
+decided by measures of the expression alone (:mod:`symgrad.symbolic.bounds`): rewrites that
+expand products and powers are skipped when the expansion could exceed
+:data:`~symgrad.symbolic.bounds.MAX_EXPANSION_TERMS` terms, and an expression of more than
+:data:`MAX_SIMPLIFY_NODES` nodes is left as it is.  No signal, timer or thread is involved: the
+result is a pure function of the input.
+
+Every rung is an identity: the result is mathematically equal to the input, and evaluates to the
+same floating-point values up to rounding (a factor ``1.0`` is dropped only where it is exact).
 """
 
 from __future__ import annotations
 
-import gc
-import os
-import signal
-import sys
-import threading
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from types import FrameType
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import sympy as sp
 
-#: Default budget in seconds for the expensive rung; ``SYMGRAD_SIMPLIFY_SECONDS`` overrides it.
-DEFAULT_BUDGET = 2.0
+from .bounds import may_expand, tree_size
+
+#: Expressions larger than this (tree nodes) are not simplified (see :func:`bounded_simplify`).
+MAX_SIMPLIFY_NODES = 1_000
 
 
-class _OutOfTimeError(Exception):
-    pass
+def _drop_unit_floats(expr: sp.Expr) -> sp.Expr:
+    """``1.0*a`` → ``a`` (also in conditions: ``1.0*x > 20.0`` → ``x > 20.0``).
+
+    Multiplying by 1.0 is exact in IEEE arithmetic, so this changes no value; bound parameters
+    with torch's defaults (``beta=1.0``) leave such factors behind."""
+
+    def unit(node: sp.Basic) -> bool:
+        return isinstance(node, sp.Mul) and any(
+            a.is_Float and float(a) == 1.0 for a in node.args
+        )
+
+    def drop(node: sp.Mul) -> sp.Expr:
+        return sp.Mul(*[a for a in node.args if not (a.is_Float and float(a) == 1.0)])
+
+    return expr.replace(unit, drop)  # type: ignore[arg-type]
 
 
-def _budget_from_env() -> float:
-    raw = os.environ.get("SYMGRAD_SIMPLIFY_SECONDS")
-    if raw is None:
-        return DEFAULT_BUDGET
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        return DEFAULT_BUDGET
+@dataclass(frozen=True)
+class Rung:
+    """One rewrite of the ladder; ``expands`` rewrites run only where expansion stays small."""
+
+    name: str
+    rewrite: Callable[[sp.Expr], sp.Expr]
+    expands: bool = False
 
 
-#: Seconds between repeated alarms once the budget is spent (see :func:`_deadline`).
-_RETRY_SECONDS = 0.05
-
-
-def _swallowing(frame: FrameType | None) -> bool:
-    """Whether ``frame`` (or a caller) runs where Python drops exceptions: a ``__del__``, a
-    weakref callback, a ``gc`` callback or the unraisable-exception hook.  An alarm raised there
-    is lost (and reported as unraisable, or fails the hook); the repeated alarm lands later."""
-    hooks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
-    hooks.add(getattr(sys.unraisablehook, "__code__", None))
-    while frame is not None:
-        code = frame.f_code
-        if code in hooks or code.co_name == "__del__" or code.co_filename == weakref.__file__:
-            return True
-        frame = frame.f_back
-    return False
-
-
-@contextmanager
-def _deadline(seconds: float) -> Iterator[bool]:
-    """Abandon the block after ``seconds``; yields whether a timer could be set.
-
-    The alarm raises :class:`_OutOfTimeError` inside the block, which this context suppresses.  It
-    repeats every :data:`_RETRY_SECONDS`, and does not raise where Python swallows exceptions
-    (a ``gc`` callback, a ``__del__``; :func:`_swallowing`): there the exception would be lost,
-    or would fail the unraisable-exception hook that reports it.
-    """
-    can_time = (
-        seconds > 0
-        and hasattr(signal, "setitimer")
-        and threading.current_thread() is threading.main_thread()
-    )
-    if not can_time:
-        yield False
-        return
-    armed = True
-
-    def on_alarm(signum: int, frame: FrameType | None) -> None:
-        if armed and not _swallowing(frame):
-            raise _OutOfTimeError
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds, _RETRY_SECONDS)
-    try:
-        try:
-            yield True
-        finally:
-            armed = False  # a repeated alarm landing before this line is caught below
-    except _OutOfTimeError:
-        pass
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-_CHEAP: tuple[Callable[[sp.Expr], sp.Expr], ...] = (
-    sp.expand,
-    sp.factor_terms,
-    lambda e: sp.factor_terms(sp.expand(e)),
-    sp.cancel,
+#: The ladder, cheapest first.  Each rung rewrites the input (after the exact clean-up of
+#: :func:`_drop_unit_floats`); the smallest result wins.
+LADDER: tuple[Rung, ...] = (
+    Rung("expand", sp.expand, expands=True),
+    Rung("factor_terms", sp.factor_terms),
+    Rung("factor_terms of the expansion", lambda e: sp.factor_terms(sp.expand(e)), expands=True),
+    Rung("cancel", sp.cancel, expands=True),
+    Rung("powsimp", sp.powsimp),
 )
 
+# What a rung raises when it does not apply to an expression (e.g. cancel on a relational).
+_NOT_APPLICABLE = (sp.PolynomialError, TypeError, ValueError, NotImplementedError)
 
-def bounded_simplify(expr: sp.Expr, budget: float | None = None) -> sp.Expr:
-    """The smallest (by ``count_ops``) of several SymPy simplifications of ``expr``.
 
-    ``budget`` bounds the time spent in ``sympy.simplify`` (default
-    :data:`DEFAULT_BUDGET`, or the environment variable ``SYMGRAD_SIMPLIFY_SECONDS``).
+def bounded_simplify(expr: sp.Expr) -> sp.Expr:
+    """The smallest (by ``count_ops``) of the :data:`LADDER` rewrites of ``expr``.
+
+    Deterministic: which rungs run depends only on ``expr`` (its size and the terms expansion
+    would create), never on time, thread or load.
+
+    >>> import sympy as sp
+    >>> x = sp.Symbol("x")
+    >>> bounded_simplify((x**2 - 1) / (x - 1))
+    x + 1
     """
-    budget = _budget_from_env() if budget is None else budget
+    if tree_size(expr) > MAX_SIMPLIFY_NODES:
+        return expr
     best, best_ops = expr, sp.count_ops(expr)
-
-    def consider(candidate: sp.Expr) -> None:
-        nonlocal best, best_ops
+    start = _drop_unit_floats(expr)
+    expandable = may_expand(start)
+    for candidate in _candidates(start, expandable):
+        if tree_size(candidate) > MAX_SIMPLIFY_NODES:
+            continue
         ops = sp.count_ops(candidate)
         if ops < best_ops:
             best, best_ops = candidate, ops
-
-    for rewrite in _CHEAP:
-        try:
-            consider(rewrite(expr))
-        except (sp.PolynomialError, TypeError, ValueError, NotImplementedError):
-            continue  # a rung that does not apply to this expression
-    with _deadline(budget) as timed:
-        if timed:
-            consider(sp.simplify(best))
     return best
+
+
+def _candidates(expr: sp.Expr, expandable: bool) -> list[sp.Expr]:
+    """``expr`` and each applicable rung's rewrite of it, in ladder order."""
+    out = [expr]
+    for rung in LADDER:
+        if rung.expands and not expandable:
+            continue
+        try:
+            out.append(rung.rewrite(expr))
+        except _NOT_APPLICABLE:
+            continue  # a rung that does not apply to this expression
+    return out

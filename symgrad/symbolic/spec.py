@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import sympy as sp
 
 from ..errors import DefinitionError, UnboundSymbolError
+from .parse import as_expression
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,20 @@ class OpSpec:
 
 def check_name(name: object) -> str:
     """An op name: a Python identifier (it names generated functions and cache files)."""
-    if not isinstance(name, str) or not _NAME.match(name) or keyword.iskeyword(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or keyword.iskeyword(name):
         raise DefinitionError(
             f"op name {name!r} is not usable: give a Python identifier such as 'softsign' "
             "(letters, digits and underscores, not starting with a digit, not a keyword)"
         )
+    return name
+
+
+def fresh_name(stem: str, taken: Iterable[str]) -> str:
+    """``stem``, with underscores appended until it is none of ``taken``."""
+    used = set(taken)
+    name = stem
+    while name in used:
+        name += "_"
     return name
 
 
@@ -102,7 +112,8 @@ def bind_constants(
         number = _as_number(by_name[name], value)
         substitutions[by_name[name]] = number
         record.append((name, float(number)))
-    return expr.xreplace(substitutions), tuple(sorted(record))
+    bound = expr.xreplace(substitutions) if substitutions else expr
+    return bound, tuple(sorted(record))
 
 
 def elementwise_spec(
@@ -119,12 +130,7 @@ def elementwise_spec(
     ``wrt`` names the inputs that get a gradient (symbols or their names; default: all).
     """
     name = check_name(name)
-    try:
-        formula = sp.sympify(expr, strict=True)
-    except (sp.SympifyError, TypeError) as err:
-        raise DefinitionError(
-            f"op {name!r}: the formula {expr!r} is not a SymPy expression"
-        ) from err
+    formula = as_expression(expr, f"op {name!r}: the formula")
     if not isinstance(formula, sp.Expr) or isinstance(formula, sp.Indexed):
         raise DefinitionError(
             f"op {name!r}: the formula must be a scalar SymPy expression, got "
@@ -160,7 +166,9 @@ def elementwise_spec(
         )
     real_inputs = tuple(sp.Symbol(n, real=True) for n in names)
     by_name = dict(zip(names, real_inputs, strict=True))
-    formula = formula.xreplace({s: by_name[s.name] for s in formula.free_symbols})
+    renamed = {s: by_name[s.name] for s in formula.free_symbols if s != by_name[s.name]}
+    if renamed:  # (xreplace rebuilds every node above a replaced symbol, even by itself)
+        formula = formula.xreplace(renamed)
     if wrt is None:
         chosen = real_inputs
     else:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
+from .bounds import may_expand
 from .functions import sigmoid, softplus
 
 
@@ -71,13 +72,21 @@ def _sigmoid_from_ratio(node: sp.Expr) -> sp.Expr | None:
         paired = 0
         for j, other in enumerate(rest):
             if isinstance(other, sp.exp) and paired < n:
-                k = sp.simplify(other.args[0] / a)
-                if k.is_Integer and 0 < k <= n:
+                k = _ratio(other.args[0], a)
+                if k is not None and k.is_Integer and 0 < k <= n:
                     paired = int(k)
                     rest = rest[:j] + rest[j + 1 :]
                     break
         return sp.Mul(*rest) * sigmoid(a) ** paired * sigmoid(-a) ** (n - paired)
     return None
+
+
+def _ratio(u: sp.Expr, a: sp.Expr) -> sp.Expr | None:
+    """``u / a`` in lowest terms, or None when cancelling would expand too far."""
+    ratio = u / a
+    if ratio.is_Number:
+        return ratio
+    return sp.cancel(ratio) if may_expand(ratio) else None
 
 
 def _softplus_from_log(node: sp.Expr) -> sp.Expr | None:
@@ -118,6 +127,8 @@ def _softplus_minus_argument(node: sp.Expr) -> sp.Expr | None:
             continue
         a = rest.args[0]
         others = sp.Add(*[t for t in node.args if t is not term])
+        if not may_expand(others + coeff * a):
+            continue  # expanding would not end in reasonable time; the form is kept
         merged = sp.expand(others + coeff * a)
         if len(sp.Add.make_args(merged)) < len(sp.Add.make_args(others)) or (
             merged == 0 and others != 0
