@@ -97,6 +97,9 @@ def tensor_names(derivation: TensorDerivation) -> TensorNames:
         exprs += [r.node for r in saved.residuals] + [r.value for r in saved.residuals]
     for expr in exprs:
         symbols |= expr.atoms(sp.Symbol)
+        # a tensor's label is renamed with its tensor (below); the generated arrays a saved
+        # form reads (``out``, ``res0``...) keep theirs
+        symbols -= {a.base.label for a in expr.atoms(sp.Indexed)}
     for p in derivation.partials:
         symbols |= set(p.indices)
     rename: dict[sp.Basic, sp.Basic] = {s: scalar(s) for s in symbols}
