@@ -81,10 +81,12 @@ def test_chained_deltas_contract_to_one_term():
         ((j, 0, N - 1), None),  # k's range is unknown
     ],
 )
-def test_delta_whose_ranges_differ_is_not_contracted(limits, k_range):
+def test_delta_whose_ranges_differ_contracts_to_a_range_test(limits, k_range):
+    # Σ_{j=lo}^{hi} δ(j, k) f(j) = [lo ≤ k ≤ hi] f(k): the delta goes, an index test stays
     expr = sp.Sum(delta(j, k) * f(j), limits)
     result = contract(expr, {k: k_range} if k_range else {})
-    assert result.has(sp.KroneckerDelta), result
+    assert not result.has(sp.KroneckerDelta) and not result.has(sp.Sum), result
+    assert result.has(sp.Piecewise), result
     # and what is left still means the same: compare term by term on concrete dims
     for n_value, m_value in [(3, 2), (4, 4)]:
         for k_value in range(n_value):
@@ -92,9 +94,15 @@ def test_delta_whose_ranges_differ_is_not_contracted(limits, k_range):
             assert _concrete(result, n_value, dims) == _concrete(expr, n_value, dims)
 
 
-def test_delta_with_a_shifted_index_is_kept():
+def test_delta_with_a_shifted_index_contracts_with_its_range_test():
+    # Σ_j δ(j, k + 1) f(j) = [k + 1 ≤ N - 1] f(k + 1); k + 1 ≥ 0 holds for every k ≥ 0
     expr = sp.Sum(delta(j, k + 1) * f(j), (j, 0, N - 1))
-    assert contract(expr, {k: (0, N - 1)}).has(sp.KroneckerDelta)
+    result = contract(expr, {k: (0, N - 1)})
+    assert not result.has(sp.KroneckerDelta)
+    assert result == sp.Piecewise((1, k + 1 <= N - 1), (0, True)) * f(k + 1)
+    for k_value in range(3):
+        point = {k: sp.Integer(k_value)}
+        assert _concrete(result.xreplace(point)) == _concrete(expr.xreplace(point))
 
 
 def test_nested_sums_reusing_a_name():
@@ -313,7 +321,7 @@ def test_leftover_delta_between_free_indices_becomes_an_index_test():
     (p,) = d.partials
     assert not p.final.has(sp.KroneckerDelta) and p.final.has(sp.Piecewise)
     assert any(rw.rule == "delta_guard" for rw in p.rewrites)
-    g = d.grad_output
+    g, A = d.grad_output, d.spec.inputs[0]  # the tensor as the spec holds it: real
     for r, c in itertools.product(range(3), repeat=2):
         got = p.final.xreplace(dict(zip(p.indices, (sp.Integer(r), sp.Integer(c)), strict=True)))
         assert got == (2 * A[r, r] * g[r] if r == c else 0)

@@ -68,7 +68,7 @@ NUMBA_FUNCTIONS: dict[str, str] = {
 #: Functions the printer handles without the math module, and symgrad's own primitives (which
 #: the emitter lowers to the functions above before printing).
 STRUCTURAL = frozenset(
-    {"Abs", "Max", "Min", "sign", "Heaviside", "Piecewise", "sigmoid", "softplus"}
+    {"Abs", "Max", "Min", "sign", "Heaviside", "Piecewise", "sigmoid", "softplus", "xlogy"}
 )
 
 #: SymPy function name → the vectorisable helper it prints as when ``vector_math`` is on

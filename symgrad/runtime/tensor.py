@@ -31,6 +31,9 @@ def _as_index_array(value: object, what: str) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
+_SIZE = sp.Symbol("_size", integer=True)  # an axis's size, while solving a shape for a dim
+
+
 class TensorOp(CompiledOp[TensorDerivation]):
     """A compiled tensor op.  Create it with :func:`symgrad.tensor_op`.
 
@@ -59,6 +62,7 @@ class TensorOp(CompiledOp[TensorDerivation]):
                     if read.base.is_integer:
                         uses.add((str(read.base.label), axis, str(access.base.label), dim))
         self._index_uses = sorted(uses, key=str)
+        self._solutions: dict[tuple[sp.Expr, sp.Symbol], sp.Expr] = {}
 
     def __repr__(self) -> str:
         return f"<symgrad tensor op {self.name}({', '.join(self.input_names)})>"
@@ -110,6 +114,7 @@ class TensorOp(CompiledOp[TensorDerivation]):
                     where.setdefault(dim, f"{nm!r} (shape {a.shape})")
                 else:
                     deferred.append((nm, axis, dim, size, a.shape))
+        self._solve_dims(deferred, sizes, where)
         for nm, axis, dim, size, shape in deferred:
             expected = dim.xreplace(sizes)
             if not expected.is_Integer or int(expected) != size:
@@ -119,6 +124,53 @@ class TensorOp(CompiledOp[TensorDerivation]):
                 )
         self._check_index_ranges(checked, sizes)
         return [np.ascontiguousarray(a) for a in checked], sizes, dtypes.pop()
+
+    def _solve_dims(
+        self,
+        deferred: list[tuple[str, int, sp.Expr, int, tuple[int, ...]]],
+        sizes: dict[sp.Symbol, int],
+        where: dict[sp.Symbol, str],
+    ) -> None:
+        """Bind the dims that appear only inside shape expressions (``N`` of an axis ``2*N``)
+        by solving each expression with one unbound dim for it, until none is left."""
+        progress = True
+        while progress:
+            progress = False
+            for nm, axis, dim, size, shape in deferred:
+                unknown = sorted(dim.free_symbols - set(sizes), key=str)
+                if len(unknown) != 1:
+                    continue
+                (symbol,) = unknown
+                solution = self._solution(dim, symbol).xreplace(sizes)
+                value = solution.xreplace({_SIZE: size})
+                if not value.is_Integer or value < 0:
+                    raise ShapeError(
+                        f"op {self.name!r}: axis {axis} of {nm!r} (shape {shape}) should be "
+                        f"{dim}, but no whole {symbol} gives {size}"
+                    )
+                sizes[symbol] = int(value)
+                where[symbol] = f"{nm!r} (shape {shape})"
+                progress = True
+        unbound = sorted({str(s) for _, _, dim, _, _ in deferred for s in dim.free_symbols} - {
+            str(s) for s in sizes
+        })
+        if unbound:
+            raise ShapeError(
+                f"op {self.name!r}: dim(s) {unbound} cannot be found from the arrays' shapes; "
+                "give some input an axis of that dim alone"
+            )
+
+    def _solution(self, dim: sp.Expr, symbol: sp.Symbol) -> sp.Expr:
+        key = (dim, symbol)
+        if key not in self._solutions:
+            found = sp.solve(sp.Eq(dim, _SIZE), symbol, dict=False)
+            if len(found) != 1:
+                raise ShapeError(
+                    f"op {self.name!r}: the shape entry {dim} does not determine {symbol}; "
+                    "give some input an axis of that dim alone"
+                )
+            self._solutions[key] = found[0]
+        return self._solutions[key]
 
     def _check_index_ranges(self, arrays: list[np.ndarray], sizes: dict[sp.Symbol, int]) -> None:
         """Every integer tensor's values must lie within each axis it subscripts: the

@@ -21,14 +21,38 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import sympy as sp
-from sympy.concrete.expr_with_limits import ExprWithLimits
+from sympy.concrete.expr_with_limits import ExprWithLimits, _process_limits
 
 from ..errors import DefinitionError, NonDifferentiableError, UnboundSymbolError
+from . import conditions as cond
+from .conditions import indicator, refold_indicators, split_indicators
 from .derive import Printouts
 from .spec import bind_constants, check_name
 from .stabilize import Rewrite, stabilize
 
 Range = tuple[sp.Expr, sp.Expr]  # inclusive (low, high)
+
+
+def _unfolded(cls: type, function: object, symbols: tuple[object, ...]) -> sp.Expr:
+    """A reduction built without SymPy's ``piecewise_fold``, which pulls a ``Piecewise`` out
+    of an inner ``Sum`` even when its condition reads that sum's index (the index escapes)."""
+    function = sp.sympify(function)
+    assert isinstance(function, sp.Expr)
+    limits, orientation = _process_limits(*symbols, discrete=True)
+    if any(len(limit) != 3 for limit in limits):
+        raise ValueError(f"{cls.__name__} requires values for lower and upper bounds")
+    obj = sp.Expr.__new__(cls)
+    obj._args = (orientation * function, *limits)
+    obj.is_commutative = function.is_commutative
+    return obj
+
+
+class IndexSum(sp.Sum):
+    """A ``Sum`` in index notation: prints and evaluates as ``Sum``; keeps a ``Piecewise`` in
+    its body where it is (see :func:`_unfolded`)."""
+
+    def __new__(cls, function: object, *symbols: object, **assumptions: object) -> sp.Expr:
+        return _unfolded(cls, function, symbols)
 
 
 class ReduceMax(ExprWithLimits):
@@ -37,8 +61,19 @@ class ReduceMax(ExprWithLimits):
     Introduced only by stabilization (the max shift of log-sum-exp), never differentiated.
     """
 
+    def __new__(cls, function: object, *symbols: object, **assumptions: object) -> sp.Expr:
+        return _unfolded(cls, function, symbols)
+
     def _eval_is_real(self) -> bool | None:
         return self.function.is_real
+
+
+def index_sums(expr: sp.Expr) -> sp.Expr:
+    """Every ``Sum`` of ``expr`` as an :class:`IndexSum`."""
+    return expr.replace(
+        lambda e: type(e) is sp.Sum,
+        lambda e: IndexSum(e.function, *e.limits),  # type: ignore[arg-type]
+    )
 
 
 @dataclass(frozen=True)
@@ -77,6 +112,7 @@ class TensorSpec:
                 self.name,
                 sp.srepr(self.expr),
                 sp.srepr(self.out),
+                sp.srepr(self.ranges),
                 sp.srepr(tuple((b.label, b.shape, bool(b.is_integer)) for b in self.inputs)),
                 repr(self.constants),
                 repr([str(b.label) for b in self.wrt]),
@@ -186,6 +222,15 @@ def _fresh_indices(base: sp.IndexedBase, taken: set[str]) -> tuple[sp.Symbol, ..
     return tuple(indices)
 
 
+def _real(base: sp.IndexedBase) -> sp.IndexedBase:
+    """A float tensor's base declared real (its elements are real numbers, as the inputs of an
+    elementwise op are), so ``Abs``, ``sign`` and ``Max`` of an element differentiate on the
+    real line."""
+    if base.is_integer or base.is_real:
+        return base
+    return sp.IndexedBase(str(base.label), shape=base.shape, real=True)
+
+
 def tensor_spec(
     expr: object,
     out: Iterable[sp.Symbol],
@@ -193,10 +238,15 @@ def tensor_spec(
     name: str,
     constants: Mapping[sp.Symbol | str, object] | None = None,
     wrt: Iterable[sp.IndexedBase | str] | None = None,
+    out_shape: Iterable[object] | None = None,
 ) -> TensorSpec:
     """Validate a tensor-op definition and return its :class:`TensorSpec`.
 
     ``wrt`` names the inputs that get a gradient (default: every non-integer input).
+    ``out_shape`` declares the output's shape (dims or expressions of dims); without it each
+    output index runs over every value at which all the tensor reads it appears in are in
+    range (``l`` in ``X[b, c, l + q]`` up to ``L - K``).  A read outside its tensor (a declared
+    shape larger than that: zero padding) is 0.
     """
     name = check_name(name)
     formula = sp.sympify(expr)
@@ -244,13 +294,12 @@ def tensor_spec(
         formula, constants, reserved=[*labels, *(str(i) for i in out), *(str(d) for d in dims)]
     )
     _check_generated_names(name, formula, inputs, out, dims)
-    ranges = _infer_ranges(formula, name)
-    for index in out:
-        if index not in ranges:
-            raise DefinitionError(
-                f"op {name!r}: output index {index} does not index any input tensor, so its "
-                "range is unknown"
-            )
+    real = {b: _real(b) for b in inputs}
+    formula = formula.xreplace(real)
+    inputs = tuple(real[b] for b in inputs)
+    _infer_ranges(formula, name)  # every read well-formed; a plain index over one dim
+    ranges = _out_ranges(name, formula, out, dims, out_shape)
+    formula = guard_reads(name, formula, ranges)
     free = {s for s in formula.free_symbols if not isinstance(s, sp.Indexed)}
     free -= {b.label for b in inputs}
     free -= set(dims)
@@ -271,6 +320,102 @@ def tensor_spec(
         bound,
         _check_wrt(name, inputs, wrt),
     )
+
+
+def _out_ranges(
+    op: str,
+    formula: sp.Expr,
+    out: tuple[sp.Symbol, ...],
+    dims: list[sp.Symbol],
+    out_shape: Iterable[object] | None,
+) -> dict[sp.Symbol, Range]:
+    """The range of every output index: from the declared ``out_shape``, else inferred."""
+    if out_shape is not None:
+        shape = tuple(sp.sympify(d) for d in out_shape)
+        if len(shape) != len(out):
+            raise DefinitionError(
+                f"op {op!r}: out_shape {shape} has {len(shape)} dims but out has "
+                f"{len(out)} indices {out}"
+            )
+        for d in shape:
+            if not isinstance(d, sp.Expr) or not d.free_symbols <= set(dims) or not d.is_integer:
+                raise DefinitionError(
+                    f"op {op!r}: out_shape entry {d} must be an integer expression of the "
+                    f"inputs' dims {[str(x) for x in dims]}"
+                )
+        return {i: (sp.S.Zero, d - 1) for i, d in zip(out, shape, strict=True)}
+    ranges: dict[sp.Symbol, Range] = {}
+    for index in out:
+        highs = _index_upper_bounds(formula, index, {}, frozenset(dims))
+        if not highs:
+            raise DefinitionError(
+                f"op {op!r}: output index {index} does not index any input tensor, so its "
+                "range is unknown; index a tensor with it or declare out_shape=(...)"
+            )
+        hi = sp.Min(*highs)
+        if isinstance(hi, sp.Min):
+            raise DefinitionError(
+                f"op {op!r}: output index {index} reads tensors up to "
+                f"{' and '.join(map(str, highs))}, which do not compare; use separate indices "
+                "or declare out_shape=(...)"
+            )
+        ranges[index] = (sp.S.Zero, hi)
+    return ranges
+
+
+def _index_upper_bounds(
+    expr: sp.Basic, index: sp.Symbol, known: dict[sp.Symbol, Range], dims: frozenset[sp.Symbol]
+) -> list[sp.Expr]:
+    """The largest value of ``index`` at which each read ``X[..., a·index + r, ...]`` stays
+    within its axis, ``r`` ranging over the summation indices around the read."""
+    if isinstance(expr, (sp.Sum, ReduceMax)):
+        inner = {**known, **{v: (lo, hi) for v, lo, hi in expr.limits}}
+        return _index_upper_bounds(expr.function, index, inner, dims)
+    if isinstance(expr, sp.Indexed):
+        highs = []
+        for position, dim in zip(expr.indices, expr.base.shape, strict=True):
+            highs += _index_upper_bounds(position, index, known, dims)
+            found = cond.linear_coefficient(position, index)
+            if found is None or not found[0].is_Integer or found[0] < 0:
+                continue
+            a, r = found
+            iv = cond.interval(r, known)
+            if iv is None or not iv[1].free_symbols <= dims:
+                continue  # r depends on another free index: no bound of this one alone
+            hi = (dim - 1 - iv[1]) if a == 1 else sp.floor((dim - 1 - iv[1]) / a)
+            highs.append(sp.expand(hi))
+        return highs
+    bounds: list[sp.Expr] = []
+    for arg in expr.args:
+        bounds += _index_upper_bounds(arg, index, known, dims)
+    return bounds
+
+
+def guard_reads(op: str, expr: sp.Expr, out_ranges: Mapping[sp.Symbol, Range]) -> sp.Expr:
+    """A float tensor read whose position may fall outside its axis reads 0 there: it becomes
+    ``X[..]·[0 ≤ position ≤ dim - 1]`` (zero padding)."""
+
+    def visit(node: sp.Basic, known: dict[sp.Symbol, Range]) -> sp.Basic:
+        if isinstance(node, (sp.Sum, ReduceMax)):
+            inner = {**known, **{v: (lo, hi) for v, lo, hi in node.limits}}
+            return type(node)(visit(node.function, inner), *node.limits)
+        if isinstance(node, sp.Indexed):
+            conds = []
+            for position, dim in zip(node.indices, node.base.shape, strict=True):
+                if not reads_integer_tensor(position):
+                    conds += cond.range_conditions(position, (sp.S.Zero, dim - 1), known)
+            if conds and node.base.is_integer:
+                raise DefinitionError(
+                    f"op {op!r}: the integer tensor read {node} may fall outside its shape "
+                    f"{tuple(node.base.shape)}; read integer tensors within their axes"
+                )
+            return node * sp.Mul(*[indicator(c) for c in conds]) if conds else node
+        if not node.args or isinstance(node, sp.IndexedBase):
+            return node
+        args = [visit(a, known) for a in node.args]
+        return node.func(*args) if args != list(node.args) else node
+
+    return visit(expr, dict(out_ranges))
 
 
 def _check_wrt(
@@ -301,50 +446,84 @@ def _check_wrt(
 # -- contraction ---------------------------------------------------------------------------
 
 
-def _same_range(a: Range, b: Range) -> bool:
-    return sp.simplify(a[0] - b[0]) == 0 and sp.simplify(a[1] - b[1]) == 0
+def _delta_solution(delta: sp.KroneckerDelta, var: sp.Symbol) -> sp.Expr | None:
+    """The value of ``var`` at which ``delta`` is 1 — ``k`` for ``δ(var, k)``, ``k - q`` for
+    ``δ(k, var + q)`` — or None when ``delta`` does not pin ``var`` to one value."""
+    a, b = delta.args
+    if var not in (a - b).free_symbols:
+        return None
+    if any(var in x.free_symbols for x in (a - b).atoms(sp.Indexed)):
+        return None  # δ(k, ids[var]): a scatter, not a contraction over var
+    found = cond.linear_coefficient(a - b, var)
+    if found is None or abs(found[0]) != 1:
+        return None
+    coeff, rest = found
+    return -rest / coeff
 
 
 def _contract_term(
     term: sp.Expr, var: sp.Symbol, rng: Range, ranges: dict[sp.Symbol, Range]
 ) -> sp.Expr:
-    """``Σ_var term`` for one product ``term``: contract a delta, or pull out what is constant."""
+    """``Σ_var term`` for one product ``term``: contract a delta, or pull out what is constant.
+
+    ``Σ_{var=lo}^{hi} δ(var, k)·f(var) = [lo ≤ k ≤ hi]·f(k)``; the range test is left out
+    where ``k``'s range provably lies within ``lo..hi`` (see :mod:`.conditions`).  Without a
+    delta, the indicator conditions on ``var`` that are linear inequalities become its bounds.
+    """
     factors = sp.Mul.make_args(term)
     for f in factors:
-        if isinstance(f, sp.KroneckerDelta) and var in f.args:
-            other = f.args[1] if f.args[0] == var else f.args[0]
-            if var in other.free_symbols:
-                continue
-            other_range = ranges.get(other) if isinstance(other, sp.Symbol) else None
-            # Σ_k f(k)·δ(k, ids[b]) = f(ids[b]): an integer tensor's values are checked, at
-            # call time, to lie within the axis they index
-            gathered = reads_integer_tensor(other) and not other.free_symbols & {var}
-            if gathered or (other_range is not None and _same_range(other_range, rng)):
-                rest = sp.Mul(*[g for g in factors if g is not f])
-                return rest.xreplace({var: other})
+        if not isinstance(f, sp.KroneckerDelta):
+            continue
+        value = _delta_solution(f, var)
+        if value is None:
+            continue
+        # Σ_k f(k)·δ(k, ids[b]) = f(ids[b]): an integer tensor's values are checked, at
+        # call time, to lie within the axis they index
+        tests = [] if reads_integer_tensor(value) else cond.range_conditions(value, rng, ranges)
+        rest = sp.Mul(*[g for g in factors if g is not f])
+        return rest.xreplace({var: value}) * sp.Mul(*[indicator(c) for c in tests])
+    conds, rest = split_indicators(term)
+    rng, conds = cond.tighten(var, rng, conds, ranges)
+    if cond.provably_le(rng[1] + 1, rng[0], ranges):
+        return sp.S.Zero  # an empty range
+    factors = (*sp.Mul.make_args(rest), *[indicator(c) for c in conds])
     inside = [f for f in factors if var in f.free_symbols]
     outside = [f for f in factors if var not in f.free_symbols]
-    count = rng[1] - rng[0] + 1
     if not inside:
-        return sp.Mul(*outside) * count
-    return sp.Mul(*outside) * sp.Sum(sp.Mul(*inside), (var, rng[0], rng[1]))
+        return sp.Mul(*outside) * cond.count(rng, ranges)
+    return sp.Mul(*outside) * IndexSum(sp.Mul(*inside), (var, rng[0], rng[1]))
+
+
+def _splits(f: sp.Expr) -> bool:
+    """Whether a factor must be multiplied out for contraction: a sum holding a delta, or a
+    ``Piecewise`` holding a delta or deciding on indices (its branches become indicator terms,
+    so the delta can be contracted and the index condition can become a bound)."""
+    if isinstance(f, sp.Add):
+        return f.has(sp.KroneckerDelta)
+    if isinstance(f, sp.Piecewise) and cond.indicator_condition(f) is None:
+        return f.has(sp.KroneckerDelta) or any(
+            c != sp.true and not cond.reads_float(c) for _, c in f.args
+        )
+    return False
 
 
 def _terms(expr: sp.Expr) -> list[sp.Expr]:
-    """Additive terms of ``expr``, distributing products over the sums that hold a delta.
+    """Additive terms of ``expr``, distributing products over the factors that hold a delta.
 
-    Only a factor with a ``KroneckerDelta`` in it is multiplied out: the delta must stand
-    alone in a product to be contracted.  Every other factor keeps its form — expanding
-    ``g·w·(X - mean)`` into ``g·w·X - g·w·mean`` would turn layer norm's centered sums into
-    differences of large sums, which cancel catastrophically when the mean is large.
+    Only a factor with a ``KroneckerDelta`` in it (or a ``Piecewise`` on indices, see
+    :func:`_splits`) is multiplied out: the delta must stand alone in a product to be
+    contracted.  Every other factor keeps its form — expanding ``g·w·(X - mean)`` into
+    ``g·w·X - g·w·mean`` would turn layer norm's centered sums into differences of large sums,
+    which cancel catastrophically when the mean is large.
     """
     terms: list[sp.Expr] = []
     for term in sp.Add.make_args(expr):
         factors = sp.Mul.make_args(term)
         for n, f in enumerate(factors):
-            if isinstance(f, sp.Add) and f.has(sp.KroneckerDelta):
+            if _splits(f):
                 rest = sp.Mul(*factors[:n], *factors[n + 1 :])
-                for part in f.args:
+                parts = sp.Add.make_args(f if isinstance(f, sp.Add) else cond.as_indicator_terms(f))
+                for part in parts:
                     terms.extend(_terms(rest * part))
                 break
         else:
@@ -367,7 +546,7 @@ def rename_bound(expr: sp.Expr) -> sp.Expr:
         args = [visit(a) for a in node.args]
         if isinstance(node, (sp.Sum, ReduceMax)):
             body = args[0]
-            limits = []
+            limits: list[tuple[sp.Expr, sp.Expr, sp.Expr]] = []
             for var, lo, hi in node.limits:
                 stem = str(var).split("_")[0] or str(var)
                 while True:
@@ -378,6 +557,9 @@ def rename_bound(expr: sp.Expr) -> sp.Expr:
                 taken.add(name)
                 fresh = sp.Symbol(name, integer=True)
                 body = body.xreplace({var: fresh})
+                # a later limit's bounds may use this index (Σ_{j} Σ_{i=0}^{j})
+                to_fresh = {var: fresh}
+                limits = [(v, a.xreplace(to_fresh), z.xreplace(to_fresh)) for v, a, z in limits]
                 limits.append((fresh, lo, hi))
             return type(node)(body, *limits)
         return node.func(*args) if args != list(node.args) else node
@@ -388,9 +570,11 @@ def rename_bound(expr: sp.Expr) -> sp.Expr:
 def contract(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range]) -> sp.Expr:
     """Remove Kronecker deltas from ``expr`` by contracting the sums that bind them.
 
-    ``ranges`` gives the range of every free index; a delta ``δ(j, k)`` under ``Σ_j`` is
-    contracted only when ``k``'s range equals ``j``'s.  Sums are distributed over the terms of
-    their bodies, constant factors pulled out, sums of constants become counts.
+    ``ranges`` gives the range of every free index; a delta ``δ(j, k)`` (or ``δ(j + q, k)``)
+    under ``Σ_j`` is contracted, leaving the test that ``k`` (``k - q``) lies in ``j``'s range
+    where that range does not provably hold it.  Sums are distributed over the terms of their
+    bodies, constant factors pulled out, conditions on a summation index made its bounds,
+    sums of constants become counts.
     """
     known = dict(ranges)
     expr = rename_bound(expr)
@@ -432,13 +616,28 @@ def unify_bound(expr: sp.Expr) -> sp.Expr:
         args = [visit(a) for a in node.args]
         node = node.func(*args) if args != list(node.args) else node
         if isinstance(node, (sp.Sum, ReduceMax)):
-            canon = {
-                v: sp.Symbol(f"_bound{n}", integer=True) for n, (v, *_) in enumerate(node.limits)
-            }
-            return seen.setdefault(node.xreplace(canon), node)
+            return seen.setdefault(_alpha_canonical(node), node)
         return node
 
     return visit(expr)
+
+
+def _alpha_canonical(node: sp.Basic, depth: int = 0) -> sp.Basic:
+    """``node`` with every bound index named by its binder's depth (``_bound0_0`` for the first
+    index of the outermost reduction): equal for reductions equal up to index names, nested
+    ones included.  Sibling reductions share names; their scopes do not overlap."""
+    if isinstance(node, (sp.Sum, ReduceMax)):
+        names = {
+            v: sp.Symbol(f"_bound{depth}_{n}", integer=True)
+            for n, (v, *_) in enumerate(node.limits)
+        }
+        body = _alpha_canonical(node.function.xreplace(names), depth + 1)
+        limits = [(names[v], lo.xreplace(names), hi.xreplace(names)) for v, lo, hi in node.limits]
+        return type(node)(body, *limits)
+    if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase, sp.Symbol)):
+        return node
+    args = [_alpha_canonical(a, depth) for a in node.args]
+    return node.func(*args) if args != list(node.args) else node
 
 
 def reads_integer_tensor(expr: sp.Basic) -> bool:
@@ -503,21 +702,31 @@ class TensorDerivation(Printouts):
 
 
 def _shift_logsumexp(expr: sp.Expr) -> tuple[sp.Expr, list[Rewrite]]:
-    """``Σ_j exp(f)`` → ``exp(M)·Σ_j exp(f - M)`` with ``M = max_j f``; logs and ratios follow."""
+    """``Σ_j exp(f)`` → ``exp(M)·Σ_j exp(f - M)`` with ``M = max_j f``; logs and ratios follow.
+
+    The max runs over the terms the sum keeps: over its bounds, and only where the conditions
+    of its indicators hold (a masked-out score never sets the shift).  A sum whose exponent is
+    already shifted is left alone.
+    """
     log: list[Rewrite] = []
 
     def shift(node: sp.Sum) -> sp.Expr:
         if len(node.limits) != 1:
             return node
         body = sp.powsimp(node.function, combine="exp")
+        if isinstance(body, sp.Piecewise) and len(body.args) == 2 and body.args[1] == (0, True):
+            body = body.args[0].expr * indicator(body.args[0].cond)  # Piecewise((e, c), (0, True))
+        conds, body = split_indicators(body)
         exps = [f for f in sp.Mul.make_args(body) if isinstance(f, sp.exp)]
-        if len(exps) != 1:
+        if len(exps) != 1 or exps[0].has(ReduceMax):
             return node
         (e,) = exps
         rest = sp.Mul(*[f for f in sp.Mul.make_args(body) if f is not e])
+        rest *= sp.Mul(*[indicator(c) for c in conds])
         var, lo, hi = node.limits[0]
-        m = ReduceMax(e.args[0], (var, lo, hi))
-        new = sp.exp(m) * sp.Sum(sp.exp(e.args[0] - m) * rest, (var, lo, hi))
+        kept = sp.Piecewise((e.args[0], sp.And(*conds)), (-sp.oo, True)) if conds else e.args[0]
+        m = ReduceMax(kept, (var, lo, hi))
+        new = sp.exp(m) * IndexSum(sp.exp(e.args[0] - m) * rest, (var, lo, hi))
         log.append(
             Rewrite(
                 "logsumexp_shift",
@@ -529,7 +738,8 @@ def _shift_logsumexp(expr: sp.Expr) -> tuple[sp.Expr, list[Rewrite]]:
         return new
 
     shifted = expr.replace(lambda e: isinstance(e, sp.Sum), shift)  # type: ignore[arg-type]
-    shifted = sp.powsimp(shifted, combine="exp")
+    # one name per max, so exp(f + M1 - 2·M2) with M1 = M2 combines to exp(f - M)
+    shifted = sp.powsimp(unify_bound(shifted), combine="exp")
 
     def log_of_product(node: sp.log) -> sp.Expr:
         factors = sp.Mul.make_args(node.args[0])
@@ -559,11 +769,87 @@ def _check_numeric(spec: TensorSpec, what: str, expr: sp.Expr) -> None:
         )
 
 
-def derive_tensor(spec: TensorSpec) -> TensorDerivation:
-    """Derive the VJP of every input of a tensor op by the symbolic chain rule."""
+def differentiate(expr: sp.Expr, base: sp.IndexedBase, indices: tuple[sp.Symbol, ...]) -> sp.Expr:
+    """``∂expr/∂base[indices]`` by the chain rule, node by node.
+
+    A read ``base[p]`` gives ``Π δ(p_n, k_n)``; a ``Sum`` keeps its bounds and a ``Piecewise``
+    its conditions (a condition is locally constant); a ``ReduceMax`` is constant — it is only
+    ever the max shift of a ``Σ exp``, whose value does not depend on it.  Functions go by their
+    ``fdiff``.  (``sympy.diff`` pulls a ``Piecewise`` out of the ``Sum`` that binds its
+    condition's index, which lets the index escape its sum.)
+    """
+    if not indices:
+        return sp.diff(expr, base)
+    memo: dict[sp.Basic, sp.Expr] = {}
+
+    def depends(node: sp.Basic) -> bool:
+        return any(a.base == base for a in node.atoms(sp.Indexed))
+
+    def d(node: sp.Basic) -> sp.Expr:
+        if node in memo:
+            return memo[node]
+        if not isinstance(node, sp.Expr) or not depends(node) or isinstance(node, ReduceMax):
+            result: sp.Expr = sp.S.Zero
+        elif isinstance(node, sp.Indexed):
+            pairs = zip(node.indices, indices, strict=True)
+            on_base = node.base == base
+            result = sp.Mul(*[sp.KroneckerDelta(p, k) for p, k in pairs]) if on_base else sp.S.Zero
+        elif isinstance(node, sp.Sum):
+            body = d(node.function)
+            result = IndexSum(body, *node.limits) if body != 0 else sp.S.Zero
+        elif isinstance(node, sp.Piecewise):
+            branches = [(d(e), c) for e, c in node.args]
+            result = (
+                sp.S.Zero if all(e == 0 for e, _ in branches) else sp.Piecewise(*branches)
+            )
+        elif isinstance(node, sp.Add):
+            result = sp.Add(*[d(a) for a in node.args])
+        elif isinstance(node, sp.Mul):
+            args = node.args
+            result = sp.Add(
+                *[
+                    sp.Mul(*args[:n], d(a), *args[n + 1 :])
+                    for n, a in enumerate(args)
+                    if depends(a)
+                ]
+            )
+        elif isinstance(node, sp.Pow):
+            b, e = node.args
+            if not depends(e):
+                result = e * b ** (e - 1) * d(b)
+            else:
+                result = node * (d(e) * sp.log(b) + e * d(b) / b)
+        elif isinstance(node, sp.Function):
+            result = sp.Add(
+                *[node.fdiff(n + 1) * d(a) for n, a in enumerate(node.args) if depends(a)]
+            )
+        else:
+            result = sp.diff(node, base[indices])
+        memo[node] = result
+        return result
+
+    return d(expr)
+
+
+def prepare_tensor(spec: TensorSpec) -> sp.Expr:
+    """The forward as the derivation reads it: kinks with a constant (``Max(0, x)``) as
+    ``Piecewise``, ``Heaviside`` of indices as conditions, conditions on summation indices as
+    their bounds (contraction of a formula without deltas)."""
     from .derive import prepare
 
-    forward = prepare(spec.expr)
+    forward = prepare(cond.heaviside_of_indices(index_sums(spec.expr)))
+    # a Piecewise on indices outside every sum splits too: its exp meets the max shift's
+    return sp.Add(*_terms(contract(forward, dict(spec.ranges))))
+
+
+def derive_tensor(spec: TensorSpec) -> TensorDerivation:
+    """Derive the VJP of every input of a tensor op by the symbolic chain rule.
+
+    The forward is stabilized first (the max shift of every ``Σ exp``) and the VJPs are the
+    derivatives of that stable form, so they read only shifted exponentials: finite at any
+    logit, masked scores included.
+    """
+    forward, forward_rewrites = stabilize_tensor(prepare_tensor(spec))
     out_ranges = dict(spec.ranges)
     grad_output: sp.Expr = (
         sp.IndexedBase("grad_out", shape=spec.out_shape)
@@ -571,23 +857,28 @@ def derive_tensor(spec: TensorSpec) -> TensorDerivation:
         else sp.Symbol("grad_out", real=True)
     )
     partials = []
-    taken = {s.name for s in spec.expr.atoms(sp.Symbol)} | {str(d) for d in spec.dims}
+    taken = {s.name for s in forward.atoms(sp.Symbol)} | {str(d) for d in spec.dims}
     for base in spec.wrt:
         indices = _fresh_indices(base, taken)
         ranges = {
             **out_ranges,
             **{k: (sp.S.Zero, d - 1) for k, d in zip(indices, base.shape, strict=True)},
         }
-        local = sp.diff(forward, base[indices] if indices else base)
+        local = differentiate(forward, base, indices)
         chain = (grad_output[spec.out] if spec.out else grad_output) * local
-        raw = sp.Sum(chain, *[(i, *out_ranges[i]) for i in spec.out]) if spec.out else chain
+        raw = IndexSum(chain, *[(i, *out_ranges[i]) for i in spec.out]) if spec.out else chain
         _check_numeric(spec, f"the derivative with respect to {base}", raw)
         contracted = contract(raw, ranges)
         final, rewrites = stabilize_tensor(contracted)
         final, guards = guard_deltas(final)
         rewrites += guards
+        final = refold_indicators(final)
         partials.append(TensorPartial(base, indices, raw, contracted, final, rewrites))
-    stable_forward, forward_rewrites = stabilize_tensor(forward)
     return TensorDerivation(
-        spec.name, spec, grad_output, stable_forward, forward_rewrites, tuple(partials)
+        spec.name,
+        spec,
+        grad_output,
+        refold_indicators(forward),
+        forward_rewrites,
+        tuple(partials),
     )
