@@ -21,6 +21,7 @@ import sympy as sp
 
 from .._version import __version__
 from ..errors import CodegenError
+from ..symbolic.conditions import reads_float
 from ..symbolic.index import ReduceMax, TensorDerivation
 from .emit import KernelSource, lower_primitives
 from .printer import NumbaPrinter
@@ -34,6 +35,12 @@ class _IndexPrinter(NumbaPrinter):
     def _print_Indexed(self, expr: sp.Indexed) -> str:
         idx = ", ".join(_int(i) for i in expr.indices)
         return f"{expr.base.label}[{idx}]"
+
+    def _print_Infinity(self, expr: sp.Expr) -> str:
+        return "np.inf"
+
+    def _print_NegativeInfinity(self, expr: sp.Expr) -> str:
+        return "-np.inf"
 
 
 def _int(expr: sp.Expr) -> str:
@@ -252,43 +259,73 @@ class _Lowerer:
         out: list[_Reduction],
         seen: dict[tuple, sp.Symbol],
     ) -> sp.Expr:
-        """Replace reductions in ``expr`` by temporaries (post-order), collecting them."""
+        """Replace reductions in ``expr`` by temporaries (post-order), collecting them.
+
+        A reduction inside a ``Piecewise`` branch taken only under a condition on indices is
+        computed before the branch is chosen: its terms are guarded by that condition, so it
+        never reads where the branch would not (``X[k + N]`` under ``k < N``).
+        """
+        guards: list[sp.Basic] = []
+        done: dict[tuple[sp.Basic, ...], sp.Basic] = {}  # the same reduction twice: once
 
         def visit(node: sp.Basic) -> sp.Basic:
-            if isinstance(node, sp.Sum):
-                gemm = self._gemm(node, loop_vars)
-                if gemm is not None:
-                    return gemm
             if isinstance(node, (sp.Sum, ReduceMax)):
-                # A fresh loop variable per reduction: terms split off one sum share its name.
-                fresh = {
-                    v: sp.Symbol(f"{v}_{self.n_red}_{n}", integer=True)
-                    for n, (v, _, _) in enumerate(node.limits)
-                }
-                limits = [(fresh[v], lo, hi) for v, lo, hi in _memory_order(node)]
-                body = visit(node.function.xreplace(fresh))
-                # innermost limit first; Sum(f, (i..), (j..)) = Σ_j Σ_i f
-                for var, lo, hi in limits:
-                    kind = "sum" if isinstance(node, sp.Sum) else "max"
-                    key = (kind, body.xreplace({var: _CANON}), lo, hi)
-                    if key in seen:
-                        body = seen[key]
-                        continue
-                    temp = sp.Symbol(f"_r{self.n_red}", real=True)
-                    self.n_red += 1
-                    deps = frozenset(
-                        s
-                        for s in body.free_symbols | lo.free_symbols | hi.free_symbols
-                        if s != var and s.is_integer and not isinstance(s, sp.Indexed)
-                    ) | self._temp_deps(body, out)
-                    out.append(_Reduction(temp, kind, var, lo, hi, body, deps - {var}))
-                    seen[key] = temp
-                    body = temp
-                return body
+                key = (node, *guards)
+                if key not in done:
+                    done[key] = reduce(node)
+                return done[key]
+            if isinstance(node, sp.Piecewise):
+                branches, earlier = [], []
+                for e, c in node.args:
+                    mine = [] if c == sp.true else [c]
+                    test = sp.And(*mine, *[sp.Not(p) for p in earlier])
+                    guarded = test != sp.true and not reads_float(test)
+                    guards.extend([test] if guarded else [])
+                    branches.append((visit(e), c))
+                    del guards[len(guards) - guarded :]
+                    earlier.append(c)
+                return sp.Piecewise(*branches)
             if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase)):
                 return node
             args = [visit(a) for a in node.args]
             return node.func(*args) if args != list(node.args) else node
+
+        def reduce(node: sp.Sum | ReduceMax) -> sp.Basic:
+            if isinstance(node, sp.Sum):
+                gemm = self._gemm(node, loop_vars)
+                if gemm is not None:
+                    return gemm
+            # A fresh loop variable per reduction: terms split off one sum share its name.
+            fresh = {
+                v: sp.Symbol(f"{v}_{self.n_red}_{n}", integer=True)
+                for n, (v, _, _) in enumerate(node.limits)
+            }
+            limits = [
+                (fresh[v], lo.xreplace(fresh), hi.xreplace(fresh))
+                for v, lo, hi in _memory_order(node)
+            ]
+            body = visit(node.function.xreplace(fresh))
+            if guards:
+                empty = sp.S.Zero if isinstance(node, sp.Sum) else -sp.oo
+                body = sp.Piecewise((body, sp.And(*guards)), (empty, True))
+            # innermost limit first; Sum(f, (i..), (j..)) = Σ_j Σ_i f
+            for var, lo, hi in limits:
+                kind = "sum" if isinstance(node, sp.Sum) else "max"
+                key = (kind, body.xreplace({var: _CANON}), lo, hi)
+                if key in seen:
+                    body = seen[key]
+                    continue
+                temp = sp.Symbol(f"_r{self.n_red}", real=True)
+                self.n_red += 1
+                deps = frozenset(
+                    s
+                    for s in body.free_symbols | lo.free_symbols | hi.free_symbols
+                    if s != var and s.is_integer and not isinstance(s, sp.Indexed)
+                ) | self._temp_deps(body, out)
+                out.append(_Reduction(temp, kind, var, lo, hi, body, deps - {var}))
+                seen[key] = temp
+                body = temp
+            return body
 
         return visit(expr)
 
@@ -321,35 +358,48 @@ class _Lowerer:
         # it depends on, else at the output loop level of its deepest dependency.
         level = {v: n + 1 for n, (v, _, _) in enumerate(a.loops)}
         by_var = {r.var: r for r in reds}
-        placed: dict[int, list[_Reduction]] = {n: [] for n in range(len(a.loops) + 1)}
-        materialized: list[str] = []
+        placed: dict[int, list[_Reduction | list[str]]] = {n: [] for n in range(len(a.loops) + 1)}
         for r in reds:  # post-order: dependencies come first
-            inner = [by_var[v] for v in r.deps if v in by_var]
-            if inner and a.loops and not any(v in level for v in r.deps):
-                # Depends only on enclosing reductions' indices (a row mean inside a sum over
-                # rows): compute it once for every value of them, before the output loops,
-                # instead of once per output element.
-                array = self._materialize(r, [h.var for h in inner], materialized)
+            inner = sorted((by_var[v] for v in r.deps if v in by_var), key=reds.index)
+            at = max((level[v] for v in r.deps if v in level), default=0)
+            if inner and at < len(a.loops) and self._bounded_by(inner, level, at):
+                # Depends on enclosing reductions' indices and not on the innermost output
+                # index (a row's max and sum inside a sum over rows): compute it once for every
+                # value of them, at the loop level of its last output index, instead of once
+                # per output element — the sum over rows stays linear in the row length.
+                lines: list[str] = []
+                array = self._materialize(r, [h.var for h in inner], lines)
                 for other in reds:
                     other.body = other.body.xreplace({r.temp: array})
                 expr = expr.xreplace({r.temp: array})
+                placed[at].append(lines)
             elif inner:
                 # the enclosing reduction whose loop variable this one depends on
-                host = min(inner, key=lambda h: reds.index(h))
-                host.children.append(r)
+                inner[0].children.append(r)
             else:
-                placed[max((level[v] for v in r.deps if v in level), default=0)].append(r)
+                placed[at].append(r)
 
         index = a.index if a.index is not None else tuple(loop_vars)
-        if not a.accumulate and index and expr == sp.IndexedBase(a.target)[index]:
-            return [" " * indent + line for line in materialized]  # a GEMM wrote the target
-        red_level = {r.temp: n for n, rs in placed.items() for r in rs}
-        expr, hoisted = self._hoist(expr, a.loops, red_level)
         pad = " " * indent
-        lines: list[str] = [pad + line for line in materialized]
+
+        def emit(items: list[_Reduction | list[str]]) -> list[str]:
+            out: list[str] = []
+            for item in items:
+                if isinstance(item, _Reduction):
+                    out += self._reduction(item, pad)
+                else:
+                    out += [pad + line for line in item]
+            return out
+
+        if not a.accumulate and index and expr == sp.IndexedBase(a.target)[index]:
+            return emit(placed[0])  # a GEMM wrote the target
+        red_level = {
+            r.temp: n for n, rs in placed.items() for r in rs if isinstance(r, _Reduction)
+        }
+        expr, hoisted = self._hoist(expr, a.loops, red_level)
+        lines = []
         for n in range(len(a.loops) + 1):
-            for r in placed[n]:
-                lines += self._reduction(r, pad)
+            lines += emit(placed[n])
             for temp, value in hoisted.get(n, []):
                 lines.append(f"{pad}{temp} = {_print(value, self.op)}")
             if n < len(a.loops):
@@ -494,6 +544,15 @@ class _Lowerer:
             _Assignment(a.target, a.loops, coeff * sp.IndexedBase(acc)[index]), indent
         )
         return lines
+
+    def _bounded_by(
+        self, hosts: list[_Reduction], level: dict[sp.Symbol, int], at: int
+    ) -> bool:
+        """Whether the ranges of ``hosts`` are known at loop level ``at`` and do not depend on
+        each other: then an array over them can be filled there."""
+        reduction_vars = {r.var for r in self._all}
+        bounds = {s for h in hosts for s in h.lo.free_symbols | h.hi.free_symbols}
+        return not bounds & reduction_vars and all(level.get(s, 0) <= at for s in bounds)
 
     def _materialize(self, r: _Reduction, hosts: list[sp.Symbol], lines: list[str]) -> sp.Expr:
         """Emit loops computing ``r`` for every value of ``hosts`` into an array; return a read."""
