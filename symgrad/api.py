@@ -117,6 +117,7 @@ def tensor_op(
     name: str,
     constants: Mapping[sp.Symbol | str, object] | None = None,
     wrt: Iterable[sp.IndexedBase | str] | None = None,
+    out_shape: Iterable[object] | None = None,
 ) -> TensorOp:
     """Compile a tensor formula in index notation into an op with derived VJPs.
 
@@ -130,6 +131,10 @@ def tensor_op(
         wrt: the inputs (tensors or their names) that get a gradient (default: all but
             integer tensors); ``op.vjp``
             returns ``None`` for the others.
+        out_shape: the output's shape, in dims (e.g. ``(B, O, L - K + 3)``); by default each
+            output index runs as far as every tensor read it appears in stays in range
+            (``l`` in ``X[b, c, l + q]`` up to ``L - K``).  A read outside its tensor is 0
+            (zero padding).
 
     An input declared ``IndexedBase("ids", shape=(B, T), integer=True)`` is an integer tensor:
     token ids or labels that subscript other tensors (``E[ids[b, t], d]``, a gather).  Its
@@ -147,7 +152,7 @@ def tensor_op(
     array([[ 3., 12., 21., 30.],
            [ 3., 12., 21., 30.]])
     """
-    spec = tensor_spec(expr, out, inputs, name, constants, wrt)
+    spec = tensor_spec(expr, out, inputs, name, constants, wrt, out_shape)
     if spec.key in _OPS:
         return _OPS[spec.key]  # type: ignore[return-value]
     check_supported(_without_deltas(spec.expr), spec.name)

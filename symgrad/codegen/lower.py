@@ -24,6 +24,7 @@ from ..errors import CodegenError
 from ..symbolic.conditions import reads_float
 from ..symbolic.index import ReduceMax, TensorDerivation
 from .emit import KernelSource, lower_primitives
+from .gemm import MaterializedGemm, plan
 from .printer import NumbaPrinter
 
 _CANON = sp.Symbol("_canon", integer=True)
@@ -130,7 +131,8 @@ class _Lowerer:
     def __init__(self, op: str, shapes: dict[str, tuple[sp.Expr, ...]]) -> None:
         self.op = op
         self.shapes = shapes  # tensor label → shape
-        self.gemms: list[_Gemm] = []  # computed before every loop
+        self.gemms: list[_Gemm | MaterializedGemm] = []  # computed before every loop
+        self._loops: tuple[tuple[sp.Symbol, sp.Expr, sp.Expr], ...] = ()
         self.n_acc = 0
         self.n_hoist = 0
         self.n_red = 0
@@ -173,10 +175,11 @@ class _Lowerer:
         return _Contraction(a, b, tuple(summed_in_a), tuple(batch), tuple(free_a), tuple(free_b))
 
     def _gemm(self, node: sp.Sum, loop_order: list[sp.Symbol]) -> sp.Expr | None:
-        """A read of the GEMM computing ``node``, if it is a contraction of two tensors."""
+        """A read of the GEMM computing ``node``, if it is a contraction of two tensors (or of
+        two computed factors: a convolution's shifted reads, see :mod:`.gemm`)."""
         found = self._contraction(node, loop_order)
         if found is None:
-            return None
+            return self._materialized_gemm(node, loop_order)
         a, b = found.a, found.b
         shape_a = self.shapes[str(a.base.label)]
         shape_b = self.shapes[str(b.base.label)]
@@ -205,7 +208,12 @@ class _Lowerer:
             + [shape_b[k] for k in axes(b, found.free_b)]
         )
         gemm = next(
-            (g for g in self.gemms if (g.left, g.right) == (left, right) and g.into is None), None
+            (
+                g
+                for g in self.gemms
+                if isinstance(g, _Gemm) and (g.left, g.right) == (left, right) and g.into is None
+            ),
+            None,
         )
         if gemm is None:  # the same product twice (layer norm's Σ_i w_i g_i) is computed once
             gemm = _Gemm(f"_c{len(self.gemms)}", left, right, rows, cols, result_dims, batch=batch)
@@ -214,6 +222,21 @@ class _Lowerer:
             gemm.uses += 1
         free = found.batch + found.free_a + found.free_b
         return sp.IndexedBase(gemm.name)[free] if free else sp.Symbol(f"{gemm.name}[0]")
+
+    def _materialized_gemm(self, node: sp.Sum, loop_order: list[sp.Symbol]) -> sp.Expr | None:
+        loops = tuple(lim for lim in self._loops if lim[0] in loop_order)
+        dims = {s for shape in self.shapes.values() for d in shape for s in d.free_symbols}
+        found = plan(
+            node, loops, dims, f"_c{len(self.gemms)}", lambda e: _print(e, self.op), _int
+        )
+        if found is None:
+            return None
+        for g in self.gemms:
+            if isinstance(g, MaterializedGemm) and g.key == found.key and g.into is None:
+                g.uses += 1
+                return g.read()
+        self.gemms.append(found)
+        return found.read()
 
     def _write_gemm_into(self, a: _Assignment, expr: sp.Expr) -> sp.Expr:
         """Let a GEMM read once, at exactly this target's element, write into the target.
@@ -349,6 +372,7 @@ class _Lowerer:
         batch = self._batch_sum(a, indent)
         if batch is not None:
             return batch
+        self._loops = a.loops
         loop_vars = [v for v, _, _ in a.loops]
         reds: list[_Reduction] = []
         expr = self.extract(a.expr, loop_vars, reds, {})

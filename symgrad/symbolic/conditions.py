@@ -260,6 +260,34 @@ def bound_from_condition(cond: Boolean, var: sp.Symbol) -> tuple[str, sp.Expr] |
     return "hi", r if a == -1 else sp.floor(r / -a)
 
 
+def settle(conds: list[Boolean], known: Mapping[sp.Symbol, Range]) -> list[Boolean] | None:
+    """The conditions left once those that provably hold are dropped; None when one
+    provably fails."""
+    left = []
+    for c in conds:
+        verdict = _decide(c, known)
+        if verdict is False:
+            return None
+        if verdict is None:
+            left.append(c)
+    return left
+
+
+def _decide(c: Boolean, known: Mapping[sp.Symbol, Range]) -> bool | None:
+    """True or False when an inequality of indices is decided by their ranges, else None."""
+    if not isinstance(c, _RELATIONS) or not is_index_condition(c):
+        return None
+    if isinstance(c, (sp.StrictGreaterThan, sp.GreaterThan)):
+        small, big, strict = c.rhs, c.lhs, isinstance(c, sp.StrictGreaterThan)
+    else:
+        small, big, strict = c.lhs, c.rhs, isinstance(c, sp.StrictLessThan)
+    if provably_le(small + (1 if strict else 0), big, known):
+        return True
+    if provably_le(big + (0 if strict else 1), small, known):
+        return False
+    return None
+
+
 def tighten(
     var: sp.Symbol, rng: Range, conds: list[Boolean], known: Mapping[sp.Symbol, Range]
 ) -> tuple[Range, list[Boolean]]:

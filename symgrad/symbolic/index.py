@@ -462,36 +462,146 @@ def _delta_solution(delta: sp.KroneckerDelta, var: sp.Symbol) -> sp.Expr | None:
 
 
 def _contract_term(
-    term: sp.Expr, var: sp.Symbol, rng: Range, ranges: dict[sp.Symbol, Range]
+    term: sp.Expr,
+    var: sp.Symbol,
+    rng: Range,
+    ranges: dict[sp.Symbol, Range],
+    defer: frozenset[sp.Symbol] = frozenset(),
+    tighten: bool = False,
 ) -> sp.Expr:
     """``Σ_var term`` for one product ``term``: contract a delta, or pull out what is constant.
 
     ``Σ_{var=lo}^{hi} δ(var, k)·f(var) = [lo ≤ k ≤ hi]·f(k)``; the range test is left out
-    where ``k``'s range provably lies within ``lo..hi`` (see :mod:`.conditions`).  Without a
-    delta, the indicator conditions on ``var`` that are linear inequalities become its bounds.
+    where ``k``'s range provably lies within ``lo..hi`` (see :mod:`.conditions`).  With
+    ``tighten``, the indicator conditions on ``var`` that are linear inequalities become its
+    bounds (only once every delta is gone: a bound that reads another summation index would
+    stop the interchange of sums below).
+
+    A delta that also holds an index of ``defer`` (a summation index further out) is left for
+    that index: ``Σ_p g[p]·Σ_q W[q]·δ(k, p + q)`` becomes ``Σ_q W[q]·g[k - q]``, the
+    convolution's own offsets kept and the output positions eliminated — the transposed
+    convolution as a sum over the kernel.  Reaching into an inner sum's body for it is the
+    interchange ``Σ_p Σ_q = Σ_q Σ_p``.
     """
     factors = sp.Mul.make_args(term)
     for f in factors:
         if not isinstance(f, sp.KroneckerDelta):
             continue
         value = _delta_solution(f, var)
-        if value is None:
+        if value is None or value.free_symbols & defer:
             continue
         # Σ_k f(k)·δ(k, ids[b]) = f(ids[b]): an integer tensor's values are checked, at
         # call time, to lie within the axis they index
         tests = [] if reads_integer_tensor(value) else cond.range_conditions(value, rng, ranges)
         rest = sp.Mul(*[g for g in factors if g is not f])
         return rest.xreplace({var: value}) * sp.Mul(*[indicator(c) for c in tests])
+    for f in factors:
+        if isinstance(f, sp.Sum) and _holds_delta_for(f, var, defer):
+            rest = sp.Mul(*[g for g in factors if g is not f])
+            inner = sp.Add(
+                *[_contract_term(t, var, rng, ranges, defer) for t in _terms(rest * f.function)]
+            )
+            return _sum_terms(inner, f.limits, ranges, defer)
     conds, rest = split_indicators(term)
-    rng, conds = cond.tighten(var, rng, conds, ranges)
-    if cond.provably_le(rng[1] + 1, rng[0], ranges):
-        return sp.S.Zero  # an empty range
+    if tighten:
+        settled = cond.settle(conds, ranges)
+        if settled is None:
+            return sp.S.Zero  # a condition that never holds
+        rng, conds = cond.tighten(var, rng, settled, ranges)
+        if cond.provably_le(rng[1] + 1, rng[0], ranges):
+            return sp.S.Zero  # an empty range
     factors = (*sp.Mul.make_args(rest), *[indicator(c) for c in conds])
     inside = [f for f in factors if var in f.free_symbols]
     outside = [f for f in factors if var not in f.free_symbols]
     if not inside:
         return sp.Mul(*outside) * cond.count(rng, ranges)
     return sp.Mul(*outside) * IndexSum(sp.Mul(*inside), (var, rng[0], rng[1]))
+
+
+def _holds_delta_for(total: sp.Sum, var: sp.Symbol, defer: frozenset[sp.Symbol]) -> bool:
+    """Whether ``total``'s body has a delta that fixes ``var`` and whose bounds let the sums be
+    interchanged (they do not read ``var``)."""
+    if any(var in lo.free_symbols | hi.free_symbols for _, lo, hi in total.limits):
+        return False
+    return any(
+        (value := _delta_solution(d, var)) is not None and not value.free_symbols & defer
+        for d in total.function.atoms(sp.KroneckerDelta)
+    )
+
+
+def _sum_terms(
+    body: sp.Expr,
+    limits: tuple[tuple[sp.Symbol, sp.Expr, sp.Expr], ...],
+    ranges: dict[sp.Symbol, Range],
+    defer: frozenset[sp.Symbol] = frozenset(),
+    tighten: bool = False,
+) -> sp.Expr:
+    """``Σ_limits body``, contracted limit by limit, innermost first (see :func:`contract`)."""
+    for n, (var, lo, hi) in enumerate(limits):
+        later = defer | {v for v, _, _ in limits[n + 1 :]}
+        body = sp.Add(
+            *[_contract_term(t, var, (lo, hi), ranges, later, tighten) for t in _terms(body)]
+        )
+    return body
+
+
+def tighten_bounds(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range]) -> sp.Expr:
+    """Conditions on summation indices as bounds: ``Σ_{u=0}^{S-1} [u ≤ s]·f(u)`` →
+    ``Σ_{u=0}^{s} f(u)`` (a triangle), the same for a ``ReduceMax`` over the kept terms;
+    conditions that provably hold are dropped, products under one that never holds are 0."""
+    known = dict(ranges)
+
+    def visit(node: sp.Basic) -> sp.Basic:
+        if isinstance(node, (sp.Sum, ReduceMax)):
+            for var, lo, hi in node.limits:
+                known[var] = (lo, hi)
+        if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase, sp.Symbol)):
+            return node
+        args = [visit(a) for a in node.args]
+        node = node.func(*args) if args != list(node.args) else node
+        if isinstance(node, sp.Sum):
+            return _sum_terms(node.function, node.limits, known, tighten=True)
+        if isinstance(node, ReduceMax) and len(node.limits) == 1:
+            return _tighten_max(node, known)
+        if isinstance(node, sp.Mul):
+            conds, rest = split_indicators(node)
+            settled = cond.settle(conds, known) if conds else conds
+            if settled is None:
+                return sp.S.Zero
+            return rest * sp.Mul(*[indicator(c) for c in settled]) if conds else node
+        return node
+
+    return visit(expr)
+
+
+def merge_nested(expr: sp.Expr) -> sp.Expr:
+    """``Σ_a (Σ_b f)`` as one sum over ``b, a``: the lowering orders the loops of one sum by
+    memory (contraction leaves one nested sum per index it could not remove)."""
+
+    def visit(node: sp.Basic) -> sp.Basic:
+        if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase, sp.Symbol)):
+            return node
+        args = [visit(a) for a in node.args]
+        node = node.func(*args) if args != list(node.args) else node
+        if isinstance(node, sp.Sum) and isinstance(node.function, sp.Sum):
+            inner = node.function
+            return IndexSum(inner.function, *inner.limits, *node.limits)
+        return node
+
+    return visit(expr)
+
+
+def _tighten_max(node: ReduceMax, known: dict[sp.Symbol, Range]) -> sp.Expr:
+    """``max_u`` of ``Piecewise((f, c), (-oo, True))``: the conditions of ``c`` on ``u`` as
+    its bounds."""
+    ((var, lo, hi),) = node.limits
+    body = node.function
+    if not (isinstance(body, sp.Piecewise) and len(body.args) == 2 and body.args[1].expr == -sp.oo):
+        return node
+    f, c = body.args[0]
+    (lo, hi), left = cond.tighten(var, (lo, hi), cond.conjuncts(c), known)
+    kept = sp.Piecewise((f, sp.And(*left)), (-sp.oo, True)) if left else f
+    return ReduceMax(kept, (var, lo, hi))
 
 
 def _splits(f: sp.Expr) -> bool:
@@ -567,29 +677,34 @@ def rename_bound(expr: sp.Expr) -> sp.Expr:
     return visit(expr)
 
 
-def contract(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range]) -> sp.Expr:
+def contract(
+    expr: sp.Expr, ranges: Mapping[sp.Symbol, Range], tighten: bool = True
+) -> sp.Expr:
     """Remove Kronecker deltas from ``expr`` by contracting the sums that bind them.
 
     ``ranges`` gives the range of every free index; a delta ``δ(j, k)`` (or ``δ(j + q, k)``)
     under ``Σ_j`` is contracted, leaving the test that ``k`` (``k - q``) lies in ``j``'s range
     where that range does not provably hold it.  Sums are distributed over the terms of their
-    bodies, constant factors pulled out, conditions on a summation index made its bounds,
-    sums of constants become counts.
+    bodies, constant factors pulled out, sums of constants become counts; at the end (with
+    ``tighten``) conditions on a summation index become its bounds (:func:`tighten_bounds`).
     """
     known = dict(ranges)
     expr = rename_bound(expr)
+    enclosing: list[sp.Symbol] = []  # the indices of the sums around the node visited
 
     def visit(node: sp.Basic) -> sp.Basic:
         if isinstance(node, sp.Sum):
             # Every bound name is unique (rename_bound), so the ranges of this sum's indices
             # can be known before its body is visited: a delta between an inner and an outer
             # summation index (Σ_i Σ_j δ(i, j) f(i, j)) contracts too.
+            own = [var for var, _, _ in node.limits]
             for var, lo, hi in node.limits:
                 known[var] = (lo, hi)
+            outer = frozenset(enclosing)
+            enclosing.extend(own)
             body = visit(node.function)
-            for var, lo, hi in node.limits:  # innermost first
-                body = sp.Add(*[_contract_term(t, var, (lo, hi), known) for t in _terms(body)])
-            return body
+            del enclosing[len(enclosing) - len(own) :]
+            return _sum_terms(body, node.limits, known, outer)
         if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase)):
             return node
         new_args = [visit(a) for a in node.args]
@@ -599,6 +714,8 @@ def contract(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range]) -> sp.Expr:
     result = expr
     while result != previous:  # contracting can expose a delta to an outer sum
         previous, result = result, visit(result)
+    if tighten:
+        result = tighten_bounds(result, known)
     return unify_bound(result)
 
 
@@ -839,7 +956,7 @@ def prepare_tensor(spec: TensorSpec) -> sp.Expr:
 
     forward = prepare(cond.heaviside_of_indices(index_sums(spec.expr)))
     # a Piecewise on indices outside every sum splits too: its exp meets the max shift's
-    return sp.Add(*_terms(contract(forward, dict(spec.ranges))))
+    return sp.Add(*_terms(contract(forward, dict(spec.ranges), tighten=False)))
 
 
 def derive_tensor(spec: TensorSpec) -> TensorDerivation:
@@ -870,15 +987,12 @@ def derive_tensor(spec: TensorSpec) -> TensorDerivation:
         _check_numeric(spec, f"the derivative with respect to {base}", raw)
         contracted = contract(raw, ranges)
         final, rewrites = stabilize_tensor(contracted)
-        final, guards = guard_deltas(final)
+        final, guards = guard_deltas(tighten_bounds(final, ranges))
         rewrites += guards
-        final = refold_indicators(final)
+        final = merge_nested(refold_indicators(final))
         partials.append(TensorPartial(base, indices, raw, contracted, final, rewrites))
+    stable_forward = refold_indicators(unify_bound(tighten_bounds(forward, out_ranges)))
+    stable_forward = merge_nested(stable_forward)
     return TensorDerivation(
-        spec.name,
-        spec,
-        grad_output,
-        refold_indicators(forward),
-        forward_rewrites,
-        tuple(partials),
+        spec.name, spec, grad_output, stable_forward, forward_rewrites, tuple(partials)
     )
