@@ -118,6 +118,7 @@ def tensor_op(
     constants: Mapping[sp.Symbol | str, object] | None = None,
     wrt: Iterable[sp.IndexedBase | str] | None = None,
     out_shape: Iterable[object] | None = None,
+    batch: sp.Symbol | None = None,
 ) -> TensorOp:
     """Compile a tensor formula in index notation into an op with derived VJPs.
 
@@ -135,6 +136,11 @@ def tensor_op(
             output index runs as far as every tensor read it appears in stays in range
             (``l`` in ``X[b, c, l + q]`` up to ``L - K``).  A read outside its tensor is 0
             (zero padding).
+        batch: a dim of the shapes that stands for any number of leading axes (the first
+            axis of each tensor that has it, and of the output): declared ``(B, N)`` and read
+            ``X[b, j]``, the op takes ``X`` of shape ``(N,)``, ``(B, N)``, ``(B, S, N)``...; the
+            leading axes of every such input must agree, and the output and the gradients
+            keep them.  One formula then serves every rank (a linear layer over a sequence).
 
     An input declared ``IndexedBase("ids", shape=(B, T), integer=True)`` is an integer tensor:
     token ids or labels that subscript other tensors (``E[ids[b, t], d]``, a gather).  Its
@@ -152,7 +158,7 @@ def tensor_op(
     array([[ 3., 12., 21., 30.],
            [ 3., 12., 21., 30.]])
     """
-    spec = tensor_spec(expr, out, inputs, name, constants, wrt, out_shape)
+    spec = tensor_spec(expr, out, inputs, name, constants, wrt, out_shape, batch)
     if spec.key in _OPS:
         return _OPS[spec.key]  # type: ignore[return-value]
     check_supported(_without_deltas(spec.expr), spec.name)
@@ -189,7 +195,10 @@ def builtin(
     if isinstance(entry, TensorBuiltin):
         expr, out, inputs, constants = entry.build(**params)
         chosen = entry.wrt if wrt is None else _wrt_names(name, wrt)
-        return tensor_op(expr, out=out, inputs=inputs, name=name, constants=constants, wrt=chosen)
+        return tensor_op(
+            expr, out=out, inputs=inputs, name=name, constants=constants, wrt=chosen,
+            batch=entry.batch,
+        )
     formula, constants = entry.expr(**params)
     return elementwise(
         formula, inputs=entry.inputs, name=name, constants=constants,

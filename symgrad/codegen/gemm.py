@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from ..symbolic.conditions import conjuncts, indicator_condition, reads_float, tighten
+from ..symbolic.index import ReduceMax
 
 Limit = tuple[sp.Symbol, sp.Expr, sp.Expr]
 
@@ -221,8 +222,8 @@ def _factors(body: sp.Expr) -> tuple[sp.Expr, list[sp.Expr], list[sp.Basic]] | N
             factors.append(f)
         else:
             coeff.append(f)
-    if any(f.has(sp.Sum) or f.has(sp.KroneckerDelta) for f in factors):
-        return None
+    if any(f.has(sp.Sum, ReduceMax, sp.KroneckerDelta) for f in factors):
+        return None  # a factor holding a reduction is no elementwise array
     return sp.Mul(*coeff), factors, conds
 
 

@@ -298,7 +298,8 @@ class _Lowerer:
                     done[key] = reduce(node)
                 return done[key]
             if isinstance(node, sp.Piecewise):
-                branches, earlier = [], []
+                branches: list[tuple[sp.Basic, sp.Basic]] = []
+                earlier: list[sp.Basic] = []
                 for e, c in node.args:
                     mine = [] if c == sp.true else [c]
                     test = sp.And(*mine, *[sp.Not(p) for p in earlier])

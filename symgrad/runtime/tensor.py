@@ -192,35 +192,78 @@ class TensorOp(CompiledOp[TensorDerivation]):
     def _dims(self, sizes: dict[sp.Symbol, int]) -> list[int]:
         return [sizes[d] for d in self.spec.dims]
 
+    def _flatten_batch(
+        self, arrays: tuple[object, ...]
+    ) -> tuple[tuple[object, ...], tuple[int, ...] | None]:
+        """The inputs with their leading (batch) axes flattened into one, and those axes'
+        shape (None for an op without a batch dim); see ``batch`` in :func:`symgrad.tensor_op`."""
+        batch = self.spec.batch
+        if batch is None or len(arrays) != len(self.input_names):
+            return arrays, None
+        lead: tuple[int, ...] | None = None
+        flat = []
+        for nm, base, a in zip(self.input_names, self.spec.inputs, arrays, strict=True):
+            shape = tuple(base.shape)
+            if not shape or shape[0] != batch:
+                flat.append(a)
+                continue
+            array = np.asarray(a)
+            rest = len(shape) - 1
+            if array.ndim < rest:
+                raise ShapeError(
+                    f"op {self.name!r}: input {nm!r} must have at least {rest} dims "
+                    f"{tuple(map(str, shape[1:]))} after its batch axes, got shape {array.shape}"
+                )
+            here = array.shape[: array.ndim - rest]
+            if lead is not None and here != lead:
+                raise ShapeError(
+                    f"op {self.name!r}: the batch axes {batch} of the inputs differ: {lead} "
+                    f"and {here} (input {nm!r}, shape {array.shape})"
+                )
+            lead = here
+            flat.append(array.reshape((int(np.prod(here)), *array.shape[array.ndim - rest :])))
+        return tuple(flat), lead
+
+    def _unflatten(self, out: np.ndarray, lead: tuple[int, ...] | None) -> np.ndarray:
+        """The output with its batch axis as the inputs' leading axes."""
+        if lead is None or not self.spec.out or self.spec.out_shape[0] != self.spec.batch:
+            return out
+        return out.reshape((*lead, *out.shape[1:]))
+
     def __call__(self, *arrays: object) -> np.ndarray:
         """Forward: the output tensor, of shape given by the ``out`` indices' ranges."""
+        arrays, lead = self._flatten_batch(arrays)
         checked, sizes, dtype = self._bind(arrays)
         shape = self._out_shape(sizes)
         out = np.empty(shape if shape else (1,), dtype=dtype)
         self._run("forward", *checked, *self._dims(sizes), out)
-        return out if shape else out.reshape(())
+        return self._unflatten(out, lead) if shape else out.reshape(())
 
     def vjp(self, *arrays_and_grad: object) -> tuple[Any, ...]:
         """``op.vjp(*inputs, grad_output)``: one gradient per input, of its shape and dtype
         (``None`` for integer inputs and inputs left out of ``wrt``)."""
         if not arrays_and_grad:
             raise ArgumentError(f"op {self.name!r}: vjp takes the inputs and then grad_output")
-        *arrays, grad_output = arrays_and_grad
-        checked, sizes, dtype = self._bind(tuple(arrays))
+        *given, grad_output = arrays_and_grad
+        arrays, lead = self._flatten_batch(tuple(given))
+        checked, sizes, dtype = self._bind(arrays)
         shape = self._out_shape(sizes)
         g = np.asarray(grad_output)
         if g.dtype.kind not in "iuf" or g.dtype == np.bool_:
             raise DTypeError(
                 f"op {self.name!r}: grad_output has dtype {g.dtype}; give a float array"
             )
-        if g.shape != shape:
+        expected = self._unflatten(np.empty(shape, dtype=np.int8), lead).shape
+        if g.shape != expected:
             raise ShapeError(
-                f"op {self.name!r}: grad_output has shape {g.shape}, the output has shape {shape}"
+                f"op {self.name!r}: grad_output has shape {g.shape}, the output has shape "
+                f"{expected}"
             )
+        g = g.reshape(shape)
         g_arg: Any = float(g) if not shape else np.ascontiguousarray(g, dtype=dtype)
         grads = [np.empty(checked[n].shape, dtype=dtype) for n in self._wrt]
         self._run("vjp", *checked, *self._dims(sizes), g_arg, *grads)
         result: list[np.ndarray | None] = [None] * len(checked)
         for n, grad in zip(self._wrt, grads, strict=True):
-            result[n] = grad
+            result[n] = grad.reshape(np.asarray(given[n]).shape) if lead is not None else grad
         return tuple(result)

@@ -92,6 +92,8 @@ class TensorSpec:
     ranges: tuple[tuple[sp.Symbol, Range], ...]
     constants: tuple[tuple[str, float], ...]
     wrt: tuple[sp.IndexedBase, ...] = ()  # the inputs that get a gradient
+    #: a dim that stands for any number of leading axes (flattened into one at call time)
+    batch: sp.Symbol | None = None
 
     @property
     def index_inputs(self) -> tuple[sp.IndexedBase, ...]:
@@ -116,6 +118,7 @@ class TensorSpec:
                 sp.srepr(tuple((b.label, b.shape, bool(b.is_integer)) for b in self.inputs)),
                 repr(self.constants),
                 repr([str(b.label) for b in self.wrt]),
+                f"batch={self.batch}",
             ]
         )
         return hashlib.sha256(text.encode()).hexdigest()
@@ -239,6 +242,7 @@ def tensor_spec(
     constants: Mapping[sp.Symbol | str, object] | None = None,
     wrt: Iterable[sp.IndexedBase | str] | None = None,
     out_shape: Iterable[object] | None = None,
+    batch: sp.Symbol | None = None,
 ) -> TensorSpec:
     """Validate a tensor-op definition and return its :class:`TensorSpec`.
 
@@ -246,7 +250,9 @@ def tensor_spec(
     ``out_shape`` declares the output's shape (dims or expressions of dims); without it each
     output index runs over every value at which all the tensor reads it appears in are in
     range (``l`` in ``X[b, c, l + q]`` up to ``L - K``).  A read outside its tensor (a declared
-    shape larger than that: zero padding) is 0.
+    shape larger than that: zero padding) is 0.  ``batch`` names a dim that stands for any
+    number of leading axes: written once as ``X[b, j]`` over ``(B, N)``, the op takes arrays
+    ``(..., N)`` (see :class:`~symgrad.runtime.tensor.TensorOp`).
     """
     name = check_name(name)
     formula = sp.sympify(expr)
@@ -319,7 +325,42 @@ def tensor_spec(
         tuple((i, ranges[i]) for i in out),
         bound,
         _check_wrt(name, inputs, wrt),
+        _check_batch(name, batch, inputs, out, ranges),
     )
+
+
+def _check_batch(
+    op: str,
+    batch: sp.Symbol | None,
+    inputs: tuple[sp.IndexedBase, ...],
+    out: tuple[sp.Symbol, ...],
+    ranges: Mapping[sp.Symbol, Range],
+) -> sp.Symbol | None:
+    """The batch dim: the first axis, and only that, of the tensors that have it; the range of
+    the output's first index when the output has it."""
+    if batch is None:
+        return None
+    hint = (
+        f"op {op!r}: batch={batch} stands for any number of leading axes, so it must be the "
+        "first axis of every tensor that has it, used nowhere else"
+    )
+    if not isinstance(batch, sp.Symbol):
+        raise DefinitionError(f"{hint}; give the dim symbol itself, got {batch!r}")
+    carriers = 0
+    for base in inputs:
+        shape = [sp.sympify(d) for d in base.shape]
+        if any(batch in d.free_symbols for d in shape[1:]) or (
+            shape and batch in shape[0].free_symbols and shape[0] != batch
+        ):
+            raise DefinitionError(f"{hint}; {base} has shape {tuple(shape)}")
+        carriers += bool(shape) and shape[0] == batch
+    if not carriers:
+        raise DefinitionError(f"{hint}; no input has it")
+    for n, index in enumerate(out):
+        lo, hi = ranges[index]
+        if batch in hi.free_symbols and (n != 0 or (lo, hi) != (0, batch - 1)):
+            raise DefinitionError(f"{hint}; the output's indices {out} must start with it")
+    return batch
 
 
 def _out_ranges(
