@@ -197,7 +197,7 @@ def builtin(
         chosen = entry.wrt if wrt is None else _wrt_names(name, wrt)
         return tensor_op(
             expr, out=out, inputs=inputs, name=name, constants=constants, wrt=chosen,
-            batch=entry.batch,
+            batch=entry.batch, out_shape=entry.out_shape(**params),
         )
     formula, constants = entry.expr(**params)
     return elementwise(

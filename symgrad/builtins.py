@@ -217,21 +217,45 @@ class TensorBuiltin:
     wrt: tuple[str, ...] | None = None
     #: the dim standing for any number of leading axes (see ``batch`` in ``symgrad.tensor_op``)
     batch: sp.Symbol | None = None
+    #: parameters that shape the formula itself (a convolution's stride and padding): whole
+    #: numbers written into it, not constants bound at call time
+    ints: tuple[str, ...] = ()
+    #: the output's shape as a function of the ``ints`` (None: inferred from the reads)
+    shape: Callable[..., tuple[sp.Expr, ...]] | None = None
 
-    def build(
-        self, **params: float
-    ) -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...], dict[sp.Symbol, float]]:
-        """``(expr, out, inputs, constants)`` with torch's default parameters."""
+    def _values(self, params: dict[str, float]) -> dict[str, Any]:
         unknown = sorted(set(params) - set(self.params))
         if unknown:
             raise DefinitionError(
                 f"built-in op {self.name!r} has no parameter(s) {unknown}; its parameters are "
                 f"{sorted(self.params) or 'none'}"
             )
-        symbols = {k: sp.Symbol(k, positive=True) for k in self.params}
-        expr, out, inputs = self.formula(**symbols)
-        values = {**self.params, **params}
-        return expr, out, inputs, {symbols[k]: v for k, v in values.items()}
+        values: dict[str, Any] = {**self.params, **params}
+        for k in self.ints:
+            v = values[k]
+            if isinstance(v, bool) or int(v) != v or v < (1 if k == "stride" else 0):
+                raise DefinitionError(
+                    f"built-in op {self.name!r}: {k} must be a whole number "
+                    f"(≥ {1 if k == 'stride' else 0}), got {v!r}"
+                )
+            values[k] = int(v)
+        return values
+
+    def build(
+        self, **params: float
+    ) -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...], dict[sp.Symbol, float]]:
+        """``(expr, out, inputs, constants)`` with torch's default parameters."""
+        values = self._values(params)
+        symbols = {k: sp.Symbol(k, positive=True) for k in self.params if k not in self.ints}
+        expr, out, inputs = self.formula(**symbols, **{k: values[k] for k in self.ints})
+        return expr, out, inputs, {symbols[k]: v for k, v in values.items() if k in symbols}
+
+    def out_shape(self, **params: float) -> tuple[sp.Expr, ...] | None:
+        """The declared output shape for these parameters (None: inferred)."""
+        if self.shape is None:
+            return None
+        values = self._values(params)
+        return self.shape(**{k: values[k] for k in self.ints})
 
 
 Formula = tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]
@@ -416,6 +440,32 @@ def _add_layer_norm(eps: sp.Symbol) -> Formula:
     return normalized * w[_i] + beta[_i], (_b, _i), (X, R, w, beta)
 
 
+# -- convolutions: shifted reads; their VJPs (the transposed convolutions) are derived --------
+
+_C, _O, _L, _K = sp.symbols("C O L K", integer=True, positive=True)
+_Hi, _Wi, _KH, _KW = sp.symbols("Hi Wi KH KW", integer=True, positive=True)
+_c, _p, _q, _r, _v = sp.symbols("c p q r v", integer=True)
+
+
+def _conv1d(stride: int, padding: int) -> Formula:
+    X, W, bias = _tensor("X", _B, _C, _L), _tensor("W", _O, _C, _K), _tensor("c", _O)
+    read = X[_b, _c, stride * _p + _q - padding]
+    body = sp.Sum(W[_o, _c, _q] * read, (_c, 0, _C - 1), (_q, 0, _K - 1))
+    return body + bias[_o], (_b, _o, _p), (X, W, bias)
+
+
+def _conv2d(stride: int, padding: int) -> Formula:
+    X, W = _tensor("X", _B, _C, _Hi, _Wi), _tensor("W", _O, _C, _KH, _KW)
+    bias = _tensor("c", _O)
+    read = X[_b, _c, stride * _p + _q - padding, stride * _v + _r - padding]
+    body = sp.Sum(W[_o, _c, _q, _r] * read, (_c, 0, _C - 1), (_q, 0, _KH - 1), (_r, 0, _KW - 1))
+    return body + bias[_o], (_b, _o, _p, _v), (X, W, bias)
+
+
+def _conv_length(n: sp.Expr, k: sp.Expr, stride: int, padding: int) -> sp.Expr:
+    return sp.floor((n + 2 * padding - k) / stride) + 1
+
+
 def _scores_ref(t: Any, q: Any, k: Any) -> Any:
     return q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / q.shape[-1] ** 0.5
 
@@ -572,6 +622,36 @@ _TENSOR_ENTRIES += [
         domain=("normal",) * 4,
         doc="layer norm of a residual sum X + R over the last axis (torch's eps; BERT's is 1e-12)",
         batch=_B,
+    ),
+]
+
+_TENSOR_ENTRIES += [
+    TensorBuiltin(
+        "conv1d",
+        _conv1d,
+        lambda t, x, w, c, stride, padding: t.nn.functional.conv1d(x, w, c, stride, padding),
+        params={"stride": 1, "padding": 0},
+        domain=("normal",) * 3,
+        doc="Y[b, o, p] = Σ_{c,q} W[o, c, q]·X[b, c, stride·p + q - padding] + c[o] (zeros "
+        "outside X); lowered to one GEMM per image (im2col)",
+        ints=("stride", "padding"),
+        shape=lambda stride, padding: (_B, _O, _conv_length(_L, _K, stride, padding)),
+    ),
+    TensorBuiltin(
+        "conv2d",
+        _conv2d,
+        lambda t, x, w, c, stride, padding: t.nn.functional.conv2d(x, w, c, stride, padding),
+        params={"stride": 1, "padding": 0},
+        domain=("normal",) * 3,
+        doc="2-D convolution, torch's layout (B, C, H, W) and (O, C, KH, KW); stride, zero "
+        "padding; one GEMM per image",
+        ints=("stride", "padding"),
+        shape=lambda stride, padding: (
+            _B,
+            _O,
+            _conv_length(_Hi, _KH, stride, padding),
+            _conv_length(_Wi, _KW, stride, padding),
+        ),
     ),
 ]
 

@@ -36,7 +36,7 @@ f, h = sp.Function("f"), sp.Function("h")
 delta = sp.KroneckerDelta
 
 #: small dims for the brute-force oracle (every built-in's dim symbols by name)
-SMALL = {"B": 2, "N": 3, "M": 2, "S": 3, "H": 2}
+SMALL = {"B": 2, "N": 3, "M": 2, "S": 3, "H": 2, "C": 2, "O": 2, "L": 4, "K": 2}
 
 
 def _concrete(expr: sp.Expr, n: int = 3, more: dict | None = None) -> sp.Expr:

@@ -518,9 +518,10 @@ def _contract_term(
     bounds (only once every delta is gone: a bound that reads another summation index would
     stop the interchange of sums below).
 
-    A delta that also holds an index of ``defer`` (a summation index further out) is left for
-    that index: ``Σ_p g[p]·Σ_q W[q]·δ(k, p + q)`` becomes ``Σ_q W[q]·g[k - q]``, the
-    convolution's own offsets kept and the output positions eliminated — the transposed
+    A delta that another index of ``defer`` (a summation index further out) could remove as
+    well is left for that index: ``Σ_p g[p]·Σ_q W[q]·δ(k, p + q)`` becomes
+    ``Σ_q W[q]·g[k - q]``, the convolution's own offsets kept and the output positions
+    eliminated — the transposed
     convolution as a sum over the kernel.  Reaching into an inner sum's body for it is the
     interchange ``Σ_p Σ_q = Σ_q Σ_p``.
     """
@@ -529,7 +530,7 @@ def _contract_term(
         if not isinstance(f, sp.KroneckerDelta):
             continue
         value = _delta_solution(f, var)
-        if value is None or value.free_symbols & defer:
+        if value is None or _left_for_later(f, value, defer):
             continue
         # Σ_k f(k)·δ(k, ids[b]) = f(ids[b]): an integer tensor's values are checked, at
         # call time, to lie within the axis they index
@@ -565,9 +566,16 @@ def _holds_delta_for(total: sp.Sum, var: sp.Symbol, defer: frozenset[sp.Symbol])
     if any(var in lo.free_symbols | hi.free_symbols for _, lo, hi in total.limits):
         return False
     return any(
-        (value := _delta_solution(d, var)) is not None and not value.free_symbols & defer
+        (value := _delta_solution(d, var)) is not None and not _left_for_later(d, value, defer)
         for d in total.function.atoms(sp.KroneckerDelta)
     )
+
+
+def _left_for_later(
+    delta: sp.KroneckerDelta, value: sp.Expr, defer: frozenset[sp.Symbol]
+) -> bool:
+    """Whether an index further out (in ``defer``) can remove ``delta`` too: it is left to it."""
+    return any(_delta_solution(delta, w) is not None for w in value.free_symbols & defer)
 
 
 def _sum_terms(
