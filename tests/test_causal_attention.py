@@ -148,7 +148,9 @@ def _masked_out_extreme(dtype: type, big: float):
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
-@pytest.mark.parametrize(("dtype", "big", "rtol"), [(np.float64, 1e3, 1e-10), (np.float32, 1e2, 1e-4)])
+@pytest.mark.parametrize(
+    ("dtype", "big", "rtol"), [(np.float64, 1e3, 1e-10), (np.float32, 1e2, 1e-4)]
+)
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_core_is_finite_with_an_extreme_masked_out_score(form, dtype, big, rtol, sign):
     q, k, v = _masked_out_extreme(dtype, sign * big)

@@ -275,6 +275,8 @@ def plan(
     if split_at is None:
         return None
     outer, rows, cols, swapped = split_at
+    if not rows and not cols:
+        return None  # a dot product per element: the loop is as good, with no copy
     left, right = (b, a) if swapped else (a, b)
     sum_order = sorted(limits, key=lambda lim: _axis_order(lim[0], left, right))
     dtype = str(sorted(

@@ -305,8 +305,9 @@ class _Lowerer:
                     test = sp.And(*mine, *[sp.Not(p) for p in earlier])
                     guarded = test != sp.true and not reads_float(test)
                     guards.extend([test] if guarded else [])
-                    branches.append((visit(e), c))
+                    value = visit(e)
                     del guards[len(guards) - guarded :]
+                    branches.append((value, visit(c)))  # a sum in a condition: a row's norm
                     earlier.append(c)
                 return sp.Piecewise(*branches)
             if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase)):
