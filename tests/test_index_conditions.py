@@ -323,3 +323,34 @@ def test_empty_ranges_count_zero():
     ind = sp.Piecewise((1, j <= k), (0, True))
     assert contract(sp.Sum(ind, (j, 0, N - 1)), {k: (0, N - 1)}) == k + 1
     assert contract(sp.Sum(sp.Piecewise((1, j >= N), (0, True)), (j, 0, N - 1)), {}) == 0
+
+
+# -- lowering to GEMMs ----------------------------------------------------------------------
+
+
+def _functions(source: str) -> dict[str, str]:
+    return {
+        name: source.split(f"def {name}(")[1].split("\n\n\n")[0] for name in ("forward", "vjp")
+    }
+
+
+def test_convolution_and_its_vjps_are_gemms_on_materialized_columns():
+    """Forward, input gradient and weight gradient each run np.dot on a column matrix filled
+    from the (zero-padded) reads: no scalar loop multiplies a weight by an input."""
+    X, W = sp.IndexedBase("X", shape=(B, C, L)), sp.IndexedBase("W", shape=(F, C, K))
+    body = sp.Sum(W[o, c, q] * X[b, c, p + q - 1], (c, 0, C - 1), (q, 0, K - 1))
+    spec = tensor_spec(body, (b, o, p), [X, W], "conv_gemm", out_shape=(B, F, L - K + 3))
+    source = emit_tensor(derive_tensor(spec), spec.key).text
+    functions = _functions(source)
+    assert functions["forward"].count("np.dot(") == 1
+    assert functions["vjp"].count("np.dot(") == 2
+    assert not re.search(r"_r\d+ \+= .*W\[.*X\[|_r\d+ \+= .*X\[.*W\[", source), source
+    assert not re.search(r"_r\d+ \+= .*W\[.*grad_out\[|_r\d+ \+= .*grad_out\[.*W\[", source)
+
+
+def test_a_kink_under_a_contraction_is_still_a_gemm():
+    X, W = sp.IndexedBase("X", shape=(B, N)), sp.IndexedBase("W", shape=(M, N))
+    spec = tensor_spec(sp.Sum(W[i, j] * sp.Max(0, X[b, j]), (j, 0, N - 1)), (b, i), [X, W], "kg")
+    functions = _functions(emit_tensor(derive_tensor(spec), spec.key).text)
+    assert functions["forward"].count("np.dot(") == 1  # relu(X) filled, then one GEMM
+    assert functions["vjp"].count("np.dot(") == 2

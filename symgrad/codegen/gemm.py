@@ -71,6 +71,7 @@ class MaterializedGemm:
     left: _Factor
     right: _Factor
     dtype: str  # an input array whose dtype the temporaries take
+    acc: tuple[Limit, ...]  # summed indices iterated around the GEMM, the products added up
     printer: Callable[[sp.Expr], str]
     integer: Callable[[sp.Expr], str]
     uses: int = 1
@@ -84,7 +85,7 @@ class MaterializedGemm:
     @property
     def key(self) -> tuple:
         return (self.left.expr, tuple(self.left.conds), self.right.expr, tuple(self.right.conds),
-                self.outer, self.rows, self.cols, self.summed)
+                self.outer, self.rows, self.cols, self.summed, self.acc)
 
     def read(self) -> sp.Expr:
         idx = tuple(v for v, _, _ in (*self.outer, *self.rows, *self.cols))
@@ -102,55 +103,83 @@ class MaterializedGemm:
 
     def _operand(self, side: str, f: _Factor, first: tuple[Limit, ...],
                  second: tuple[Limit, ...]) -> tuple[list[str], list[str], str]:
-        """(lines before the outer loops, lines inside them, the 2-D source of the factor)."""
+        """(lines before the loops around the GEMM, lines inside them, the 2-D source of the
+        factor: ``first × second``)."""
         var = f"{self.name}_{side}"
-        shape = f"({self._size(first)}, {self._size(second)})"
-        outer_here = [(v, lo, hi) for v, lo, hi in self.outer if v in f.indices]
+        iterated = (*self.outer, *self.acc)
+        here = [(v, lo, hi) for v, lo, hi in iterated if v in f.indices]
         read = f.plain()
         if read is not None:
-            axes = [*outer_here, *first, *second]
+            axes = [*here, *first, *second]
             perm = [list(read.indices).index(v) for v, _, _ in axes]
             label = str(read.base.label)
-            sizes = [self.integer(hi - lo + 1) for _, lo, hi in outer_here]
+            sizes = [self.integer(hi - lo + 1) for _, lo, hi in here]
             target = f"({', '.join([*sizes, self._size(first), self._size(second)])})"
             if perm == list(range(len(perm))):
                 source = f"{label}.reshape({target})"
             else:
                 moved = f"np.ascontiguousarray(np.transpose({label}, {tuple(perm)}))"
                 source = f"{moved}.reshape({target})"
-            at = "".join(f"[{v} - ({self.integer(lo)})]" for v, lo, _ in outer_here)
+            at = "".join(f"[{v} - ({self.integer(lo)})]" for v, lo, _ in here)
             return [f"{var}_all = {source}"], [], f"{var}_all{at}"
-        # materialized: filled for each value of the outer indices it reads; its conditions
-        # bound the fill loops (zeros elsewhere), so the innermost loop has no branch
-        axes = [*first, *second]
+        # materialized: filled for each value of the iterated indices it reads; its conditions
+        # bound the fill loops (zeros elsewhere), so the innermost loop has no branch.  It is
+        # stored as second × first (and read transposed) when that fills along memory.
+        flip = _fill_transposed(f, first, second)
+        axes = [*second, *first] if flip else [*first, *second]
         dims = ", ".join(self.integer(hi - lo + 1) for _, lo, hi in axes) or "1"
         alloc = "np.zeros" if f.conds else "np.empty"
-        fill = [f"{alloc}(({dims},), {self.dtype}.dtype)"]
-        fill[0] = f"{var} = {fill[0]}"
+        fill = [f"{var} = {alloc}(({dims},), {self.dtype}.dtype)"]
         bounded, left = _fill_bounds(tuple(axes), f.conds, f.ranges)
         loops, pad = self._loops(bounded, "")
         value = f.expr if not left else sp.Piecewise((f.expr, sp.And(*left)), (0, True))
         at = ", ".join(self.integer(v - lo) for v, lo, _ in axes) or "0"
         fill += [*loops, f"{pad}{var}[{at}] = {self.printer(value)}"]
-        source = f"{var}.reshape({shape})"
-        return ([], fill, source) if outer_here else (fill, [], source)
+        if flip:
+            source = f"{var}.reshape(({self._size(second)}, {self._size(first)})).T"
+        else:
+            source = f"{var}.reshape(({self._size(first)}, {self._size(second)}))"
+        return ([], fill, source) if here else (fill, [], source)
 
     def statement(self) -> list[str]:
         pre_l, in_l, left = self._operand("a", self.left, self.rows, self.summed)
         pre_r, in_r, right = self._operand("b", self.right, self.summed, self.cols)
         dest = self.into or self.name
-        lines = [] if self.into else [
-            f"{self.name} = np.empty(({', '.join(self.integer(d) for d in self.dims) or '1'},),"
-            f" {self.dtype}.dtype)"
-        ]
+        shape = ", ".join(self.integer(d) for d in self.dims) or "1"
+        lines = [] if self.into else [f"{self.name} = np.empty(({shape},), {self.dtype}.dtype)"]
+        if self.acc:  # summed image by image: the sum of the blocks' products
+            lines.append(f"{dest}[...] = 0.0")
+            block_shape = f"({self._size(self.rows)}, {self._size(self.cols)})"
+            lines.append(f"{self.name}_t = np.empty({block_shape}, {self.dtype}.dtype)")
         lines += pre_l + pre_r
-        loops, pad = self._loops(self.outer, "")
+        loops, pad = self._loops((*self.outer, *self.acc), "")
         lines += loops
         lines += [pad + line for line in in_l + in_r]
         at = "".join(f"[{v} - ({self.integer(lo)})]" for v, lo, _ in self.outer)
         block = f"{dest}{at}.reshape(({self._size(self.rows)}, {self._size(self.cols)}))"
-        lines.append(f"{pad}np.dot({left}, {right}, {block})")
+        if self.acc:
+            lines.append(f"{pad}np.dot({left}, {right}, {self.name}_t)")
+            lines.append(f"{pad}{self.name}_v = {block}")
+            lines.append(f"{pad}{self.name}_v += {self.name}_t")
+        else:
+            lines.append(f"{pad}np.dot({left}, {right}, {block})")
         return lines
+
+
+def _fill_transposed(f: _Factor, first: tuple[Limit, ...], second: tuple[Limit, ...]) -> bool:
+    """Whether to fill a materialized factor as ``second × first``: when the index that runs
+    along the last axis of the tensor it reads, over that axis's length (``x`` in
+    ``X[b, c, y + p, x + r]``, not the kernel's ``r``), is in ``first`` — so that the
+    innermost fill loop walks memory."""
+    reads = sorted(f.expr.atoms(sp.Indexed), key=sp.default_sort_key)
+    for read in reads:
+        last, dim = read.indices[-1], sp.expand(read.base.shape[-1])
+        # the axis's own length: the dims that lengthen it (L in L - K + 1, not K)
+        lengths = {d for d in dim.free_symbols if dim.coeff(d).is_positive}
+        for v, _, hi in (*first, *second):
+            if v in last.free_symbols and lengths & hi.free_symbols:
+                return any(v == w for w, _, _ in first) and bool(second)
+    return False
 
 
 def _fill_bounds(
@@ -279,6 +308,8 @@ def plan(
         return None  # a dot product per element: the loop is as good, with no copy
     left, right = (b, a) if swapped else (a, b)
     sum_order = sorted(limits, key=lambda lim: _axis_order(lim[0], left, right))
+    acc = _accumulated(sum_order, (a, b))
+    sum_order = [lim for lim in sum_order if lim not in acc]
     dtype = str(sorted(
         (x for x in (fa * fb).atoms(sp.Indexed) if not x.base.is_integer),
         key=sp.default_sort_key,
@@ -288,9 +319,22 @@ def plan(
         return tuple((v, *ranges[v]) for v in vs)
 
     return MaterializedGemm(
-        name, lim(outer), lim(rows), lim(cols), tuple(sum_order), left, right, dtype, printer,
-        integer,
+        name, lim(outer), lim(rows), lim(cols), tuple(sum_order), left, right, dtype,
+        tuple(acc), printer, integer,
     )
+
+
+def _accumulated(limits: list[Limit], factors: tuple[_Factor, _Factor]) -> list[Limit]:
+    """A summed index that leads every tensor read of both factors (the batch of images in a
+    convolution's weight gradient): summed image by image around the GEMM, so a factor to
+    materialize stays one image large and a plain one is sliced, not transposed."""
+    if not any(f.plain() is None for f in factors):
+        return []  # two plain reads: one GEMM over everything
+    reads = [r for f in factors for r in f.expr.atoms(sp.Indexed) if not r.base.is_integer]
+    for lim in limits:
+        if len(limits) > 1 and all(r.indices and r.indices[0] == lim[0] for r in reads):
+            return [lim]  # and the rest of the sum is still a GEMM
+    return []
 
 
 def _axis_order(var: sp.Symbol, left: _Factor, right: _Factor) -> tuple[int, str]:

@@ -223,11 +223,13 @@ class _Lowerer:
         free = found.batch + found.free_a + found.free_b
         return sp.IndexedBase(gemm.name)[free] if free else sp.Symbol(f"{gemm.name}[0]")
 
+    def _dims(self) -> set[sp.Symbol]:
+        return {s for shape in self.shapes.values() for d in shape for s in d.free_symbols}
+
     def _materialized_gemm(self, node: sp.Sum, loop_order: list[sp.Symbol]) -> sp.Expr | None:
         loops = tuple(lim for lim in self._loops if lim[0] in loop_order)
-        dims = {s for shape in self.shapes.values() for d in shape for s in d.free_symbols}
         found = plan(
-            node, loops, dims, f"_c{len(self.gemms)}", lambda e: _print(e, self.op), _int
+            node, loops, self._dims(), f"_c{len(self.gemms)}", lambda e: _print(e, self.op), _int
         )
         if found is None:
             return None
@@ -544,6 +546,8 @@ class _Lowerer:
         outer = set(loop_vars)
         if coeff.has(sp.Sum, ReduceMax) or (self._contraction(total, loop_vars) is not None):
             return None
+        if plan(total, a.loops, self._dims(), "_", str, str) is not None:
+            return None  # a GEMM of computed factors (a kink's weight gradient)
         if any((lo.free_symbols | hi.free_symbols) & outer for _, lo, hi in total.limits):
             return None
         body = total.function

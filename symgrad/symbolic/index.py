@@ -11,6 +11,18 @@ removes them — ``Σ_j δ(j, k) f(j) → f(k)`` when ``k`` ranges over the same
 after distributing sums over the terms of their bodies and pulling out factors that do not
 depend on the summation index.  ``Sum.doit()`` is never used: it crashes on layer norm and
 leaves ``Piecewise`` range guards.
+
+Beyond plain contractions (see :mod:`.conditions` for the index conditions):
+
+* kinks inside sums — the chain rule is applied node by node (:func:`differentiate`) and a
+  ``Piecewise`` under a sum splits into indicator terms, so its condition keeps its index;
+* shifted indices — ``Σ_j δ(j + q, k)·f(j) = [0 ≤ k - q < N]·f(k - q)``: a convolution's VJP is
+  the transposed convolution, by contraction; a read outside a tensor is 0 (zero padding);
+* conditions on indices and triangular sums — a condition on a summation index becomes its
+  bound once every delta is gone, so loops run over the triangle and the max shift of
+  ``Σ exp`` sees only the kept terms;
+* stable VJPs — the forward is stabilized first and differentiated with the max shift held
+  fixed (the value does not depend on it), so every gradient reads shifted exponentials only.
 """
 
 from __future__ import annotations
@@ -999,8 +1011,11 @@ def differentiate(expr: sp.Expr, base: sp.IndexedBase, indices: tuple[sp.Symbol,
 
 def prepare_tensor(spec: TensorSpec) -> sp.Expr:
     """The forward as the derivation reads it: kinks with a constant (``Max(0, x)``) as
-    ``Piecewise``, ``Heaviside`` of indices as conditions, conditions on summation indices as
-    their bounds (contraction of a formula without deltas)."""
+    ``Piecewise``, ``Heaviside`` of indices as conditions, a ``Piecewise`` on indices split
+    into indicator terms (contraction of a formula without deltas).  Conditions stay
+    indicators over full ranges here: they become bounds after differentiation
+    (:func:`tighten_bounds`), where bounds that read other indices no longer stop sums from
+    being interchanged."""
     from .derive import prepare
 
     forward = prepare(cond.heaviside_of_indices(index_sums(spec.expr)))
