@@ -230,6 +230,40 @@ def test_builtin_parameters_reach_the_kernel():
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    ("name", "stride", "padding", "x_shape", "w_shape"),
+    [
+        ("conv1d", 2, 1, (2, 3, 9), (4, 3, 3)),
+        ("conv1d", 1, 2, (2, 3, 5), (4, 3, 3)),
+        ("conv2d", 2, 1, (2, 3, 7, 6), (4, 3, 3, 2)),
+        ("conv2d", 1, 1, (2, 3, 5, 6), (4, 3, 3, 3)),
+    ],
+)
+def test_convolutions_with_stride_and_padding(name, stride, padding, x_shape, w_shape, dtype):
+    """Values and the three gradients against torch (stride and zero padding are written into
+    the formula; the VJPs — the transposed convolutions — are derived)."""
+    rng = np.random.default_rng(12)
+    op = sg.builtin(name, stride=stride, padding=padding)
+    arrays = [rng.normal(size=x_shape), rng.normal(size=w_shape), rng.normal(size=w_shape[0])]
+    cast = [a.astype(dtype) for a in arrays]
+    y = op(*cast)
+    g = rng.normal(size=y.shape).astype(dtype)
+    grads = op.vjp(*cast, g)
+    leaves = [torch.tensor(a.astype(np.float64), requires_grad=True) for a in cast]
+    fn = getattr(torch.nn.functional, name)
+    want = fn(*leaves, stride=stride, padding=padding)
+    want.backward(torch.tensor(g.astype(np.float64)))
+    _assert_close(y, want.detach().numpy(), RTOL[dtype], f"{name} forward")
+    for got, leaf in zip(grads, leaves, strict=True):
+        _assert_close(got, leaf.grad.numpy(), RTOL[dtype], f"{name} gradient")
+
+
+def test_convolution_parameters_are_whole_numbers():
+    with pytest.raises(sg.errors.DefinitionError, match="stride must be a whole number"):
+        sg.builtin("conv1d", stride=1.5)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_add_layer_norm_with_berts_eps(dtype):
     """BERT's eps = 1e-12 on hidden-size rows, as the MiniLM encoder calls it."""
     rng = np.random.default_rng(9)

@@ -68,7 +68,10 @@ NUMBA_FUNCTIONS: dict[str, str] = {
 #: Functions the printer handles without the math module, and symgrad's own primitives (which
 #: the emitter lowers to the functions above before printing).
 STRUCTURAL = frozenset(
-    {"Abs", "Max", "Min", "sign", "Heaviside", "Piecewise", "sigmoid", "softplus", "xlogy"}
+    {
+        "Abs", "Max", "Min", "sign", "Heaviside", "Piecewise", "sigmoid", "softplus", "xlogy",
+        "floor", "ceiling",  # of index expressions: a strided convolution's bounds
+    }
 )
 
 #: SymPy function name → the vectorisable helper it prints as when ``vector_math`` is on
@@ -245,7 +248,10 @@ class NumbaPrinter(PythonCodePrinter):
 
     def __init__(self, vector_math: bool = False) -> None:
         super().__init__({"strict": True, "fully_qualified_modules": True})
-        self.known_functions = {**self._kf, "Abs": "abs", "Max": "max", "Min": "min"}
+        self.known_functions = {
+            **self._kf, "Abs": "abs", "Max": "max", "Min": "min",
+            "floor": "math.floor", "ceiling": "math.ceil",
+        }
         self._vector_math = vector_math
         if vector_math:
             self.known_functions.update(VECTOR_FUNCTIONS)
