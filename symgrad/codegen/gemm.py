@@ -129,17 +129,23 @@ class MaterializedGemm:
         axes = [*second, *first] if flip else [*first, *second]
         dims = ", ".join(self.integer(hi - lo + 1) for _, lo, hi in axes) or "1"
         alloc = "np.zeros" if f.conds else "np.empty"
-        fill = [f"{var} = {alloc}(({dims},), {self.dtype}.dtype)"]
+        allocate = [f"{var} = {alloc}(({dims},), {self.dtype}.dtype)"]
         bounded, left = _fill_bounds(tuple(axes), f.conds, f.ranges)
         loops, pad = self._loops(bounded, "")
         value = f.expr if not left else sp.Piecewise((f.expr, sp.And(*left)), (0, True))
         at = ", ".join(self.integer(v - lo) for v, lo, _ in axes) or "0"
-        fill += [*loops, f"{pad}{var}[{at}] = {self.printer(value)}"]
+        fill = [*loops, f"{pad}{var}[{at}] = {self.printer(value)}"]
         if flip:
             source = f"{var}.reshape(({self._size(second)}, {self._size(first)})).T"
         else:
             source = f"{var}.reshape(({self._size(first)}, {self._size(second)}))"
-        return ([], fill, source) if here else (fill, [], source)
+        if not here:
+            return [*allocate, *fill], [], source
+        # refilled for each image; the zeros its conditions leave are the same every time, so
+        # it is allocated (and zeroed) once
+        moving = {v for v, _, _ in here}
+        same_zeros = not any(c.free_symbols & moving for c in f.conds)
+        return (allocate, fill, source) if same_zeros else ([], [*allocate, *fill], source)
 
     def statement(self) -> list[str]:
         pre_l, in_l, left = self._operand("a", self.left, self.rows, self.summed)
