@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 from sympy.concrete.expr_with_limits import ExprWithLimits, _process_limits
+from sympy.printing.precedence import PRECEDENCE_TRADITIONAL
 
 from ..errors import DefinitionError, NonDifferentiableError, UnboundSymbolError
 from . import conditions as cond
@@ -65,6 +66,11 @@ class IndexSum(sp.Sum):
 
     def __new__(cls, function: object, *symbols: object, **assumptions: object) -> sp.Expr:
         return _unfolded(cls, function, symbols)
+
+
+# Printers look precedences up by class name: an IndexSum is parenthesized as a Sum is (its
+# square prints as (Σ ...)², not Σ ...²).
+PRECEDENCE_TRADITIONAL.setdefault("IndexSum", PRECEDENCE_TRADITIONAL["Sum"])
 
 
 class ReduceMax(ExprWithLimits):
