@@ -28,20 +28,26 @@ B, C, H, K, L, M, N, F, S, D = sp.symbols("B C H K L M N F S D", integer=True, p
 f = sp.Function("f")
 
 
-def _unroll_max(expr: sp.Expr) -> sp.Expr:
-    """``ReduceMax`` over a concrete range as ``Max`` of its terms (an empty one is -oo)."""
-
-    def expand(node):
-        ((var, lo, hi),) = node.limits
-        terms = [node.function.xreplace({var: n}) for n in range(int(lo), int(hi) + 1)]
+def _expand(node: sp.Basic) -> sp.Basic:
+    """Every ``Sum`` as the sum of its terms and every ``ReduceMax`` as the ``Max`` of them
+    (an empty one is -oo), outermost index first, so that bounds reading an outer index are
+    numbers by the time they are used.  (``Sum.doit`` folds a ``Piecewise`` body symbolically
+    and gets the max shift's conditions wrong; plain expansion is plain arithmetic.)"""
+    if isinstance(node, (sp.Sum, ReduceMax)):
+        *inner, (var, lo, hi) = node.limits
+        rest = type(node)(node.function, *inner) if inner else node.function
+        terms = [_expand(rest.xreplace({var: sp.Integer(n)})) for n in range(int(lo), int(hi) + 1)]
+        if isinstance(node, sp.Sum):
+            return sp.Add(*terms)
         return sp.Max(*terms) if terms else -sp.oo
-
-    return expr.replace(lambda e: isinstance(e, ReduceMax), expand)
+    if not node.args or isinstance(node, (sp.Symbol, sp.IndexedBase)):
+        return node
+    return node.func(*[_expand(a) for a in node.args])
 
 
 def _value(expr: sp.Expr, values: dict, rng) -> float:
     """``expr`` with every sum expanded, at random tensor values (drawn once per element)."""
-    expr = _unroll_max(expr.doit()).doit()
+    expr = _expand(expr)
     for access in expr.atoms(sp.Indexed):
         if access not in values:
             values[access] = sp.Float(rng.normal(), 30)
@@ -149,12 +155,12 @@ def test_the_max_shift_ignores_masked_scores():
         probs /= probs.sum()
         for col in range(3):
             point = {b: 0, s: row, t: col}
-            got = float(_unroll_max(forward.xreplace(point).doit()).doit().xreplace(values))
+            got = float(_expand(forward.xreplace(point)).xreplace(values))
             assert got == pytest.approx(probs[col] if col <= row else 0.0, rel=1e-14, abs=1e-300)
     # and the gradient reads no exp of an unshifted score: every exp's argument is ≤ 0 here
     (vjp,) = der.partials
     point = {**dims, **dict(zip(vjp.indices, (0, 0, 1), strict=True))}
-    final = _unroll_max(vjp.final.xreplace(point).doit()).doit()
+    final = _expand(vjp.final.xreplace(point))
     for e in final.atoms(sp.exp):
         assert float(e.args[0].xreplace(values)) <= 1e-12
 

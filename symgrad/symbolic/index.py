@@ -893,6 +893,7 @@ def _shift_logsumexp(expr: sp.Expr) -> tuple[sp.Expr, list[Rewrite]]:
     already shifted is left alone.
     """
     log: list[Rewrite] = []
+    taken = set(expr.atoms(sp.Symbol))
 
     def shift(node: sp.Sum) -> sp.Expr:
         if len(node.limits) != 1:
@@ -909,7 +910,13 @@ def _shift_logsumexp(expr: sp.Expr) -> tuple[sp.Expr, list[Rewrite]]:
         rest *= sp.Mul(*[indicator(c) for c in conds])
         var, lo, hi = node.limits[0]
         kept = sp.Piecewise((e.args[0], sp.And(*conds)), (-sp.oo, True)) if conds else e.args[0]
-        m = ReduceMax(kept, (var, lo, hi))
+        # the max gets an index of its own: it sits inside the sum, whose index it must not
+        # shadow (SymPy's substitution does not respect the nested binding)
+        own = sp.Symbol(f"{var}_max", integer=True)
+        while own in taken:
+            own = sp.Symbol(f"{own.name}_", integer=True)
+        taken.add(own)
+        m = ReduceMax(kept.xreplace({var: own}), (own, lo, hi))
         new = sp.exp(m) * IndexSum(sp.exp(e.args[0] - m) * rest, (var, lo, hi))
         log.append(
             Rewrite(
