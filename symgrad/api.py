@@ -128,6 +128,8 @@ def tensor_op(
     name: str,
     constants: Mapping[sp.Symbol | str, object] | None = None,
     wrt: Iterable[sp.IndexedBase | str] | None = None,
+    out_shape: Iterable[object] | None = None,
+    batch: sp.Symbol | None = None,
 ) -> TensorOp:
     """Compile a tensor formula in index notation into an op with derived VJPs.
 
@@ -141,6 +143,15 @@ def tensor_op(
         wrt: the inputs (tensors or their names) that get a gradient (default: all but
             integer tensors); ``op.vjp``
             returns ``None`` for the others.
+        out_shape: the output's shape, in dims (e.g. ``(B, O, L - K + 3)``); by default each
+            output index runs as far as every tensor read it appears in stays in range
+            (``l`` in ``X[b, c, l + q]`` up to ``L - K``).  A read outside its tensor is 0
+            (zero padding).
+        batch: a dim of the shapes that stands for any number of leading axes (the first
+            axis of each tensor that has it, and of the output): declared ``(B, N)`` and read
+            ``X[b, j]``, the op takes ``X`` of shape ``(N,)``, ``(B, N)``, ``(B, S, N)``...; the
+            leading axes of every such input must agree, and the output and the gradients
+            keep them.  One formula then serves every rank (a linear layer over a sequence).
 
     An input declared ``IndexedBase("ids", shape=(B, T), integer=True)`` is an integer tensor:
     token ids or labels that subscript other tensors (``E[ids[b, t], d]``, a gather).  Its
@@ -160,7 +171,7 @@ def tensor_op(
     """
     from .symbolic.index import tensor_spec
 
-    return _tensor_op(tensor_spec(expr, out, inputs, name, constants, wrt))
+    return _tensor_op(tensor_spec(expr, out, inputs, name, constants, wrt, out_shape, batch))
 
 
 def _tensor_derive(spec: TensorSpec) -> TensorDerivation:
@@ -241,7 +252,10 @@ def _built(
     if isinstance(entry, TensorBuiltin):
         expr, out, inputs, constants = entry.build(**params)
         chosen = entry.wrt if wrt is None else wrt
-        return tensor_op(expr, out=out, inputs=inputs, name=name, constants=constants, wrt=chosen)
+        return tensor_op(
+            expr, out=out, inputs=inputs, name=name, constants=constants, wrt=chosen,
+            batch=entry.batch, out_shape=entry.out_shape(**params),
+        )  # fmt: skip
     formula, constants = entry.expr(**params)
     return elementwise(formula, inputs=entry.inputs, name=name, constants=constants, wrt=wrt)
 

@@ -308,20 +308,70 @@ class TensorBuiltin:
     torch_grads: tuple[bool, ...] | None = None
     doc: str = ""
     wrt: tuple[str, ...] | None = None
+    #: the dim standing for any number of leading axes (see ``batch`` in ``symgrad.tensor_op``)
+    batch: sp.Symbol | None = None
+    #: parameters that shape the formula itself (a convolution's stride and padding): whole
+    #: numbers written into it, not constants bound at call time
+    ints: tuple[str, ...] = ()
+    #: the output's shape as a function of the ``ints`` (None: inferred from the reads)
+    shape: Callable[..., tuple[sp.Expr, ...]] | None = None
+
+    def _values(self, params: dict[str, float]) -> dict[str, Any]:
+        """The parameters, checked (:func:`check_params`); the ``ints`` as whole numbers."""
+        values: dict[str, Any] = check_params(
+            self.name, self.params, params, self.allowed, otherwise=POSITIVE
+        )
+        for k in self.ints:
+            v = values[k]
+            if isinstance(v, bool) or int(v) != v or v < (1 if k == "stride" else 0):
+                raise DefinitionError(
+                    f"built-in op {self.name!r}: {k} must be a whole number "
+                    f"(≥ {1 if k == 'stride' else 0}), got {v!r}"
+                )
+            values[k] = int(v)
+        return values
 
     def build(
         self, **params: float
     ) -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...], dict[sp.Symbol, float]]:
         """``(expr, out, inputs, constants)`` with torch's default parameters."""
-        values = check_params(self.name, self.params, params, self.allowed, otherwise=POSITIVE)
-        symbols = {k: sp.Symbol(k, positive=True) for k in self.params}
-        expr, out, inputs = self.formula(**symbols)
-        return expr, out, inputs, {symbols[k]: v for k, v in values.items()}
+        values = self._values(params)
+        symbols = {k: sp.Symbol(k, positive=True) for k in self.params if k not in self.ints}
+        expr, out, inputs = self.formula(**symbols, **{k: values[k] for k in self.ints})
+        return expr, out, inputs, {symbols[k]: v for k, v in values.items() if k in symbols}
+
+    def out_shape(self, **params: float) -> tuple[sp.Expr, ...] | None:
+        """The declared output shape for these parameters (None: inferred)."""
+        if self.shape is None:
+            return None
+        values = self._values(params)
+        return self.shape(**{k: values[k] for k in self.ints})
 
 
-def _linear() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
-    X, W, c = _tensor("X", _B, _N), _tensor("W", _M, _N), _tensor("c", _M)
-    return sp.Sum(W[_i, _j] * X[_b, _j], (_j, 0, _N - 1)) + c[_i], (_b, _i), (X, W, c)
+Formula = tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]
+
+
+def _affine(
+    outs: tuple[tuple[sp.Symbol, sp.Symbol], ...], ins: tuple[tuple[sp.Symbol, sp.Symbol], ...]
+) -> Formula:
+    """``Y[b, o...] = Σ_{i...} X[b, i...]·W[o..., i...] + c[o...]``: a linear layer (torch's
+    weight layout) from the feature axes ``ins`` to ``outs`` (``(index, dim)`` pairs), over any
+    leading batch axes ``b``.
+
+    One formula for the linear layer (one axis to one), attention's per-head projections (to
+    ``(H, M)``: weights ``(H, M, N)``) and the merge of the heads (from ``(H, M)``: weights
+    ``(N, H, M)``).
+    """
+    in_idx, in_dims = zip(*ins, strict=True)
+    out_idx, out_dims = zip(*outs, strict=True)
+    X, W, c = _tensor("X", _B, *in_dims), _tensor("W", *out_dims, *in_dims), _tensor("c", *out_dims)
+    body = X[(_b, *in_idx)] * W[(*out_idx, *in_idx)]
+    total = sp.Sum(body, *[(v, 0, d - 1) for v, d in ins])
+    return total + c[out_idx], (_b, *out_idx), (X, W, c)
+
+
+def _linear() -> Formula:
+    return _affine(((_i, _M),), ((_j, _N),))
 
 
 def _linear_nobias() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
@@ -345,9 +395,9 @@ def _lse(X: sp.IndexedBase) -> sp.Expr:
     return sp.log(sp.Sum(sp.exp(X[_b, _j]), (_j, 0, _N - 1)))
 
 
-def _softmax() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+def _softmax() -> Formula:
     X = _tensor("X", _B, _N)
-    return sp.exp(X[_b, _i]) / sp.Sum(sp.exp(X[_b, _j]), (_j, 0, _N - 1)), (_b, _i), (X,)
+    return _softmax_over(lambda t: X[_b, t], lambda t: True, _N), (_b, _t), (X,)
 
 
 def _log_softmax() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
@@ -365,21 +415,29 @@ def _cross_entropy() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBa
     return -sp.Sum(T[_b, _i] * (X[_b, _i] - _lse(X)), (_i, 0, _N - 1)), (_b,), (X, T)
 
 
-def _cross_entropy_labels() -> tuple[
-    sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]
-]:
+def _cross_entropy_labels() -> Formula:
     X = _tensor("X", _B, _N)
     labels = sp.IndexedBase("labels", shape=(_B,), integer=True)
     return -X[_b, labels[_b]] + _lse(X), (_b,), (X, labels)
 
 
-def _layer_norm(
-    eps: sp.Symbol,
-) -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+def _normalized(z: Callable[[sp.Symbol], sp.Expr], eps: sp.Symbol) -> sp.Expr:
+    """Layer norm of the row ``z(j)``, ``j < N``, at element ``i``: ``(z_i - mean) / √(var + ε)``
+    with the biased variance, as torch."""
+    mean = sp.Sum(z(_j), (_j, 0, _N - 1)) / _N
+    var = sp.Sum((z(_j) - mean) ** 2, (_j, 0, _N - 1)) / _N
+    return (z(_i) - mean) / sp.sqrt(var + eps)
+
+
+def _layer_norm(eps: sp.Symbol) -> Formula:
     X, w, beta = _tensor("X", _B, _N), _tensor("w", _N), _tensor("beta", _N)
-    mean = sp.Sum(X[_b, _j], (_j, 0, _N - 1)) / _N
-    var = sp.Sum((X[_b, _j] - mean) ** 2, (_j, 0, _N - 1)) / _N  # biased, as torch
-    return (X[_b, _i] - mean) / sp.sqrt(var + eps) * w[_i] + beta[_i], (_b, _i), (X, w, beta)
+    return _normalized(lambda j: X[_b, j], eps) * w[_i] + beta[_i], (_b, _i), (X, w, beta)
+
+
+def _rms_norm(eps: sp.Symbol) -> Formula:
+    X, w = _tensor("X", _B, _N), _tensor("w", _N)
+    mean_square = sp.Sum(X[_b, _j] ** 2, (_j, 0, _N - 1)) / _N
+    return X[_b, _i] / sp.sqrt(mean_square + eps) * w[_i], (_b, _i), (X, w)
 
 
 def _l2_penalty() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
@@ -423,15 +481,8 @@ def _embedding() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, 
     return W[ids[_b, _s], _h], (_b, _s, _h), (ids, W)
 
 
-def _seq_linear() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
-    X, W, c = _tensor("X", _B, _S, _N), _tensor("W", _M, _N), _tensor("c", _M)
-    return sp.Sum(X[_b, _s, _j] * W[_i, _j], (_j, 0, _N - 1)) + c[_i], (_b, _s, _i), (X, W, c)
-
-
-def _head_projection() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
-    X, W, c = _tensor("X", _B, _S, _N), _tensor("W", _H, _M, _N), _tensor("c", _H, _M)
-    body = sp.Sum(X[_b, _s, _j] * W[_h, _e, _j], (_j, 0, _N - 1)) + c[_h, _e]
-    return body, (_b, _s, _h, _e), (X, W, c)
+def _head_projection() -> Formula:
+    return _affine(((_h, _H), (_e, _M)), ((_j, _N),))
 
 
 def _attention_scores() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
@@ -440,10 +491,37 @@ def _attention_scores() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.Indexe
     return body, (_b, _h, _s, _t), (Q, K)
 
 
-def _masked_softmax() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
+def _softmax_over(
+    score: Callable[[sp.Symbol], sp.Expr], keep: Callable[[sp.Symbol], object], keys: sp.Symbol
+) -> sp.Expr:
+    """``exp(score(t)) / Σ_u exp(score(u))`` over the keys ``u < keys`` where ``keep(u)`` holds
+    (0 at the others): the causal mask is the condition ``u ≤ s``, an index condition.  One
+    formula for softmax, the attention's masked softmax and their causal forms."""
+
+    def term(u: sp.Symbol) -> sp.Expr:
+        cond = keep(u)
+        if cond is True:
+            return sp.exp(score(u))
+        return sp.Piecewise((sp.exp(score(u)), cond), (0, True))
+
+    return term(_t) / sp.Sum(term(_u), (_u, 0, keys - 1))
+
+
+def _masked_softmax() -> Formula:
     X, A = _tensor("X", _B, _H, _S, _S), _tensor("A", _B, _S)
-    total = sp.Sum(sp.exp(X[_b, _h, _s, _u] + A[_b, _u]), (_u, 0, _S - 1))
-    return sp.exp(X[_b, _h, _s, _t] + A[_b, _t]) / total, (_b, _h, _s, _t), (X, A)
+    body = _softmax_over(lambda t: X[_b, _h, _s, t] + A[_b, t], lambda t: True, _S)
+    return body, (_b, _h, _s, _t), (X, A)
+
+
+def _causal_masked_softmax() -> Formula:
+    X, A = _tensor("X", _B, _H, _S, _S), _tensor("A", _B, _S)
+    body = _softmax_over(lambda t: X[_b, _h, _s, t] + A[_b, t], lambda t: t <= _s, _S)
+    return body, (_b, _h, _s, _t), (X, A)
+
+
+def _causal_softmax() -> Formula:
+    X = _tensor("X", _B, _S, _S)
+    return _softmax_over(lambda t: X[_b, _s, t], lambda t: t <= _s, _S), (_b, _s, _t), (X,)
 
 
 def _attention_context() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
@@ -452,24 +530,41 @@ def _attention_context() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.Index
     return body, (_b, _s, _h, _e), (P, V)
 
 
-def _head_merge() -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
-    C, W, c = _tensor("C", _B, _S, _H, _M), _tensor("W", _N, _H, _M), _tensor("c", _N)
-    body = sp.Sum(C[_b, _s, _h, _e] * W[_i, _h, _e], (_h, 0, _H - 1), (_e, 0, _M - 1)) + c[_i]
-    return body, (_b, _s, _i), (C, W, c)
+def _head_merge() -> Formula:
+    return _affine(((_i, _N),), ((_h, _H), (_e, _M)))
 
 
-def _add_layer_norm(
-    eps: sp.Symbol,
-) -> tuple[sp.Expr, tuple[sp.Symbol, ...], tuple[sp.IndexedBase, ...]]:
-    X, R = _tensor("X", _B, _S, _N), _tensor("R", _B, _S, _N)
+def _add_layer_norm(eps: sp.Symbol) -> Formula:
+    X, R = _tensor("X", _B, _N), _tensor("R", _B, _N)
     w, beta = _tensor("w", _N), _tensor("beta", _N)
+    normalized = _normalized(lambda j: X[_b, j] + R[_b, j], eps)
+    return normalized * w[_i] + beta[_i], (_b, _i), (X, R, w, beta)
 
-    def z(j: sp.Symbol) -> sp.Expr:
-        return X[_b, _s, j] + R[_b, _s, j]
 
-    mean = sp.Sum(z(_j), (_j, 0, _N - 1)) / _N
-    var = sp.Sum((z(_j) - mean) ** 2, (_j, 0, _N - 1)) / _N
-    return (z(_i) - mean) / sp.sqrt(var + eps) * w[_i] + beta[_i], (_b, _s, _i), (X, R, w, beta)
+# -- convolutions: shifted reads; their VJPs (the transposed convolutions) are derived --------
+
+_C, _O, _L, _K = sp.symbols("C O L K", integer=True, positive=True)
+_Hi, _Wi, _KH, _KW = sp.symbols("Hi Wi KH KW", integer=True, positive=True)
+_c, _p, _q, _r, _v = sp.symbols("c p q r v", integer=True)
+
+
+def _conv1d(stride: int, padding: int) -> Formula:
+    X, W, bias = _tensor("X", _B, _C, _L), _tensor("W", _O, _C, _K), _tensor("c", _O)
+    read = X[_b, _c, stride * _p + _q - padding]
+    body = sp.Sum(W[_o, _c, _q] * read, (_c, 0, _C - 1), (_q, 0, _K - 1))
+    return body + bias[_o], (_b, _o, _p), (X, W, bias)
+
+
+def _conv2d(stride: int, padding: int) -> Formula:
+    X, W = _tensor("X", _B, _C, _Hi, _Wi), _tensor("W", _O, _C, _KH, _KW)
+    bias = _tensor("c", _O)
+    read = X[_b, _c, stride * _p + _q - padding, stride * _v + _r - padding]
+    body = sp.Sum(W[_o, _c, _q, _r] * read, (_c, 0, _C - 1), (_q, 0, _KH - 1), (_r, 0, _KW - 1))
+    return body + bias[_o], (_b, _o, _p, _v), (X, W, bias)
+
+
+def _conv_length(n: sp.Expr, k: sp.Expr, stride: int, padding: int) -> sp.Expr:
+    return sp.floor((n + 2 * padding - k) / stride) + 1
 
 
 def _scores_ref(t: Any, q: Any, k: Any) -> Any:
@@ -490,7 +585,8 @@ _TENSOR_ENTRIES = [
         _linear,
         lambda t, x, w, c: t.nn.functional.linear(x, w, c),
         domain=("normal", "normal", "normal"),
-        doc="Y = X Wᵀ + c (torch layout)",
+        doc="Y = X Wᵀ + c (torch layout), over any leading batch axes of X",
+        batch=_B,
     ),
     TensorBuiltin(
         "linear_nobias",
@@ -506,15 +602,16 @@ _TENSOR_ENTRIES = [
         lambda t, x1, x2, w, c: t.nn.functional.bilinear(x1, x2, w, c),
         domain=("normal",) * 4,
     ),
-    TensorBuiltin("softmax", _softmax, lambda t, x: t.softmax(x, -1)),
-    TensorBuiltin("log_softmax", _log_softmax, lambda t, x: t.log_softmax(x, -1)),
-    TensorBuiltin("logsumexp", _logsumexp, lambda t, x: t.logsumexp(x, -1)),
+    TensorBuiltin("softmax", _softmax, lambda t, x: t.softmax(x, -1), batch=_B),
+    TensorBuiltin("log_softmax", _log_softmax, lambda t, x: t.log_softmax(x, -1), batch=_B),
+    TensorBuiltin("logsumexp", _logsumexp, lambda t, x: t.logsumexp(x, -1), batch=_B),
     TensorBuiltin(
         "softmax_cross_entropy",
         _cross_entropy,
         lambda t, x, p: t.nn.functional.cross_entropy(x, p, reduction="none"),
         domain=("normal", "simplex"),
         doc="cross-entropy of logits X against class probabilities T, per row",
+        batch=_B,
     ),
     TensorBuiltin(
         "cross_entropy",
@@ -531,12 +628,22 @@ _TENSOR_ENTRIES = [
         params={"eps": 1e-5},
         allowed={"eps": POSITIVE},
         domain=("normal",) * 3,
-        doc="over the last axis, biased variance, affine weight and bias, as torch",
+        doc="over the last axis of any rank, biased variance, affine weight and bias, as torch",
+        batch=_B,
+    ),
+    TensorBuiltin(
+        "rms_norm",
+        _rms_norm,
+        lambda t, x, w, eps: t.nn.functional.rms_norm(x, x.shape[-1:], w, eps),
+        params={"eps": 1e-6},
+        domain=("normal",) * 2,
+        doc="RMSNorm over the last axis of any rank: X / √(mean(X²) + ε) · w",
+        batch=_B,
     ),
     TensorBuiltin("l2_penalty", _l2_penalty, lambda t, w: (w**2).sum()),
     TensorBuiltin("sum", _sum, lambda t, x: x.sum()),
     TensorBuiltin("mean", _mean, lambda t, x: x.mean()),
-    TensorBuiltin("mean_last", _mean_last, lambda t, x: x.mean(-1)),
+    TensorBuiltin("mean_last", _mean_last, lambda t, x: x.mean(-1), batch=_B),
     TensorBuiltin(
         "masked_mean_pool",
         _masked_mean_pool,
@@ -556,10 +663,11 @@ _TENSOR_ENTRIES += [
     ),
     TensorBuiltin(
         "seq_linear",
-        _seq_linear,
+        _linear,
         lambda t, x, w, c: t.nn.functional.linear(x, w, c),
         domain=("normal",) * 3,
-        doc="linear over the last axis of a [B, S, N] sequence (torch layout)",
+        doc="linear over the last axis of a [B, S, N] sequence: the linear formula, by name",
+        batch=_B,
     ),
     TensorBuiltin(
         "head_projection",
@@ -569,6 +677,7 @@ _TENSOR_ENTRIES += [
         ),
         domain=("normal",) * 3,
         doc="a linear layer into H heads of M features: the query, key and value projections",
+        batch=_B,
     ),
     TensorBuiltin(
         "attention_scores",
@@ -586,6 +695,28 @@ _TENSOR_ENTRIES += [
         doc="softmax over the last axis of scores plus an additive padding mask A[b, t]",
     ),
     TensorBuiltin(
+        "causal_masked_softmax",
+        _causal_masked_softmax,
+        lambda t, x, a: t.softmax(
+            (x + a[:, None, None, :]).masked_fill(
+                t.ones(x.shape[-2:], dtype=t.bool).triu(1), float("-inf")
+            ),
+            -1,
+        ),
+        domain=("normal", "additive_mask"),
+        wrt=("X",),
+        doc="the masked softmax of a decoder: key t only for queries s ≥ t (an index condition)",
+    ),
+    TensorBuiltin(
+        "causal_softmax",
+        _causal_softmax,
+        lambda t, x: t.softmax(
+            x.masked_fill(t.ones(x.shape[-2:], dtype=t.bool).triu(1), float("-inf")), -1
+        ),
+        doc="softmax over keys t ≤ s of (..., S, S) scores: causal attention weights",
+        batch=_B,
+    ),
+    TensorBuiltin(
         "attention_context",
         _attention_context,
         _context_ref,
@@ -595,9 +726,10 @@ _TENSOR_ENTRIES += [
     TensorBuiltin(
         "head_merge",
         _head_merge,
-        lambda t, x, w, c: t.nn.functional.linear(x.flatten(2), w.flatten(1), c),
+        lambda t, x, w, c: t.nn.functional.linear(x.flatten(-2), w.flatten(1), c),
         domain=("normal",) * 3,
         doc="the attention output projection, from H heads of M features back to N",
+        batch=_B,
     ),
     TensorBuiltin(
         "add_layer_norm",
@@ -607,6 +739,37 @@ _TENSOR_ENTRIES += [
         allowed={"eps": POSITIVE},
         domain=("normal",) * 4,
         doc="layer norm of a residual sum X + R over the last axis (torch's eps; BERT's is 1e-12)",
+        batch=_B,
+    ),
+]
+
+_TENSOR_ENTRIES += [
+    TensorBuiltin(
+        "conv1d",
+        _conv1d,
+        lambda t, x, w, c, stride, padding: t.nn.functional.conv1d(x, w, c, stride, padding),
+        params={"stride": 1, "padding": 0},
+        domain=("normal",) * 3,
+        doc="Y[b, o, p] = Σ_{c,q} W[o, c, q]·X[b, c, stride·p + q - padding] + c[o] (zeros "
+        "outside X); lowered to one GEMM per image (im2col)",
+        ints=("stride", "padding"),
+        shape=lambda stride, padding: (_B, _O, _conv_length(_L, _K, stride, padding)),
+    ),
+    TensorBuiltin(
+        "conv2d",
+        _conv2d,
+        lambda t, x, w, c, stride, padding: t.nn.functional.conv2d(x, w, c, stride, padding),
+        params={"stride": 1, "padding": 0},
+        domain=("normal",) * 3,
+        doc="2-D convolution, torch's layout (B, C, H, W) and (O, C, KH, KW); stride, zero "
+        "padding; one GEMM per image",
+        ints=("stride", "padding"),
+        shape=lambda stride, padding: (
+            _B,
+            _O,
+            _conv_length(_Hi, _KH, stride, padding),
+            _conv_length(_Wi, _KW, stride, padding),
+        ),
     ),
 ]
 

@@ -37,7 +37,7 @@ from symgrad.cli import main
 from symgrad.errors import DefinitionError, ExplainError
 from symgrad.symbolic.derive import Derivation
 from symgrad.symbolic.functions import sigmoid, softplus
-from symgrad.symbolic.index import ReduceMax, TensorDerivation
+from symgrad.symbolic.index import IndexSum, ReduceMax, TensorDerivation
 from symgrad.symbolic.parse import parse_formula
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +177,7 @@ def _parse_trusted(text: str, like: sp.Basic) -> sp.Basic:
     names: dict[str, Any] = {s.name: s for s in like.atoms(sp.Symbol)}
     names.update({str(b.label): b for b in like.atoms(sp.IndexedBase)})
     names.update({"ReduceMax": ReduceMax, "sigmoid": sigmoid, "softplus": softplus})
+    names["Sum"] = IndexSum  # index notation's sums print as Sum
     return sp.parse_expr(text, local_dict=names, global_dict=dict(vars(sp)))
 
 

@@ -36,7 +36,7 @@ f, h = sp.Function("f"), sp.Function("h")
 delta = sp.KroneckerDelta
 
 #: small dims for the brute-force oracle (every built-in's dim symbols by name)
-SMALL = {"B": 2, "N": 3, "M": 2, "S": 3, "H": 2}
+SMALL = {"B": 2, "N": 3, "M": 2, "S": 3, "H": 2, "C": 2, "O": 2, "L": 4, "K": 2}
 
 
 def _concrete(expr: sp.Expr, n: int = 3, more: dict | None = None) -> sp.Expr:
@@ -81,10 +81,12 @@ def test_chained_deltas_contract_to_one_term():
         ((j, 0, N - 1), None),  # k's range is unknown
     ],
 )
-def test_delta_whose_ranges_differ_is_not_contracted(limits, k_range):
+def test_delta_whose_ranges_differ_contracts_to_a_range_test(limits, k_range):
+    # Σ_{j=lo}^{hi} δ(j, k) f(j) = [lo ≤ k ≤ hi] f(k): the delta goes, an index test stays
     expr = sp.Sum(delta(j, k) * f(j), limits)
     result = contract(expr, {k: k_range} if k_range else {})
-    assert result.has(sp.KroneckerDelta), result
+    assert not result.has(sp.KroneckerDelta) and not result.has(sp.Sum), result
+    assert result.has(sp.Piecewise), result
     # and what is left still means the same: compare term by term on concrete dims
     for n_value, m_value in [(3, 2), (4, 4)]:
         for k_value in range(n_value):
@@ -92,9 +94,15 @@ def test_delta_whose_ranges_differ_is_not_contracted(limits, k_range):
             assert _concrete(result, n_value, dims) == _concrete(expr, n_value, dims)
 
 
-def test_delta_with_a_shifted_index_is_kept():
+def test_delta_with_a_shifted_index_contracts_with_its_range_test():
+    # Σ_j δ(j, k + 1) f(j) = [k + 1 ≤ N - 1] f(k + 1); k + 1 ≥ 0 holds for every k ≥ 0
     expr = sp.Sum(delta(j, k + 1) * f(j), (j, 0, N - 1))
-    assert contract(expr, {k: (0, N - 1)}).has(sp.KroneckerDelta)
+    result = contract(expr, {k: (0, N - 1)})
+    assert not result.has(sp.KroneckerDelta)
+    assert result == sp.Piecewise((1, k + 1 <= N - 1), (0, True)) * f(k + 1)
+    for k_value in range(3):
+        point = {k: sp.Integer(k_value)}
+        assert _concrete(result.xreplace(point)) == _concrete(expr.xreplace(point))
 
 
 def test_nested_sums_reusing_a_name():
@@ -193,10 +201,15 @@ def _evaluate(expr: sp.Expr, values: dict, rng, positive=()) -> complex:
 #: ids subscript another tensor), and too slow for attention's 4-D tensors (sympy's Sum.doit
 #: over S²·H·M terms per element) — those are checked numerically against torch in
 #: test_tensor_builtins.py and by gradcheck in test_torch_function.py.
+#: Conditions on indices (the causal softmax) and shifted reads (convolutions) are checked the
+#: same way in test_index_conditions.py, where sums are expanded by hand: ``Sum.doit`` folds a
+#: ``Piecewise`` body and cannot unroll a max whose bound is another index.
+CONDITIONAL = {"causal_softmax", "causal_masked_softmax", "conv1d", "conv2d"}
 BRUTE_FORCE = sorted(
     name
     for name, entry in TENSOR_BUILTINS.items()
-    if not any(b.is_integer or len(b.shape) > 3 for b in entry.build()[2])
+    if name not in CONDITIONAL
+    and not any(b.is_integer or len(b.shape) > 3 for b in entry.build()[2])
 )
 
 
@@ -289,7 +302,8 @@ def test_no_kronecker_delta_left_in_any_builtin_vjp(derivations):
                 deltas = expr.atoms(sp.KroneckerDelta)
                 assert all(is_scatter_delta(delta) for delta in deltas), (name, p.wrt, expr)
                 assert not deltas or gathers, (name, p.wrt, expr)
-                assert not expr.has(sp.Piecewise), (name, p.wrt, expr)  # no index guards
+                if name not in CONDITIONAL:  # a causal mask or zero padding is an index test
+                    assert not expr.has(sp.Piecewise), (name, p.wrt, expr)  # no index guards
 
 
 def test_layer_norm_derivation_finishes_and_stays_row_wise():
@@ -314,7 +328,7 @@ def test_leftover_delta_between_free_indices_becomes_an_index_test():
     (p,) = d.partials
     assert not p.final.has(sp.KroneckerDelta) and p.final.has(sp.Piecewise)
     assert any(rw.rule == "delta_guard" for rw in p.rewrites)
-    g = d.grad_output
+    g, A = d.grad_output, d.spec.inputs[0]  # the tensor as the spec holds it: real
     for r, c in itertools.product(range(3), repeat=2):
         got = p.final.xreplace(dict(zip(p.indices, (sp.Integer(r), sp.Integer(c)), strict=True)))
         assert got == (2 * A[r, r] * g[r] if r == c else 0)

@@ -28,7 +28,12 @@ RTOL = {np.float64: 1e-10, np.float32: 2e-5}
 NOISE = {np.float64: 1e-12, np.float32: 1e-5}
 
 
+#: the convolutions' dims (channels, lengths, kernels), the same at every size of the others
+CONV_DIMS = {"C": 3, "O": 4, "L": 7, "K": 3, "Hi": 5, "Wi": 6, "KH": 3, "KW": 2}
+
+
 def _shape(base: sp.IndexedBase, sizes: dict[str, int]) -> tuple[int, ...]:
+    sizes = {**CONV_DIMS, **sizes}
     return tuple(
         int(sp.sympify(d).subs({s: sizes[str(s)] for s in sp.sympify(d).free_symbols}))
         for d in base.shape
@@ -81,13 +86,15 @@ def _magnitude(a: np.ndarray) -> float:
 def _assert_close(
     got: np.ndarray, want: np.ndarray, rtol: float, what: str, noise: float = 0.0
 ) -> None:
-    """``max|got - want| <= rtol * max|want|``, or ``<= noise`` if ``max|want| <= noise``."""
+    """``max|got - want| <= rtol * max|want|``, or ``<= noise``: a gradient that is itself
+    the small difference of large terms (RMSNorm over one feature: ``g·w·ε/(x² + ε)^{3/2}``,
+    computed as ``g·w/r - x·(g·w·x)/r³``) carries their rounding, in torch as here."""
     got = np.asarray(got, dtype=np.float64)
     assert got.shape == want.shape, (what, got.shape, want.shape)
     assert np.all(np.isfinite(got)), f"{what}: not finite: {got}"
     scale = _magnitude(want)
     err = _magnitude(got - want)
-    bound = noise if scale <= noise else rtol * scale
+    bound = max(noise, rtol * scale)
     assert err <= bound, f"{what}: max error {err:.3g}, reference magnitude {scale:.3g}"
 
 
@@ -226,6 +233,40 @@ def test_builtin_parameters_reach_the_kernel():
     ).numpy()
     _assert_close(y, want, 1e-10, "layer_norm eps=0.5")
     assert np.max(np.abs(y - sg.builtin("layer_norm")(x, w, b))) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    ("name", "stride", "padding", "x_shape", "w_shape"),
+    [
+        ("conv1d", 2, 1, (2, 3, 9), (4, 3, 3)),
+        ("conv1d", 1, 2, (2, 3, 5), (4, 3, 3)),
+        ("conv2d", 2, 1, (2, 3, 7, 6), (4, 3, 3, 2)),
+        ("conv2d", 1, 1, (2, 3, 5, 6), (4, 3, 3, 3)),
+    ],
+)
+def test_convolutions_with_stride_and_padding(name, stride, padding, x_shape, w_shape, dtype):
+    """Values and the three gradients against torch (stride and zero padding are written into
+    the formula; the VJPs — the transposed convolutions — are derived)."""
+    rng = np.random.default_rng(12)
+    op = sg.builtin(name, stride=stride, padding=padding)
+    arrays = [rng.normal(size=x_shape), rng.normal(size=w_shape), rng.normal(size=w_shape[0])]
+    cast = [a.astype(dtype) for a in arrays]
+    y = op(*cast)
+    g = rng.normal(size=y.shape).astype(dtype)
+    grads = op.vjp(*cast, g)
+    leaves = [torch.tensor(a.astype(np.float64), requires_grad=True) for a in cast]
+    fn = getattr(torch.nn.functional, name)
+    want = fn(*leaves, stride=stride, padding=padding)
+    want.backward(torch.tensor(g.astype(np.float64)))
+    _assert_close(y, want.detach().numpy(), RTOL[dtype], f"{name} forward")
+    for got, leaf in zip(grads, leaves, strict=True):
+        _assert_close(got, leaf.grad.numpy(), RTOL[dtype], f"{name} gradient")
+
+
+def test_convolution_parameters_are_whole_numbers():
+    with pytest.raises(sg.errors.DefinitionError, match="stride must be a whole number"):
+        sg.builtin("conv1d", stride=1.5)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

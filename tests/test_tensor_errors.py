@@ -54,10 +54,26 @@ def test_dim_mismatch_is_checked_in_vjp_too(linear):
 def test_wrong_rank(linear):
     with pytest.raises(
         ShapeError,
-        match=r"input 'X' must have 2 dims \('B', 'N'\), got an array "
+        match=r"input 'W' must have 2 dims \('M', 'N'\), got an array "
         r"of shape \(3,\)",
     ):
-        linear(*_ok(shape_x=(3,)))
+        linear(*_ok(shape_w=(3,)))
+    # X's batch axes are any number of leading axes (batch=B): at least the feature axis
+    with pytest.raises(ShapeError, match=r"input 'X' must have at least 1 dims \('N',\)"):
+        linear(np.float64(1.0), *_ok()[1:])
+
+
+def test_batch_axes_must_agree():
+    Z = sp.IndexedBase("Z", shape=(B, N))
+    add = sg.tensor_op(X[b, j] + Z[b, j], out=(b, j), inputs=[X, Z], name="batch_add", batch=B)
+    assert add(np.ones((2, 5, 3)), np.ones((2, 5, 3))).shape == (2, 5, 3)
+    with pytest.raises(ShapeError, match=r"the batch axes B of the inputs differ: \(2, 5\)"):
+        add(np.ones((2, 5, 3)), np.ones((10, 3)))
+
+
+def test_batch_must_be_the_leading_axis():
+    with pytest.raises(DefinitionError, match="batch=N stands for any number of leading axes"):
+        sg.tensor_op(X[b, j], out=(b, j), inputs=[X], name="bad_batch", batch=N)
 
 
 def test_wrong_number_of_arrays(linear):

@@ -277,7 +277,8 @@ def test_generated_source_is_deterministic():
         "from symgrad.symbolic.index import derive_tensor, tensor_spec\n"
         "for name in ('layer_norm', 'bilinear'):\n"
         "    expr, out, inputs, constants = TENSOR_BUILTINS[name].build()\n"
-        "    spec = tensor_spec(expr, out, inputs, name, constants)\n"
+        "    batch = TENSOR_BUILTINS[name].batch\n"
+        "    spec = tensor_spec(expr, out, inputs, name, constants, batch=batch)\n"
         "    print(emit_tensor(derive_tensor(spec), spec.key).text)\n"
     )
     texts = []

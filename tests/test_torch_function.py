@@ -26,6 +26,7 @@ from symgrad.runtime.elementwise import ElementwiseOp
 from symgrad.runtime.tensor import TensorOp
 
 DIMS = {"B": 2, "N": 3, "M": 2, "S": 3, "H": 2}
+DIMS.update({"C": 2, "O": 2, "L": 5, "K": 2, "Hi": 4, "Wi": 3, "KH": 2, "KW": 2})  # convolutions
 SHAPE = (2, 3)
 KINK_MARGIN = 1e-2  # far beyond gradcheck's eps = 1e-6: no finite difference straddles a kink
 

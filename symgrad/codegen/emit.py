@@ -51,7 +51,7 @@ from sympy.codegen.cfunctions import log1p
 from .._version import __version__
 from ..symbolic.bounds import check_size
 from ..symbolic.derive import Derivation
-from ..symbolic.functions import sigmoid, softplus
+from ..symbolic.functions import sigmoid, softplus, xlogy
 from . import names
 from .dtypes import SUFFIXES
 from .printer import (
@@ -92,9 +92,13 @@ class KernelSource:
 
 
 def lower_primitives(expr: sp.Expr) -> sp.Expr:
-    """Replace ``sigmoid``/``softplus`` by their evaluate-by-sign forms (see module doc)."""
+    """Replace ``sigmoid``/``softplus`` by their evaluate-by-sign forms (see module doc), and
+    ``xlogy(x, y)`` by ``0 if x == 0 else x·log(y)``."""
 
     def lower(node: sp.Expr) -> sp.Expr:
+        if isinstance(node, xlogy):
+            x, y = node.args
+            return sp.Piecewise((sp.S.Zero, sp.Eq(x, 0)), (x * sp.log(y), True))
         a = node.args[0]
         e = sp.exp(-sp.Abs(a))
         if isinstance(node, sigmoid):
@@ -102,7 +106,7 @@ def lower_primitives(expr: sp.Expr) -> sp.Expr:
         return sp.Max(a, 0) + log1p(e)
 
     return expr.replace(
-        lambda n: isinstance(n, (sigmoid, softplus)),
+        lambda n: isinstance(n, (sigmoid, softplus, xlogy)),
         lower,  # type: ignore[arg-type]
     )
 

@@ -39,11 +39,13 @@ import sympy as sp
 from .._version import __version__
 from ..errors import CodegenError
 from ..symbolic.bounds import is_zero
+from ..symbolic.conditions import reads_float
 from ..symbolic.index import ReduceMax, TensorDerivation, TensorSpec
 from ..symbolic.residuals import normal
 from . import names
 from .dtypes import SUFFIXES
 from .emit import KernelSource, _vectorisable, lower_primitives
+from .gemm import MaterializedGemm, plan
 from .printer import VECTOR_MATH_SOURCE, NumbaPrinter
 
 _CANON = sp.Symbol("_canon", integer=True)
@@ -70,6 +72,12 @@ class _IndexPrinter(NumbaPrinter):
         read = f"{expr.base.label}[{idx}]"
         wide = self._single and str(expr.base.label) in self._wide
         return f"np.float32({read})" if wide else read
+
+    def _print_Infinity(self, expr: sp.Expr) -> str:
+        return "np.inf"
+
+    def _print_NegativeInfinity(self, expr: sp.Expr) -> str:
+        return "-np.inf"
 
 
 def _int(expr: sp.Expr) -> str:
@@ -298,7 +306,8 @@ class _Lowerer:
         self.dims = {
             s for shape in shapes.values() for d in shape for s in sp.sympify(d).free_symbols
         }
-        self.gemms: list[_Gemm] = []  # computed before every loop
+        self.gemms: list[_Gemm | MaterializedGemm] = []  # computed before every loop
+        self._loops: tuple[tuple[sp.Symbol, sp.Expr, sp.Expr], ...] = ()
         self.n_acc = 0
         self.n_hoist = 0
         self.n_red = 0
@@ -360,7 +369,9 @@ class _Lowerer:
     def _gemm(self, node: sp.Sum, loop_order: list[sp.Symbol]) -> sp.Expr | None:
         """A read of the GEMM computing ``node``, if it is a contraction of two tensors."""
         found = self._contraction(node, loop_order)
-        if found is None or (found.batch and not found.free_a and not found.free_b):
+        if found is None:  # the contraction of computed factors (a convolution's shifted reads)
+            return self._materialized_gemm(node, loop_order)
+        if found.batch and not found.free_a and not found.free_b:
             return None  # one dot product per batch element: a loop beats a BLAS call each
         a, b = found.a, found.b
 
@@ -398,7 +409,14 @@ class _Lowerer:
 
         left = view(a, found.free_a, found.summed)
         right = view(b, found.summed, found.free_b)
-        gemm = next((g for g in self.gemms if (g.a, g.b) == (left, right) and g.into is None), None)
+        gemm = next(
+            (
+                g
+                for g in self.gemms
+                if isinstance(g, _Gemm) and (g.a, g.b) == (left, right) and g.into is None
+            ),
+            None,
+        )
         if gemm is None:  # the same product twice (layer norm's Σ_i w_i g_i) is computed once
             gemm = _Gemm(
                 f"_c{n_gemm}",
@@ -418,6 +436,21 @@ class _Lowerer:
         free = found.batch + found.free_a + found.free_b
         return sp.IndexedBase(gemm.name)[free] if free else sp.IndexedBase(gemm.name)[0]
 
+    def _dims(self) -> set[sp.Symbol]:
+        return {s for shape in self.shapes.values() for d in shape for s in d.free_symbols}
+
+    def _materialized_gemm(self, node: sp.Sum, loop_order: list[sp.Symbol]) -> sp.Expr | None:
+        loops = tuple(lim for lim in self._loops if lim[0] in loop_order)
+        found = plan(node, loops, self._dims(), f"_c{len(self.gemms)}", self.piece, _int)
+        if found is None:
+            return None
+        for g in self.gemms:
+            if isinstance(g, MaterializedGemm) and g.key == found.key and g.into is None:
+                g.uses += 1
+                return g.read()
+        self.gemms.append(found)
+        return found.read()
+
     def _write_gemm_into(self, a: _Assignment, expr: sp.Expr) -> sp.Expr:
         """Let a GEMM read once, at this target's element, write into the target.
 
@@ -433,7 +466,7 @@ class _Lowerer:
         position = {v: n for n, v in enumerate(loop_vars)}
         shape = tuple(hi - lo + 1 for _, lo, hi in a.loops)
         for gemm in self.gemms:
-            if gemm.uses != 1 or gemm.into is not None:
+            if not isinstance(gemm, _Gemm) or gemm.uses != 1 or gemm.into is not None:
                 continue
             reads = [r for r in expr.atoms(sp.Indexed) if str(r.base.label) == gemm.name]
             if len(reads) != 1:
@@ -471,43 +504,75 @@ class _Lowerer:
         out: list[_Reduction],
         seen: dict[tuple, sp.Symbol],
     ) -> sp.Expr:
-        """Replace reductions in ``expr`` by temporaries (post-order), collecting them."""
+        """Replace reductions in ``expr`` by temporaries (post-order), collecting them.
+
+        A reduction inside a ``Piecewise`` branch taken only under a condition on indices is
+        computed before the branch is chosen: its terms are guarded by that condition, so it
+        never reads where the branch would not (``X[k + N]`` under ``k < N``).
+        """
+        guards: list[sp.Basic] = []
+        done: dict[tuple[sp.Basic, ...], sp.Basic] = {}  # the same reduction twice: once
 
         def visit(node: sp.Basic) -> sp.Basic:
-            if isinstance(node, sp.Sum):
-                gemm = self._gemm(node, loop_vars)
-                if gemm is not None:
-                    return gemm
             if isinstance(node, (sp.Sum, ReduceMax)):
-                # A fresh loop variable per reduction: terms split off one sum share its name.
-                fresh = {
-                    v: sp.Symbol(f"_{v}_{self.n_red}_{n}", integer=True)
-                    for n, (v, _, _) in enumerate(node.limits)
-                }
-                limits = [(fresh[v], lo, hi) for v, lo, hi in _memory_order(node)]
-                body = visit(node.function.xreplace(fresh))
-                # innermost limit first; Sum(f, (i..), (j..)) = Σ_j Σ_i f
-                for var, lo, hi in limits:
-                    kind = "sum" if isinstance(node, sp.Sum) else "max"
-                    key = (kind, body.xreplace({var: _CANON}), lo, hi)
-                    if key in seen:
-                        body = seen[key]
-                        continue
-                    temp = sp.Symbol(f"_r{self.n_red}", real=True)
-                    self.n_red += 1
-                    deps = frozenset(
-                        s
-                        for s in body.free_symbols | lo.free_symbols | hi.free_symbols
-                        if s != var and s.is_integer and not isinstance(s, sp.Indexed)
-                    ) | self._temp_deps(body, out)
-                    out.append(_Reduction(temp, kind, var, lo, hi, body, deps - {var}))
-                    seen[key] = temp
-                    body = temp
-                return body
+                key = (node, *guards)
+                if key not in done:
+                    done[key] = reduce(node)
+                return done[key]
+            if isinstance(node, sp.Piecewise):
+                branches: list[tuple[sp.Basic, sp.Basic]] = []
+                earlier: list[sp.Basic] = []
+                for e, c in node.args:
+                    mine = [] if c == sp.true else [c]
+                    test = sp.And(*mine, *[sp.Not(p) for p in earlier])
+                    guarded = test != sp.true and not reads_float(test)
+                    guards.extend([test] if guarded else [])
+                    value = visit(e)
+                    del guards[len(guards) - guarded :]
+                    branches.append((value, visit(c)))  # a sum in a condition: a row's norm
+                    earlier.append(c)
+                return sp.Piecewise(*branches)
             if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase)):
                 return node
             args = [visit(a) for a in node.args]
             return node.func(*args) if args != list(node.args) else node
+
+        def reduce(node: sp.Sum | ReduceMax) -> sp.Basic:
+            if isinstance(node, sp.Sum):
+                gemm = self._gemm(node, loop_vars)
+                if gemm is not None:
+                    return gemm
+            # A fresh loop variable per reduction: terms split off one sum share its name.
+            fresh = {
+                v: sp.Symbol(f"_{v}_{self.n_red}_{n}", integer=True)
+                for n, (v, _, _) in enumerate(node.limits)
+            }
+            limits = [
+                (fresh[v], lo.xreplace(fresh), hi.xreplace(fresh))
+                for v, lo, hi in _memory_order(node)
+            ]
+            body = visit(node.function.xreplace(fresh))
+            if guards:
+                empty = sp.S.Zero if isinstance(node, sp.Sum) else -sp.oo
+                body = sp.Piecewise((body, sp.And(*guards)), (empty, True))
+            # innermost limit first; Sum(f, (i..), (j..)) = Σ_j Σ_i f
+            for var, lo, hi in limits:
+                kind = "sum" if isinstance(node, sp.Sum) else "max"
+                key = (kind, body.xreplace({var: _CANON}), lo, hi)
+                if key in seen:
+                    body = seen[key]
+                    continue
+                temp = sp.Symbol(f"_r{self.n_red}", real=True)
+                self.n_red += 1
+                deps = frozenset(
+                    s
+                    for s in body.free_symbols | lo.free_symbols | hi.free_symbols
+                    if s != var and s.is_integer and not isinstance(s, sp.Indexed)
+                ) | self._temp_deps(body, out)
+                out.append(_Reduction(temp, kind, var, lo, hi, body, deps - {var}))
+                seen[key] = temp
+                body = temp
+            return body
 
         return visit(expr)
 
@@ -536,6 +601,7 @@ class _Lowerer:
             batch = self._batch_sum(a, indent)
             if batch is not None:
                 return batch
+        self._loops = a.loops
         loop_vars = [v for v, _, _ in a.loops]
         reds: list[_Reduction] = []
         seen: dict[tuple, sp.Symbol] = {}
@@ -547,36 +613,49 @@ class _Lowerer:
         # it depends on, else at the output loop level of its deepest dependency.
         level = {v: n + 1 for n, (v, _, _) in enumerate(a.loops)}
         by_var = {r.var: r for r in reds}
-        placed: dict[int, list[_Reduction]] = {n: [] for n in range(len(a.loops) + 1)}
-        materialized: list[str] = []
+        placed: dict[int, list[_Reduction | list[str]]] = {n: [] for n in range(len(a.loops) + 1)}
         for r in reds:  # post-order: dependencies come first
-            inner = [by_var[v] for v in r.deps if v in by_var]
-            if inner and a.loops and not any(v in level for v in r.deps):
-                # Depends only on enclosing reductions' indices (a row mean inside a sum over
-                # rows): compute it once for every value of them, before the output loops,
-                # instead of once per output element.
-                array = self._materialize(r, [h.var for h in inner], materialized)
+            inner = sorted((by_var[v] for v in r.deps if v in by_var), key=reds.index)
+            at = max((level[v] for v in r.deps if v in level), default=0)
+            if inner and at < len(a.loops) and self._bounded_by(inner, level, at):
+                # Depends on enclosing reductions' indices and not on the innermost output
+                # index (a row's max and sum inside a sum over rows): compute it once for every
+                # value of them, at the loop level of its last output index, instead of once
+                # per output element — the sum over rows stays linear in the row length.
+                filled: list[str] = []
+                array = self._materialize(r, [h.var for h in inner], filled)
                 for other in reds:
                     other.body = other.body.xreplace({r.temp: array})
                 expr = expr.xreplace({r.temp: array})
+                placed[at].append(filled)
             elif inner:
                 # the enclosing reduction whose loop variable this one depends on
-                host = min(inner, key=lambda h: reds.index(h))
-                host.children.append(r)
+                inner[0].children.append(r)
             else:
-                placed[max((level[v] for v in r.deps if v in level), default=0)].append(r)
+                placed[at].append(r)
 
         index = a.index if a.index is not None else tuple(loop_vars)
+        pad = " " * indent
+
+        def emit(items: list[_Reduction | list[str]]) -> list[str]:
+            out: list[str] = []
+            for item in items:
+                if isinstance(item, _Reduction):
+                    out += self._reduction(item, pad)
+                else:
+                    out += [pad + line for line in item]
+            return out
+
         wrote = not a.accumulate and index and expr == sp.IndexedBase(a.target)[index]
         if wrote and not stores:
-            return [" " * indent + line for line in materialized]  # a GEMM wrote the target
-        red_level = {r.temp: n for n, rs in placed.items() for r in rs}
+            return emit(placed[0])  # a GEMM wrote the target
+        red_level = {
+            r.temp: n for n, rs in placed.items() for r in rs if isinstance(r, _Reduction)
+        }
         expr, hoisted = self._hoist(expr, a.loops, red_level)
-        pad = " " * indent
-        lines: list[str] = [pad + line for line in materialized]
+        lines: list[str] = []
         for n in range(len(a.loops) + 1):
-            for r in placed[n]:
-                lines += self._reduction(r, pad)
+            lines += emit(placed[n])
             for temp, value in hoisted.get(n, []):
                 lines.append(f"{pad}{temp} = {self.piece(value)}")
             for st, value in zip(stores, stored, strict=True):
@@ -701,6 +780,8 @@ class _Lowerer:
         outer = set(loop_vars)
         if coeff.has(sp.Sum, ReduceMax) or (self._contraction(total, loop_vars) is not None):
             return None
+        if plan(total, a.loops, self._dims(), "_", str, str) is not None:
+            return None  # a GEMM of computed factors (a kink's weight gradient)
         if any((lo.free_symbols | hi.free_symbols) & outer for _, lo, hi in total.limits):
             return None
         body = total.function
@@ -728,6 +809,15 @@ class _Lowerer:
             _Assignment(a.target, a.loops, coeff * sp.IndexedBase(acc)[index]), indent
         )
         return lines
+
+    def _bounded_by(
+        self, hosts: list[_Reduction], level: dict[sp.Symbol, int], at: int
+    ) -> bool:
+        """Whether the ranges of ``hosts`` are known at loop level ``at`` and do not depend on
+        each other: then an array over them can be filled there."""
+        reduction_vars = {r.var for r in self._all}
+        bounds = {s for h in hosts for s in h.lo.free_symbols | h.hi.free_symbols}
+        return not bounds & reduction_vars and all(level.get(s, 0) <= at for s in bounds)
 
     def _materialize(self, r: _Reduction, hosts: list[sp.Symbol], lines: list[str]) -> sp.Expr:
         """Emit loops computing ``r`` for every value of ``hosts`` into an array; return a read."""

@@ -84,7 +84,10 @@ NUMBA_FUNCTIONS: dict[str, str] = {
 #: Functions the printer handles without the math module, and symgrad's own primitives (which
 #: the emitter lowers to the functions above before printing).
 STRUCTURAL = frozenset(
-    {"Abs", "Max", "Min", "sign", "Heaviside", "Piecewise", "sigmoid", "softplus"}
+    {
+        "Abs", "Max", "Min", "sign", "Heaviside", "Piecewise", "sigmoid", "softplus", "xlogy",
+        "floor", "ceiling",  # of index expressions: a strided convolution's bounds
+    }
     | {"_TanhWithExp", "_ErfWithExp"}  # printing forms (see with_helper_arguments)
 )
 
@@ -521,7 +524,10 @@ class NumbaPrinter(PythonCodePrinter):
 
     def __init__(self, vector_math: bool = False, dtype: str = "float64") -> None:
         super().__init__({"strict": True, "fully_qualified_modules": True})
-        self.known_functions = {**self._kf, "Abs": "abs", "Max": "max", "Min": "min"}
+        self.known_functions = {
+            **self._kf, "Abs": "abs", "Max": "max", "Min": "min",
+            "floor": "math.floor", "ceiling": "math.ceil",
+        }
         self._vector_math = vector_math
         self._single = dtype == "float32"
         self._integer_context = False  # inside a comparison of integers: no conversion

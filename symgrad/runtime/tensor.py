@@ -73,7 +73,9 @@ class _BindPlan:
     """
 
     #: the plan's plain part, stored with a cached built-in op (:meth:`data`)
-    FIELDS = ("names", "integer", "shape_text", "checks", "index_uses", "source")
+    FIELDS = (
+        "names", "integer", "shape_text", "checks", "index_uses", "source", "batch", "out_batch",
+    )  # fmt: skip
 
     def __init__(self, spec: TensorSpec) -> None:
         import sympy as sp
@@ -94,14 +96,49 @@ class _BindPlan:
                         first[dim] = (k, axis)
         bound = {d: _local(*where) for d, where in first.items()}
         self.first = first  # dim -> (input, axis) that binds it
+        # A dim that appears only inside shape expressions (N of an axis 2*N) is solved from
+        # the first such axis with it as the one unknown: computed (N = s/2) before the checks,
+        # which then test every expression (2*N == s, so 7 is refused).
+        size = sp.Symbol("_size", integer=True)
+        #: (dim, its solution in ``_size``, input, axis) in the order they are computed
+        self.solved: list[tuple[sp.Symbol, sp.Expr, int, int]] = []
+        solved_source: list[tuple[str, str]] = []
+        progress = True
+        while progress:
+            progress = False
+            for k, shape in enumerate(shapes):
+                for axis, dim in enumerate(shape):
+                    unknown = dim.free_symbols - set(bound)
+                    if isinstance(dim, sp.Symbol) or len(unknown) != 1:
+                        continue
+                    (symbol,) = unknown
+                    found = sp.solve(sp.Eq(dim, size), symbol, dict=False)
+                    if len(found) != 1:
+                        continue
+                    local = f"d{len(self.solved)}"
+                    axis_size = sp.Symbol(_local(k, axis), integer=True)
+                    solution = found[0].xreplace({size: axis_size})
+                    solved_source.append((local, _int_source(solution, bound)))
+                    self.solved.append((symbol, found[0], k, axis))
+                    bound[symbol] = local
+                    progress = True
+        self._solved_source = solved_source
         #: (input, axis, the dim expression, its source in the bound sizes — None when it
-        #: uses a dim that no axis binds by itself, an error at every call)
+        #: uses a dim that no axis gives, an error at every call)
         self.derived = [
-            (k, axis, dim, _int_source(dim, bound) if dim.free_symbols <= set(first) else None)
+            (k, axis, dim, _int_source(dim, bound) if dim.free_symbols <= set(bound) else None)
             for k, shape in enumerate(shapes)
             for axis, dim in enumerate(shape)
             if not isinstance(dim, sp.Symbol)
         ]
+        # batch axes: inputs whose first dim is the batch dim take any number of leading axes
+        batch = getattr(spec, "batch", None)
+        self.batch = tuple(
+            k for k, shape in enumerate(shapes) if batch is not None and shape and shape[0] == batch
+        )
+        self.out_batch = bool(
+            batch is not None and spec.out and sp.sympify(spec.out_shape[0]) == batch
+        )
         dims = [bound.get(d, "None") for d in spec.dims]
         out = [_int_source(d, bound) for d in spec.out_shape]
         # (integer tensor, axis, tensor it indexes, source of that axis's size) per gather
@@ -145,6 +182,7 @@ class _BindPlan:
         for k, shape in enumerate(self.shape_text):
             if shape:
                 lines.append(f"    {_tuple(_local(k, a) for a in range(len(shape)))} = a{k}.shape")
+        lines += [f"    {local} = {source}" for local, source in self._solved_source]
         tests = [f"{_local(k, a)} != {_local(k0, a0)}" for k, a, k0, a0 in self.checks]
         tests += [
             f"{_local(k, a)} != {source}" if source else "True"
@@ -183,6 +221,8 @@ class _BindPlan:
         plan.shape_text = tuple(tuple(s) for s in data["shape_text"])
         plan.checks = [tuple(c) for c in data["checks"]]  # type: ignore[misc]
         plan.index_uses = [tuple(u) for u in data["index_uses"]]  # type: ignore[misc]
+        plan.batch = tuple(int(k) for k in data["batch"])
+        plan.out_batch = bool(data["out_batch"])
         plan.source = str(data["source"])
         plan.fast = cls._compile(plan.source)
         return plan
@@ -310,10 +350,27 @@ class TensorOp(CompiledOp["TensorDerivation"]):
         if plan.fast(ready) is not None:
             return ready
         # only a dim given by an expression (N - K + 1) is left to fail: name it (SymPy)
+        import sympy as sp
+
         full = self._checked_plan()
         sizes = {d: checked[k].shape[axis] for d, (k, axis) in full.first.items()}
+        for symbol, solution, k, axis in full.solved:
+            value = solution.xreplace({sp.Symbol("_size", integer=True): checked[k].shape[axis]})
+            value = value.xreplace(sizes)
+            if not value.is_Integer or value < 0:
+                raise ShapeError(
+                    f"op {self.name!r}: axis {axis} of {plan.names[k]!r} (shape "
+                    f"{checked[k].shape}) should be {plan.shape_text[k][axis]}, but no whole "
+                    f"{symbol} gives {checked[k].shape[axis]}"
+                )
+            sizes[symbol] = int(value)
         for k, axis, dim, _ in full.derived:
             size, expected = checked[k].shape[axis], dim.xreplace(sizes)
+            if expected.free_symbols:
+                raise ShapeError(
+                    f"op {self.name!r}: dim(s) {sorted(map(str, expected.free_symbols))} cannot "
+                    "be found from the arrays' shapes; give some input an axis of that dim alone"
+                )
             if not expected.is_Integer or int(expected) != size:
                 raise ShapeError(
                     f"op {self.name!r}: axis {axis} of {plan.names[k]!r} (shape "
@@ -333,13 +390,49 @@ class TensorOp(CompiledOp["TensorDerivation"]):
                     f"{base!r}, of size {size} (valid: 0 to {size - 1})"
                 )
 
+    def _flatten_batch(
+        self, arrays: tuple[object, ...]
+    ) -> tuple[tuple[object, ...], tuple[int, ...] | None]:
+        """The inputs with their leading (batch) axes flattened into one, and those axes'
+        shape (None for an op without a batch dim); see ``batch`` in :func:`symgrad.tensor_op`."""
+        plan = self._plan
+        if not plan.batch or len(arrays) != len(plan.names):
+            return arrays, None
+        lead: tuple[int, ...] | None = None
+        flat = list(arrays)
+        for k in plan.batch:
+            rest = len(plan.shape_text[k]) - 1
+            array = np.asarray(arrays[k])
+            if array.ndim < rest:
+                raise ShapeError(
+                    f"op {self.name!r}: input {plan.names[k]!r} must have at least {rest} dims "
+                    f"{plan.shape_text[k][1:]} after its batch axes, got shape {array.shape}"
+                )
+            here = array.shape[: array.ndim - rest]
+            if lead is not None and here != lead:
+                raise ShapeError(
+                    f"op {self.name!r}: the batch axes of the inputs differ: {lead} and {here} "
+                    f"(input {plan.names[k]!r}, shape {array.shape})"
+                )
+            lead = here
+            flat[k] = array.reshape((math.prod(here), *array.shape[array.ndim - rest :]))
+        return tuple(flat), lead
+
+    def _unflatten(self, shape: tuple[int, ...], lead: tuple[int, ...] | None) -> tuple[int, ...]:
+        """The output's shape with its batch axis as the inputs' leading axes."""
+        if lead is None or not self._plan.out_batch:
+            return shape
+        return (*lead, *shape[1:])
+
     def output_shape(self, *arrays: object) -> tuple[tuple[int, ...], np.dtype]:
         """The shape and dtype of ``op(*arrays)``, its arguments checked, nothing computed."""
-        _, dtype, _, shape = self._bound(arrays, self._plan.fast(arrays))
-        return shape, dtype
+        flat, lead = self._flatten_batch(arrays)
+        _, dtype, _, shape = self._bound(flat, self._plan.fast(flat))
+        return self._unflatten(shape, lead), dtype
 
     def __call__(self, *arrays: object) -> np.ndarray:
         """Forward: the output tensor, of shape given by the ``out`` indices' ranges."""
+        arrays, lead = self._flatten_batch(arrays)
         found = self._plan.fast(arrays)
         if found is not None and not found[3]:  # the common case: nothing to convert
             dtype, dims, shape, _ = found
@@ -347,7 +440,7 @@ class TensorOp(CompiledOp["TensorDerivation"]):
             arrays, dtype, dims, shape = self._bound(arrays, found)
         out = np.empty(shape if shape else (1,), dtype)
         self._run("forward", dtype, *arrays, *dims, out)
-        return out if shape else out.reshape(())
+        return out.reshape(self._unflatten(shape, lead)) if shape else out.reshape(())
 
     def forward_saved(self, *arrays: object) -> tuple[np.ndarray, Saved | None]:
         """The forward, and what it saved for the VJP (``None`` when the VJP reads nothing
@@ -357,13 +450,15 @@ class TensorOp(CompiledOp["TensorDerivation"]):
         layout = getattr(self.module, "RESIDUALS", None)
         if layout is None:
             return self(*arrays), None
-        checked, dtype, dims, shape = self._bound(arrays, self._plan.fast(arrays))
+        flat, lead = self._flatten_batch(arrays)
+        checked, dtype, dims, shape = self._bound(flat, self._plan.fast(flat))
         out = np.empty(shape if shape else (1,), dtype=dtype)
         residuals = tuple(
             np.empty(tuple(shape[k] for k in axes), dtype=dtype) for axes in layout
         )
         self._run("forward_saved", dtype, *checked, *dims, out, *residuals)
-        return (out if shape else out.reshape(())), Saved(out, residuals)
+        shown = out.reshape(self._unflatten(shape, lead)) if shape else out.reshape(())
+        return shown, Saved(out, residuals)
 
     def vjp(self, *arrays_and_grad: object, saved: Saved | None = None) -> tuple[Any, ...]:
         """``op.vjp(*inputs, grad_output)``: one gradient per input, of its shape and dtype
@@ -376,16 +471,20 @@ class TensorOp(CompiledOp["TensorDerivation"]):
             raise ArgumentError(f"op {self.name!r}: vjp takes the inputs and then grad_output")
         *arrays, grad_output = arrays_and_grad
         given = tuple(arrays)
-        checked, dtype, dims, shape = self._bound(given, self._plan.fast(given))
+        flat, lead = self._flatten_batch(given)
+        checked, dtype, dims, shape = self._bound(flat, self._plan.fast(flat))
         g = np.asarray(grad_output)
         if g.dtype.kind not in "iuf" or g.dtype == np.bool_:
             raise DTypeError(
                 f"op {self.name!r}: grad_output has dtype {g.dtype}; give a float array"
             )
-        if g.shape != shape:
+        expected = self._unflatten(shape, lead)
+        if g.shape != expected:
             raise ShapeError(
-                f"op {self.name!r}: grad_output has shape {g.shape}, the output has shape {shape}"
+                f"op {self.name!r}: grad_output has shape {g.shape}, the output has shape "
+                f"{expected}"
             )
+        g = g.reshape(shape)
         # a scalar cotangent is passed as a scalar of the data's dtype (a Python float would
         # turn the float32 kernel's arithmetic into float64)
         g_arg: Any = dtype.type(g) if not shape else np.ascontiguousarray(g, dtype=dtype)
@@ -396,6 +495,6 @@ class TensorOp(CompiledOp["TensorDerivation"]):
             self._run("vjp", dtype, *checked, *dims, g_arg, *grads)
         result: list[np.ndarray | None] = [None] * len(checked)
         for n, grad in zip(self._wrt, grads, strict=True):
-            result[n] = grad
+            result[n] = grad.reshape(np.asarray(given[n]).shape) if lead is not None else grad
         return tuple(result)
 

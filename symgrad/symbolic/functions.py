@@ -78,6 +78,31 @@ class softplus(StablePrimitive):  # noqa: N801
 PRIMITIVES: tuple[type[StablePrimitive], ...] = (sigmoid, softplus)
 
 
+class xlogy(sp.Function):  # noqa: N801
+    """``x·log(y)``, and 0 where ``x = 0`` (torch's ``xlogy``): the ``y·log(y)`` of an entropy
+    or a KL divergence is 0 at ``y = 0``, where ``0·log(0)`` would be NaN.
+
+    Its partial derivatives are derived from the definition ``x·log(y)``.
+    """
+
+    nargs = 2
+
+    @classmethod
+    def definition(cls, x: sp.Expr, y: sp.Expr) -> sp.Expr:
+        return x * sp.log(y)
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        if argindex not in (1, 2):
+            raise sp.ArgumentIndexError(self, argindex)
+        x, y = sp.Dummy("x", real=True), sp.Dummy("y", positive=True)
+        partial = sp.diff(self.definition(x, y), (x, y)[argindex - 1])
+        return partial.xreplace({x: self.args[0], y: self.args[1]})
+
+    def _eval_is_real(self) -> bool | None:
+        x, y = self.args
+        return True if x.is_real and y.is_nonnegative else None
+
+
 _DERIVATIVES: dict[str, sp.Expr] = {}
 
 

@@ -30,7 +30,7 @@ import sympy as sp
 
 from ..errors import NonDifferentiableError
 from .derive import Derivation, prepare
-from .index import TensorDerivation, TensorSpec
+from .index import IndexSum, TensorDerivation, TensorSpec
 from .spec import OpSpec, fresh_name
 from .stabilize import stabilize
 
@@ -133,7 +133,7 @@ def tensor_vjp_dot(derivation: TensorDerivation) -> TensorFormula:
         )
         if idx:
             limits = [(i, 0, d - 1) for i, d in zip(idx, p.wrt.shape, strict=True)]
-            terms.append(sp.Sum(v[idx] * body, *limits))
+            terms.append(IndexSum(v[idx] * body, *limits))  # no piecewise_fold: see IndexSum
         else:
             terms.append(v[0] * body)
     return TensorFormula(sp.Add(*terms), (), tuple(inputs))

@@ -11,6 +11,18 @@ removes them — ``Σ_j δ(j, k) f(j) → f(k)`` when ``k`` ranges over the same
 after distributing sums over the terms of their bodies and pulling out factors that do not
 depend on the summation index.  ``Sum.doit()`` is never used: it crashes on layer norm and
 leaves ``Piecewise`` range guards.
+
+Beyond plain contractions (see :mod:`.conditions` for the index conditions):
+
+* kinks inside sums — the chain rule is applied node by node (:func:`differentiate`) and a
+  ``Piecewise`` under a sum splits into indicator terms, so its condition keeps its index;
+* shifted indices — ``Σ_j δ(j + q, k)·f(j) = [0 ≤ k - q < N]·f(k - q)``: a convolution's VJP is
+  the transposed convolution, by contraction; a read outside a tensor is 0 (zero padding);
+* conditions on indices and triangular sums — a condition on a summation index becomes its
+  bound once every delta is gone, so loops run over the triangle and the max shift of
+  ``Σ exp`` sees only the kept terms;
+* stable VJPs — the forward is stabilized first and differentiated with the max shift held
+  fixed (the value does not depend on it), so every gradient reads shifted exponentials only.
 """
 
 from __future__ import annotations
@@ -21,10 +33,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import sympy as sp
-from sympy.concrete.expr_with_limits import ExprWithLimits
+from sympy.concrete.expr_with_limits import ExprWithLimits, _process_limits
+from sympy.printing.precedence import PRECEDENCE_TRADITIONAL
 
 from ..errors import ComplexityError, DefinitionError, NonDifferentiableError, UnboundSymbolError
+from . import conditions as cond
 from .bounds import MAX_TERMS, check_derivatives, check_size, is_zero
+from .conditions import indicator, refold_indicators, split_indicators
 from .derive import Printouts
 from .parse import as_expression
 from .spec import bind_constants, check_name, fresh_name
@@ -33,14 +48,52 @@ from .stabilize import Rewrite, stabilize
 Range = tuple[sp.Expr, sp.Expr]  # inclusive (low, high)
 
 
+def _unfolded(cls: type, function: object, symbols: tuple[object, ...]) -> sp.Expr:
+    """A reduction built without SymPy's ``piecewise_fold``, which pulls a ``Piecewise`` out
+    of an inner ``Sum`` even when its condition reads that sum's index (the index escapes)."""
+    function = sp.sympify(function)
+    assert isinstance(function, sp.Expr)
+    limits, orientation = _process_limits(*symbols, discrete=True)
+    if any(len(limit) != 3 for limit in limits):
+        raise ValueError(f"{cls.__name__} requires values for lower and upper bounds")
+    obj = sp.Expr.__new__(cls)
+    obj._args = (orientation * function, *limits)
+    obj.is_commutative = function.is_commutative
+    return obj
+
+
+class IndexSum(sp.Sum):
+    """A ``Sum`` in index notation: prints and evaluates as ``Sum``; keeps a ``Piecewise`` in
+    its body where it is (see :func:`_unfolded`)."""
+
+    def __new__(cls, function: object, *symbols: object, **assumptions: object) -> sp.Expr:
+        return _unfolded(cls, function, symbols)
+
+
+# Printers look precedences up by class name: an IndexSum is parenthesized as a Sum is (its
+# square prints as (Σ ...)², not Σ ...²).
+PRECEDENCE_TRADITIONAL.setdefault("IndexSum", PRECEDENCE_TRADITIONAL["Sum"])
+
+
 class ReduceMax(ExprWithLimits):
     """``max`` of ``body`` over an index range: ``ReduceMax(f(j), (j, lo, hi))``.
 
     Introduced only by stabilization (the max shift of log-sum-exp), never differentiated.
     """
 
+    def __new__(cls, function: object, *symbols: object, **assumptions: object) -> sp.Expr:
+        return _unfolded(cls, function, symbols)
+
     def _eval_is_real(self) -> bool | None:
         return self.function.is_real
+
+
+def index_sums(expr: sp.Expr) -> sp.Expr:
+    """Every ``Sum`` of ``expr`` as an :class:`IndexSum`."""
+    return expr.replace(
+        lambda e: type(e) is sp.Sum,
+        lambda e: IndexSum(e.function, *e.limits),  # type: ignore[arg-type]
+    )
 
 
 @dataclass(frozen=True)
@@ -59,6 +112,8 @@ class TensorSpec:
     ranges: tuple[tuple[sp.Symbol, Range], ...]
     constants: tuple[tuple[str, float], ...]
     wrt: tuple[sp.IndexedBase, ...] = ()  # the inputs that get a gradient
+    #: a dim that stands for any number of leading axes (flattened into one at call time)
+    batch: sp.Symbol | None = None
 
     @property
     def index_inputs(self) -> tuple[sp.IndexedBase, ...]:
@@ -79,9 +134,11 @@ class TensorSpec:
                 self.name,
                 sp.srepr(self.expr),
                 sp.srepr(self.out),
+                sp.srepr(self.ranges),
                 sp.srepr(tuple((b.label, b.shape, bool(b.is_integer)) for b in self.inputs)),
                 repr(self.constants),
                 repr([str(b.label) for b in self.wrt]),
+                f"batch={self.batch}",
             ]
         )
         return hashlib.sha256(text.encode()).hexdigest()
@@ -186,6 +243,15 @@ def _fresh_indices(base: sp.IndexedBase, taken: set[str]) -> tuple[sp.Symbol, ..
     return tuple(indices)
 
 
+def _real(base: sp.IndexedBase) -> sp.IndexedBase:
+    """A float tensor's base declared real (its elements are real numbers, as the inputs of an
+    elementwise op are), so ``Abs``, ``sign`` and ``Max`` of an element differentiate on the
+    real line."""
+    if base.is_integer or base.is_real:
+        return base
+    return sp.IndexedBase(str(base.label), shape=base.shape, real=True)
+
+
 def tensor_spec(
     expr: object,
     out: Iterable[sp.Symbol],
@@ -193,10 +259,18 @@ def tensor_spec(
     name: str,
     constants: Mapping[sp.Symbol | str, object] | None = None,
     wrt: Iterable[sp.IndexedBase | str] | None = None,
+    out_shape: Iterable[object] | None = None,
+    batch: sp.Symbol | None = None,
 ) -> TensorSpec:
     """Validate a tensor-op definition and return its :class:`TensorSpec`.
 
     ``wrt`` names the inputs that get a gradient (default: every non-integer input).
+    ``out_shape`` declares the output's shape (dims or expressions of dims); without it each
+    output index runs over every value at which all the tensor reads it appears in are in
+    range (``l`` in ``X[b, c, l + q]`` up to ``L - K``).  A read outside its tensor (a declared
+    shape larger than that: zero padding) is 0.  ``batch`` names a dim that stands for any
+    number of leading axes: written once as ``X[b, j]`` over ``(B, N)``, the op takes arrays
+    ``(..., N)`` (see :class:`~symgrad.runtime.tensor.TensorOp`).
     """
     name = check_name(name)
     formula = as_expression(expr, f"op {name!r}: the formula", strings=False)
@@ -244,13 +318,12 @@ def tensor_spec(
         formula, constants, reserved=[*labels, *(str(i) for i in out), *(str(d) for d in dims)]
     )
     _check_names(name, formula, inputs, out, dims)
-    ranges = _infer_ranges(formula, name)
-    for index in out:
-        if index not in ranges:
-            raise DefinitionError(
-                f"op {name!r}: output index {index} does not index any input tensor, so its "
-                "range is unknown"
-            )
+    real = {b: _real(b) for b in inputs}
+    formula = formula.xreplace(real)
+    inputs = tuple(real[b] for b in inputs)
+    _infer_ranges(formula, name)  # every read well-formed; a plain index over one dim
+    ranges = _out_ranges(name, formula, out, dims, out_shape)
+    formula = guard_reads(name, formula, ranges)
     free = {s for s in formula.free_symbols if not isinstance(s, sp.Indexed)}
     free -= {b.label for b in inputs}
     free -= set(dims)
@@ -270,7 +343,138 @@ def tensor_spec(
         tuple((i, ranges[i]) for i in out),
         bound,
         _check_wrt(name, inputs, wrt),
+        _check_batch(name, batch, inputs, out, ranges),
     )
+
+
+def _check_batch(
+    op: str,
+    batch: sp.Symbol | None,
+    inputs: tuple[sp.IndexedBase, ...],
+    out: tuple[sp.Symbol, ...],
+    ranges: Mapping[sp.Symbol, Range],
+) -> sp.Symbol | None:
+    """The batch dim: the first axis, and only that, of the tensors that have it; the range of
+    the output's first index when the output has it."""
+    if batch is None:
+        return None
+    hint = (
+        f"op {op!r}: batch={batch} stands for any number of leading axes, so it must be the "
+        "first axis of every tensor that has it, used nowhere else"
+    )
+    if not isinstance(batch, sp.Symbol):
+        raise DefinitionError(f"{hint}; give the dim symbol itself, got {batch!r}")
+    carriers = 0
+    for base in inputs:
+        shape = [sp.sympify(d) for d in base.shape]
+        if any(batch in d.free_symbols for d in shape[1:]) or (
+            shape and batch in shape[0].free_symbols and shape[0] != batch
+        ):
+            raise DefinitionError(f"{hint}; {base} has shape {tuple(shape)}")
+        carriers += bool(shape) and shape[0] == batch
+    if not carriers:
+        raise DefinitionError(f"{hint}; no input has it")
+    for n, index in enumerate(out):
+        lo, hi = ranges[index]
+        if batch in hi.free_symbols and (n != 0 or (lo, hi) != (0, batch - 1)):
+            raise DefinitionError(f"{hint}; the output's indices {out} must start with it")
+    return batch
+
+
+def _out_ranges(
+    op: str,
+    formula: sp.Expr,
+    out: tuple[sp.Symbol, ...],
+    dims: list[sp.Symbol],
+    out_shape: Iterable[object] | None,
+) -> dict[sp.Symbol, Range]:
+    """The range of every output index: from the declared ``out_shape``, else inferred."""
+    if out_shape is not None:
+        shape = tuple(sp.sympify(d) for d in out_shape)
+        if len(shape) != len(out):
+            raise DefinitionError(
+                f"op {op!r}: out_shape {shape} has {len(shape)} dims but out has "
+                f"{len(out)} indices {out}"
+            )
+        for d in shape:
+            if not isinstance(d, sp.Expr) or not d.free_symbols <= set(dims) or not d.is_integer:
+                raise DefinitionError(
+                    f"op {op!r}: out_shape entry {d} must be an integer expression of the "
+                    f"inputs' dims {[str(x) for x in dims]}"
+                )
+        return {i: (sp.S.Zero, d - 1) for i, d in zip(out, shape, strict=True)}
+    ranges: dict[sp.Symbol, Range] = {}
+    for index in out:
+        highs = _index_upper_bounds(formula, index, {}, frozenset(dims))
+        if not highs:
+            raise DefinitionError(
+                f"op {op!r}: output index {index} does not index any input tensor, so its "
+                "range is unknown; index a tensor with it or declare out_shape=(...)"
+            )
+        hi = sp.Min(*highs)
+        if isinstance(hi, sp.Min):
+            raise DefinitionError(
+                f"op {op!r}: output index {index} reads tensors up to "
+                f"{' and '.join(map(str, highs))}, which do not compare; use separate indices "
+                "or declare out_shape=(...)"
+            )
+        ranges[index] = (sp.S.Zero, hi)
+    return ranges
+
+
+def _index_upper_bounds(
+    expr: sp.Basic, index: sp.Symbol, known: dict[sp.Symbol, Range], dims: frozenset[sp.Symbol]
+) -> list[sp.Expr]:
+    """The largest value of ``index`` at which each read ``X[..., a·index + r, ...]`` stays
+    within its axis, ``r`` ranging over the summation indices around the read."""
+    if isinstance(expr, (sp.Sum, ReduceMax)):
+        inner = {**known, **{v: (lo, hi) for v, lo, hi in expr.limits}}
+        return _index_upper_bounds(expr.function, index, inner, dims)
+    if isinstance(expr, sp.Indexed):
+        highs = []
+        for position, dim in zip(expr.indices, expr.base.shape, strict=True):
+            highs += _index_upper_bounds(position, index, known, dims)
+            found = cond.linear_coefficient(position, index)
+            if found is None or not found[0].is_Integer or found[0] < 0:
+                continue
+            a, r = found
+            iv = cond.interval(r, known)
+            if iv is None or not iv[1].free_symbols <= dims:
+                continue  # r depends on another free index: no bound of this one alone
+            hi = (dim - 1 - iv[1]) if a == 1 else sp.floor((dim - 1 - iv[1]) / a)
+            highs.append(sp.expand(hi))
+        return highs
+    bounds: list[sp.Expr] = []
+    for arg in expr.args:
+        bounds += _index_upper_bounds(arg, index, known, dims)
+    return bounds
+
+
+def guard_reads(op: str, expr: sp.Expr, out_ranges: Mapping[sp.Symbol, Range]) -> sp.Expr:
+    """A float tensor read whose position may fall outside its axis reads 0 there: it becomes
+    ``X[..]·[0 ≤ position ≤ dim - 1]`` (zero padding)."""
+
+    def visit(node: sp.Basic, known: dict[sp.Symbol, Range]) -> sp.Basic:
+        if isinstance(node, (sp.Sum, ReduceMax)):
+            inner = {**known, **{v: (lo, hi) for v, lo, hi in node.limits}}
+            return type(node)(visit(node.function, inner), *node.limits)
+        if isinstance(node, sp.Indexed):
+            conds = []
+            for position, dim in zip(node.indices, node.base.shape, strict=True):
+                if not reads_integer_tensor(position):
+                    conds += cond.range_conditions(position, (sp.S.Zero, dim - 1), known)
+            if conds and node.base.is_integer:
+                raise DefinitionError(
+                    f"op {op!r}: the integer tensor read {node} may fall outside its shape "
+                    f"{tuple(node.base.shape)}; read integer tensors within their axes"
+                )
+            return node * sp.Mul(*[indicator(c) for c in conds]) if conds else node
+        if not node.args or isinstance(node, sp.IndexedBase):
+            return node
+        args = [visit(a, known) for a in node.args]
+        return node.func(*args) if args != list(node.args) else node
+
+    return visit(expr, dict(out_ranges))
 
 
 def _check_wrt(
@@ -301,42 +505,193 @@ def _check_wrt(
 # -- contraction ---------------------------------------------------------------------------
 
 
-def _same_range(a: Range, b: Range) -> bool:
-    return is_zero(a[0] - b[0]) and is_zero(a[1] - b[1])
+def _delta_solution(delta: sp.KroneckerDelta, var: sp.Symbol) -> sp.Expr | None:
+    """The value of ``var`` at which ``delta`` is 1 — ``k`` for ``δ(var, k)``, ``k - q`` for
+    ``δ(k, var + q)`` — or None when ``delta`` does not pin ``var`` to one value."""
+    a, b = delta.args
+    if var not in (a - b).free_symbols:
+        return None
+    if any(var in x.free_symbols for x in (a - b).atoms(sp.Indexed)):
+        return None  # δ(k, ids[var]): a scatter, not a contraction over var
+    found = cond.linear_coefficient(a - b, var)
+    if found is None or abs(found[0]) != 1:
+        return None
+    coeff, rest = found
+    return -rest / coeff
 
 
 def _contract_term(
-    term: sp.Expr, var: sp.Symbol, rng: Range, ranges: dict[sp.Symbol, Range]
+    term: sp.Expr,
+    var: sp.Symbol,
+    rng: Range,
+    ranges: dict[sp.Symbol, Range],
+    defer: frozenset[sp.Symbol] = frozenset(),
+    tighten: bool = False,
 ) -> sp.Expr:
-    """``Σ_var term`` for one product ``term``: contract a delta, or pull out what is constant."""
+    """``Σ_var term`` for one product ``term``: contract a delta, or pull out what is constant.
+
+    ``Σ_{var=lo}^{hi} δ(var, k)·f(var) = [lo ≤ k ≤ hi]·f(k)``; the range test is left out
+    where ``k``'s range provably lies within ``lo..hi`` (see :mod:`.conditions`).  With
+    ``tighten``, the indicator conditions on ``var`` that are linear inequalities become its
+    bounds (only once every delta is gone: a bound that reads another summation index would
+    stop the interchange of sums below).
+
+    A delta that another index of ``defer`` (a summation index further out) could remove as
+    well is left for that index: ``Σ_p g[p]·Σ_q W[q]·δ(k, p + q)`` becomes
+    ``Σ_q W[q]·g[k - q]``, the convolution's own offsets kept and the output positions
+    eliminated — the transposed
+    convolution as a sum over the kernel.  Reaching into an inner sum's body for it is the
+    interchange ``Σ_p Σ_q = Σ_q Σ_p``.
+    """
     factors = sp.Mul.make_args(term)
     for f in factors:
-        if isinstance(f, sp.KroneckerDelta) and var in f.args:
-            other = f.args[1] if f.args[0] == var else f.args[0]
-            if var in other.free_symbols:
-                continue
-            other_range = ranges.get(other) if isinstance(other, sp.Symbol) else None
-            # Σ_k f(k)·δ(k, ids[b]) = f(ids[b]): an integer tensor's values are checked, at
-            # call time, to lie within the axis they index
-            gathered = reads_integer_tensor(other) and not other.free_symbols & {var}
-            if gathered or (other_range is not None and _same_range(other_range, rng)):
-                rest = sp.Mul(*[g for g in factors if g is not f])
-                return rest.xreplace({var: other})
+        if not isinstance(f, sp.KroneckerDelta):
+            continue
+        value = _delta_solution(f, var)
+        if value is None or _left_for_later(f, value, defer):
+            continue
+        # Σ_k f(k)·δ(k, ids[b]) = f(ids[b]): an integer tensor's values are checked, at
+        # call time, to lie within the axis they index
+        tests = [] if reads_integer_tensor(value) else cond.range_conditions(value, rng, ranges)
+        rest = sp.Mul(*[g for g in factors if g is not f])
+        return rest.xreplace({var: value}) * sp.Mul(*[indicator(c) for c in tests])
+    for f in factors:
+        if isinstance(f, sp.Sum) and _holds_delta_for(f, var, defer):
+            rest = sp.Mul(*[g for g in factors if g is not f])
+            inner = sp.Add(
+                *[_contract_term(t, var, rng, ranges, defer) for t in _terms(rest * f.function)]
+            )
+            return _sum_terms(inner, f.limits, ranges, defer)
+    conds, rest = split_indicators(term)
+    if tighten:
+        settled = cond.settle(conds, ranges)
+        if settled is None:
+            return sp.S.Zero  # a condition that never holds
+        rng, conds = cond.tighten(var, rng, settled, ranges)
+        if cond.provably_le(rng[1] + 1, rng[0], ranges):
+            return sp.S.Zero  # an empty range
+    factors = (*sp.Mul.make_args(rest), *[indicator(c) for c in conds])
     inside = [f for f in factors if var in f.free_symbols]
     outside = [f for f in factors if var not in f.free_symbols]
-    count = rng[1] - rng[0] + 1
     if not inside:
-        return sp.Mul(*outside) * count
-    return sp.Mul(*outside) * sp.Sum(sp.Mul(*inside), (var, rng[0], rng[1]))
+        return sp.Mul(*outside) * cond.count(rng, ranges)
+    return sp.Mul(*outside) * IndexSum(sp.Mul(*inside), (var, rng[0], rng[1]))
+
+
+def _holds_delta_for(total: sp.Sum, var: sp.Symbol, defer: frozenset[sp.Symbol]) -> bool:
+    """Whether ``total``'s body has a delta that fixes ``var`` and whose bounds let the sums be
+    interchanged (they do not read ``var``)."""
+    if any(var in lo.free_symbols | hi.free_symbols for _, lo, hi in total.limits):
+        return False
+    return any(
+        (value := _delta_solution(d, var)) is not None and not _left_for_later(d, value, defer)
+        for d in total.function.atoms(sp.KroneckerDelta)
+    )
+
+
+def _left_for_later(
+    delta: sp.KroneckerDelta, value: sp.Expr, defer: frozenset[sp.Symbol]
+) -> bool:
+    """Whether an index further out (in ``defer``) can remove ``delta`` too: it is left to it."""
+    return any(_delta_solution(delta, w) is not None for w in value.free_symbols & defer)
+
+
+def _sum_terms(
+    body: sp.Expr,
+    limits: tuple[tuple[sp.Symbol, sp.Expr, sp.Expr], ...],
+    ranges: dict[sp.Symbol, Range],
+    defer: frozenset[sp.Symbol] = frozenset(),
+    tighten: bool = False,
+) -> sp.Expr:
+    """``Σ_limits body``, contracted limit by limit, innermost first (see :func:`contract`)."""
+    for n, (var, lo, hi) in enumerate(limits):
+        later = defer | {v for v, _, _ in limits[n + 1 :]}
+        body = sp.Add(
+            *[_contract_term(t, var, (lo, hi), ranges, later, tighten) for t in _terms(body)]
+        )
+    return body
+
+
+def tighten_bounds(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range]) -> sp.Expr:
+    """Conditions on summation indices as bounds: ``Σ_{u=0}^{S-1} [u ≤ s]·f(u)`` →
+    ``Σ_{u=0}^{s} f(u)`` (a triangle), the same for a ``ReduceMax`` over the kept terms;
+    conditions that provably hold are dropped, products under one that never holds are 0."""
+    known = dict(ranges)
+
+    def visit(node: sp.Basic) -> sp.Basic:
+        if isinstance(node, (sp.Sum, ReduceMax)):
+            for var, lo, hi in node.limits:
+                known[var] = (lo, hi)
+        if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase, sp.Symbol)):
+            return node
+        args = [visit(a) for a in node.args]
+        node = node.func(*args) if args != list(node.args) else node
+        if isinstance(node, sp.Sum):
+            return _sum_terms(node.function, node.limits, known, tighten=True)
+        if isinstance(node, ReduceMax) and len(node.limits) == 1:
+            return _tighten_max(node, known)
+        if isinstance(node, sp.Mul):
+            conds, rest = split_indicators(node)
+            settled = cond.settle(conds, known) if conds else conds
+            if settled is None:
+                return sp.S.Zero
+            return rest * sp.Mul(*[indicator(c) for c in settled]) if conds else node
+        return node
+
+    return visit(expr)
+
+
+def merge_nested(expr: sp.Expr) -> sp.Expr:
+    """``Σ_a (Σ_b f)`` as one sum over ``b, a``: the lowering orders the loops of one sum by
+    memory (contraction leaves one nested sum per index it could not remove)."""
+
+    def visit(node: sp.Basic) -> sp.Basic:
+        if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase, sp.Symbol)):
+            return node
+        args = [visit(a) for a in node.args]
+        node = node.func(*args) if args != list(node.args) else node
+        if isinstance(node, sp.Sum) and isinstance(node.function, sp.Sum):
+            inner = node.function
+            return IndexSum(inner.function, *inner.limits, *node.limits)
+        return node
+
+    return visit(expr)
+
+
+def _tighten_max(node: ReduceMax, known: dict[sp.Symbol, Range]) -> sp.Expr:
+    """``max_u`` of ``Piecewise((f, c), (-oo, True))``: the conditions of ``c`` on ``u`` as
+    its bounds."""
+    ((var, lo, hi),) = node.limits
+    body = node.function
+    if not (isinstance(body, sp.Piecewise) and len(body.args) == 2 and body.args[1].expr == -sp.oo):
+        return node
+    f, c = body.args[0]
+    (lo, hi), left = cond.tighten(var, (lo, hi), cond.conjuncts(c), known)
+    kept = sp.Piecewise((f, sp.And(*left)), (-sp.oo, True)) if left else f
+    return ReduceMax(kept, (var, lo, hi))
+
+
+def _splits(f: sp.Expr) -> bool:
+    """Whether a factor must be multiplied out for contraction: a sum holding a delta, or a
+    ``Piecewise`` holding a delta or deciding on indices (its branches become indicator terms,
+    so the delta can be contracted and the index condition can become a bound)."""
+    if isinstance(f, sp.Add):
+        return f.has(sp.KroneckerDelta)
+    if isinstance(f, sp.Piecewise) and cond.indicator_condition(f) is None:
+        return f.has(sp.KroneckerDelta) or any(
+            c != sp.true and not cond.reads_float(c) for _, c in f.args
+        )
+    return False
 
 
 def _terms(expr: sp.Expr, op: str = "", limit: int = MAX_TERMS) -> list[sp.Expr]:
-    """Additive terms of ``expr``, distributing products over the sums that hold a delta.
+    """Additive terms of ``expr``, distributing products over the factors that hold a delta.
 
-    Only a factor with a ``KroneckerDelta`` in it is multiplied out: the delta must stand
-    alone in a product to be contracted.  Every other factor keeps its form — expanding
-    ``g·w·(X - mean)`` into ``g·w·X - g·w·mean`` would turn layer norm's centered sums into
-    differences of large sums, which cancel catastrophically when the mean is large.
+    Only a factor with a ``KroneckerDelta`` in it (or a ``Piecewise`` on indices, see
+    :func:`_splits`) is multiplied out: the delta must stand alone in a product to be
+    contracted.  Every other factor keeps its form — expanding ``g·w·(X - mean)`` into
+    ``g·w·X - g·w·mean`` would turn layer norm's centered sums into differences of large sums,
+    which cancel catastrophically when the mean is large.
 
     A product of sums multiplies out into exponentially many terms: more than ``limit`` is a
     :class:`~symgrad.errors.ComplexityError`.
@@ -347,10 +702,11 @@ def _terms(expr: sp.Expr, op: str = "", limit: int = MAX_TERMS) -> list[sp.Expr]
         term = pending.pop()
         factors = sp.Mul.make_args(term)
         for n, f in enumerate(factors):
-            if isinstance(f, sp.Add) and f.has(sp.KroneckerDelta):
+            if _splits(f):
                 rest = sp.Mul(*factors[:n], *factors[n + 1 :])
+                parts = sp.Add.make_args(f if isinstance(f, sp.Add) else cond.as_indicator_terms(f))
                 pending.extend(
-                    reversed([t for part in f.args for t in sp.Add.make_args(rest * part)])
+                    reversed([t for part in parts for t in sp.Add.make_args(rest * part)])
                 )
                 break
         else:
@@ -379,7 +735,7 @@ def rename_bound(expr: sp.Expr) -> sp.Expr:
         args = [visit(a) for a in node.args]
         if isinstance(node, (sp.Sum, ReduceMax)):
             body = args[0]
-            limits = []
+            limits: list[tuple[sp.Expr, sp.Expr, sp.Expr]] = []
             for var, lo, hi in node.limits:
                 stem = str(var).split("_")[0] or str(var)
                 while True:
@@ -390,6 +746,9 @@ def rename_bound(expr: sp.Expr) -> sp.Expr:
                 taken.add(name)
                 fresh = sp.Symbol(name, integer=True)
                 body = body.xreplace({var: fresh})
+                # a later limit's bounds may use this index (Σ_{j} Σ_{i=0}^{j})
+                to_fresh = {var: fresh}
+                limits = [(v, a.xreplace(to_fresh), z.xreplace(to_fresh)) for v, a, z in limits]
                 limits.append((fresh, lo, hi))
             return type(node)(body, *limits)
         return node.func(*args) if args != list(node.args) else node
@@ -397,29 +756,34 @@ def rename_bound(expr: sp.Expr) -> sp.Expr:
     return visit(expr)
 
 
-def contract(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range], op: str = "") -> sp.Expr:
+def contract(
+    expr: sp.Expr, ranges: Mapping[sp.Symbol, Range], tighten: bool = True, op: str = ""
+) -> sp.Expr:
     """Remove Kronecker deltas from ``expr`` by contracting the sums that bind them.
 
-    ``ranges`` gives the range of every free index; a delta ``δ(j, k)`` under ``Σ_j`` is
-    contracted only when ``k``'s range equals ``j``'s.  Sums are distributed over the terms of
-    their bodies, constant factors pulled out, sums of constants become counts.
+    ``ranges`` gives the range of every free index; a delta ``δ(j, k)`` (or ``δ(j + q, k)``)
+    under ``Σ_j`` is contracted, leaving the test that ``k`` (``k - q``) lies in ``j``'s range
+    where that range does not provably hold it.  Sums are distributed over the terms of their
+    bodies, constant factors pulled out, sums of constants become counts; at the end (with
+    ``tighten``) conditions on a summation index become its bounds (:func:`tighten_bounds`).
     """
     known = dict(ranges)
     expr = rename_bound(expr)
+    enclosing: list[sp.Symbol] = []  # the indices of the sums around the node visited
 
     def visit(node: sp.Basic) -> sp.Basic:
         if isinstance(node, sp.Sum):
             # Every bound name is unique (rename_bound), so the ranges of this sum's indices
             # can be known before its body is visited: a delta between an inner and an outer
             # summation index (Σ_i Σ_j δ(i, j) f(i, j)) contracts too.
+            own = [var for var, _, _ in node.limits]
             for var, lo, hi in node.limits:
                 known[var] = (lo, hi)
+            outer = frozenset(enclosing)
+            enclosing.extend(own)
             body = visit(node.function)
-            for var, lo, hi in node.limits:  # innermost first
-                body = sp.Add(
-                    *[_contract_term(t, var, (lo, hi), known) for t in _terms(body, op)]
-                )
-            return body
+            del enclosing[len(enclosing) - len(own) :]
+            return _sum_terms(body, node.limits, known, outer)
         if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase)):
             return node
         new_args = [visit(a) for a in node.args]
@@ -436,6 +800,8 @@ def contract(expr: sp.Expr, ranges: Mapping[sp.Symbol, Range], op: str = "") -> 
         previous, result = result, visit(result)
         rounds -= 1
         check_size(result, op, "the Kronecker-delta contraction")
+    if tighten:
+        result = tighten_bounds(result, known)
     return unify_bound(result)
 
 
@@ -446,12 +812,6 @@ def unify_bound(expr: sp.Expr) -> sp.Expr:
     ``Σ_j1 X[b, j1] - Σ_j2 X[b, j2]`` cancels to 0 and printouts show each sum once.
     """
     seen: dict[sp.Basic, sp.Basic] = {}
-    placeholders: list[sp.Dummy] = []  # the n-th summation index of any sum, by position
-
-    def placeholder(n: int) -> sp.Dummy:
-        while len(placeholders) <= n:
-            placeholders.append(sp.Dummy(f"bound{len(placeholders)}", integer=True))
-        return placeholders[n]
 
     def visit(node: sp.Basic) -> sp.Basic:
         if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase, sp.Symbol)):
@@ -459,11 +819,36 @@ def unify_bound(expr: sp.Expr) -> sp.Expr:
         args = [visit(a) for a in node.args]
         node = node.func(*args) if args != list(node.args) else node
         if isinstance(node, (sp.Sum, ReduceMax)):
-            canon = {v: placeholder(n) for n, (v, *_) in enumerate(node.limits)}
-            return seen.setdefault(node.xreplace(canon), node)
+            return seen.setdefault(_alpha_canonical(node), node)
         return node
 
     return visit(expr)
+
+
+_BOUND: dict[tuple[int, int], sp.Dummy] = {}
+
+
+def _bound(depth: int, n: int) -> sp.Dummy:
+    """The placeholder of the ``n``-th index of a reduction at ``depth`` (a Dummy: no user
+    symbol, whatever its name, is ever taken for it)."""
+    if (depth, n) not in _BOUND:
+        _BOUND[depth, n] = sp.Dummy(f"bound{depth}_{n}", integer=True)
+    return _BOUND[depth, n]
+
+
+def _alpha_canonical(node: sp.Basic, depth: int = 0) -> sp.Basic:
+    """``node`` with every bound index named by its binder's depth (:func:`_bound`): equal for
+    reductions equal up to index names, nested ones included.  Sibling reductions share names;
+    their scopes do not overlap."""
+    if isinstance(node, (sp.Sum, ReduceMax)):
+        names = {v: _bound(depth, n) for n, (v, *_) in enumerate(node.limits)}
+        body = _alpha_canonical(node.function.xreplace(names), depth + 1)
+        limits = [(names[v], lo.xreplace(names), hi.xreplace(names)) for v, lo, hi in node.limits]
+        return type(node)(body, *limits)
+    if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase, sp.Symbol)):
+        return node
+    args = [_alpha_canonical(a, depth) for a in node.args]
+    return node.func(*args) if args != list(node.args) else node
 
 
 def reads_integer_tensor(expr: sp.Basic) -> bool:
@@ -514,11 +899,7 @@ class TensorPartial:
 
 @dataclass(frozen=True)
 class TensorDerivation(Printouts):
-    """Everything symgrad derived for a tensor op.
-
-    ``saved`` (:class:`~symgrad.symbolic.residuals.SavedForm`) holds the residuals the forward
-    can save and the VJPs that read them instead of recomputing.
-    """
+    """Everything symgrad derived for a tensor op."""
 
     name: str
     spec: TensorSpec
@@ -533,21 +914,38 @@ class TensorDerivation(Printouts):
 
 
 def _shift_logsumexp(expr: sp.Expr) -> tuple[sp.Expr, list[Rewrite]]:
-    """``Σ_j exp(f)`` → ``exp(M)·Σ_j exp(f - M)`` with ``M = max_j f``; logs and ratios follow."""
+    """``Σ_j exp(f)`` → ``exp(M)·Σ_j exp(f - M)`` with ``M = max_j f``; logs and ratios follow.
+
+    The max runs over the terms the sum keeps: over its bounds, and only where the conditions
+    of its indicators hold (a masked-out score never sets the shift).  A sum whose exponent is
+    already shifted is left alone.
+    """
     log: list[Rewrite] = []
+    taken = set(expr.atoms(sp.Symbol))
 
     def shift(node: sp.Sum) -> sp.Expr:
         if len(node.limits) != 1:
             return node
         body = sp.powsimp(node.function, combine="exp")
+        if isinstance(body, sp.Piecewise) and len(body.args) == 2 and body.args[1] == (0, True):
+            body = body.args[0].expr * indicator(body.args[0].cond)  # Piecewise((e, c), (0, True))
+        conds, body = split_indicators(body)
         exps = [f for f in sp.Mul.make_args(body) if isinstance(f, sp.exp)]
-        if len(exps) != 1:
+        if len(exps) != 1 or exps[0].has(ReduceMax):
             return node
         (e,) = exps
         rest = sp.Mul(*[f for f in sp.Mul.make_args(body) if f is not e])
+        rest *= sp.Mul(*[indicator(c) for c in conds])
         var, lo, hi = node.limits[0]
-        m = ReduceMax(e.args[0], (var, lo, hi))
-        new = sp.exp(m) * sp.Sum(sp.exp(e.args[0] - m) * rest, (var, lo, hi))
+        kept = sp.Piecewise((e.args[0], sp.And(*conds)), (-sp.oo, True)) if conds else e.args[0]
+        # the max gets an index of its own: it sits inside the sum, whose index it must not
+        # shadow (SymPy's substitution does not respect the nested binding)
+        own = sp.Symbol(f"{var}_max", integer=True)
+        while own in taken:
+            own = sp.Symbol(f"{own.name}_", integer=True)
+        taken.add(own)
+        m = ReduceMax(kept.xreplace({var: own}), (own, lo, hi))
+        new = sp.exp(m) * IndexSum(sp.exp(e.args[0] - m) * rest, (var, lo, hi))
         log.append(
             Rewrite(
                 "logsumexp_shift",
@@ -559,7 +957,8 @@ def _shift_logsumexp(expr: sp.Expr) -> tuple[sp.Expr, list[Rewrite]]:
         return new
 
     shifted = expr.replace(lambda e: isinstance(e, sp.Sum), shift)  # type: ignore[arg-type]
-    shifted = sp.powsimp(shifted, combine="exp")
+    # one name per max, so exp(f + M1 - 2·M2) with M1 = M2 combines to exp(f - M)
+    shifted = sp.powsimp(unify_bound(shifted), combine="exp")
 
     def log_of_product(node: sp.log) -> sp.Expr:
         factors = sp.Mul.make_args(node.args[0])
@@ -589,13 +988,94 @@ def _check_numeric(spec: TensorSpec, what: str, expr: sp.Expr) -> None:
         )
 
 
-def derive_tensor(spec: TensorSpec) -> TensorDerivation:
-    """Derive the VJP of every input of a tensor op by the symbolic chain rule."""
+def differentiate(expr: sp.Expr, base: sp.IndexedBase, indices: tuple[sp.Symbol, ...]) -> sp.Expr:
+    """``∂expr/∂base[indices]`` by the chain rule, node by node.
+
+    A read ``base[p]`` gives ``Π δ(p_n, k_n)``; a ``Sum`` keeps its bounds and a ``Piecewise``
+    its conditions (a condition is locally constant); a ``ReduceMax`` is constant — it is only
+    ever the max shift of a ``Σ exp``, whose value does not depend on it.  Functions go by their
+    ``fdiff``.  (``sympy.diff`` pulls a ``Piecewise`` out of the ``Sum`` that binds its
+    condition's index, which lets the index escape its sum.)
+    """
+    if not indices:
+        return sp.diff(expr, base)
+    memo: dict[sp.Basic, sp.Expr] = {}
+
+    def depends(node: sp.Basic) -> bool:
+        return any(a.base == base for a in node.atoms(sp.Indexed))
+
+    def d(node: sp.Basic) -> sp.Expr:
+        if node in memo:
+            return memo[node]
+        if not isinstance(node, sp.Expr) or not depends(node) or isinstance(node, ReduceMax):
+            result: sp.Expr = sp.S.Zero
+        elif isinstance(node, sp.Indexed):
+            pairs = zip(node.indices, indices, strict=True)
+            on_base = node.base == base
+            result = sp.Mul(*[sp.KroneckerDelta(p, k) for p, k in pairs]) if on_base else sp.S.Zero
+        elif isinstance(node, sp.Sum):
+            body = d(node.function)
+            result = IndexSum(body, *node.limits) if body != 0 else sp.S.Zero
+        elif isinstance(node, sp.Piecewise):
+            branches = [(d(e), c) for e, c in node.args]
+            result = (
+                sp.S.Zero if all(e == 0 for e, _ in branches) else sp.Piecewise(*branches)
+            )
+        elif isinstance(node, sp.Add):
+            result = sp.Add(*[d(a) for a in node.args])
+        elif isinstance(node, sp.Mul):
+            args = node.args
+            result = sp.Add(
+                *[
+                    sp.Mul(*args[:n], d(a), *args[n + 1 :])
+                    for n, a in enumerate(args)
+                    if depends(a)
+                ]
+            )
+        elif isinstance(node, sp.Pow):
+            b, e = node.args
+            if not depends(e):
+                result = e * b ** (e - 1) * d(b)
+            else:
+                result = node * (d(e) * sp.log(b) + e * d(b) / b)
+        elif isinstance(node, sp.Function):
+            result = sp.Add(
+                *[node.fdiff(n + 1) * d(a) for n, a in enumerate(node.args) if depends(a)]
+            )
+        else:
+            result = sp.diff(node, base[indices])
+        memo[node] = result
+        return result
+
+    return d(expr)
+
+
+def prepare_tensor(spec: TensorSpec) -> sp.Expr:
+    """The forward as the derivation reads it: kinks with a constant (``Max(0, x)``) as
+    ``Piecewise``, ``Heaviside`` of indices as conditions, a ``Piecewise`` on indices split
+    into indicator terms (contraction of a formula without deltas).  Conditions stay
+    indicators over full ranges here: they become bounds after differentiation
+    (:func:`tighten_bounds`), where bounds that read other indices no longer stop sums from
+    being interchanged."""
     from .derive import prepare
 
-    forward = check_size(prepare(spec.expr), spec.name, "the formula")
+    forward = prepare(cond.heaviside_of_indices(index_sums(spec.expr)))
+    # a Piecewise on indices outside every sum splits too: its exp meets the max shift's
+    return sp.Add(*_terms(contract(forward, dict(spec.ranges), tighten=False)))
+
+
+def derive_tensor(spec: TensorSpec) -> TensorDerivation:
+    """Derive the VJP of every input of a tensor op by the symbolic chain rule.
+
+    The forward is stabilized first (the max shift of every ``Σ exp``) and the VJPs are the
+    derivatives of that stable form, so they read only shifted exponentials: finite at any
+    logit, masked scores included.
+    """
+    forward, forward_rewrites = stabilize_tensor(
+        check_size(prepare_tensor(spec), spec.name, "the formula")
+    )
     out_ranges = dict(spec.ranges)
-    taken = {s.name for s in spec.expr.atoms(sp.Symbol)} | {str(d) for d in spec.dims}
+    taken = {s.name for s in forward.atoms(sp.Symbol)} | {str(d) for d in spec.dims}
     cotangent = fresh_name("grad_out", taken)  # grad_out, unless the formula uses the name
     grad_output: sp.Expr = (
         sp.IndexedBase(cotangent, shape=spec.out_shape)
@@ -608,23 +1088,25 @@ def derive_tensor(spec: TensorSpec) -> TensorDerivation:
         targets[base] = (indices, base[indices] if indices else base)
     check_derivatives(forward, [target for _, target in targets.values()], spec.name)
     partials = []
-    for base, (indices, target) in targets.items():
+    for base, (indices, _) in targets.items():
         ranges = {
             **out_ranges,
             **{k: (sp.S.Zero, d - 1) for k, d in zip(indices, base.shape, strict=True)},
         }
         what = f"the derivative with respect to {base}"
-        local = check_size(sp.diff(forward, target), spec.name, what)
+        local = check_size(differentiate(forward, base, indices), spec.name, what)
         chain = (grad_output[spec.out] if spec.out else grad_output) * local
-        raw = sp.Sum(chain, *[(i, *out_ranges[i]) for i in spec.out]) if spec.out else chain
+        raw = IndexSum(chain, *[(i, *out_ranges[i]) for i in spec.out]) if spec.out else chain
         _check_numeric(spec, what, raw)
-        contracted = contract(raw, ranges, spec.name)
+        contracted = contract(raw, ranges, op=spec.name)
         final, rewrites = stabilize_tensor(contracted)
         check_size(final, spec.name, f"the gradient of {base}, stabilized")
-        final, guards = guard_deltas(final)
+        final, guards = guard_deltas(tighten_bounds(final, ranges))
         rewrites += guards
+        final = merge_nested(refold_indicators(final))
         partials.append(TensorPartial(base, indices, raw, contracted, final, rewrites))
-    stable_forward, forward_rewrites = stabilize_tensor(forward)
+    stable_forward = refold_indicators(unify_bound(tighten_bounds(forward, out_ranges)))
+    stable_forward = merge_nested(stable_forward)
     from .residuals import save_residuals
 
     saved = save_residuals(

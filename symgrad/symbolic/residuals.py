@@ -72,12 +72,14 @@ class SavedForm:
 # -- normal forms ------------------------------------------------------------------------
 
 
-def _pull_constants(var: sp.Symbol, body: sp.Expr, limits: tuple) -> sp.Expr:
+def _pull_constants(
+    var: sp.Symbol, body: sp.Expr, limits: tuple, kind: type = sp.Sum
+) -> sp.Expr:
     inside = [f for f in sp.Mul.make_args(body) if var in f.free_symbols]
     outside = [f for f in sp.Mul.make_args(body) if var not in f.free_symbols]
     if not inside:
         return sp.Mul(*outside) * (limits[2] - limits[1] + 1)
-    return sp.Mul(*outside) * sp.Sum(sp.Mul(*inside), limits)
+    return sp.Mul(*outside) * kind(sp.Mul(*inside), limits)
 
 
 def normal(expr: sp.Expr) -> sp.Expr:
@@ -250,7 +252,9 @@ def _outside(var: sp.Symbol, total: sp.Expr) -> sp.Expr:
     """``Σ_var body`` for ``total = Sum(body, (var, ...))``, distributed over the terms of the
     body, with the factors constant along ``var`` moved out of each."""
     (limits,) = total.limits
-    return sp.Add(*[_pull_constants(var, t, limits) for t in sp.Add.make_args(total.function)])
+    return sp.Add(
+        *[_pull_constants(var, t, limits, type(total)) for t in sp.Add.make_args(total.function)]
+    )
 
 
 class _OutputReads:
@@ -306,7 +310,7 @@ class _OutputReads:
             if not inner.has(self.read):
                 continue
             rest = [g for k, g in enumerate(factors) if k != n and k not in movable]
-            term = sp.Mul(*rest) * _outside(var, sp.Sum(inner, f.limits[0]))
+            term = sp.Mul(*rest) * _outside(var, type(f)(inner, f.limits[0]))
             return divided if (divided := self._divide(term)) is not None else term
         return term
 

@@ -12,7 +12,8 @@ Rules (``σ`` is :class:`~symgrad.symbolic.functions.sigmoid`):
 * ``log(σ(a))`` → ``-softplus(-a)`` (``log`` of an underflowed sigmoid is ``-inf``);
 * ``1 - σ(a)`` → ``σ(-a)`` (cancellation loses all digits when σ(a) ≈ 1);
 * ``c·softplus(a) - c·a`` → ``c·softplus(-a)`` (the same cancellation, one level up);
-* ``exp(a) - 1`` → ``expm1(a)`` and ``log(1 + u)`` → ``log1p(u)`` (accuracy near 0).
+* ``exp(a) - 1`` → ``expm1(a)`` and ``log(1 + u)`` → ``log1p(u)`` (accuracy near 0);
+* ``u·log(u)`` → ``xlogy(u, u)``, 0 at ``u = 0`` (an entropy's or KL divergence's term).
 
 :func:`canonicalize` goes the other way (``σ(-a)`` → ``1 - σ(a)``, ``softplus(-a)`` →
 ``softplus(a) - a``) so that simplification can cancel terms; the derivation stage
@@ -28,7 +29,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 from .bounds import may_expand
-from .functions import sigmoid, softplus
+from .functions import sigmoid, softplus, xlogy
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,23 @@ def _log1p(node: sp.Expr) -> sp.Expr | None:
     return None
 
 
+def _xlogy(node: sp.Expr) -> sp.Expr | None:
+    """``u·log(u)·c`` → ``xlogy(u, u)·c``; ``u·(log(u) + r)`` → ``xlogy(u, u) + u·r``."""
+    if not isinstance(node, sp.Mul):
+        return None
+    factors = list(node.args)
+    for n, u in enumerate(factors):
+        others = factors[:n] + factors[n + 1 :]
+        for m, f in enumerate(others):
+            rest = sp.Mul(*others[:m], *others[m + 1 :])
+            if isinstance(f, sp.log) and f.args[0] == u:
+                return rest * xlogy(u, u)
+            if isinstance(f, sp.Add) and sp.log(u) in f.args:
+                r = sp.Add(*[t for t in f.args if t != sp.log(u)])
+                return rest * (xlogy(u, u) + u * r)
+    return None
+
+
 Rule = Callable[[sp.Expr], "sp.Expr | None"]
 
 RULES: tuple[tuple[str, str, Rule], ...] = (
@@ -182,6 +200,7 @@ RULES: tuple[tuple[str, str, Rule], ...] = (
     ),
     ("expm1", "exp(a) - 1 loses digits near a = 0: expm1(a)", _expm1),
     ("log1p", "log(1 + u) loses digits near u = 0: log1p(u)", _log1p),
+    ("xlogy", "u·log(u) is NaN at u = 0, where its limit is 0: xlogy(u, u)", _xlogy),
 )
 
 

@@ -1,0 +1,371 @@
+"""Contractions of computed operands as GEMMs: convolutions (im2col) and kinks under a sum.
+
+A sum ``Σ_J a(..)·b(..)`` whose two factors are not plain tensor reads — a read through a
+shifted index ``X[b, c, y + p, x + r]`` (a convolution), a guarded read (zero padding), a
+``Piecewise`` of a read (a relu under a linear layer) — is still one matrix product once each
+factor is *materialized*: written, for every value of its indices, into a contiguous array
+laid out as a matrix.  For a convolution that array is im2col's column matrix.  The indices
+of the assignment are split, in loop order, into
+
+* ``outer`` — iterated around the GEMM (the batch of images: one column matrix at a time, so
+  the materialized array stays one image large),
+* ``rows`` — the left factor's own indices, ``cols`` — the right factor's own indices,
+
+and ``np.dot(left, right)`` fills the ``rows × cols`` block of the result for each outer value.
+A sum whose bounds were tightened by a condition (``p`` from ``max(0, 1 - y)``) runs over its
+full range with the condition moved onto the factor it guards (the read is 0 outside).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sympy as sp
+
+from ..symbolic.conditions import conjuncts, indicator_condition, reads_float, tighten
+from ..symbolic.index import ReduceMax
+
+Limit = tuple[sp.Symbol, sp.Expr, sp.Expr]
+
+
+@dataclass
+class _Factor:
+    """One side of the product: ``expr`` (0 where a condition of ``conds`` fails), and the
+    ranges of the loop and summation indices it may read."""
+
+    expr: sp.Expr
+    conds: list[sp.Basic]
+    ranges: dict[sp.Symbol, tuple[sp.Expr, sp.Expr]]
+
+    @property
+    def indices(self) -> set[sp.Symbol]:
+        found = self.expr.free_symbols | {s for c in self.conds for s in c.free_symbols}
+        return found & set(self.ranges)
+
+    def plain(self) -> sp.Indexed | None:
+        """The read itself when the factor is one tensor read, at distinct plain indices, each
+        running over its whole axis: then the tensor is the matrix, no copy needed."""
+        e = self.expr
+        if self.conds or not isinstance(e, sp.Indexed) or len(set(e.indices)) != len(e.indices):
+            return None
+        for i, dim in zip(e.indices, e.base.shape, strict=True):
+            if not isinstance(i, sp.Symbol) or i not in self.ranges:
+                return None
+            lo, hi = self.ranges[i]
+            if lo != 0 or sp.simplify(hi + 1 - dim) != 0:
+                return None
+        return e
+
+
+@dataclass
+class MaterializedGemm:
+    """``name[outer..., rows..., cols...] = coeff·Σ_summed left·right`` (see module doc)."""
+
+    name: str
+    outer: tuple[Limit, ...]
+    rows: tuple[Limit, ...]
+    cols: tuple[Limit, ...]
+    summed: tuple[Limit, ...]
+    left: _Factor
+    right: _Factor
+    dtype: str  # an input array whose dtype the temporaries take
+    acc: tuple[Limit, ...]  # summed indices iterated around the GEMM, the products added up
+    printer: Callable[[sp.Expr], str]
+    integer: Callable[[sp.Expr], str]
+    uses: int = 1
+    into: str | None = None
+    batch: str | None = None  # never batched the way _Gemm is: _write_gemm_into checks it
+
+    @property
+    def dims(self) -> tuple[sp.Expr, ...]:
+        return tuple(hi - lo + 1 for _, lo, hi in (*self.outer, *self.rows, *self.cols))
+
+    @property
+    def key(self) -> tuple:
+        return (self.left.expr, tuple(self.left.conds), self.right.expr, tuple(self.right.conds),
+                self.outer, self.rows, self.cols, self.summed, self.acc)
+
+    def read(self) -> sp.Expr:
+        idx = tuple(v for v, _, _ in (*self.outer, *self.rows, *self.cols))
+        return sp.IndexedBase(self.name)[idx] if idx else sp.Symbol(f"{self.name}[0]")
+
+    def _size(self, limits: tuple[Limit, ...]) -> str:
+        return "*".join(f"({self.integer(hi - lo + 1)})" for _, lo, hi in limits) or "1"
+
+    def _loops(self, limits: tuple[Limit, ...], pad: str) -> tuple[list[str], str]:
+        lines = []
+        for v, lo, hi in limits:
+            lines.append(f"{pad}for {v} in range({self.integer(lo)}, {self.integer(hi + 1)}):")
+            pad += "    "
+        return lines, pad
+
+    def _operand(self, side: str, f: _Factor, first: tuple[Limit, ...],
+                 second: tuple[Limit, ...]) -> tuple[list[str], list[str], str]:
+        """(lines before the loops around the GEMM, lines inside them, the 2-D source of the
+        factor: ``first × second``)."""
+        var = f"{self.name}_{side}"
+        iterated = (*self.outer, *self.acc)
+        here = [(v, lo, hi) for v, lo, hi in iterated if v in f.indices]
+        read = f.plain()
+        if read is not None:
+            axes = [*here, *first, *second]
+            perm = [list(read.indices).index(v) for v, _, _ in axes]
+            label = str(read.base.label)
+            sizes = [self.integer(hi - lo + 1) for _, lo, hi in here]
+            target = f"({', '.join([*sizes, self._size(first), self._size(second)])})"
+            if perm == list(range(len(perm))):
+                source = f"{label}.reshape({target})"
+            else:
+                moved = f"np.ascontiguousarray(np.transpose({label}, {tuple(perm)}))"
+                source = f"{moved}.reshape({target})"
+            at = "".join(f"[{v} - ({self.integer(lo)})]" for v, lo, _ in here)
+            return [f"{var}_all = {source}"], [], f"{var}_all{at}"
+        # materialized: filled for each value of the iterated indices it reads; its conditions
+        # bound the fill loops (zeros elsewhere), so the innermost loop has no branch.  It is
+        # stored as second × first (and read transposed) when that fills along memory.
+        flip = _fill_transposed(f, first, second)
+        axes = [*second, *first] if flip else [*first, *second]
+        dims = ", ".join(self.integer(hi - lo + 1) for _, lo, hi in axes) or "1"
+        alloc = "np.zeros" if f.conds else "np.empty"
+        allocate = [f"{var} = {alloc}(({dims},), {self.dtype}.dtype)"]
+        bounded, left = _fill_bounds(tuple(axes), f.conds, f.ranges)
+        loops, pad = self._loops(bounded, "")
+        value = f.expr if not left else sp.Piecewise((f.expr, sp.And(*left)), (0, True))
+        at = ", ".join(self.integer(v - lo) for v, lo, _ in axes) or "0"
+        fill = [*loops, f"{pad}{var}[{at}] = {self.printer(value)}"]
+        if flip:
+            source = f"{var}.reshape(({self._size(second)}, {self._size(first)})).T"
+        else:
+            source = f"{var}.reshape(({self._size(first)}, {self._size(second)}))"
+        if not here:
+            return [*allocate, *fill], [], source
+        # refilled for each image; the zeros its conditions leave are the same every time, so
+        # it is allocated (and zeroed) once
+        moving = {v for v, _, _ in here}
+        same_zeros = not any(c.free_symbols & moving for c in f.conds)
+        return (allocate, fill, source) if same_zeros else ([], [*allocate, *fill], source)
+
+    def statement(self) -> list[str]:
+        pre_l, in_l, left = self._operand("a", self.left, self.rows, self.summed)
+        pre_r, in_r, right = self._operand("b", self.right, self.summed, self.cols)
+        dest = self.into or self.name
+        shape = ", ".join(self.integer(d) for d in self.dims) or "1"
+        lines = [] if self.into else [f"{self.name} = np.empty(({shape},), {self.dtype}.dtype)"]
+        if self.acc:  # summed image by image: the sum of the blocks' products
+            lines.append(f"{dest}[...] = 0.0")
+            block_shape = f"({self._size(self.rows)}, {self._size(self.cols)})"
+            lines.append(f"{self.name}_t = np.empty({block_shape}, {self.dtype}.dtype)")
+        lines += pre_l + pre_r
+        loops, pad = self._loops((*self.outer, *self.acc), "")
+        lines += loops
+        lines += [pad + line for line in in_l + in_r]
+        at = "".join(f"[{v} - ({self.integer(lo)})]" for v, lo, _ in self.outer)
+        block = f"{dest}{at}.reshape(({self._size(self.rows)}, {self._size(self.cols)}))"
+        if self.acc:
+            lines.append(f"{pad}np.dot({left}, {right}, {self.name}_t)")
+            lines.append(f"{pad}{self.name}_v = {block}")
+            lines.append(f"{pad}{self.name}_v += {self.name}_t")
+        else:
+            lines.append(f"{pad}np.dot({left}, {right}, {block})")
+        return lines
+
+
+def _fill_transposed(f: _Factor, first: tuple[Limit, ...], second: tuple[Limit, ...]) -> bool:
+    """Whether to fill a materialized factor as ``second × first``: when the index that runs
+    along the last axis of the tensor it reads, over that axis's length (``x`` in
+    ``X[b, c, y + p, x + r]``, not the kernel's ``r``), is in ``first`` — so that the
+    innermost fill loop walks memory."""
+    reads = sorted(f.expr.atoms(sp.Indexed), key=sp.default_sort_key)
+    for read in reads:
+        last, dim = read.indices[-1], sp.expand(read.base.shape[-1])
+        # the axis's own length: the dims that lengthen it (L in L - K + 1, not K)
+        lengths = {d for d in dim.free_symbols if dim.coeff(d).is_positive}
+        for v, _, hi in (*first, *second):
+            if v in last.free_symbols and lengths & hi.free_symbols:
+                return any(v == w for w, _, _ in first) and bool(second)
+    return False
+
+
+def _fill_bounds(
+    axes: tuple[Limit, ...], conds: list[sp.Basic], ranges: dict[sp.Symbol, tuple]
+) -> tuple[tuple[Limit, ...], list[sp.Basic]]:
+    """The fill loops' bounds: each condition bounds the innermost loop index it reads (the
+    others are fixed there); the conditions that are no linear bound stay tests."""
+    order = [v for v, _, _ in axes]
+    bounds = {v: (lo, hi) for v, lo, hi in axes}
+    left = []
+    for c in conds:
+        inside = [v for v in order if v in c.free_symbols]
+        if not inside:
+            left.append(c)
+            continue
+        var = inside[-1]
+        (lo, hi), rest = tighten(var, bounds[var], [c], ranges)
+        bounds[var] = (lo, hi)
+        left += rest
+    return tuple((v, *bounds[v]) for v in order), left
+
+
+def _untighten(
+    limits: list[Limit], inner: set[sp.Symbol]
+) -> tuple[list[Limit], list[sp.Basic]] | None:
+    """Bounds ``max(lo, e)`` / ``min(hi, e)`` whose ``e`` reads an index of ``inner`` as the
+    full range ``lo..hi`` and the conditions ``var ≥ e`` / ``var ≤ e``; None when a bound reads
+    such an index otherwise."""
+    out, conds = [], []
+    for var, lo, hi in limits:
+        new = []
+        for bound, kind in ((lo, sp.Max), (hi, sp.Min)):
+            if not bound.free_symbols & inner:
+                new.append(bound)
+                continue
+            if not isinstance(bound, kind):
+                return None
+            fixed = [a for a in bound.args if not a.free_symbols & inner]
+            moving = [a for a in bound.args if a.free_symbols & inner]
+            if not fixed:
+                return None
+            new.append(kind(*fixed))
+            conds += [(var >= a) if kind is sp.Max else (var <= a) for a in moving]
+        out.append((var, new[0], new[1]))
+    return out, conds
+
+
+def _flatten(node: sp.Sum) -> tuple[sp.Expr, list[Limit]]:
+    """``Σ_a Σ_b f`` as ``f`` and the limits ``[b, a]`` (innermost first)."""
+    body, limits = node.function, list(node.limits)
+    while isinstance(body, sp.Sum):
+        limits = list(body.limits) + limits
+        body = body.function
+    return body, limits
+
+
+def _factors(body: sp.Expr) -> tuple[sp.Expr, list[sp.Expr], list[sp.Basic]] | None:
+    """``(coefficient, factors, conditions)`` of a sum's body."""
+    conds: list[sp.Basic] = []
+    if isinstance(body, sp.Piecewise) and len(body.args) == 2 and body.args[1] == (0, True):
+        conds += conjuncts(body.args[0].cond)
+        body = body.args[0].expr
+    coeff, factors = [], []
+    for f in sp.Mul.make_args(body):
+        c = indicator_condition(f)
+        if c is not None:
+            conds += conjuncts(c)
+        elif f.atoms(sp.Indexed):
+            factors.append(f)
+        else:
+            coeff.append(f)
+    if any(f.has(sp.Sum, ReduceMax, sp.KroneckerDelta) for f in factors):
+        return None  # a factor holding a reduction is no elementwise array
+    return sp.Mul(*coeff), factors, conds
+
+
+def plan(
+    node: sp.Sum,
+    loops: tuple[Limit, ...],
+    dims: set[sp.Symbol],
+    name: str,
+    printer: Callable[[sp.Expr], str],
+    integer: Callable[[sp.Expr], str],
+) -> MaterializedGemm | None:
+    """A :class:`MaterializedGemm` for ``node`` inside ``loops``, or None when it is not a
+    contraction of two factors over full ranges."""
+    body, limits = _flatten(node)
+    loop_vars = [v for v, _, _ in loops]
+    summed = {v for v, _, _ in limits}
+    found = _untighten(limits, set(loop_vars) | summed)
+    split = _factors(body)
+    if found is None or split is None or len(split[1]) != 2:
+        return None
+    limits, moved = found
+    coeff, (fa, fb), conds = split
+    if coeff.free_symbols & (set(loop_vars) | summed):
+        return None
+    ranges = {v: (lo, hi) for v, lo, hi in (*loops, *limits)}
+    a, b = _Factor(fa, [], ranges), _Factor(fb, [], ranges)
+    other = {x for x in node.free_symbols if isinstance(x, sp.Symbol) and x.is_integer}
+    if other - dims - set(loop_vars):
+        return None  # reads an index of an enclosing reduction: not computable up front
+    for c in [*conds, *moved]:
+        if reads_float(c):
+            return None
+        owner = [f for f in (b, a) if c.free_symbols & set(ranges) <= f.indices]
+        if not owner:
+            return None
+        # the factor read through a shifted index guards itself (a zero-padded read)
+        owner.sort(key=lambda f: f.plain() is not None)
+        owner[0].conds.append(c)
+    if not summed <= a.indices & b.indices:
+        return None
+    if coeff != 1:  # folded into a factor that is copied anyway
+        movable = [f for f in (b, a) if f.plain() is None]
+        if not movable:
+            return None
+        movable[0].expr = coeff * movable[0].expr
+    indices = a.indices | b.indices
+    present = [v for v in loop_vars if v in indices]
+    split_at = _partition(present, a.indices, b.indices)
+    if split_at is None:
+        return None
+    outer, rows, cols, swapped = split_at
+    if not rows and not cols:
+        return None  # a dot product per element: the loop is as good, with no copy
+    left, right = (b, a) if swapped else (a, b)
+    sum_order = sorted(limits, key=lambda lim: _axis_order(lim[0], left, right))
+    acc = _accumulated(sum_order, (a, b))
+    sum_order = [lim for lim in sum_order if lim not in acc]
+    dtype = str(sorted(
+        (x for x in (fa * fb).atoms(sp.Indexed) if not x.base.is_integer),
+        key=sp.default_sort_key,
+    )[0].base.label)
+
+    def lim(vs: list[sp.Symbol]) -> tuple[Limit, ...]:
+        return tuple((v, *ranges[v]) for v in vs)
+
+    return MaterializedGemm(
+        name, lim(outer), lim(rows), lim(cols), tuple(sum_order), left, right, dtype,
+        tuple(acc), printer, integer,
+    )
+
+
+def _accumulated(limits: list[Limit], factors: tuple[_Factor, _Factor]) -> list[Limit]:
+    """A summed index that leads every tensor read of both factors (the batch of images in a
+    convolution's weight gradient): summed image by image around the GEMM, so a factor to
+    materialize stays one image large and a plain one is sliced, not transposed."""
+    if not any(f.plain() is None for f in factors):
+        return []  # two plain reads: one GEMM over everything
+    reads = [r for f in factors for r in f.expr.atoms(sp.Indexed) if not r.base.is_integer]
+    for lim in limits:
+        if len(limits) > 1 and all(r.indices and r.indices[0] == lim[0] for r in reads):
+            return [lim]  # and the rest of the sum is still a GEMM
+    return []
+
+
+def _axis_order(var: sp.Symbol, left: _Factor, right: _Factor) -> tuple[int, str]:
+    """Summed indices in the order the right factor's tensor read lays them out (the row of
+    the right operand is read along memory), then by name."""
+    for f in (right, left):
+        for read in sorted(f.expr.atoms(sp.Indexed), key=sp.default_sort_key):
+            for n, i in enumerate(read.indices):
+                if var in i.free_symbols:
+                    return (n, str(var))
+    return (99, str(var))
+
+
+def _partition(
+    order: list[sp.Symbol], in_a: set[sp.Symbol], in_b: set[sp.Symbol]
+) -> tuple[list[sp.Symbol], list[sp.Symbol], list[sp.Symbol], bool] | None:
+    """Split the loop indices (in loop order) into ``outer | rows | cols``: rows read by one
+    factor only, cols by the other only; as few outer indices as possible."""
+    only_a, only_b = in_a - in_b, in_b - in_a
+    for p, r in itertools.product(range(len(order) + 1), range(len(order) + 1)):
+        if r < p:
+            continue
+        outer, rows, cols = order[:p], order[p:r], order[r:]
+        if all(v in only_a for v in rows) and all(v in only_b for v in cols):
+            return outer, rows, cols, False
+        if all(v in only_b for v in rows) and all(v in only_a for v in cols):
+            return outer, rows, cols, True
+    return None

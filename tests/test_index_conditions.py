@@ -1,0 +1,362 @@
+"""Index notation beyond plain contractions, symbolic stage and lowering (no numba, no torch).
+
+Kinks inside sums, conditions on indices, triangular sums, shifted indices (convolution,
+GLU), zero padding, sums factored out of per-element work.  Each derived VJP is checked
+against brute force: with the dims set to small integers, ``Sum.doit()`` expands every sum and
+every ``KroneckerDelta`` of two integers evaluates, so the chain rule *before* contraction is
+plain arithmetic, compared at random tensor values with what contraction, stabilization and
+the condition-to-bounds moves made of it.  The lowering is read as source text
+(:func:`~symgrad.codegen.lower.emit_tensor` imports no numba).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import numpy as np
+import pytest
+import sympy as sp
+
+from symgrad.codegen.lower import emit_tensor
+from symgrad.errors import DefinitionError
+from symgrad.symbolic.conditions import bound_from_condition, interval, provably_le, tighten
+from symgrad.symbolic.index import ReduceMax, contract, derive_tensor, tensor_spec
+
+b, c, h, i, j, k, o, q, s, t, u, d, p = sp.symbols("b c h i j k o q s t u d p", integer=True)
+B, C, H, K, L, M, N, F, S, D = sp.symbols("B C H K L M N F S D", integer=True, positive=True)
+f = sp.Function("f")
+
+
+def _expand(node: sp.Basic) -> sp.Basic:
+    """Every ``Sum`` as the sum of its terms and every ``ReduceMax`` as the ``Max`` of them
+    (an empty one is -oo), outermost index first, so that bounds reading an outer index are
+    numbers by the time they are used.  (``Sum.doit`` folds a ``Piecewise`` body symbolically
+    and gets the max shift's conditions wrong; plain expansion is plain arithmetic.)"""
+    if isinstance(node, (sp.Sum, ReduceMax)):
+        *inner, (var, lo, hi) = node.limits
+        rest = type(node)(node.function, *inner) if inner else node.function
+        terms = [_expand(rest.xreplace({var: sp.Integer(n)})) for n in range(int(lo), int(hi) + 1)]
+        if isinstance(node, sp.Sum):
+            return sp.Add(*terms)
+        return sp.Max(*terms) if terms else -sp.oo
+    if not node.args or isinstance(node, (sp.Symbol, sp.IndexedBase)):
+        return node
+    return node.func(*[_expand(a) for a in node.args])
+
+
+def _value(expr: sp.Expr, values: dict, rng) -> float:
+    """``expr`` with every sum expanded, at random tensor values (drawn once per element)."""
+    expr = _expand(expr)
+    for access in expr.atoms(sp.Indexed):
+        if access not in values:
+            values[access] = sp.Float(rng.normal(), 30)
+    return float(expr.xreplace(values).evalf(30))
+
+
+def _check_brute_force(derivation, dims: dict, values: dict | None = None, rng=None):
+    """Every partial's contracted and compiled forms equal the chain rule before contraction,
+    at every element, with the dims set to ``dims``."""
+    rng = rng or np.random.default_rng(3)
+    values = {} if values is None else values
+    dims = {sp.Symbol(str(k), integer=True, positive=True): sp.Integer(v) for k, v in dims.items()}
+    for p in derivation.partials:
+        shape = [int(sp.sympify(n).xreplace(dims)) for n in p.wrt.shape]
+        for at in itertools.product(*[range(n) for n in shape]):
+            point = {**dims, **dict(zip(p.indices, map(sp.Integer, at), strict=True))}
+            want = _value(p.raw.xreplace(point), values, rng)
+            for form in (p.contracted, p.final):
+                got = _value(form.xreplace(point), values, rng)
+                assert got == pytest.approx(want, rel=1e-20, abs=1e-25), (p.wrt, at, form)
+
+
+def _index_symbols(expr: sp.Expr) -> set[sp.Symbol]:
+    labels = {base.label for base in expr.atoms(sp.IndexedBase)}
+    return {x for x in expr.free_symbols - labels if isinstance(x, sp.Symbol) and x.is_integer}
+
+
+def _no_escaped_index(derivation) -> None:
+    """Every free index of a VJP is one of its own indices or a dim: no summation index escapes
+    its sum (the bug that made the generated code fail with ``NameError``)."""
+    for p in derivation.partials:
+        allowed = set(p.indices) | set(derivation.spec.dims)
+        for form in (p.contracted, p.final):
+            assert _index_symbols(form) <= allowed, (p.wrt, _index_symbols(form) - allowed)
+
+
+# -- kinks inside sums ----------------------------------------------------------------------
+
+
+def test_relu_inside_a_contraction_keeps_its_index():
+    X, W = sp.IndexedBase("X", shape=(B, N)), sp.IndexedBase("W", shape=(M, N))
+    spec = tensor_spec(sp.Sum(W[i, j] * sp.Max(0, X[b, j]), (j, 0, N - 1)), (b, i), [X, W], "lr")
+    der = derive_tensor(spec)
+    _no_escaped_index(der)
+    grad_x = der.partials[0].final
+    # grad_X[k0, k1] = [X[k0, k1] > 0]·Σ_i W[i, k1] g[k0, i]: the kink tests the element itself
+    (pw,) = grad_x.atoms(sp.Piecewise)
+    assert pw.args[0].cond == (der.spec.inputs[0][der.partials[0].indices] > 0)
+    _check_brute_force(der, {"B": 2, "N": 3, "M": 2})
+
+
+def test_multi_margin_loss_with_an_integer_label():
+    # Σ_{j ≠ y[b]} max(0, 1 - X[b, y[b]] + X[b, j]): a kink, a gathered element, an index test
+    X, y = sp.IndexedBase("X", shape=(B, N)), sp.IndexedBase("y", shape=(B,), integer=True)
+    body = sp.Piecewise((sp.Max(0, 1 - X[b, y[b]] + X[b, j]), sp.Ne(j, y[b])), (0, True))
+    der = derive_tensor(tensor_spec(sp.Sum(body, (j, 0, N - 1)) / N, (b,), [X, y], "margin"))
+    _no_escaped_index(der)
+    labels = sp.IndexedBase("y", shape=(B,), integer=True)
+    values = {labels[0]: sp.Integer(2), labels[1]: sp.Integer(0)}
+    _check_brute_force(der, {"B": 2, "N": 3}, values)
+
+
+def test_abs_of_a_tensor_entry_differentiates_on_the_real_line():
+    X = sp.IndexedBase("X", shape=(B, N))  # declared without real=True: tensors are real
+    der = derive_tensor(tensor_spec(sp.Sum(sp.Abs(X[b, j]), (j, 0, N - 1)), (b,), [X], "l1"))
+    (p,) = der.partials
+    assert p.final.has(sp.sign) and not p.final.has(sp.re, sp.im, sp.Derivative)
+    _check_brute_force(der, {"B": 2, "N": 3})
+
+
+# -- conditions on indices ------------------------------------------------------------------
+
+
+def _causal_softmax():
+    X = sp.IndexedBase("X", shape=(B, S, S))
+    num = sp.Piecewise((sp.exp(X[b, s, t]), t <= s), (0, True))
+    den = sp.Sum(sp.Piecewise((sp.exp(X[b, s, u]), u <= s), (0, True)), (u, 0, S - 1))
+    return derive_tensor(tensor_spec(num / den, (b, s, t), [X], "causal"))
+
+
+def test_an_index_condition_on_a_summation_index_becomes_its_bound():
+    der = _causal_softmax()
+    _no_escaped_index(der)
+    # the row max and the row sum run over u = 0..s: the masked scores are not visited
+    (m,) = der.stable_forward.atoms(ReduceMax)
+    assert m.limits[0][1:] == (0, s)
+    sums = der.stable_forward.atoms(sp.Sum)
+    assert sums and all(x.limits[0][1:] == (0, s) for x in sums)
+    _check_brute_force(der, {"B": 1, "S": 3})
+
+
+def test_the_max_shift_ignores_masked_scores():
+    """A masked-out score of 1000 sets neither the forward's nor the VJP's shift: evaluated
+    exactly, the causal softmax row [0.5, 1000, 0.2] at s = 0 is [1, 0, 0]."""
+    der = _causal_softmax()
+    dims = {B: sp.Integer(1), S: sp.Integer(3)}
+    X, g = der.spec.inputs[0].xreplace(dims), der.grad_output.xreplace(dims)
+    scores = [[0.5, 1000.0, 0.2], [3.0, -1.0, 1000.0], [0.1, 0.2, 0.3]]
+    values = {X[0, r, col]: sp.Float(v, 30) for r in range(3) for col, v in enumerate(scores[r])}
+    for r, col in itertools.product(range(3), repeat=2):
+        values[g[0, r, col]] = sp.Float(0.1 * (r + col), 30)
+    forward = der.stable_forward.xreplace(dims)
+    for row in range(3):
+        probs = np.exp(np.array(scores[row][: row + 1]) - max(scores[row][: row + 1]))
+        probs /= probs.sum()
+        for col in range(3):
+            point = {b: 0, s: row, t: col}
+            got = float(_expand(forward.xreplace(point)).xreplace(values))
+            assert got == pytest.approx(probs[col] if col <= row else 0.0, rel=1e-14, abs=1e-300)
+    # and the gradient reads no exp of an unshifted score: every exp's argument is ≤ 0 here
+    (vjp,) = der.partials
+    point = {**dims, **dict(zip(vjp.indices, (0, 0, 1), strict=True))}
+    final = _expand(vjp.final.xreplace(point))
+    for e in final.atoms(sp.exp):
+        assert float(e.args[0].xreplace(values)) <= 1e-12
+
+
+def test_heaviside_of_indices_is_a_condition():
+    X = sp.IndexedBase("X", shape=(B, S, S))
+    body = sp.Heaviside(s - u, 1) * sp.exp(X[b, s, u])
+    der = derive_tensor(
+        tensor_spec(sp.log(sp.Sum(body, (u, 0, S - 1))), (b, s), [X], "causal_lse")
+    )
+    (m,) = der.stable_forward.atoms(ReduceMax)
+    assert m.limits[0][1:] == (0, s)
+    _no_escaped_index(der)
+    _check_brute_force(der, {"B": 1, "S": 3})
+
+
+def test_a_condition_on_tensor_values_masks_the_max():
+    # max over the kept terms only: a condition that cannot become a bound guards the max
+    X, A = sp.IndexedBase("X", shape=(B, N)), sp.IndexedBase("A", shape=(B, N))
+    body = sp.Piecewise((sp.exp(X[b, j]), A[b, j] > 0), (0, True))
+    der = derive_tensor(tensor_spec(sp.log(sp.Sum(body, (j, 0, N - 1))), (b,), [X, A], "m"))
+    (m,) = der.stable_forward.atoms(ReduceMax)
+    assert isinstance(m.function, sp.Piecewise) and m.function.args[1].expr == -sp.oo
+    _no_escaped_index(der)
+
+
+# -- triangular sums ------------------------------------------------------------------------
+
+
+def _triangular():
+    P, V = sp.IndexedBase("P", shape=(B, S, S)), sp.IndexedBase("V", shape=(B, S, D))
+    spec = tensor_spec(sp.Sum(P[b, s, t] * V[b, t, d], (t, 0, s)), (b, s, d), [P, V], "tri")
+    return derive_tensor(spec)
+
+
+def test_a_sum_bounded_by_another_index():
+    der = _triangular()
+    _no_escaped_index(der)
+    grad_p, grad_v = der.partials
+    # grad_V[k0, k1, k2] = Σ_{s=k1}^{S-1} P[k0, s, k1]·g[k0, s, k2]: the triangle, transposed
+    (total,) = grad_v.final.atoms(sp.Sum)
+    assert total.limits[0][1:] == (grad_v.indices[1], S - 1)
+    # grad_P is zero above the diagonal
+    assert grad_p.final.has(sp.Piecewise)
+    _check_brute_force(der, {"B": 1, "S": 3, "D": 2})
+
+
+def test_triangular_sums_are_lowered_to_triangular_loops():
+    source = emit_tensor(_triangular(), "k").text
+    assert re.search(r"for t\w* in range\(0, s \+ 1\)", source), source
+    assert re.search(r"for s\w* in range\(k1_V, S\)", source), source
+
+
+# -- shifted indices: convolution, GLU, padding ---------------------------------------------
+
+
+def _conv1d(**kw):
+    X, W = sp.IndexedBase("X", shape=(B, C, L)), sp.IndexedBase("W", shape=(F, C, K))
+    body = sp.Sum(W[o, c, q] * X[b, c, p + q], (c, 0, C - 1), (q, 0, K - 1))
+    return tensor_spec(body, (b, o, p), [X, W], "conv1d_sym", **kw)
+
+
+def test_output_range_inferred_from_a_shifted_read():
+    spec = _conv1d()
+    assert dict(spec.ranges)[p] == (0, L - K)  # a valid convolution: L - K + 1 outputs
+
+
+def test_convolution_vjps_are_the_transposed_convolution():
+    der = derive_tensor(_conv1d())
+    _no_escaped_index(der)
+    grad_x = der.partials[0]
+    # grad_X[k0, k1, k2] = Σ_o Σ_p W[o, k1, k2 - p]·g[k0, o, p] over the p with 0 ≤ k2 - p < K
+    assert not grad_x.final.has(sp.KroneckerDelta)
+    k2 = grad_x.indices[2]
+    reads = grad_x.final.atoms(sp.Indexed)
+    shifted = [a for a in reads if a.indices[2] - k2 not in (0, a.indices[2])]
+    assert shifted, grad_x.final
+    _check_brute_force(der, {"B": 1, "C": 2, "L": 4, "F": 1, "K": 2})
+
+
+def test_zero_padding_from_a_declared_output_shape():
+    X, W = sp.IndexedBase("X", shape=(B, C, L)), sp.IndexedBase("W", shape=(F, C, K))
+    body = sp.Sum(W[o, c, q] * X[b, c, p + q - 1], (c, 0, C - 1), (q, 0, K - 1))
+    spec = tensor_spec(body, (b, o, p), [X, W], "conv_pad", out_shape=(B, F, L - K + 3))
+    assert spec.expr.has(sp.Piecewise)  # reads outside X are guarded: they are 0
+    der = derive_tensor(spec)
+    _no_escaped_index(der)
+    _check_brute_force(der, {"B": 1, "C": 1, "L": 3, "F": 1, "K": 2})
+
+
+def test_glu_dims_given_by_an_expression():
+    X = sp.IndexedBase("X", shape=(B, 2 * N))
+    spec = tensor_spec(X[b, i] / (1 + sp.exp(-X[b, i + N])), (b, i), [X], "glu_sym")
+    assert dict(spec.ranges)[i] == (0, N - 1)
+    der = derive_tensor(spec)
+    _no_escaped_index(der)
+    _check_brute_force(der, {"B": 1, "N": 2})
+
+
+def test_out_shape_must_match_out():
+    X = sp.IndexedBase("X", shape=(B, N))
+    with pytest.raises(DefinitionError, match="out_shape"):
+        tensor_spec(X[b, i], (b, i), [X], "bad", out_shape=(B,))
+
+
+# -- sums factored out of per-element work --------------------------------------------------
+
+
+def _loop_depth_of_reductions(source: str, function: str) -> list[int]:
+    """Indentation depth (in loops) of every accumulation ``_rN += ...`` in ``function``."""
+    body = source.split(f"def {function}(")[1].split("\n\n\n")[0]
+    depths = []
+    for line in body.splitlines():
+        if re.match(r"\s*_r\d+ \+= ", line):
+            depths.append((len(line) - len(line.lstrip())) // 4 - 1)
+    return depths
+
+
+def test_normalize_vjp_is_linear_in_the_row_length():
+    # y = x / |x|: grad_x = g/|x| - x Σ_i g_i x_i / |x|³; Σ_i g_i x_i once per row, not per element
+    X = sp.IndexedBase("X", shape=(B, N))
+    spec = tensor_spec(X[b, i] / sp.sqrt(sp.Sum(X[b, j] ** 2, (j, 0, N - 1))), (b, i), [X], "nz")
+    source = emit_tensor(derive_tensor(spec), spec.key).text
+    # every reduction loop sits directly in the row loop: depth 2 (row, then its own loop)
+    assert _loop_depth_of_reductions(source, "vjp") and max(
+        _loop_depth_of_reductions(source, "vjp")
+    ) <= 2, source
+
+
+def test_row_statistics_inside_a_sum_over_rows_are_filled_once():
+    # Σ_s over rows of the softmax of X[b, s, :] in the gradient of a column: the row max and
+    # row sum depend on s, not on the output element, and are computed once per (b, s)
+    X = sp.IndexedBase("X", shape=(B, S, N))
+    expr = sp.Sum(sp.exp(X[b, s, i]) / sp.Sum(sp.exp(X[b, s, j]), (j, 0, N - 1)), (s, 0, S - 1))
+    spec = tensor_spec(expr, (b, i), [X], "colsum_softmax")
+    der = derive_tensor(spec)
+    source = emit_tensor(der, spec.key).text
+    assert "_m0 = np.empty((S,))" in source, source
+    _check_brute_force(der, {"B": 1, "S": 2, "N": 3})
+
+
+# -- the condition helpers ------------------------------------------------------------------
+
+
+def test_bounds_from_conditions():
+    assert bound_from_condition(u <= s, u) == ("hi", s)
+    assert bound_from_condition(u < s, u) == ("hi", s - 1)
+    assert bound_from_condition(s - u >= 0, u) == ("hi", s)
+    assert bound_from_condition(u + q >= 1, u) == ("lo", 1 - q)
+    assert bound_from_condition(2 * u <= s, u) == ("hi", sp.floor(s / 2))
+    X = sp.IndexedBase("X", shape=(N,))
+    assert bound_from_condition(X[u] > 0, u) is None  # a condition on values, not indices
+
+
+def test_intervals_and_proofs():
+    known = {k: (0, N - 1), t: (0, s), s: (0, S - 1)}
+    assert interval(k + 1, known) == (1, N)
+    assert interval(t, known) == (0, S - 1)  # through s's range
+    assert provably_le(0, k, known) and not provably_le(k, N - 2, known)
+    (lo, hi), left = tighten(u, (0, S - 1), [u <= s, sp.Ne(u, k)], known)
+    assert (lo, hi) == (0, s) and left == [sp.Ne(u, k)]
+
+
+def test_empty_ranges_count_zero():
+    # Σ_{j=0}^{N-1} [j ≥ N] = 0; Σ_j [j ≤ k]·1 = k + 1 for 0 ≤ k < N
+    ind = sp.Piecewise((1, j <= k), (0, True))
+    assert contract(sp.Sum(ind, (j, 0, N - 1)), {k: (0, N - 1)}) == k + 1
+    assert contract(sp.Sum(sp.Piecewise((1, j >= N), (0, True)), (j, 0, N - 1)), {}) == 0
+
+
+# -- lowering to GEMMs ----------------------------------------------------------------------
+
+
+def _functions(source: str) -> dict[str, str]:
+    return {
+        name: source.split(f"def {name}(")[1].split("\n\n\n")[0] for name in ("forward", "vjp")
+    }
+
+
+def test_convolution_and_its_vjps_are_gemms_on_materialized_columns():
+    """Forward, input gradient and weight gradient each run np.dot on a column matrix filled
+    from the (zero-padded) reads: no scalar loop multiplies a weight by an input."""
+    X, W = sp.IndexedBase("X", shape=(B, C, L)), sp.IndexedBase("W", shape=(F, C, K))
+    body = sp.Sum(W[o, c, q] * X[b, c, p + q - 1], (c, 0, C - 1), (q, 0, K - 1))
+    spec = tensor_spec(body, (b, o, p), [X, W], "conv_gemm", out_shape=(B, F, L - K + 3))
+    source = emit_tensor(derive_tensor(spec), spec.key).text
+    functions = _functions(source)
+    assert functions["forward"].count("np.dot(") == 1
+    assert functions["vjp"].count("np.dot(") == 2
+    assert not re.search(r"_r\d+ \+= .*W\[.*X\[|_r\d+ \+= .*X\[.*W\[", source), source
+    assert not re.search(r"_r\d+ \+= .*W\[.*grad_out\[|_r\d+ \+= .*grad_out\[.*W\[", source)
+
+
+def test_a_kink_under_a_contraction_is_still_a_gemm():
+    X, W = sp.IndexedBase("X", shape=(B, N)), sp.IndexedBase("W", shape=(M, N))
+    spec = tensor_spec(sp.Sum(W[i, j] * sp.Max(0, X[b, j]), (j, 0, N - 1)), (b, i), [X, W], "kg")
+    functions = _functions(emit_tensor(derive_tensor(spec), spec.key).text)
+    assert functions["forward"].count("np.dot(") == 1  # relu(X) filled, then one GEMM
+    assert functions["vjp"].count("np.dot(") == 2
