@@ -235,19 +235,26 @@ def plan_step(
         in_backward = n in backward
         op = variants[n] if in_backward else node.op
         if _is_tensor(op):
+            shapes = [shape_of(a) for a in node.args]
+            views, args, flat_out, kernel_shape = _kernel_args(
+                op, n, args, shapes, out, tuple(node.shape)
+            )
+            lines += views
             dims = _dims(op, args, n)
             layout = getattr(op.module, "RESIDUALS", None) if in_backward else None
             if layout is not None:
                 res = [
-                    buffer(f"r{n}_{k}", tuple(node.shape[a] for a in axes), node.dtype, "residual")
+                    buffer(
+                        f"r{n}_{k}", tuple(kernel_shape[a] for a in axes), node.dtype, "residual"
+                    )
                     for k, axes in enumerate(layout)
                 ]
                 fn = alias(n, op, "forward_saved")
-                lines.append(f"{_PAD}{fn}({', '.join([*args, *dims, out, *res])})")
+                lines.append(f"{_PAD}{fn}({', '.join([*args, *dims, flat_out, *res])})")
                 plan.saving.append(n)
             else:
                 fn = alias(n, op, "forward")
-                lines.append(f"{_PAD}{fn}({', '.join([*args, *dims, out])})")
+                lines.append(f"{_PAD}{fn}({', '.join([*args, *dims, flat_out])})")
         else:
             for a in node.args:
                 if shape_of(a) != tuple(node.shape):
@@ -330,10 +337,26 @@ def plan_step(
         args = [use(names[a]) for a in node.args]
         g = use(g)
         if _is_tensor(op):
+            shapes = [shape_of(a) for a in node.args]
+            views, args, flat_out, _ = _kernel_args(
+                op, n, args, shapes, f"v{n}", tuple(node.shape)
+            )
+            lines += views
             dims = _dims(op, args, n)
+            binding = op._plan
+            if binding.out_batch:  # the cotangent flattened as the output is
+                first = binding.batch[0]
+                lead = len(shapes[first]) - (len(binding.shape_text[first]) - 1)
+                g = _flattened(g, len(node.shape) - lead, len(node.shape))
+            dsts = [  # the gradients of batch inputs flattened as the inputs are
+                _flattened(dst, len(binding.shape_text[k]) - 1, len(shapes[k]))
+                if k in binding.batch
+                else dst
+                for k, dst in zip(want, dsts, strict=True)
+            ]
             g_arg = f"{g}[0]" if node.shape == () else g
             if n in plan.saving:
-                kept = [use(f"v{n}")]
+                kept = [flat_out]
                 kept += [use(f"r{n}_{k}") for k in range(len(op.module.RESIDUALS))]
                 fn = alias(n, op, "vjp_saved")
                 lines.append(f"{_PAD}{fn}({', '.join([*args, *dims, *kept, g_arg, *dsts])})")
@@ -436,6 +459,42 @@ def _update_lines(plan: StepPlan, rule: UpdateRule, clip: str | None) -> tuple[l
             lines.append(f"{_PAD}_s{name} = {_flat(name)}")
         lines += update_lines(loops, rule, arrays, scalars, _PAD, tag, clipped)
     return lines, set(loops.helpers)
+
+
+def _flattened(name: str, keep: int, rank: int) -> str:
+    """``name`` (an array of ``rank`` axes) with all but its last ``keep`` axes in one."""
+    parts = ["-1", *(f"{name}.shape[{a}]" for a in range(rank - keep, rank))]
+    return f"{name}.reshape(({', '.join(parts)},))"
+
+
+def _kernel_args(
+    op: Any,
+    n: int,
+    args: list[str],
+    arg_shapes: list[tuple[int, ...]],
+    out: str,
+    out_shape: tuple[int, ...],
+) -> tuple[list[str], list[str], str, tuple[int, ...]]:
+    """A tensor op's kernel arguments: a batch op (one formula over any leading axes) takes
+    its batch inputs and output with those axes flattened into one, as
+    :meth:`~symgrad.runtime.tensor.TensorOp._flatten_batch` does.  Returns the lines binding
+    the flattened views (``_b<n>_<k>``, ``_o<n>``), the arguments, the output and the shape
+    the kernel sees.  Ranks are part of the graph's structure, so the text is too."""
+    plan = op._plan
+    if not plan.batch:
+        return [], args, out, out_shape
+    lines, flat = [], list(args)
+    for k in plan.batch:
+        keep = len(plan.shape_text[k]) - 1
+        flat[k] = f"_b{n}_{k}"
+        lines.append(f"{_PAD}{flat[k]} = {_flattened(args[k], keep, len(arg_shapes[k]))}")
+    if not plan.out_batch:
+        return lines, flat, out, out_shape
+    k = plan.batch[0]
+    lead = len(arg_shapes[k]) - (len(plan.shape_text[k]) - 1)
+    lines.append(f"{_PAD}_o{n} = {_flattened(out, len(out_shape) - lead, len(out_shape))}")
+    shape = (int(np.prod(out_shape[:lead], dtype=np.int64)), *out_shape[lead:])
+    return lines, flat, f"_o{n}", shape
 
 
 def _is_tensor(op: Any) -> bool:
