@@ -3,7 +3,7 @@
 Workloads (float32 unless stated, thread count fixed and reported, 1 by default):
 
 * **W1** — one SGD training step of a 64→H→H→10 tanh MLP with softmax cross-entropy at
-  (B, H) = (32, 128), (256, 512), (1024, 2048): symgrad's fused step, symgrad layer by layer,
+  (B, H) = (32, 128), (256, 512), (1024, 2048): symgrad's compiled step, symgrad layer by layer,
   torch eager, ``torch.compile`` of a functional step (``fullgraph=True``), JAX ``jit`` when JAX
   is installed, and a NumPy step written by hand (the peer baseline the issue asks for; it is
   a benchmark reference, not a code path of symgrad).
@@ -148,7 +148,7 @@ def _w1_candidates(batch: int, hidden: int, with_compile: bool) -> dict[str, Cal
     import torch
 
     from . import nn, optim
-    from .runtime.step import compile_step
+    from .compile import compile_step
     from .torch import to_torch
 
     rng = np.random.default_rng(0)
@@ -159,9 +159,9 @@ def _w1_candidates(batch: int, hidden: int, with_compile: bool) -> dict[str, Cal
     def mlp() -> nn.Sequential:
         return _mlp(hidden, dt)  # type: ignore[no-any-return]
 
-    fused_model = mlp()
-    fused = compile_step(
-        fused_model, nn.CrossEntropyLoss(), optim.SGD(fused_model.parameters(), lr=LR)
+    step_model = mlp()
+    ours = compile_step(
+        step_model, nn.CrossEntropyLoss(), optim.SGD(step_model.parameters(), lr=LR)
     )
     layered = mlp()
     layered_opt = optim.SGD(layered.parameters(), lr=LR)
@@ -185,7 +185,7 @@ def _w1_candidates(batch: int, hidden: int, with_compile: bool) -> dict[str, Cal
         topt.step()
 
     candidates: dict[str, Callable[[], object]] = {
-        "symgrad fused": lambda: fused(x, y),
+        "symgrad compiled": lambda: ours(x, y),
         "symgrad layers": layer_by_layer,
         "torch eager": torch_eager,
         "numpy by hand": _numpy_step(mlp(), x, y)[0],
@@ -334,7 +334,7 @@ def _w2_candidates(n: int) -> dict[str, Callable[[], object]]:
 _FIRST_STEP = """
 import numpy as np
 from symgrad import nn, optim
-from symgrad.runtime.step import compile_step
+from symgrad.compile import compile_step
 rng = np.random.default_rng(0)
 model = nn.Sequential(nn.Linear(64, 128, rng=rng), nn.Tanh(), nn.Linear(128, 128, rng=rng),
                       nn.Tanh(), nn.Linear(128, 10, rng=rng))

@@ -323,10 +323,9 @@ class TensorBuiltin:
         )
         for k in self.ints:
             v = values[k]
-            if isinstance(v, bool) or int(v) != v or v < (1 if k == "stride" else 0):
+            if int(v) != v:  # its range is checked above, with the others
                 raise DefinitionError(
-                    f"built-in op {self.name!r}: {k} must be a whole number "
-                    f"(≥ {1 if k == 'stride' else 0}), got {v!r}"
+                    f"built-in op {self.name!r}: {k} must be a whole number, got {v!r}"
                 )
             values[k] = int(v)
         return values
@@ -548,6 +547,13 @@ _Hi, _Wi, _KH, _KW = sp.symbols("Hi Wi KH KW", integer=True, positive=True)
 _c, _p, _q, _r, _v = sp.symbols("c p q r v", integer=True)
 
 
+#: a convolution's stride is ≥ 1, its zero padding ≥ 0 (both whole numbers)
+_CONV_ALLOWED = {
+    "stride": Allowed(low=1.0, closed_low=True),
+    "padding": Allowed(low=0.0, closed_low=True),
+}
+
+
 def _conv1d(stride: int, padding: int) -> Formula:
     X, W, bias = _tensor("X", _B, _C, _L), _tensor("W", _O, _C, _K), _tensor("c", _O)
     read = X[_b, _c, stride * _p + _q - padding]
@@ -753,6 +759,7 @@ _TENSOR_ENTRIES += [
         doc="Y[b, o, p] = Σ_{c,q} W[o, c, q]·X[b, c, stride·p + q - padding] + c[o] (zeros "
         "outside X); lowered to one GEMM per image (im2col)",
         ints=("stride", "padding"),
+        allowed=_CONV_ALLOWED,
         shape=lambda stride, padding: (_B, _O, _conv_length(_L, _K, stride, padding)),
     ),
     TensorBuiltin(
@@ -764,6 +771,7 @@ _TENSOR_ENTRIES += [
         doc="2-D convolution, torch's layout (B, C, H, W) and (O, C, KH, KW); stride, zero "
         "padding; one GEMM per image",
         ints=("stride", "padding"),
+        allowed=_CONV_ALLOWED,
         shape=lambda stride, padding: (
             _B,
             _O,

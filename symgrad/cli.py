@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn = sub.add_parser(
         "bench",
         help="training-step and loss-kernel benchmarks against torch (see symgrad.bench)",
-        description="W1: one SGD step of a 64-H-H-10 tanh MLP (symgrad fused and layer by "
+        description="W1: one SGD step of a 64-H-H-10 tanh MLP (symgrad compiled and layer by "
         "layer, torch eager, torch.compile, JAX if installed, NumPy by hand); W2: sigmoid+BCE "
         "value and gradient on 10M float64; W3: fresh process to first step, warm and cold "
         "kernel cache; W4: forward + backward of one MiniLM-size BERT encoder layer and of each "

@@ -102,3 +102,9 @@ class SchedulerError(SymgradError, ValueError):
 
 class NonFiniteNormError(SymgradError, RuntimeError):
     """The total gradient norm is NaN or infinite and ``error_if_nonfinite`` was set."""
+
+
+class StepFallbackWarning(UserWarning):
+    """``fit`` could not compile the training step (an :class:`UnsupportedStepError`, named in
+    the message) and trains op by op instead; ``fit(..., compiled=True)`` makes it an error."""
+

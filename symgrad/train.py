@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -24,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError, SchedulerError, SymgradError
+from .errors import (
+    CheckpointError,
+    SchedulerError,
+    StepFallbackWarning,
+    SymgradError,
+    UnsupportedStepError,
+)
 from .nn.losses import Loss, fuse
 from .nn.modules import Module
 from .nn.utils import clip_grad_norm_, clip_grad_value_
@@ -237,6 +244,7 @@ def fit(
     scheduler_interval: str = "step",
     clip_grad_norm: float | None = None,
     clip_grad_value: float | None = None,
+    compiled: bool | None = None,
 ) -> History:
     """Train ``model`` on ``(x, y)``; returns the :class:`History`.
 
@@ -256,6 +264,14 @@ def fit(
         clip_grad_norm, clip_grad_value: clip the gradients before each optimizer step to this
             global 2-norm (:func:`symgrad.nn.utils.clip_grad_norm_`) or into
             ``[-value, value]`` (:func:`~symgrad.nn.utils.clip_grad_value_`); one of the two.
+        compiled: train through one compiled step per batch shape
+            (:func:`symgrad.compile.compile_step`: forward, backward, clipping and update in
+            one generated function).  ``None`` (the default) compiles when the model, loss and
+            optimizer can be compiled and otherwise trains op by op with a
+            :class:`~symgrad.errors.StepFallbackWarning` naming why; ``True`` makes that an
+            :class:`~symgrad.errors.UnsupportedStepError`; ``False`` trains op by op.  The two
+            paths agree to rounding (1e-12 in float64), not bit for bit: they sum in other
+            orders.
 
     Data are checked first — NaN, lengths, feature count, labels — and an error is raised
     before any weight changes.
@@ -286,18 +302,34 @@ def fit(
         start, history = load_checkpoint(checkpoint, model, optimizer, scheduler)
     last = epochs if stop_after_epoch is None else min(epochs, stop_after_epoch)
     bar = _progress(progress, (last - start) * -(-len(x) // batch_size))
+    step = _compiled_step(model, loss, optimizer, compiled, fuse_loss, clip_grad_norm,
+                          clip_grad_value)  # fmt: skip
+
+    def op_by_op(xb: np.ndarray, yb: np.ndarray) -> float:
+        optimizer.zero_grad()
+        out, ctx = body.forward(xb)
+        value, grad = objective.value_and_grad(out, yb)
+        body.backward(ctx, grad, need_input_grad=False)
+        if clip_grad_norm is not None:
+            clip_grad_norm_(model.parameters(), clip_grad_norm)
+        elif clip_grad_value is not None:
+            clip_grad_value_(model.parameters(), clip_grad_value)
+        optimizer.step()
+        return value
+
     for epoch in range(start, last):
         total, count = 0.0, 0
         for idx in batch_order(len(x), batch_size, seed, epoch):
-            optimizer.zero_grad()
-            out, ctx = body.forward(x[idx])
-            value, grad = objective.value_and_grad(out, y[idx])
-            body.backward(ctx, grad, need_input_grad=False)
-            if clip_grad_norm is not None:
-                clip_grad_norm_(model.parameters(), clip_grad_norm)
-            elif clip_grad_value is not None:
-                clip_grad_value_(model.parameters(), clip_grad_value)
-            optimizer.step()
+            if step is not None:
+                try:  # a step that cannot be compiled raises before changing anything
+                    value = step(x[idx], y[idx])
+                except UnsupportedStepError as error:
+                    if compiled:
+                        raise
+                    _warn_fallback(error)
+                    step = None
+            if step is None:
+                value = op_by_op(x[idx], y[idx])
             if scheduler_interval == "step" and scheduler is not None and not plateau:
                 scheduler.step()
             history.step_losses.append(value)
@@ -317,6 +349,42 @@ def fit(
     if bar is not None:
         bar.close()
     return history
+
+
+def _compiled_step(
+    model: Module,
+    loss: Loss,
+    optimizer: Optimizer,
+    compiled: bool | None,
+    fuse_loss: bool,
+    clip_grad_norm: float | None,
+    clip_grad_value: float | None,
+) -> Any:
+    """``fit``'s compiled step, or None to train op by op (``compiled=False``, or a model the
+    step compiler refuses when ``compiled`` is None)."""
+    if compiled is False:
+        return None
+    if compiled is not None and compiled is not True:
+        raise SymgradError(f"compiled must be True, False or None, got {compiled!r}")
+    from .compile import compile_step
+
+    try:
+        return compile_step(model, loss, optimizer, clip_grad_norm=clip_grad_norm,
+                            clip_grad_value=clip_grad_value, fuse_loss=fuse_loss)  # fmt: skip
+    except UnsupportedStepError as error:
+        if compiled:
+            raise
+        _warn_fallback(error)
+        return None
+
+
+def _warn_fallback(error: UnsupportedStepError) -> None:
+    warnings.warn(
+        f"fit trains op by op: the step cannot be compiled ({error}); pass compiled=False to "
+        "choose that path without this warning",
+        StepFallbackWarning,
+        stacklevel=3,
+    )
 
 
 def _progress(enabled: bool, total: int) -> Any:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from symgrad import bench, nn, optim
-from symgrad.runtime.step import compile_step
+from symgrad.compile import compile_step
 
 
 def test_a_tiny_run_reports_every_system_with_ratios_to_torch(tmp_path, torch_state) -> None:
@@ -16,7 +16,7 @@ def test_a_tiny_run_reports_every_system_with_ratios_to_torch(tmp_path, torch_st
     rows = result["rows"]
     w1 = {r["system"]: r for r in rows if r["workload"] == "W1 train step"}
     w2 = {r["system"]: r for r in rows if r["workload"] == "W2 sigmoid+BCE"}
-    assert {"symgrad fused", "symgrad layers", "torch eager", "numpy by hand"} <= set(w1)
+    assert {"symgrad compiled", "symgrad layers", "torch eager", "numpy by hand"} <= set(w1)
     assert set(w2) == {"symgrad", "torch eager", "numpy", "bandwidth floor"}
     for table in (w1, w2):
         assert table["torch eager"]["ratio_to_torch"] == 1.0
@@ -26,7 +26,7 @@ def test_a_tiny_run_reports_every_system_with_ratios_to_torch(tmp_path, torch_st
             assert row["ratio_to_torch"] == pytest.approx(ratio)
     assert result["threads"] == 1 and result["machine"]["cores"] >= 1
     text = bench.format_table(result)
-    assert "B=4 H=8" in text and "symgrad fused" in text and "× torch" in text
+    assert "B=4 H=8" in text and "symgrad compiled" in text and "× torch" in text
     bench.write_json(result, tmp_path / "bench.json")
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows
     report = bench.format_markdown(result, "symgrad bench --quick")

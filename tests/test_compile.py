@@ -3,11 +3,14 @@ reference paths — the layer-by-layer path and the tape's reverse mode — in f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from symgrad import nn, optim
 from symgrad.compile import UnsupportedStepError, compile_step, trace
+from symgrad.errors import DTypeError, ShapeError, SymgradError
 from symgrad.nn import Tape
 
 
@@ -23,10 +26,13 @@ def _mlp(seed: int = 1, dtype=np.float64) -> nn.Sequential:
 
 
 def _layer_path_step(model, loss, opt, x, y) -> float:
+    """One step on the layer-by-layer path (a trailing activation fused into the loss, as the
+    compiled step does)."""
+    body, objective = nn.fuse(model, loss)
     opt.zero_grad()
-    out, ctx = model.forward(x)
-    value, grad = loss.value_and_grad(out, y)
-    model.backward(ctx, grad, need_input_grad=False)
+    out, ctx = body.forward(x)
+    value, grad = objective.value_and_grad(out, y)
+    body.backward(ctx, grad, need_input_grad=False)
     opt.step()
     return value
 
@@ -48,6 +54,208 @@ def test_compiled_mlp_equals_the_layer_path(make_opt):
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         np.testing.assert_allclose(pa.data, pb.data, rtol=1e-12, atol=1e-14)
     assert len(step._bindings) == 2
+
+
+@pytest.mark.parametrize(
+    "name, bias", [("sgd", True), ("sgd", False), ("adam", True), ("adamw", False)]
+)
+def test_compiled_step_equals_the_layer_path_with_and_without_bias(name, bias):
+    from symgrad.tasks.finetune import make_optimizer
+
+    def model():
+        r = np.random.default_rng(1)
+        return nn.Sequential(
+            nn.Linear(6, 8, dtype=np.float64, rng=r), nn.Tanh(),
+            nn.Linear(8, 8, bias=bias, dtype=np.float64, rng=r), nn.GELU(),
+            nn.Linear(8, 3, dtype=np.float64, rng=r),
+        )
+
+    rng = np.random.default_rng(0)
+    a, b = model(), model()
+    opt_a, opt_b = make_optimizer(name, a.parameters()), make_optimizer(name, b.parameters())
+    step = compile_step(b, nn.CrossEntropyLoss(), opt_b)
+    for size in (10, 10, 10, 7, 10):  # a short last batch: a second binding
+        x, y = rng.normal(size=(size, 6)), rng.integers(0, 3, size)
+        expected = _layer_path_step(a, nn.CrossEntropyLoss(), opt_a, x, y)
+        assert step(x, y) == pytest.approx(expected, rel=1e-13)
+    for k, v in a.state_dict().items():
+        np.testing.assert_allclose(b.state_dict()[k], v, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("loss", [nn.BCELoss, nn.MSELoss, nn.BCEWithLogitsLoss])
+def test_a_trailing_activation_is_fused_into_an_elementwise_loss(loss):
+    """Sigmoid + BCELoss is one formula (BCE on the logits, finite at any logit), as on the
+    layer path; the steps agree with it, Nesterov momentum included."""
+    rng = np.random.default_rng(3)
+
+    def model():
+        r = np.random.default_rng(5)
+        return nn.Sequential(nn.Linear(6, 4, dtype=np.float64, rng=r), nn.Sigmoid())
+
+    a, b = model(), model()
+    opt_a = optim.SGD(a.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    opt_b = optim.SGD(b.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    step = compile_step(b, loss(), opt_b)
+    for _ in range(4):
+        x = rng.normal(size=(5, 6))
+        y = (rng.uniform(size=(5, 4)) > 0.5).astype(np.float64)
+        assert step(x, y) == pytest.approx(_layer_path_step(a, loss(), opt_a, x, y), rel=1e-13)
+    for k, v in a.state_dict().items():
+        np.testing.assert_allclose(b.state_dict()[k], v, rtol=1e-12, atol=1e-15)
+    graph = next(iter(step._bindings.values())).graph
+    assert len(graph.nodes) == 2  # the linear layer and the loss (with the sigmoid in it)
+    if loss is nn.BCELoss:  # far beyond float64's sigmoid: the loss stays finite
+        big = np.full((2, 6), 1e3)
+        assert np.isfinite(step(big, np.zeros((2, 4))))
+
+
+def test_a_float32_step_uses_float32_kernels_and_stays_close_to_the_layer_path():
+    def model():
+        r = np.random.default_rng(1)
+        return nn.Sequential(
+            nn.Linear(6, 16, rng=r), nn.Tanh(), nn.Linear(16, 16, rng=r), nn.Tanh(),
+            nn.Linear(16, 3, rng=r),
+        )
+
+    rng = np.random.default_rng(4)
+    a, b = model(), model()
+    opt_a, opt_b = optim.SGD(a.parameters(), lr=0.1), optim.SGD(b.parameters(), lr=0.1)
+    step = compile_step(b, nn.CrossEntropyLoss(), opt_b)
+    for _ in range(5):
+        x = rng.normal(size=(12, 6)).astype(np.float32) * 3
+        y = rng.integers(0, 3, 12)
+        expected = _layer_path_step(a, nn.CrossEntropyLoss(), opt_a, x, y)
+        assert step(x, y) == pytest.approx(expected, rel=1e-5)
+    for k, v in a.state_dict().items():
+        assert b.state_dict()[k].dtype == np.float32
+        np.testing.assert_allclose(b.state_dict()[k], v, rtol=1e-4, atol=1e-6)
+    binding = next(iter(step._bindings.values()))
+    assert all(buf.dtype == np.float32 for buf in binding.plan.buffers.values()
+               if buf.dtype.kind == "f")
+    text = Path(step._module.__file__).read_text()
+    assert "_f32" in text and "import forward_saved_f64" not in text
+
+
+def test_bad_batches_are_named_and_change_nothing():
+    model = _mlp()
+    step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1))
+    before = model.state_dict()
+    bad = [
+        ((np.zeros((2, 5)), np.zeros(2, dtype=int)), ShapeError, r"\(batch, 6\), got \(2, 5\)"),
+        ((np.zeros((2, 6)), np.array([0, 9])), SymgradError, r"labels must lie in \[0, 3\)"),
+        ((np.zeros((3, 6)), np.array([0, 1, -1])), SymgradError, r"found \[-1\]"),
+        ((np.zeros((3, 6)), np.array([0.0, 1.0, 2.0])), DTypeError, "integer class labels"),
+        ((np.zeros((3, 6)),), UnsupportedStepError, "inputs and then the target"),
+        ((np.zeros((3, 6)), np.zeros(3), np.zeros(3, dtype=int)), ShapeError,
+         r"Sequential takes 1 input array\(s\), got 2"),
+        ((np.zeros((0, 6)), np.zeros(0, dtype=int)), ShapeError, "at least one example"),
+        ((np.zeros((2, 6), np.float32), np.zeros(2, dtype=int)), DTypeError, "float64 weights"),
+    ]
+    for args, error, match in bad:
+        with pytest.raises(error, match=match):
+            step(*args)
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.state_dict()[k], v)
+    small = nn.Sequential(nn.Linear(6, 2, dtype=np.float64), nn.Sigmoid())
+    sig = compile_step(small, nn.BCELoss(), optim.SGD(small.parameters(), lr=0.1))
+    with pytest.raises(ShapeError, match=r"BCELoss \(after Sigmoid\).*target has shape \(3, 3\)"):
+        sig(np.zeros((3, 6)), np.zeros((3, 3)))
+
+
+def test_freezing_a_layer_after_a_step_takes_effect():
+    model = _mlp()
+    step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1))
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(4, 6)), rng.integers(0, 3, 4)
+    step(x, y)
+    model[0].requires_grad_(False)
+    frozen = model.state_dict()["0.weight"]
+    step(x, y)
+    np.testing.assert_array_equal(model.state_dict()["0.weight"], frozen)
+    assert not np.array_equal(model.state_dict()["2.weight"], frozen)
+
+
+_WARM_SCRIPT = """
+import sys, json
+from pathlib import Path
+
+import numpy as np
+from symgrad import nn, optim
+from symgrad.compile import compile_step
+rng = np.random.default_rng(0)
+model = nn.Sequential(nn.Linear(5, 8, rng=rng), nn.Tanh(), nn.Linear(8, 3, rng=rng))
+opt = optim.SGD(model.parameters(), lr=float(sys.argv[1]), momentum=0.9)
+step = compile_step(model, nn.CrossEntropyLoss(), opt)
+x = rng.normal(size=(6, 5)).astype(np.float32)
+y = rng.integers(0, 3, 6)
+losses = [step(x, y) for _ in range(3)]
+print(json.dumps({"losses": losses, "sympy": "sympy" in sys.modules,
+                  "weight": model.state_dict()["2.weight"].tolist()}))
+"""
+
+
+def _run_fresh(cache, script, *argv):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SYMGRAD_CACHE_DIR=str(cache))
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, argv)],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_warm_start_loads_the_step_without_sympy(tmp_path):
+    """A fresh process finds the step's module (and its ops) in the cache, imports no SymPy,
+    and computes exactly what the cold process computed; another learning rate is the same
+    module (an argument); a damaged module is generated again."""
+    cold = _run_fresh(tmp_path, _WARM_SCRIPT, 0.1)
+    assert cold["sympy"]  # derived and emitted
+    warm = _run_fresh(tmp_path, _WARM_SCRIPT, 0.1)
+    assert not warm["sympy"]
+    assert warm["losses"] == cold["losses"] and warm["weight"] == cold["weight"]
+    other = _run_fresh(tmp_path, _WARM_SCRIPT, 0.2)
+    assert not other["sympy"] and other["losses"][1:] != cold["losses"][1:]
+    (module,) = tmp_path.glob("training_step_*.py")
+    module.write_text(module.read_text().replace("return loss", "return -loss"))
+    again = _run_fresh(tmp_path, _WARM_SCRIPT, 0.1)
+    assert again["sympy"] and again["losses"] == cold["losses"]
+
+
+def test_a_step_module_of_another_structure_is_not_trusted(tmp_path, monkeypatch):
+    """The module's file name holds a digest of the structure key; the whole key is in its
+    header and compared.  A ReLU model's step put under a tanh model's name is replaced: the
+    tanh step equals the layer path."""
+    monkeypatch.setenv("SYMGRAD_CACHE_DIR", str(tmp_path))
+
+    def model(act):
+        r = np.random.default_rng(2)
+        return nn.Sequential(nn.Linear(3, 4, dtype=np.float64, rng=r), act(),
+                             nn.Linear(4, 2, dtype=np.float64, rng=r))
+
+    xs, ys = np.random.default_rng(3).normal(size=(5, 3)), np.array([0, 1, 1, 0, 1])
+    relu = model(nn.ReLU)
+    compile_step(relu, nn.CrossEntropyLoss(), optim.SGD(relu.parameters(), lr=0.1))(xs, ys)
+    (relu_step,) = tmp_path.glob("training_step_*.py")
+    tanh = model(nn.Tanh)
+    step = compile_step(tanh, nn.CrossEntropyLoss(), optim.SGD(tanh.parameters(), lr=0.1))
+    key = step._bind((xs, ys)) and step._key
+    tanh_step = next(p for p in tmp_path.glob("training_step_*.py") if p != relu_step)
+    tanh_step.write_text(relu_step.read_text())
+    import sys
+
+    sys.modules.pop(f"_symgrad_kernels_{tanh_step.stem}", None)  # as in a fresh process
+    fresh = model(nn.Tanh)
+    fresh_step = compile_step(fresh, nn.CrossEntropyLoss(), optim.SGD(fresh.parameters(), lr=0.1))
+    loss = fresh_step(xs, ys)
+    reference = model(nn.Tanh)
+    out, _ = reference.forward(xs)
+    expected, _ = nn.CrossEntropyLoss().value_and_grad(out, ys)
+    assert loss == pytest.approx(expected, rel=1e-13)
+    assert f"; spec {key}\n" in tanh_step.read_text()
 
 
 def test_frozen_bottom_runs_forward_only_and_no_input_gradient():
@@ -147,3 +355,35 @@ def test_an_integer_mask_is_refused_by_the_recorded_forward():
     step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(DTypeError, match="attention mask"):
         step(ids, mask, np.array([0, 1, 1]))
+
+
+_WARM_BERT = """
+import sys, json
+import numpy as np
+from symgrad import nn, optim
+from symgrad.compile import compile_step
+from symgrad.nn.bert import BertConfig, BertEncoder, SequenceClassifier
+rng = np.random.default_rng(0)
+config = BertConfig(vocab_size=40, hidden_size=8, num_attention_heads=2, intermediate_size=16,
+                    num_hidden_layers=2, max_position_embeddings=12)
+encoder = BertEncoder(config, np.float32)
+for p in encoder.parameters():
+    p.data[...] = rng.normal(size=p.data.shape) * 0.2
+model = SequenceClassifier(encoder, nn.Linear(8, 2, rng=rng))
+step = compile_step(model, nn.CrossEntropyLoss(), optim.AdamW(model.parameters(), lr=1e-3))
+ids = rng.integers(0, 40, (3, 6))
+mask = np.ones((3, 6), np.float32)
+mask[1, 4:] = 0
+labels = np.array([0, 1, 1])
+losses = [step(ids, mask, labels) for _ in range(3)]
+print(json.dumps({"losses": losses, "sympy": "sympy" in sys.modules}))
+"""
+
+
+def test_a_warm_start_loads_a_bert_step_without_sympy(tmp_path):
+    """The transformer's compiled step, found again by a fresh process: its ops through their
+    op records, the step's module by its structure key; no SymPy, the same losses."""
+    cold = _run_fresh(tmp_path, _WARM_BERT)
+    warm = _run_fresh(tmp_path, _WARM_BERT)
+    assert cold["sympy"] and not warm["sympy"]
+    assert warm["losses"] == cold["losses"] and warm["losses"][2] < warm["losses"][0]

@@ -15,10 +15,10 @@ import torch
 
 import symgrad.torch as sgt
 from symgrad import nn, optim
+from symgrad.compile import compile_step
 from symgrad.errors import HyperparameterError, OptimizerError, SchedulerError, SymgradError
 from symgrad.nn.utils import clip_grad_norm_, clip_grad_value_
 from symgrad.optim import lr_scheduler as sched
-from symgrad.runtime.step import compile_step
 
 pytestmark = pytest.mark.usefixtures("torch_state", "one_torch_thread")
 
@@ -693,7 +693,7 @@ def test_update_kernels_are_forward_only_and_rules_are_checked():
         p, g, b, mu = sp.symbols("param grad buf mu", real=True)
         return Formulas((), ((b, mu * b + g), (p, p - b)))
 
-    from symgrad.codegen.step import StepPlan
+    from symgrad.codegen.loops import Loops
     from symgrad.codegen.update import update_lines
     from symgrad.symbolic.update import Hyperparameter
 
@@ -703,4 +703,4 @@ def test_update_kernels_are_forward_only_and_rules_are_checked():
     )
     names = {n: n for n in (*rule.array_inputs, *rule.scalar_inputs)}
     with pytest.raises(DefinitionError, match=r"with mu = 0 the update of param still reads"):
-        update_lines(StepPlan("t"), rule, names, names, "    ")
+        update_lines(Loops("t"), rule, names, names, "    ")

@@ -1,6 +1,7 @@
 """Training loop: twin runs against torch, freezing, checkpoints and resume, bad data."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from symgrad import nn, optim
 from symgrad import torch as sgt
 from symgrad.cli import main
+from symgrad.errors import StepFallbackWarning, SymgradError, UnsupportedStepError
 from symgrad.tasks import finetune
 from symgrad.tasks.digits import few_shot_split, load_mnist_8x8, to_sklearn_8x8
 from symgrad.train import DataError, batch_order, fit
@@ -55,6 +57,58 @@ def test_batch_order_is_a_seeded_partition():
     assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
     other = batch_order(23, 5, seed=1, epoch=3)
     assert not all(np.array_equal(a, b) for a, b in zip(batches, other, strict=True))
+
+
+@pytest.mark.parametrize("clip", [{}, {"clip_grad_norm": 0.5}, {"clip_grad_value": 0.01}])
+def test_fit_compiles_the_step_and_agrees_with_the_op_by_op_path(clip):
+    x, y = _data(50)  # a short last batch: a second shape of the same compiled step
+    runs = {}
+    for compiled in (None, False):
+        model = _model(4)
+        opt = optim.AdamW(model.parameters(), lr=1e-2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback for an MLP
+            history = fit(model, nn.CrossEntropyLoss(), opt, x, y, epochs=2, batch_size=16,
+                          compiled=compiled, **clip)  # fmt: skip
+        runs[compiled] = history, model.state_dict()
+    (h1, p1), (h2, p2) = runs[None], runs[False]
+    np.testing.assert_allclose(h1.step_losses, h2.step_losses, rtol=1e-12)
+    for k, v in p2.items():
+        np.testing.assert_allclose(p1[k], v, rtol=1e-11, atol=1e-14)
+        assert not np.array_equal(v, _model(4).state_dict()[k])
+
+
+def test_fit_falls_back_to_the_op_by_op_path_with_a_warning():
+    class Opaque(nn.Module):  # no record: the step compiler cannot trace it
+        def forward(self, x):
+            return x, None
+
+        def backward(self, ctx, grad_y, need_input_grad=True):
+            return grad_y
+
+    def model():
+        return nn.Sequential(*_model(5), Opaque())
+
+    x, y = _data()
+    reference = model()
+    fit(reference, nn.CrossEntropyLoss(), optim.SGD(reference.parameters(), lr=0.1), x, y,
+        epochs=1, batch_size=8, compiled=False)  # fmt: skip
+    fallback = model()
+    with pytest.warns(StepFallbackWarning, match="Opaque does not record"):
+        fit(fallback, nn.CrossEntropyLoss(), optim.SGD(fallback.parameters(), lr=0.1), x, y,
+            epochs=1, batch_size=8)  # fmt: skip
+    for k, v in reference.state_dict().items():
+        np.testing.assert_array_equal(fallback.state_dict()[k], v)
+    strict = model()
+    before = strict.state_dict()
+    with pytest.raises(UnsupportedStepError, match="Opaque"):
+        fit(strict, nn.CrossEntropyLoss(), optim.SGD(strict.parameters(), lr=0.1), x, y,
+            epochs=1, batch_size=8, compiled=True)  # fmt: skip
+    for k, v in before.items():
+        np.testing.assert_array_equal(strict.state_dict()[k], v)
+    with pytest.raises(SymgradError, match="compiled must be True, False or None"):
+        fit(strict, nn.CrossEntropyLoss(), optim.SGD(strict.parameters(), lr=0.1), x, y,
+            epochs=1, batch_size=8, compiled="yes")  # fmt: skip
 
 
 def test_frozen_parameters_do_not_change():

@@ -7,7 +7,7 @@ is an input, so the branch is taken at run time), each loop evaluating the rule'
 order.  :func:`emit_update` wraps those lines in a module with one function,
 ``update(param, grad, *states, *scalars)`` over flat arrays: the eager optimizer's kernel.  The
 fused training step calls :func:`update_lines` for each parameter it trains.  The element loop is
-codegen's one loop generator (:func:`symgrad.codegen.step.elementwise_loop`); an update runs
+codegen's one loop generator (:func:`symgrad.codegen.loops.elementwise_loop`); an update runs
 forward only, so nothing is derived and no VJP is emitted.
 """
 
@@ -22,8 +22,8 @@ from .._version import __version__
 from ..errors import DefinitionError
 from ..symbolic.update import UpdateRule
 from .emit import KernelSource
+from .loops import Loops, elementwise_loop
 from .printer import VECTOR_MATH_SOURCE, print_expr
-from .step import StepPlan, elementwise_loop
 
 _PAD = "    "
 
@@ -40,7 +40,7 @@ def _real(name: str) -> sp.Symbol:
 
 
 def update_lines(
-    plan: StepPlan,
+    plan: Loops,
     rule: UpdateRule,
     arrays: Mapping[str, str],
     values: Mapping[str, str],
@@ -121,7 +121,7 @@ def emit_update(rule: UpdateRule, key: str, single: bool) -> KernelSource:
     """The module of ``rule``'s eager kernel: ``update(param, grad, *states, *scalars)``, every
     array flat and contiguous, the parameter and states updated in place.  ``single``: the
     arrays are float32 (helpers with a float32 twin call it)."""
-    plan = StepPlan(f"update_{rule.name}", single=single)
+    plan = Loops(f"update_{rule.name}", single=single)
     arrays = {n: n for n in rule.array_inputs}
     values = {n: n for n in rule.scalar_inputs}
     body = update_lines(plan, rule, arrays, values, _PAD)

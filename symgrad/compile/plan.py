@@ -114,7 +114,7 @@ class StepPlan:
         text = "\n".join([*head, *body]) + "\n"
         digest = hashlib.sha256(text.encode()).hexdigest()
         return (
-            f"# symgrad generated training step\n# symgrad {__version__}; graph {key}\n"
+            f"# symgrad generated training step\n# symgrad {__version__}; spec {key}\n"
             f"# body-sha256 {digest}\n{text}"
         )
 
@@ -411,9 +411,8 @@ def _update_lines(plan: StepPlan, rule: UpdateRule, clip: str | None) -> tuple[l
     generation of a cold start), and the math helpers its loops call."""
     import sympy as sp
 
+    from ..codegen.loops import Loops, elementwise_loop
     from ..codegen.printer import print_expr
-    from ..codegen.step import StepPlan as Loops
-    from ..codegen.step import elementwise_loop
     from ..codegen.update import update_lines
 
     dtypes = {plan.buffers[g].dtype for g in plan.grads.values()}

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SymgradError, UnsupportedStepError
-from ..nn.losses import Loss
+from ..errors import ShapeError, SymgradError, UnsupportedStepError
+from ..nn.losses import Loss, fuse
 from ..nn.modules import Module, Parameter
 from ..runtime.cache import ensure_imported, module_path, verified_text, write_source
 from ..runtime.tensor import TensorOp
@@ -68,8 +68,13 @@ class CompiledStep:
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
         grad_hook: Callable[[list[np.ndarray]], None] | None = None,
+        fuse_loss: bool = True,
     ) -> None:
         self.model, self.loss, self.optimizer = model, loss, optimizer
+        # a trailing activation joins an elementwise loss: one formula, differentiated as one
+        # (Sigmoid + BCELoss is computed as BCE on the logits, finite at any logit)
+        self._body, self._objective = fuse(model, loss) if fuse_loss else (model, loss)
+        self._params = model.parameters()  # their requires_grad flags are read on every call
         rule = getattr(optimizer, "rule", None)
         if rule is None or not hasattr(optimizer, "prepare_update"):
             raise UnsupportedStepError(
@@ -92,7 +97,7 @@ class CompiledStep:
 
     def _forward(self, tape: Any, *arrays: np.ndarray) -> np.ndarray:
         *inputs, target = arrays
-        return self.loss.record(tape, self.model.record(tape, *inputs), target)
+        return self._objective.record(tape, self._body.record(tape, *inputs), target)
 
     def _trained(self, graph: Graph) -> set[int]:
         owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
@@ -154,9 +159,11 @@ class CompiledStep:
         """The step's module: from the cache, else generated (with SymPy) and cached.  The
         kernels' modules it imports by name were imported while planning."""
         path = module_path("training_step", key)
-        if verified_text(path) is None:
-            write_source(path, plan.source(key, self.rule, self._clip))
-        return ensure_imported(path)
+        text = verified_text(path, key)
+        if text is None:  # missing, damaged, or another structure's under this name
+            text = plan.source(key, self.rule, self._clip)
+            write_source(path, text)
+        return ensure_imported(path, text)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -178,7 +185,13 @@ class CompiledStep:
         if len(arrays) < 2:
             raise UnsupportedStepError("a step takes the model's inputs and then the target")
         given = tuple(np.ascontiguousarray(a) for a in arrays)
-        flags = tuple(p.requires_grad for p in self.model.parameters())
+        for k, a in enumerate(given):
+            if a.size == 0:
+                raise ShapeError(
+                    f"argument {k} of the step is empty (shape {a.shape}): a training step "
+                    "needs at least one example"
+                )
+        flags = tuple(p.requires_grad for p in self._params)
         if flags != self._flags:  # freezing or unfreezing changes what the step computes
             self._bindings.clear()
             self._flags = flags
@@ -294,6 +307,7 @@ def compile_step(
     clip_grad_norm: float | None = None,
     clip_grad_value: float | None = None,
     grad_hook: Callable[[list[np.ndarray]], None] | None = None,
+    fuse_loss: bool = True,
 ) -> CompiledStep:
     """One compiled function per training step of ``model`` + ``loss`` + ``optimizer``.
 
@@ -316,5 +330,6 @@ def compile_step(
         clip_grad_norm=clip_grad_norm,
         clip_grad_value=clip_grad_value,
         grad_hook=grad_hook,
+        fuse_loss=fuse_loss,
     )
 

@@ -123,7 +123,7 @@ class BertLayer(_Block):
     def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
         """``(hidden, attention_mask)`` → the layer's output, recorded on ``tape`` (the mask of
         1s and 0s in the model's dtype, made additive by a recorded op)."""
-        hidden, attention_mask = inputs
+        hidden, attention_mask = self._inputs(inputs, 2)
         dtype = self._params["output.dense.bias"].data.dtype
         mask = tape.apply(_mask_op(dtype), _float_mask(attention_mask, dtype))
         return self.apply(tape, hidden, mask)
@@ -267,7 +267,7 @@ class BertEncoder(Module):
 
     def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
         """``(input_ids, attention_mask)`` → the last hidden states, recorded on ``tape``."""
-        input_ids, attention_mask = inputs
+        input_ids, attention_mask = self._inputs(inputs, 2)
         return self.encode(tape, input_ids, _float_mask(attention_mask, self.dtype))
 
     # -- Hugging Face weights --------------------------------------------------------------
@@ -349,7 +349,7 @@ class SequenceClassifier(Module):
         yield "head", self.head
 
     def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
-        x, attention_mask = inputs
+        x, attention_mask = self._inputs(inputs, 2)
         layers = len(self.encoder.layers)
         if self.start == layers:
             return self.head.record(tape, x)

@@ -71,14 +71,17 @@ class ElementwiseLoss(Loss):
         input, target = np.asarray(input), np.asarray(target)
         if input.shape != target.shape:
             raise ShapeError(
-                f"{type(self).__name__}: input has shape {input.shape} but target has shape "
+                f"{self._label()}: input has shape {input.shape} but target has shape "
                 f"{target.shape}; they must match"
             )
         if target.dtype != input.dtype:
             if target.dtype.kind not in "iufb":
-                raise DTypeError(f"{type(self).__name__}: target has dtype {target.dtype}")
+                raise DTypeError(f"{self._label()}: target has dtype {target.dtype}")
             target = target.astype(input.dtype)
         return input, target
+
+    def _label(self) -> str:
+        return type(self).__name__
 
     def value_and_grad(self, input: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
         input, target = self._check(input, target)
@@ -118,6 +121,9 @@ class _FusedLoss(ElementwiseLoss):
 
     def structure(self) -> str:
         return f"fused:{self.activation.structure()}:{self.loss.structure()}"
+
+    def _label(self) -> str:
+        return f"{self.loss._label()} (after {type(self.activation).__name__})"
 
 
 class _BuiltinLoss(_LazyBuiltin, ElementwiseLoss):

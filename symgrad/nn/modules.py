@@ -197,6 +197,15 @@ class Module:
             "train it with symgrad.train.fit(..., compiled=False)"
         )
 
+    def _inputs(self, inputs: tuple[np.ndarray, ...], count: int) -> tuple[np.ndarray, ...]:
+        """``inputs`` if there are ``count`` of them, else a ShapeError naming the module."""
+        if len(inputs) != count:
+            raise ShapeError(
+                f"{type(self).__name__} takes {count} input array(s), got {len(inputs)} "
+                "(a training step takes the model's inputs, then the target)"
+            )
+        return inputs
+
     def extra_repr(self) -> str:
         return ""
 
@@ -272,7 +281,7 @@ class Linear(Module):
         return self._op(x, self.weight.data), x
 
     def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
-        (x,) = inputs
+        (x,) = self._inputs(inputs, 1)
         x = self._check(x)
         if self.bias is not None:
             return tape.apply(self._op, x, self.weight, self.bias)
@@ -327,7 +336,7 @@ class Elementwise(Module):
         return self.op(x), x
 
     def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
-        (x,) = inputs
+        (x,) = self._inputs(inputs, 1)
         return tape.apply(self.op, x)
 
     def backward(
@@ -456,7 +465,7 @@ class LayerNorm(Module):
         return self._op(flat, self.weight.data, self.bias.data).reshape(x.shape), flat
 
     def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
-        (x,) = inputs
+        (x,) = self._inputs(inputs, 1)
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.normalized_shape:
             raise UnsupportedModuleError(
@@ -506,7 +515,7 @@ class Sequential(Module):
         return len(self._modules)
 
     def record(self, tape: Tape, *inputs: np.ndarray) -> np.ndarray:
-        (x,) = inputs
+        (x,) = self._inputs(inputs, 1)
         for module in self._modules:
             x = module.record(tape, x)
         return x

@@ -11,7 +11,7 @@ state under torch's names; :meth:`Optimizer.state_dict` has torch's layout
 
 Each optimizer class is one :class:`~symgrad.symbolic.update.UpdateRule` (its ``rule``) plus the
 checks of its hyperparameters: the eager step runs the rule's compiled kernel on every parameter
-with a gradient, and the fused training step (:func:`symgrad.runtime.step.compile_step`)
+with a gradient, and the fused training step (:func:`symgrad.compile.compile_step`)
 compiles the same rule into its loops.  Bad hyperparameters raise
 :class:`~symgrad.errors.HyperparameterError` (a ``ValueError``) naming the group and the value,
 when a group is added and before every step.

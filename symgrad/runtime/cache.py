@@ -44,7 +44,7 @@ _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 #: to any of them names new files.
 #: Everything else (wrappers, networks, the CLI) does not change what a kernel computes, so
 #: editing it keeps the cache warm.
-_GENERATORS = ("symbolic", "codegen", "compile", "runtime/step.py", "runtime/blas.py")
+_GENERATORS = ("symbolic", "codegen", "compile", "runtime/blas.py")
 
 
 def cache_dir() -> Path:
