@@ -69,6 +69,10 @@ def _rejects(argv: list[str], capsys: pytest.CaptureFixture[str], where: Path) -
         (["finetune", "--epochs", "-5", "--task", "digits"], "--epochs: must be ≥ 1, got -5"),
         (["finetune", "--task", "digits", "--pretrain-epochs", "0"], "--pretrain-epochs"),
         (["finetune", "--seed", "-1"], "--seed: must be ≥ 0, got -1"),
+        (["finetune", "--lr", "0"], "--lr: must be a finite number > 0"),
+        (["finetune", "--lr", "nan"], "--lr: must be a finite number > 0"),
+        (["finetune", "--lr", "fast"], "--lr: expected a number"),
+        (["finetune", "--task", "digits", "--lr", "0.1"], "--lr applies to --task sms-minilm"),
         (["finetune", "--limit", "0"], "--limit: must be ≥ 1"),
         (["finetune", "--limit", "-5"], "--limit: must be ≥ 1"),
         (["finetune", "--limit", "many"], "expected a whole number, got 'many'"),
@@ -204,7 +208,8 @@ def test_help_texts(capsys):
             from symgrad.tasks.minilm import MinilmConfig
 
             text = " ".join(out.split())
-            assert "Adam, lr 2e-5, batch 16, 3 epochs" in text
+            assert "Adam, batch 16, 3 epochs" in text and "--lr 2e-5" in text
+            assert f"(default {MinilmConfig().lr:g};" in text
             assert "runs/TASK" in text
             # the defaults the help states are the tasks' own
             assert f"default {MinilmConfig().limit} " in text

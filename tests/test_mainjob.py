@@ -67,7 +67,7 @@ def test_the_default_main_job_end_to_end(default_run):
     assert -1 not in positions, [p for p, at in zip(phases, positions, strict=True) if at < 0]
     assert positions == sorted(positions)
     # the article's recipe and its per-epoch line
-    assert "all 6 layers and the head trained, Adam lr 2e-05, batch 16, 1 epoch" in out
+    assert "all 6 layers and the head trained, Adam lr 5e-05, batch 16, 1 epoch" in out
     assert re.search(
         r"^Epoch 1, Train Loss: \d\.\d{4}, Train Acc: \d\.\d{4}, Val Loss: \d\.\d{4}, "
         r"Val Acc: \d\.\d{4}$",
@@ -99,7 +99,7 @@ def test_the_report_holds_what_the_headline_says(default_run):
     folder = cwd / "runs" / "sms-minilm"
     report = json.loads((folder / "sms_minilm_report.json").read_text())
     cfg = report["config"]
-    assert (cfg["level"], cfg["lr"], cfg["batch_size"], cfg["weight_decay"]) == ("c", 2e-5, 16, 0)
+    assert (cfg["level"], cfg["lr"], cfg["batch_size"], cfg["weight_decay"]) == ("c", 5e-5, 16, 0)
     assert (report["train_messages"], report["val_messages"], report["test_messages"]) == (4, 1, 4)
     assert len(report["epochs"]) == 1 and len(report["symgrad_losses"]) == 1
     epoch = report["epochs"][0]

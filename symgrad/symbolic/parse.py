@@ -305,6 +305,7 @@ class _Parser:
                 )
             if isinstance(node.value, int):
                 return sp.Integer(node.value)
+            assert isinstance(node.value, float)  # check_constant allowed nothing else
             return exact_decimal(node.value)
         if isinstance(node, ast.Name):
             if node.id in CONSTANTS:
