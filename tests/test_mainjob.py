@@ -77,7 +77,11 @@ def test_the_default_main_job_end_to_end(default_run):
     assert re.search(r"precision\s+recall\s+f1-score\s+support", out)
     assert "torch twin: Train Loss" in out
     # the headline
-    for row in ("symgrad, fine-tuned", "torch twin, fine-tuned", "frozen encoder + new head"):
+    for row in (
+        "symgrad, fine-tuned",
+        "torch twin, fine-tuned",
+        "frozen encoder + new head (baseline)",
+    ):
         assert re.search(rf"^  {re.escape(row)}.* %\s+\d\.\d{{4}}$", out, re.MULTILINE), row
     assert "symgrad vs torch: float64 gradients of 98 tensors within" in out
     assert "training time per epoch" in out and "torch's time" in out
