@@ -1,4 +1,9 @@
-"""The article's binary-classification example (§4.2, §5.2 of ARTICLE.zh.md), derived by symgrad.
+"""The binary-classification example of §4.2 of the article symgrad grew from, derived by symgrad.
+
+The article: 《从零开始大模型开发与微调：链式求导法则》 ("Developing and fine-tuning large
+models from scratch: the chain rule"; not part of this repository).  Its §4.2 works the chain
+rule through binary cross-entropy; its §5 fine-tunes a pretrained BERT on text, which is
+``symgrad finetune``.
 
 A linear layer ``z = f_θ(x) = w·x + b``, ``p = σ(z)``, binary cross-entropy
 ``L = -y log p - (1 - y) log(1 - p)``.  The chain rule gives

@@ -19,7 +19,7 @@ from typing import Any
 
 import sympy as sp
 
-from .errors import DefinitionError
+from .errors import DefinitionError, did_you_mean
 
 x, y = sp.symbols("x y", real=True)
 
@@ -789,5 +789,8 @@ def get_builtin(name: str) -> Builtin | TensorBuiltin:
     entry = BUILTINS.get(name) or TENSOR_BUILTINS.get(name)
     if entry is None:
         names = sorted([*BUILTINS, *TENSOR_BUILTINS])
-        raise DefinitionError(f"there is no built-in op {name!r}; built-ins are {', '.join(names)}")
+        raise DefinitionError(
+            f"there is no built-in op {name!r}{did_you_mean(name, names)}; built-ins are "
+            f"{', '.join(names)}"
+        )
     return entry

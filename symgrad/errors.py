@@ -8,6 +8,9 @@ what is wrong, shows the offending value, and says what to do.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class SymgradError(Exception):
     """Base class of every error symgrad raises on bad input."""
@@ -108,3 +111,61 @@ class StepFallbackWarning(UserWarning):
     """``fit`` could not compile the training step (an :class:`UnsupportedStepError`, named in
     the message) and trains op by op instead; ``fit(..., compiled=True)`` makes it an error."""
 
+
+class OptionError(SymgradError, ValueError):
+    """A command or task option has a value outside its range (or does not apply)."""
+
+
+class OutputError(SymgradError, OSError):
+    """An output file or directory cannot be written (checked before any work starts)."""
+
+
+def _edits(a: str, b: str) -> int:
+    """Optimal-string-alignment distance: insertions, deletions, substitutions and swaps of two
+    neighbours (``tahn`` → ``tanh`` is one edit)."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        row = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        prev2, prev = prev, row
+    return prev[-1]
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate ``word`` most likely misspells: the fewest edits (at most a third of the
+    word, one at least; ties go to the same length, then to :mod:`difflib`'s similarity), else
+    the closest by :mod:`difflib` (similarity ≥ 0.6), else the only candidate that starts with
+    (or contains) ``word``; ``None`` otherwise.
+
+    >>> closest("tahn", ["tan", "tanh"]), closest("sms", ["sms-minilm", "digits"])
+    ('tanh', 'sms-minilm')
+    """
+    options = list(dict.fromkeys(candidates))
+    if not word or not options:
+        return None
+
+    def rank(c: str) -> tuple[int, int, float]:
+        similarity = difflib.SequenceMatcher(None, word, c).ratio()
+        return (_edits(word, c), abs(len(c) - len(word)), -similarity)
+
+    best = min(options, key=rank)
+    if rank(best)[0] <= max(1, len(word) // 3):
+        return best
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    for matches in (str.startswith, str.__contains__):
+        found = [c for c in options if matches(c, word)]
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest candidate, or ``""``."""
+    close = closest(word, candidates)
+    return f" (did you mean {close!r}?)" if close is not None else ""

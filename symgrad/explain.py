@@ -55,7 +55,7 @@ from sympy.printing.latex import LatexPrinter
 from sympy.printing.precedence import PRECEDENCE
 
 from .codegen.emit import lower_primitives  # SymPy only: the emitter imports no numba
-from .errors import DefinitionError, ExplainError
+from .errors import DefinitionError, ExplainError, did_you_mean
 from .symbolic.derive import Derivation, Printouts, prepare
 from .symbolic.index import ReduceMax, TensorDerivation, TensorPartial
 from .symbolic.simplify import bounded_simplify
@@ -1322,9 +1322,10 @@ def derivation_for(
         return _filter_partials(op.derivation(), wrt, f"built-in op {target!r}")  # type: ignore[arg-type]
     if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", target):
         names = ", ".join(sorted([*BUILTINS, *TENSOR_BUILTINS]))
+        hint = did_you_mean(target, [*BUILTINS, *TENSOR_BUILTINS])
         raise DefinitionError(
-            f"there is no built-in op {target!r}; built-ins are {names}. To derive a formula, "
-            "write an expression such as 'x*tanh(softplus(x))'"
+            f"there is no built-in op {target!r}{hint}; built-ins are {names}. To derive a "
+            "formula, write an expression such as 'x*tanh(softplus(x))'"
         )
     expr = parse_formula(target)
     symbols = {s.name: s for s in expr.free_symbols if isinstance(s, sp.Symbol)}
@@ -1394,9 +1395,11 @@ def finetune_derivation() -> NetworkDerivation:
 
 
 _ARTICLE_INTRO = """\
-The worked example of §4.2 of the article the project grew from (ARTICLE.zh.md): a model
-z = f_θ(x), here one linear layer, its output squashed to a probability p = σ(z), and the binary
-cross-entropy L = −y log p − (1 − y) log(1 − p). The article writes the two local factors as
+The worked example of §4.2 of the article symgrad grew from,
+《从零开始大模型开发与微调：链式求导法则》 ("Developing and fine-tuning large models from
+scratch: the chain rule"; not part of this repository): a model z = f_θ(x), here one linear
+layer, its output squashed to a probability p = σ(z), and the binary cross-entropy
+L = −y log p − (1 − y) log(1 − p). The article writes the two local factors as
 ∂L/∂p = −y/p + (1 − y)/(1 − p) and ∂p/∂z = p(1 − p), and their product as p − y. Below, symgrad
 derives them: everything is generated from its derivations of those formulas (the loss as an
 elementwise op on p, the sigmoid, the linear layer) and of the fused op it trains with — no

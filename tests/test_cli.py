@@ -1,4 +1,4 @@
-"""The command line: ``symgrad demo`` (the stand-in main job), ``--version``, ``derive``,
+"""The command line: ``symgrad demo``, ``--version``, ``derive``,
 ``cache``."""
 
 from __future__ import annotations

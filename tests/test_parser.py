@@ -37,12 +37,14 @@ VALID = [
     ("sigmoid(x)*(1 - sigmoid(x))", sigmoid(x) * (1 - sigmoid(x))),
     ("x/2*(1 + erf(x/sqrt(2)))", x / 2 * (1 + sp.erf(x / sp.sqrt(2)))),
     ("pi*x + E**y", sp.pi * x + sp.E**y),
-    ("1e-3*x + 0.5", sp.Float(1e-3) * x + sp.Float(0.5)),
+    # decimals are read exactly: 1e-3 is 1/1000, 0.5 is 1/2
+    ("1e-3*x + 0.5", x / 1000 + sp.Rational(1, 2)),
+    ("1e-30*x", sp.Float(1e-30) * x),  # its exact form would not fit a float64 integer
     ("atan2(y, x)", sp.atan2(y, x)),
     ("+x", x),
     (
         "Piecewise((x, x > 0), (0.01*x, True))",
-        sp.Piecewise((x, x > 0), (sp.Float(0.01) * x, True)),
+        sp.Piecewise((x, x > 0), (x / 100, True)),
     ),
     (
         "Piecewise((x, (x >= 0) and not (x > 1)), (0, True))",
@@ -52,7 +54,7 @@ VALID = [
     # SymPy's own printing of logic, as in sstr() of derivations
     (
         "Piecewise((0, (x >= 1.0) | (x <= -1.0)), (1, True))",
-        sp.Piecewise((0, sp.Or(x >= sp.Float(1.0), x <= sp.Float(-1.0))), (1, True)),
+        sp.Piecewise((0, sp.Or(x >= 1, x <= -1)), (1, True)),
     ),
     (
         "Piecewise((x, ~(x < 0) & (y > 0)), (0, True))",

@@ -237,6 +237,10 @@ def test_finetune_cli_writes_report_and_png(tmp_path, capsys):
     code = main(
         [
             "finetune",
+            "--task",
+            "digits",
+            "--seeds",
+            "2",
             "--pretrain-epochs",
             "1",
             "--epochs",
@@ -250,7 +254,7 @@ def test_finetune_cli_writes_report_and_png(tmp_path, capsys):
         ]
     )
     assert code == 0
-    report = json.loads((tmp_path / "r.json").read_text())
+    study = json.loads((tmp_path / "r.json").read_text())
     for key in (
         "max_loss_rel_diff",
         "max_param_rel_diff",
@@ -259,6 +263,16 @@ def test_finetune_cli_writes_report_and_png(tmp_path, capsys):
         "kept_head_accuracy",
         "scratch_accuracy",
     ):
-        assert key in report
+        assert key in study
+    assert study["seeds"] == [0, 1] and len(study["runs"]) == 2
+    # the summary is computed from the runs: mean and spread of each seed's accuracy
+    kept = [r["kept_head_accuracy"] for r in study["runs"]]
+    assert study["summary"]["kept_head_accuracy"]["mean"] == pytest.approx(np.mean(kept))
+    assert study["summary"]["kept_head_accuracy"]["std"] == pytest.approx(np.std(kept, ddof=1))
+    gain = [r["kept_head_accuracy"] - r["scratch_accuracy"] for r in study["runs"]]
+    assert study["kept_head_minus_scratch"]["values"] == pytest.approx(gain)
     assert (out / "finetune_losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "agreement with torch within 1e-09: yes" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "agreement with torch within 1e-09: yes" in printed
+    assert "held-out scikit-learn digits (never trained on)" in printed
+    assert "mean ± standard deviation over 2 seeds" in printed

@@ -6,7 +6,8 @@ the text.  It parses it with :func:`ast.parse` (which only builds a syntax tree)
 node of the tree against an allow-list, and only then builds the SymPy expression from the
 tree, node by node:
 
-* numbers (``int``, finite ``float``), the constants ``pi`` and ``E``;
+* numbers (``int``, finite ``float``), the constants ``pi`` and ``E``; a decimal number is read
+  exactly as written (``0.5`` is ``1/2``, ``0.1`` is ``1/10``: see :func:`exact_decimal`);
 * names — each becomes a real :class:`sympy.Symbol`; a name may not start with an underscore
   (so no dunder names) and must be short;
 * the operators ``+ - * / **`` and unary ``-``/``+``;
@@ -48,7 +49,7 @@ from collections.abc import Callable
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-from ..errors import DefinitionError, FormulaError
+from ..errors import DefinitionError, FormulaError, closest
 from .functions import sigmoid, softplus
 
 #: The longest formula accepted, in characters.
@@ -172,6 +173,26 @@ def _allowed_summary() -> str:
     )
 
 
+EXACT_LIMIT = 2**53
+"""A decimal literal becomes an exact rational when its numerator and denominator stay below
+this (every float64 integer is exact below it); others stay floats (``1e-30``)."""
+
+
+def exact_decimal(value: float) -> sp.Expr:
+    """A float literal as the exact rational its shortest decimal spells (``0.5`` → ``1/2``,
+    ``0.044715`` → ``8943/200000``), so a derivation prints ``1/2`` rather than
+    ``0.500000000000000`` and the kernels compute the number the formula wrote; a number whose
+    exact form would need numerator or denominator ≥ 2**53 (``1e-30``) stays a ``Float``.
+
+    >>> exact_decimal(0.5), exact_decimal(2.5e-3), exact_decimal(1e-30)
+    (1/2, 1/400, 1.00000000000000e-30)
+    """
+    exact = sp.Rational(repr(value))
+    if abs(exact.p) < EXACT_LIMIT and exact.q < EXACT_LIMIT:
+        return exact
+    return sp.Float(value)
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
@@ -246,8 +267,10 @@ class _Parser:
             raise self.fail(what, node.func)
         name = node.func.id
         if name not in FUNCTIONS:
+            close = closest(name, FUNCTIONS)
+            hint = f"; did you mean {close!r}?" if close is not None else ""
             raise self.fail(
-                f"calling {name!r} (not a known function)",
+                f"calling {name!r} (not a known function{hint})",
                 node,
                 "known functions: " + ", ".join(_sorted(FUNCTIONS)),
             )
@@ -288,7 +311,8 @@ class _Parser:
                 )
             if isinstance(node.value, int):
                 return sp.Integer(node.value)
-            return sp.Float(node.value)
+            assert isinstance(node.value, float)  # check_constant allowed nothing else
+            return exact_decimal(node.value)
         if isinstance(node, ast.Name):
             if node.id in CONSTANTS:
                 return CONSTANTS[node.id]
@@ -420,7 +444,7 @@ def parse_formula(text: str) -> sp.Expr:
             outside the allow-list), naming what and where.
 
     >>> parse_formula("Piecewise((x, x > 0), (0.01*x, True))")
-    Piecewise((x, x > 0), (0.01*x, True))
+    Piecewise((x, x > 0), (x/100, True))
     """
     if not isinstance(text, str):
         raise FormulaError(f"a formula is a string, got {type(text).__name__}")

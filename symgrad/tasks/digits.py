@@ -85,7 +85,7 @@ def few_shot_split(
         if idx.size - n_test < per_class:
             raise SymgradError(
                 f"class {c} has only {idx.size - n_test} training examples, "
-                f"fewer than {per_class} per class"
+                f"fewer than {per_class} per class; ask for at most {idx.size - n_test}"
             )
         test.append(idx[:n_test])
         train.append(idx[n_test : n_test + per_class])

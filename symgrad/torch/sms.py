@@ -30,6 +30,7 @@ class TwinRunner:
         self.layers = self.model.encoder.encoder.layer
         self.first = len(self.layers) - trained
         self.loss = torch.nn.CrossEntropyLoss()
+        self.last_logits = np.empty((0, 2))
 
     def _mask(self, mask: np.ndarray) -> torch.Tensor:
         """The additive attention mask ``(B, 1, 1, T)``: 0 at tokens, the dtype's minimum at
@@ -73,9 +74,21 @@ class TwinRunner:
         return self.model.head(mean_pool(hidden, torch.from_numpy(mask)))
 
     def step(self, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray, cached: Any) -> float:
-        loss = self.loss(self.logits(ids, mask, cached), torch.from_numpy(labels))
+        """One forward and backward; the batch's logits are kept in ``last_logits``."""
+        logits = self.logits(ids, mask, cached)
+        loss = self.loss(logits, torch.from_numpy(labels))
         loss.backward()
+        self.last_logits = logits.detach().numpy()
         return float(loss.item())
+
+    def evaluate(
+        self, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray, cached: Any
+    ) -> tuple[float, np.ndarray]:
+        """``(summed cross-entropy, predictions)`` of one batch, without gradients."""
+        with torch.no_grad():
+            logits = self.logits(ids, mask, cached)
+            loss = self.loss(logits, torch.from_numpy(labels))
+        return float(loss.item()) * len(labels), logits.argmax(1).numpy()
 
     def predict(self, ids: np.ndarray, mask: np.ndarray, cached: Any) -> np.ndarray:
         with torch.no_grad():
@@ -95,4 +108,3 @@ class TwinRunner:
             for name, p in self.model.named_parameters()
             if p.requires_grad and p.grad is not None
         }
-
