@@ -162,6 +162,21 @@ def test_bad_batches_are_named_and_change_nothing():
         sig(np.zeros((3, 6)), np.zeros((3, 3)))
 
 
+def test_the_step_keeps_the_models_output():
+    """``step.output``: the logits the step's forward computed (before its update), for a
+    training accuracy without a second forward."""
+    model = _mlp()
+    step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.5))
+    assert step.output is None
+    rng = np.random.default_rng(8)
+    for batch in (7, 3):
+        x, y = rng.normal(size=(batch, 6)), rng.integers(0, 3, batch)
+        expected = model(x)
+        step(x, y)
+        np.testing.assert_allclose(step.output, expected, rtol=1e-12, atol=1e-15)
+        assert not np.allclose(model(x), expected)  # the parameters moved after it
+
+
 def test_freezing_a_layer_after_a_step_takes_effect():
     model = _mlp()
     step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1))

@@ -160,6 +160,7 @@ def plan_step(
     variants: Mapping[int, Any],
     rule: UpdateRule | None = None,
     clip: str | None = None,
+    keep: tuple[Ref, ...] = (),
 ) -> StepPlan:
     """The plan of ``graph``'s step.
 
@@ -167,6 +168,8 @@ def plan_step(
     node ``n`` runs when it is in the backward pass: its op derived with ``wrt`` = the float
     arguments a gradient must reach (:func:`wanted`).  ``rule`` is the optimizer's update
     (None: the step only computes gradients), ``clip`` ``"norm"``, ``"value"`` or None.
+    ``keep`` are node values read after the step (the model's output): their buffers live to
+    its end.
     """
     plan = StepPlan()
     nodes = graph.nodes
@@ -384,9 +387,11 @@ def plan_step(
                 f"{_PAD}for i in range(_a.size):",
                 f"{_PAD}{_PAD}_a[i] += _s[i]",
             ]
-    operation()  # the gradients are read after the step: they live to its end
+    operation()  # the gradients and kept values are read after the step: they live to its end
     for name in plan.grads.values():
         use(name)
+    for ref in keep:
+        use(names[ref])
     plan.buffers = {
         name: Buffer(name, tuple(shape), dtype, role, first, last_use)
         for name, (shape, dtype, role, first, last_use) in buffers.items()

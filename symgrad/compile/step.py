@@ -50,6 +50,7 @@ class _Binding:
     held: int  # bytes of the step's buffers (shared where their lives do not overlap)
     grads: list[tuple[Parameter, np.ndarray]]  # each trained parameter and its gradient buffer
     gathers: list[tuple[TensorOp, list[int]]]  # ops reading integer inputs: their arg slots
+    output: int | None  # the argument holding the model's output (the loss's input)
 
 
 class CompiledStep:
@@ -128,7 +129,9 @@ class CompiledStep:
             for n in range(len(graph.nodes))
             if needs[Ref("node", n)]
         }
-        plan = plan_step(graph, trained, variants, self.rule, self._clip)
+        loss_node = graph.nodes[graph.output.index]
+        keep = tuple(a for a in loss_node.args[:1] if a.kind == "node")  # the model's output
+        plan = plan_step(graph, trained, variants, self.rule, self._clip, keep)
         parts = [graph.structure(), str(sorted(trained)), self.rule.name]
         parts += [self.rule.fingerprint(), str(self._clip)]
         key = hashlib.sha256("|".join(parts).encode()).hexdigest()
@@ -153,7 +156,8 @@ class CompiledStep:
             for node in graph.nodes
             if isinstance(node.op, TensorOp) and any(node.op._plan.integer)
         ]
-        return _Binding(graph, plan, args, slots, held, grads, gathers)
+        output = where[_arg_name(keep[0])] if keep else None
+        return _Binding(graph, plan, args, slots, held, grads, gathers, output)
 
     def _load(self, plan: StepPlan, key: str) -> Any:
         """The step's module: from the cache, else generated (with SymPy) and cached.  The
@@ -172,6 +176,16 @@ class CompiledStep:
         if self._last is None:
             return {"held": 0, "unshared": 0}
         return {"held": self._last.held, "unshared": self._last.plan.total_bytes()}
+
+    @property
+    def output(self) -> np.ndarray | None:
+        """A copy of the model's output in the last step (the loss's input: the logits before
+        ``CrossEntropyLoss``; with a trailing activation fused into the loss, the activation's
+        input), computed in the step's forward pass; None before the first step."""
+        last = self._last
+        if last is None or last.output is None:
+            return None
+        return np.array(last.args[last.output])
 
     @property
     def grad_norm(self) -> float:

@@ -67,8 +67,9 @@ import numpy as np
 
 from .. import nn, optim
 from ..api import builtin
+from ..compile import CompiledStep, compile_step
 from ..errors import OptionError
-from ..nn.bert import BertConfig, BertEncoder
+from ..nn.bert import BertConfig, BertEncoder, SequenceClassifier
 from ..nn.tape import Tape
 from ..train import batch_order
 from .finetune import loss_rel_diff, param_rel_diff
@@ -111,6 +112,7 @@ class MinilmConfig:
     val_fraction: float = 0.1  # of the training part
     check_batch: int = 8  # messages in the float64 agreement check before training
     baseline: bool = True  # also train a head on the frozen encoder's embeddings (levels b, c)
+    compiled: bool = True  # train through one compiled step (symgrad.compile), else the tape
     baseline_epochs: int = 30
     baseline_lr: float = 1e-3
 
@@ -233,6 +235,37 @@ class _Ours:
                 hidden[row, : len(cached[n])] = cached[n]
         top = self.encoder.encode(tape, ids, mask, layers=range(self.first, layers), hidden=hidden)
         return self.encoder.pool(tape, top, mask)
+
+    def inputs(
+        self, data: _Data, cached: list[np.ndarray], idx: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The compiled step's inputs for messages ``idx``: the token ids (level c), the cached
+        frozen part padded (level b) or the cached embeddings (level a); the float mask."""
+        ids, mask, _ = data.batch(idx)
+        layers = self.config.num_hidden_layers
+        x: np.ndarray = ids
+        if self.first == layers:
+            x = np.stack([cached[n] for n in idx])
+        elif self.first > 0:
+            x = np.zeros((len(idx), ids.shape[1], self.config.hidden_size), self.dtype)
+            for row, n in enumerate(idx):
+                x[row, : len(cached[n])] = cached[n]
+        return x, mask.astype(self.dtype)
+
+    def compile(self, opt: optim.Optimizer) -> CompiledStep:
+        """The training step (forward, backward, ``opt``'s update) as one compiled function of
+        :meth:`inputs` and the labels."""
+        model = SequenceClassifier(self.encoder, self.head, self.first)
+        self.compiled = compile_step(model, self.loss, opt)
+        return self.compiled
+
+    def train_step(self, data: _Data, cached: list[np.ndarray], idx: np.ndarray) -> float:
+        """One compiled step (the update included) on messages ``idx``; the logits its forward
+        computed are kept in ``last_logits``."""
+        x, mask = self.inputs(data, cached, idx)
+        loss = self.compiled(x, mask, data.labels[idx])
+        self.last_logits = self.compiled.output  # type: ignore[assignment]
+        return loss
 
     def logits(self, tape: Tape, data: _Data, cached: list[np.ndarray], idx: np.ndarray) -> Any:
         pooled = self.pooled(tape, data, cached, idx)
@@ -509,6 +542,8 @@ def run(cfg: MinilmConfig, console: Console = SILENT) -> dict[str, Any]:
     ):
         ours, twin = _sides(cfg.level, dtype, cfg.seed)
         opt, topt = _optimizers(cfg, ours, twin)
+        if cfg.compiled:
+            ours.compile(opt)
         initial_head = {k: v.copy() for k, v in ours.head.state_dict().items()}
 
     frozen = (
@@ -544,9 +579,12 @@ def run(cfg: MinilmConfig, console: Console = SILENT) -> dict[str, Any]:
         for idx in console.bar(batches, label):
             ids, mask, labels = train.batch(idx)
             t0 = time.perf_counter()
-            ours_losses.append(ours.step(train, ours_cache["train"], idx))
-            opt.step()
-            opt.zero_grad()
+            if cfg.compiled:
+                ours_losses.append(ours.train_step(train, ours_cache["train"], idx))
+            else:
+                ours_losses.append(ours.step(train, ours_cache["train"], idx))
+                opt.step()
+                opt.zero_grad()
             t1 = time.perf_counter()
             twin_losses.append(twin.step(ids, mask, labels, [twin_cache["train"][n] for n in idx]))
             topt.step()
