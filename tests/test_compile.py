@@ -162,6 +162,35 @@ def test_bad_batches_are_named_and_change_nothing():
         sig(np.zeros((3, 6)), np.zeros((3, 3)))
 
 
+@pytest.mark.parametrize("clip", [{}, {"clip_grad_norm": 0.3}, {"clip_grad_value": 0.02}])
+def test_a_driver_step_equals_one_compiled_function_bit_for_bit(clip, monkeypatch):
+    """A large graph's step is a Python driver calling the compiled kernels (its compile time
+    grows linearly); it computes exactly what the one compiled function computes."""
+    import symgrad.compile.plan as plan_module
+
+    rng = np.random.default_rng(9)
+    batches = [(rng.normal(size=(8, 6)), rng.integers(0, 3, 8)) for _ in range(3)]
+    results = []
+    for limit in (plan_module.WHOLE_STEP_OPS, 0):
+        monkeypatch.setattr(plan_module, "WHOLE_STEP_OPS", limit)
+        model = _mlp()
+        step = compile_step(model, nn.CrossEntropyLoss(),
+                            optim.AdamW(model.parameters(), lr=1e-2), **clip)  # fmt: skip
+        losses = [step(x, y) for x, y in batches]
+        binding = next(iter(step._bindings.values()))
+        assert binding.plan.whole == (limit > 0)
+        text = Path(step._module.__file__).read_text()
+        assert ("\ndef forward_backward(" in text) and (
+            ("@njit(cache=True, error_model='numpy')\ndef forward_backward(" in text) == (limit > 0)
+        )
+        results.append((losses, model.state_dict(), step.grad_norm))
+    (l1, p1, n1), (l2, p2, n2) = results
+    assert l1 == l2
+    for k, v in p1.items():
+        np.testing.assert_array_equal(p2[k], v)
+    assert n1 == n2 or (np.isnan(n1) and np.isnan(n2))
+
+
 def test_the_step_keeps_the_models_output():
     """``step.output``: the logits the step's forward computed (before its update), for a
     training accuracy without a second forward."""

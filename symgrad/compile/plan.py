@@ -36,6 +36,41 @@ from ..symbolic.update import UpdateRule
 from .graph import Graph, Ref, UnsupportedStepError
 
 _PAD = "    "
+_NJIT = "@njit(cache=True, error_model='numpy')"
+
+#: A step of at most this many ops is one compiled function (no Python between its kernels);
+#: a larger one is a Python function calling the compiled kernels in order — LLVM's work on one
+#: function grows faster than its length (a 6-layer BERT's step took minutes to compile as one
+#: function), while the calls cost microseconds against a step of milliseconds.
+WHOLE_STEP_OPS = 16
+
+#: The loops of a step besides its ops' kernels, each a small compiled function.
+_STEP_HELPERS = f"""{_NJIT}
+def _sg_mean(x):
+    total = 0.0
+    for i in range(x.size):
+        total += x[i]
+    return total / x.size
+
+
+{_NJIT}
+def _sg_fill_reciprocal_size(g):
+    for i in range(g.size):
+        g[i] = 1.0 / g.size
+
+
+{_NJIT}
+def _sg_multiply(out, g, partial):
+    for i in range(g.size):
+        out[i] = g[i] * partial[i]
+
+
+{_NJIT}
+def _sg_add_into(total, part):
+    for i in range(total.size):
+        total[i] += part[i]
+
+"""
 
 
 @dataclass(frozen=True)
@@ -70,6 +105,7 @@ class StepPlan:
     updates: list[tuple[int, list[str]]] = field(default_factory=list)
     forward_only: list[int] = field(default_factory=list)  # nodes without a backward pass
     saving: list[int] = field(default_factory=list)  # nodes that save values for their VJP
+    whole: bool = True  # one compiled function (at most WHOLE_STEP_OPS ops), else a driver
 
     def source(self, key: str, rule: UpdateRule | None, clip: str | None) -> str:
         """The module text: ``forward_backward(*args) -> loss`` (the loss and every trained
@@ -81,18 +117,21 @@ class StepPlan:
         """
         update: list[str] = []
         helpers: set[str] = set()
+        one: list[str] = []
         if rule is not None:
-            update, helpers = _update_lines(self, rule, clip)
+            update, one, helpers = _update_lines(self, rule, clip)
         head = ["import math", "", "import numpy as np", "from numba import njit"]
         head += [f"from {m} import {fn} as {alias}" for m, fn, alias in self.imports]
         from ..codegen.printer import VECTOR_MATH_SOURCE
 
         params = ", ".join(name for name, _, _ in self.args)
-        decorator = "@njit(cache=True, error_model='numpy')"
+        decorator = _NJIT if self.whole else "# a driver: Python calling the compiled kernels"
         body = [
             "",
             "",
             *[VECTOR_MATH_SOURCE[h] + "\n" for h in sorted(helpers)],
+            _STEP_HELPERS,
+            *one,
             decorator,
             f"def forward_backward({params}):",
             *self.lines,
@@ -173,6 +212,7 @@ def plan_step(
     """
     plan = StepPlan()
     nodes = graph.nodes
+    plan.whole = len(nodes) <= WHOLE_STEP_OPS
     needs = _needs_grad(graph, trained)
     live = _reaching_output(graph)
     backward = [n for n in range(len(nodes)) if live[n] and needs[Ref("node", n)]]
@@ -286,22 +326,11 @@ def plan_step(
     operation()
     last = graph.output.index
     out = use(f"v{last}")
-    lines += [
-        f"{_PAD}# loss: the mean of v{last}",
-        f"{_PAD}_lf = {_flat(out)}",
-        f"{_PAD}loss = 0.0",
-        f"{_PAD}for i in range(_lf.size):",
-        f"{_PAD}{_PAD}loss += _lf[i]",
-        f"{_PAD}loss = loss / _lf.size",
-    ]
+    lines += [f"{_PAD}# loss: the mean of v{last}", f"{_PAD}loss = _sg_mean({_flat(out)})"]
     cotangent: dict[int, str] = {}
     if backward and backward[-1] == last:
         g = buffer(f"g{last}", nodes[last].shape, nodes[last].dtype, "cotangent")
-        lines += [
-            f"{_PAD}_gf = {_flat(g)}",
-            f"{_PAD}for i in range(_gf.size):",
-            f"{_PAD}{_PAD}_gf[i] = 1.0 / _lf.size",
-        ]
+        lines.append(f"{_PAD}_sg_fill_reciprocal_size({_flat(g)})")
         cotangent[last] = g
     # -- backward --------------------------------------------------------------------------
     lines.append(f"{_PAD}# backward")
@@ -367,26 +396,16 @@ def plan_step(
                 fn = alias(n, op, "vjp")
                 lines.append(f"{_PAD}{fn}({', '.join([*args, *dims, g_arg, *dsts])})")
         elif n in plan.saving:  # the chain rule: the cotangent times each saved partial
-            lines.append(f"{_PAD}_g = {_flat(g)}")
             for k, dst in enumerate(dsts):
-                lines += [
-                    f"{_PAD}_d = {_flat(use(f'd{n}_{k}'))}",
-                    f"{_PAD}_o = {_flat(dst)}",
-                    f"{_PAD}for i in range(_g.size):",
-                    f"{_PAD}{_PAD}_o[i] = _g[i] * _d[i]",
-                ]
+                part = _flat(use(f"d{n}_{k}"))
+                lines.append(f"{_PAD}_sg_multiply({_flat(dst)}, {_flat(g)}, {part})")
         else:
             fn = alias(n, op, "vjp")
             flat = [_flat(a) for a in args]
             lines.append(f"{_PAD}{fn}({', '.join([*flat, _flat(g), '1', *map(_flat, dsts)])})")
         for target, scratch in adds:
             operation()
-            lines += [
-                f"{_PAD}_a = {_flat(use(target))}",
-                f"{_PAD}_s = {_flat(use(scratch))}",
-                f"{_PAD}for i in range(_a.size):",
-                f"{_PAD}{_PAD}_a[i] += _s[i]",
-            ]
+            lines.append(f"{_PAD}_sg_add_into({_flat(use(target))}, {_flat(use(scratch))})")
     operation()  # the gradients and kept values are read after the step: they live to its end
     for name in plan.grads.values():
         use(name)
@@ -411,9 +430,14 @@ def plan_step(
     return plan
 
 
-def _update_lines(plan: StepPlan, rule: UpdateRule, clip: str | None) -> tuple[list[str], set[str]]:
-    """The update of every trained parameter by ``rule``, after clipping (SymPy: the code
-    generation of a cold start), and the math helpers its loops call."""
+def _update_lines(
+    plan: StepPlan, rule: UpdateRule, clip: str | None
+) -> tuple[list[str], list[str], set[str]]:
+    """The body of ``update`` (clip the gradients in place, as ``clip_grad_norm_`` and
+    ``clip_grad_value_`` do, then call ``_update_param`` on every trained parameter), the
+    function ``_update_param`` (``rule``'s update of one parameter: one small function for
+    every parameter, so a model of hundreds of tensors compiles as fast as one of two), and
+    the math helpers they call.  SymPy: the code generation of a cold start."""
     import sympy as sp
 
     from ..codegen.loops import Loops, elementwise_loop
@@ -423,22 +447,22 @@ def _update_lines(plan: StepPlan, rule: UpdateRule, clip: str | None) -> tuple[l
     dtypes = {plan.buffers[g].dtype for g in plan.grads.values()}
     loops = Loops("update", single=dtypes == {np.dtype(np.float32)})
     lines: list[str] = []
-    grad = sp.Symbol(rule.grad, real=True)
+    one: list[str] = []  # the module-level functions update calls
+    g = sp.Symbol("g", real=True)
     clipped: sp.Expr | None = None
     if clip == "norm":
         # the global 2-norm: each gradient's norm, then the norm of those (as torch)
-        g = sp.Symbol("g", real=True)
+        one += [_NJIT, "def _clip_sq(_gf):", f"{_PAD}clip_sq = 0.0"]
+        one += elementwise_loop(
+            loops, "clip_grad_norm", "_gf.size", {g: "_gf"}, [[("sq", g**2)]], _PAD,
+            accumulate={"sq": "clip_sq"},
+        )  # fmt: skip
+        one += [f"{_PAD}return clip_sq", "", ""]
         lines.append(f"{_PAD}clip_total = 0.0")
         for n, _ in plan.updates:
-            name = plan.grads[n]
-            lines += [f"{_PAD}_gf = {_flat(name)}", f"{_PAD}clip_sq = 0.0"]
-            lines += elementwise_loop(
-                loops, "clip_grad_norm", "_gf.size", {g: "_gf"}, [[("sq", g**2)]], _PAD,
-                accumulate={"sq": "clip_sq"},
-            )  # fmt: skip
-            lines += [
-                f"{_PAD}clip_norm = math.sqrt(clip_sq)",  # each gradient's norm, rounded,
-                f"{_PAD}clip_total += clip_norm * clip_norm",  # as torch adds them up
+            lines += [  # each gradient's norm, rounded, as torch adds them up
+                f"{_PAD}clip_norm = math.sqrt(_clip_sq({_flat(plan.grads[n])}))",
+                f"{_PAD}clip_total += clip_norm * clip_norm",
             ]
         total, max_norm = sp.symbols("clip_total max_norm", real=True)
         coef = max_norm / (total + sp.Float(1e-6))
@@ -448,21 +472,39 @@ def _update_lines(plan: StepPlan, rule: UpdateRule, clip: str | None) -> tuple[l
             f"{_PAD}grad_norm[0] = clip_total",
             f"{_PAD}clip_coef = {print_expr(clamped, 'clip_grad_norm')}",
         ]
-        clipped = sp.Symbol("clip_coef", real=True) * grad
+        limit = "clip_coef"
+        clipped = sp.Symbol(limit, real=True) * g
     elif clip == "value":
-        c = sp.Symbol("clip_value", real=True)
-        clipped = sp.Min(sp.Max(grad, -c), c)  # torch.clamp(g, -c, c)
+        limit = "clip_value"
+        c = sp.Symbol(limit, real=True)
+        clipped = sp.Min(sp.Max(g, -c), c)  # torch.clamp(g, -c, c)
+    if clipped is not None:  # in place, as clip_grad_norm_ and clip_grad_value_ do
+        one += [_NJIT, f"def _clip_apply(_gf, {limit}):"]
+        one += elementwise_loop(loops, f"clip_grad_{clip}", "_gf.size", {g: "_gf"},
+                                [[("_gf[i]", clipped)]], _PAD)  # fmt: skip
+        one += [f"{_PAD}return None", "", ""]
     for j, (n, states) in enumerate(plan.updates):
-        tag = f"__p{n}"
-        scalars = {name: f"{name}{tag}" for name in rule.scalar_inputs}
-        lines += [f"{_PAD}{local} = scalars[{j}, {c}]" for c, local in enumerate(scalars.values())]
-        arrays = {rule.param: f"_p{tag}", rule.grad: f"_g{tag}"}
-        lines += [f"{_PAD}_p{tag} = {_flat(f'p{n}')}", f"{_PAD}_g{tag} = {_flat(plan.grads[n])}"]
-        for st, name in zip(rule.states, states, strict=True):
-            arrays[st.name] = f"_s{name}"
-            lines.append(f"{_PAD}_s{name} = {_flat(name)}")
-        lines += update_lines(loops, rule, arrays, scalars, _PAD, tag, clipped)
-    return lines, set(loops.helpers)
+        grad = _flat(plan.grads[n])
+        if clipped is not None:
+            lines.append(f"{_PAD}_clip_apply({grad}, {limit})")
+        arrays = [_flat(f"p{n}"), grad, *(_flat(name) for name in states)]
+        values = [f"scalars[{j}, {c}]" for c in range(len(rule.scalar_inputs))]
+        lines.append(f"{_PAD}_update_param({', '.join([*arrays, *values])})")
+    arguments = [*rule.array_inputs, *rule.scalar_inputs]
+    names = {a: f"a_{a}" for a in arguments}  # never a name of the generated code's own
+    body = update_lines(
+        loops, rule, {a: names[a] for a in rule.array_inputs},
+        {a: names[a] for a in rule.scalar_inputs}, _PAD,
+    )  # fmt: skip
+    one += [
+        _NJIT,
+        f"def _update_param({', '.join(names[a] for a in arguments)}):",
+        *body,
+        f"{_PAD}return None",
+        "",
+        "",
+    ]
+    return lines, one, set(loops.helpers)
 
 
 def _flattened(name: str, keep: int, rank: int) -> str:

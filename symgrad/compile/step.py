@@ -133,7 +133,7 @@ class CompiledStep:
         keep = tuple(a for a in loss_node.args[:1] if a.kind == "node")  # the model's output
         plan = plan_step(graph, trained, variants, self.rule, self._clip, keep)
         parts = [graph.structure(), str(sorted(trained)), self.rule.name]
-        parts += [self.rule.fingerprint(), str(self._clip)]
+        parts += [self.rule.fingerprint(), str(self._clip), f"whole={plan.whole}"]
         key = hashlib.sha256("|".join(parts).encode()).hexdigest()
         if key != self._key:
             self._module = self._load(plan, key)

@@ -52,6 +52,9 @@ class Tape:
         self._produced: set[int] = set()  # ids of the outputs recorded here
         self._tracked: set[int] = set()  # ids of the arrays a gradient may flow through
         self._watched: list[np.ndarray] = []  # keeps the watched arrays (and their ids) alive
+        #: ids of the memory owners of tracked arrays: a NumPy view of one (a reshape, a
+        #: transpose, a slice) shares its owner, and a gradient cannot flow through it
+        self._tracked_memory: set[int] = set()
 
     def watch(self, *arrays: np.ndarray) -> None:
         """Mark input arrays whose gradient ``backward(..., wrt=...)`` will be asked for: the
@@ -59,11 +62,26 @@ class Tape:
         for a in arrays:
             self._watched.append(a)
             self._tracked.add(id(a))
+            self._tracked_memory.add(id(_owner(a)))
 
     def apply(self, op: Any, *args: Any) -> np.ndarray:
         """``op(*args)``, recorded.  ``args`` are arrays (inputs, or earlier outputs of this
         tape) and :class:`Parameter`\\ s, whose ``data`` the op reads."""
         arrays = tuple(a.data if isinstance(a, Parameter) else a for a in args)
+        for k, a in enumerate(args):
+            if (
+                isinstance(a, np.ndarray)
+                and id(a) not in self._tracked
+                and id(_owner(a)) in self._tracked_memory
+            ):
+                raise ArgumentError(
+                    f"{op.name}: argument {k} is a view of an array a gradient flows through "
+                    "(a NumPy reshape, transpose, slice or index of a recorded output), made "
+                    "off the tape: its gradient would be lost. Give the op the recorded array "
+                    "itself — tensor ops take any leading batch axes (see symgrad.tensor_op's "
+                    "batch) — or write the view as an op of its own (index notation, e.g. "
+                    "Y[i, j] = X[j, i])"
+                )
         tracked = any(
             a.requires_grad if isinstance(a, Parameter) else id(a) in self._tracked for a in args
         )
@@ -77,6 +95,7 @@ class Tape:
             output = op(*arrays)
         if tracked:
             self._tracked.add(id(output))
+            self._tracked_memory.add(id(_owner(output)))
         self._records.append(_Record(op, args, arrays, output, saved))
         self._produced.add(id(output))
         return output
@@ -130,3 +149,11 @@ class Tape:
                 else:
                     cotangents[id(a)] = ga
         return tuple(cotangents.get(id(a)) for a in wrt)
+
+
+def _owner(a: np.ndarray) -> np.ndarray:
+    """The array that owns ``a``'s memory (``a`` itself unless it is a view)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
