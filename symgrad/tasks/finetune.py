@@ -21,9 +21,8 @@ far apart they are (``max_loss_rel_diff`` over every step, ``max_param_rel_diff`
 weights).  :func:`run_study` repeats the whole run over several seeds (each seed draws the
 pre-training initialisation, the batches and the ``k`` labelled examples) and summarises each
 accuracy by its mean, spread and range, and the paired difference pre-trained − from scratch.
-The times are those of symgrad's layer-by-layer training path (``fit``: Python between
-layers), the reference the compiled step is tested against; ``symgrad bench`` times the
-compiled step.
+The times are those of ``fit``, which trains through the compiled step
+(:func:`symgrad.compile.compile_step`).
 """
 
 from __future__ import annotations
@@ -397,8 +396,8 @@ def format_study(study: dict[str, Any]) -> str:
         f"network classifies {100 * mnist['mean']:.1f} % of its own MNIST training images)",
         f"  symgrad vs torch, every phase of every seed: losses within "
         f"{study['max_loss_rel_diff']:.1e}, final weights within "
-        f"{study['max_param_rel_diff']:.1e} (relative). Seconds are symgrad's layer-by-layer "
-        "path (Python between layers); `symgrad bench` times the compiled step.",
+        f"{study['max_param_rel_diff']:.1e} (relative). Seconds are fit's, through the "
+        "compiled step.",
     ]
     return "\n".join(lines)
 
