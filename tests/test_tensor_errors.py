@@ -67,7 +67,8 @@ def test_batch_axes_must_agree():
     Z = sp.IndexedBase("Z", shape=(B, N))
     add = sg.tensor_op(X[b, j] + Z[b, j], out=(b, j), inputs=[X, Z], name="batch_add", batch=B)
     assert add(np.ones((2, 5, 3)), np.ones((2, 5, 3))).shape == (2, 5, 3)
-    with pytest.raises(ShapeError, match=r"the batch axes B of the inputs differ: \(2, 5\)"):
+    with pytest.raises(ShapeError, match=r"the batch axes of the inputs differ: \(2, 5\) and "
+                       r"\(10,\) \(input 'Z', shape \(10, 3\)\)"):
         add(np.ones((2, 5, 3)), np.ones((10, 3)))
 
 
@@ -231,7 +232,7 @@ def test_unknown_builtin_parameter():
 def test_unknown_builtin_name_lists_the_names():
     with pytest.raises(
         DefinitionError,
-        match=r"no built-in op 'layernorm'; built-ins are .*"
+        match=r"no built-in op 'layernorm' \(did you mean 'layer_norm'\?\); built-ins are .*"
         r"layer_norm",
     ):
         sg.builtin("layernorm")

@@ -228,4 +228,4 @@ def test_float32_tensor_kernels_only_accumulate_in_float64(name: str) -> None:
 def _shapes(name: str) -> list[tuple[int, ...]]:
     if name == "masked_softmax":
         return [(2, 2, 3, 3), (2, 3)]
-    return [(2, 3, 4), (2, 3, 4), (4,), (4,)]
+    return [(6, 4), (6, 4), (4,), (4,)]  # rows without batch axes: the kernel's own shapes
