@@ -18,10 +18,10 @@ import tempfile
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -179,19 +179,21 @@ _DAMAGED = (
 
 
 def load_checkpoint(
-    path: str | Path,
+    path: str | Path | BinaryIO,
     model: Module,
     optimizer: Optimizer,
     scheduler: LRScheduler | None = None,
 ) -> tuple[int, History]:
-    """Restore what :func:`save_checkpoint` wrote; returns ``(next_epoch, history)``.
+    """Restore what :func:`save_checkpoint` wrote (from a path, or an open binary file:
+    data-parallel ranks resume from the bytes rank 0 read); returns ``(next_epoch, history)``.
 
     With ``scheduler`` (built as for the original run) its state is restored too, so the
     schedule continues where it stopped.  Everything is read and checked before the model or
     the optimizer is touched; a damaged, truncated or foreign file is a
     :class:`~symgrad.errors.CheckpointError`.
     """
-    path = Path(path)
+    if not hasattr(path, "read"):
+        path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}  # every array decompressed now
@@ -274,9 +276,74 @@ def fit(
             orders.
 
     Data are checked first — NaN, lengths, feature count, labels — and an error is raised
-    before any weight changes.
+    before any weight changes.  Data-parallel training over several processes:
+    :func:`symgrad.distributed.fit` (the same arguments).
     """
     x, y = np.asarray(x), np.asarray(y)
+    check_fit_options(model, loss, optimizer, x, y, epochs=epochs, batch_size=batch_size,
+                      checkpoint=checkpoint, fuse_loss=fuse_loss, scheduler=scheduler,
+                      scheduler_interval=scheduler_interval, clip_grad_norm=clip_grad_norm,
+                      clip_grad_value=clip_grad_value)  # fmt: skip
+    body, objective = fuse(model, loss) if fuse_loss else (model, loss)
+    compiled_step = _compiled_step(model, loss, optimizer, compiled, fuse_loss, clip_grad_norm,
+                                   clip_grad_value)  # fmt: skip
+
+    def op_by_op(xb: np.ndarray, yb: np.ndarray) -> float:
+        optimizer.zero_grad()
+        out, ctx = body.forward(xb)
+        value, grad = objective.value_and_grad(out, yb)
+        body.backward(ctx, grad, need_input_grad=False)
+        clip_gradients(model.parameters(), clip_grad_norm, clip_grad_value)
+        optimizer.step()
+        return value
+
+    def step(idx: np.ndarray) -> tuple[float, int]:
+        nonlocal compiled_step
+        if compiled_step is not None:
+            try:  # a step that cannot be compiled raises before changing anything
+                return compiled_step(x[idx], y[idx]), len(idx)
+            except UnsupportedStepError as error:
+                if compiled:
+                    raise
+                _warn_fallback(error)
+                compiled_step = None
+        return op_by_op(x[idx], y[idx]), len(idx)
+
+    return run_epochs(
+        model,
+        optimizer,
+        lambda epoch: batch_order(len(x), batch_size, seed, epoch),
+        step,
+        epochs=epochs,
+        evaluate=evaluate,
+        checkpoint=checkpoint,
+        resume=resume,
+        stop_after_epoch=stop_after_epoch,
+        progress=progress,
+        scheduler=scheduler,
+        scheduler_interval=scheduler_interval,
+    )
+
+
+def check_fit_options(
+    model: Module,
+    loss: Loss,
+    optimizer: Optimizer,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    checkpoint: str | Path | None = None,
+    fuse_loss: bool = True,
+    scheduler: LRScheduler | None = None,
+    scheduler_interval: str = "step",
+    clip_grad_norm: float | None = None,
+    clip_grad_value: float | None = None,
+) -> None:
+    """The checks :func:`fit` makes before training: the data, the schedule, the scheduler,
+    clipping, the checkpoint's path, and one forward pass over all of ``x`` (a wrong feature
+    count or label fails here, not mid-run)."""
     check_data(x, y)
     if batch_size < 1 or epochs < 0:
         raise SymgradError(f"need batch_size ≥ 1 and epochs ≥ 0, got {batch_size}, {epochs}")
@@ -294,46 +361,62 @@ def fit(
     if checkpoint is not None:
         check_checkpoint_path(checkpoint)
     body, objective = fuse(model, loss) if fuse_loss else (model, loss)
-    # One forward over everything: a wrong feature count or label fails here, not mid-run.
     objective.value_and_grad(body(x), y)
+
+
+def clip_gradients(
+    params: list[Any], clip_grad_norm: float | None, clip_grad_value: float | None
+) -> None:
+    """Clip the gradients of ``params`` by global norm or by value, as :func:`fit` asks."""
+    if clip_grad_norm is not None:
+        clip_grad_norm_(params, clip_grad_norm)
+    elif clip_grad_value is not None:
+        clip_grad_value_(params, clip_grad_value)
+
+
+def run_epochs(
+    model: Module,
+    optimizer: Optimizer,
+    batches: Callable[[int], Sequence[Any]],
+    step: Callable[[Any], tuple[float, int]],
+    *,
+    epochs: int,
+    evaluate: Callable[[Module], dict[str, float]] | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    stop_after_epoch: int | None = None,
+    progress: bool = False,
+    scheduler: LRScheduler | None = None,
+    scheduler_interval: str = "step",
+    main: bool = True,
+    restore: Callable[[], tuple[int, History] | None] | None = None,
+) -> History:
+    """The epoch loop of :func:`fit`: ``step(batch) -> (loss, examples)`` for every batch of
+    ``batches(epoch)``, the scheduler, then ``evaluate`` and the checkpoint after each epoch.
+
+    ``main=False`` (a data-parallel process other than rank 0) evaluates, shows progress and
+    writes checkpoints not at all; ``restore()`` replaces reading ``checkpoint`` on resuming
+    (it returns ``(next_epoch, history)``, or None to start afresh).
+    """
     plateau = isinstance(scheduler, ReduceLROnPlateau)  # stepped with each epoch's loss
     start, history = 0, History()
-    if resume and checkpoint is not None and Path(checkpoint).exists():
+    if resume and restore is not None:
+        start, history = restore() or (start, history)
+    elif resume and checkpoint is not None and Path(checkpoint).exists():
         start, history = load_checkpoint(checkpoint, model, optimizer, scheduler)
     last = epochs if stop_after_epoch is None else min(epochs, stop_after_epoch)
-    bar = _progress(progress, (last - start) * -(-len(x) // batch_size))
-    step = _compiled_step(model, loss, optimizer, compiled, fuse_loss, clip_grad_norm,
-                          clip_grad_value)  # fmt: skip
-
-    def op_by_op(xb: np.ndarray, yb: np.ndarray) -> float:
-        optimizer.zero_grad()
-        out, ctx = body.forward(xb)
-        value, grad = objective.value_and_grad(out, yb)
-        body.backward(ctx, grad, need_input_grad=False)
-        if clip_grad_norm is not None:
-            clip_grad_norm_(model.parameters(), clip_grad_norm)
-        elif clip_grad_value is not None:
-            clip_grad_value_(model.parameters(), clip_grad_value)
-        optimizer.step()
-        return value
-
+    bar = None
     for epoch in range(start, last):
+        epoch_batches = batches(epoch)
+        if bar is None:
+            bar = _progress(progress and main, (last - start) * len(epoch_batches))
         total, count = 0.0, 0
-        for idx in batch_order(len(x), batch_size, seed, epoch):
-            if step is not None:
-                try:  # a step that cannot be compiled raises before changing anything
-                    value = step(x[idx], y[idx])
-                except UnsupportedStepError as error:
-                    if compiled:
-                        raise
-                    _warn_fallback(error)
-                    step = None
-            if step is None:
-                value = op_by_op(x[idx], y[idx])
+        for batch in epoch_batches:
+            value, examples = step(batch)
             if scheduler_interval == "step" and scheduler is not None and not plateau:
                 scheduler.step()
             history.step_losses.append(value)
-            total, count = total + value * len(idx), count + len(idx)
+            total, count = total + value * examples, count + examples
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}")
@@ -342,9 +425,9 @@ def fit(
             scheduler.step(total / count)
         elif scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()
-        if evaluate is not None:
+        if evaluate is not None and main:
             history.evals.append(evaluate(model))
-        if checkpoint is not None:
+        if checkpoint is not None and main:
             save_checkpoint(checkpoint, model, optimizer, epoch + 1, history, scheduler)
     if bar is not None:
         bar.close()

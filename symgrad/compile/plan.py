@@ -161,15 +161,32 @@ class StepPlan:
         """The bytes of all buffers, were none to share memory."""
         return sum(b.nbytes for b in self.buffers.values())
 
-    def allocate(self) -> tuple[dict[str, np.ndarray], int]:
-        """Arrays for the buffers, and the bytes they take: buffers whose lives do not overlap
-        share memory (each a contiguous view at the start of a shared block; the largest
-        fitting free block, else a new one).  The ``ones`` buffer is constant across calls
-        and shares with nothing."""
+    def allocate(self) -> tuple[dict[str, np.ndarray], int, list[np.ndarray]]:
+        """Arrays for the buffers, the bytes they take, and the flat gradient buffers.
+
+        Buffers whose lives do not overlap share memory (each a contiguous view at the start of
+        a shared block; the largest fitting free block, else a new one).  The ``ones`` buffer
+        is constant across calls and shares with nothing.  Neither do the trained parameters'
+        gradients: they are consecutive views of one flat buffer per dtype, the last
+        parameter's first (reverse layer order: the order in which a data-parallel all-reduce
+        sends them, in buckets that are slices of the flat buffer, without copies).  The bytes
+        count every block, the flat buffers and ``ones``."""
         arrays: dict[str, np.ndarray] = {}
+        flats: list[np.ndarray] = []
+        order = [self.buffers[self.grads[n]] for n in sorted(self.grads, reverse=True)]
+        for dtype in dict.fromkeys(b.dtype for b in order):
+            same = [b for b in order if b.dtype == dtype]
+            flat = np.zeros(sum(_size(b) for b in same), dtype)
+            flats.append(flat)
+            offset = 0
+            for buf in same:
+                arrays[buf.name] = flat[offset : offset + _size(buf)].reshape(buf.shape)
+                offset += _size(buf)
         blocks: list[list[Any]] = []  # [storage, free from this operation on]
         for buf in sorted(self.buffers.values(), key=lambda b: (b.first, b.name)):
-            size = max(1, int(np.prod(buf.shape, dtype=np.int64)))
+            if buf.name in arrays:  # a gradient, in its flat buffer
+                continue
+            size = max(1, _size(buf))
             if buf.role == "ones":
                 arrays[buf.name] = np.ones(buf.shape, buf.dtype)
                 continue
@@ -184,9 +201,13 @@ class StepPlan:
                 blocks.append(block)
             block[1] = buf.last
             arrays[buf.name] = block[0][:size].reshape(buf.shape)
-        held = sum(b[0].nbytes for b in blocks)
+        held = sum(b[0].nbytes for b in blocks) + sum(f.nbytes for f in flats)
         held += sum(a.nbytes for n, a in arrays.items() if self.buffers[n].role == "ones")
-        return arrays, int(held)
+        return arrays, int(held), flats
+
+
+def _size(buf: Buffer) -> int:
+    return int(np.prod(buf.shape, dtype=np.int64))
 
 
 def _flat(name: str) -> str:

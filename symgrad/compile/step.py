@@ -14,7 +14,11 @@ The optimizer's hyperparameters are arguments, read from its parameter groups on
 eager path, so the two can be mixed and checkpoints work.  ``clip_grad_norm=max_norm`` or
 ``clip_grad_value=c`` clip inside the step (``step.grad_norm`` is the norm before clipping);
 ``grad_hook(grads)`` runs between the backward pass and the update, on the gradient arrays
-(views of the step's buffers, changeable in place: data-parallel training averages them).
+(in the order of the traced trained parameters: the model's layer order; views of the step's
+buffers, changeable in place: data-parallel training averages them); they
+are consecutive views of one flat buffer per dtype, the last parameter's first
+(:meth:`CompiledStep.flat_gradients`), so that an all-reduce sends them in buckets without
+copies (:mod:`symgrad.distributed`).
 
 Models the tracer cannot take (a module without ``record``, an elementwise op that broadcasts)
 raise :class:`~symgrad.errors.UnsupportedStepError`; ``fit`` then trains through the tape.
@@ -51,6 +55,7 @@ class _Binding:
     grads: list[tuple[Parameter, np.ndarray]]  # each trained parameter and its gradient buffer
     gathers: list[tuple[TensorOp, list[int]]]  # ops reading integer inputs: their arg slots
     output: int | None  # the argument holding the model's output (the loss's input)
+    flats: list[np.ndarray]  # the gradients' flat buffers, one per dtype
 
 
 class CompiledStep:
@@ -138,7 +143,7 @@ class CompiledStep:
         if key != self._key:
             self._module = self._load(plan, key)
             self._key = key
-        buffers, held = plan.allocate()
+        buffers, held, flats = plan.allocate()
         args: list[Any] = []
         slots = []
         for position, (_, kind, index) in enumerate(plan.args):
@@ -149,7 +154,7 @@ class CompiledStep:
             else:
                 args.append(None)
                 slots.append((position, kind, index))
-        grads = [(graph.params[n], buffers[name]) for n, name in plan.grads.items()]
+        grads = [(graph.params[n], buffers[name]) for n, name in sorted(plan.grads.items())]
         where = {name: k for k, (name, _, _) in enumerate(plan.args)}
         gathers = [
             (node.op, [where[_arg_name(a)] for a in node.args])
@@ -157,7 +162,7 @@ class CompiledStep:
             if isinstance(node.op, TensorOp) and any(node.op._plan.integer)
         ]
         output = where[_arg_name(keep[0])] if keep else None
-        return _Binding(graph, plan, args, slots, held, grads, gathers, output)
+        return _Binding(graph, plan, args, slots, held, grads, gathers, output, flats)
 
     def _load(self, plan: StepPlan, key: str) -> Any:
         """The step's module: from the cache, else generated (with SymPy) and cached.  The
@@ -283,9 +288,10 @@ class CompiledStep:
         return undo
 
     def flat_gradients(self) -> list[np.ndarray]:
-        """The gradients of the last shape run (views of the step's buffers), in the order
-        of the graph's trained parameters."""
-        return [] if self._last is None else [g for _, g in self._last.grads]
+        """The flat 1-D buffers (one per dtype) that the last shape run's gradients are
+        consecutive views of, the last trained parameter's gradient first; empty before the
+        first step.  Changed in ``grad_hook``, they are what the update sees."""
+        return [] if self._last is None else list(self._last.flats)
 
 
 def _arg_name(ref: Ref) -> str:

@@ -10,7 +10,7 @@ so state dicts copy across.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,6 +76,7 @@ class Parameter:
         self.data = np.ascontiguousarray(data)
         self.grad: np.ndarray | None = None
         self.requires_grad = requires_grad
+        self._hooks: dict[int, Callable[[Parameter], None]] = {}
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -89,10 +90,31 @@ class Parameter:
             self.grad = np.array(grad, dtype=self.data.dtype, copy=True)
         else:
             self.grad += grad
+        for hook in tuple(self._hooks.values()):
+            hook(self)
+
+    def register_post_accumulate_grad_hook(self, hook: Callable[[Parameter], None]) -> HookHandle:
+        """Call ``hook(parameter)`` after every gradient added to ``grad`` (torch's
+        ``register_post_accumulate_grad_hook``); ``handle.remove()`` unregisters it.  A
+        data-parallel reducer sends a gradient as soon as it is complete this way
+        (:mod:`symgrad.distributed`)."""
+        key = max(self._hooks, default=-1) + 1
+        self._hooks[key] = hook
+        return HookHandle(self._hooks, key)
 
     def __repr__(self) -> str:
         flag = "" if self.requires_grad else ", requires_grad=False"
         return f"Parameter(shape={self.shape}, dtype={self.data.dtype}{flag})"
+
+
+class HookHandle:
+    """What registering a hook returns: ``remove()`` unregisters it (again: a no-op)."""
+
+    def __init__(self, hooks: dict[int, Any], key: int) -> None:
+        self._hooks, self._key = hooks, key
+
+    def remove(self) -> None:
+        self._hooks.pop(self._key, None)
 
 
 class Module:
