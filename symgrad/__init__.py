@@ -10,11 +10,27 @@ symbolically, makes them numerically stable, and compiles them into cached Numba
 array([6.])
 """
 
+import os as _os
+import sys as _sys
 from importlib import import_module
 from typing import Any
 
 from ._version import __version__
 from .errors import SymgradError
+
+
+def _reserve_threads() -> None:
+    """Numba fixes the size of its thread pool when it is first imported: make room for
+    ``SYMGRAD_NUM_THREADS`` threads if it asks for more (:mod:`symgrad.runtime.threads`)."""
+    text = _os.environ.get("SYMGRAD_NUM_THREADS", "").strip()
+    if "numba" in _sys.modules or not text.isdigit():
+        return  # a bad value is reported when the threads are first used
+    pool = _os.environ.get("NUMBA_NUM_THREADS", "").strip()
+    if int(text) > (int(pool) if pool.isdigit() else _os.cpu_count() or 1):
+        _os.environ["NUMBA_NUM_THREADS"] = text
+
+
+_reserve_threads()
 
 # The rest loads on first use (PEP 562): SymPy takes half a second to import, and a process
 # that only runs compiled kernels from a warm cache (a fused training step) never needs it.
@@ -30,6 +46,9 @@ _LAZY = {
     "jvp": ".functional",
     "vjp": ".functional",
     "index_sum": ".symbolic.index",
+    "get_num_threads": ".runtime.threads",
+    "num_threads": ".runtime.threads",
+    "set_num_threads": ".runtime.threads",
 }
 
 
@@ -52,11 +71,14 @@ __all__ = [
     "__version__",
     "builtin",
     "elementwise",
+    "get_num_threads",
     "grad",
     "hessian",
     "hvp",
     "index_sum",
     "jvp",
+    "num_threads",
+    "set_num_threads",
     "tensor_op",
     "vjp",
 ]

@@ -26,10 +26,14 @@ the kernel calls those instead (emitted into the module, within one ulp of libm)
 vectorises; a kernel that still needs a libm call (``sin``, ``pow``...) keeps ``math.*``
 throughout, since a scalar loop is faster with libm.  ``Σ f`` is accumulated in element order, as a
 scalar loop would, so the reduction does not block vectorisation either: values go to a small
-buffer, block by block, and are added in order — the sum is bit-for-bit the sequential one.  With
-``parallel=True`` the sum is over fixed chunks of :data:`CHUNK` elements, added in chunk order: the
-result does not depend on the number of threads.  ``Σ f`` is accumulated in float64 for float32
-data too (a loss over many elements).
+buffer, block by block, and are added in order.  The sum is over fixed chunks of
+:data:`CHUNK` elements, added in chunk order, so that it does not depend on the number of threads.
+
+**Threads.**  Every kernel also exists as a parallel variant (``forward_par``, ``vjp_par_f32``...):
+its element loop (or its loop over chunks) is a ``prange`` loop, each element computed as in the
+serial kernel, so both give the same bits; the runtime runs it for arrays large enough to share
+out (:mod:`symgrad.runtime.threads`).  ``parallel=True`` makes the plain kernels parallel too.
+``Σ f`` is accumulated in float64 for float32 data too (a loss over many elements).
 
 Why one module holds both dtypes' kernels rather than one module per dtype: the cache keeps one
 verified file per op, written at definition time with both variants, so a warm start of either
@@ -42,6 +46,7 @@ The text is deterministic: same derivation and flags, same bytes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -183,8 +188,6 @@ def emit_elementwise(
     partials = [d.xreplace(subs) for d in derivation.gradients]
     arrays = [names.mangle(s.name, "t") for s in derivation.inputs]
     grads = [names.gradient(p.wrt.name) for p in derivation.partials]  # the wrt inputs only
-    loop = "prange" if parallel else "range"
-    decorator = f"@njit(cache=True, error_model='numpy', fastmath={fastmath}, parallel={parallel})"
     loads = [f"{n} = {a}[i]" for n, a in zip(locals_, arrays, strict=True)]
     helpers: set[str] = set()
 
@@ -244,38 +247,37 @@ def emit_elementwise(
                 *_indent(element(body, [f"{acc} += ", *stores]), 1),
             ]
 
-        if not parallel:
-            lines = ["total = 0.0"]
-            if body.vector:
-                lines += [
-                    f"_buf = np.empty({BLOCK}, dtype=np.float64)",
-                    *blocked("0", "n", "total", "_buf"),
-                ]
-            else:
-                lines += plain("0", "n", "total")
+        # Chunks of CHUNK elements, added in chunk order: the same sum serially (one chunk
+        # after another) as over any number of threads.
+        lines = [
+            f"_nc = (n + {CHUNK - 1}) // {CHUNK}",
+            "_part = np.empty(_nc, dtype=np.float64)",
+        ]
+        if body.vector:
+            lines.append(f"_bufs = np.empty((_nc, {BLOCK}), dtype=np.float64)")
+        chunk = [f"_lo = _c * {CHUNK}", f"_hi = min(_lo + {CHUNK}, n)", "_s = 0.0"]
+        if body.vector:
+            chunk += ["_buf = _bufs[_c]", *blocked("_lo", "_hi", "_s", "_buf")]
         else:
-            lines = [
-                f"_nc = (n + {CHUNK - 1}) // {CHUNK}",
-                "_part = np.empty(_nc, dtype=np.float64)",
-            ]
-            if body.vector:
-                lines.append(f"_bufs = np.empty((_nc, {BLOCK}), dtype=np.float64)")
-            chunk = [f"_lo = _c * {CHUNK}", f"_hi = min(_lo + {CHUNK}, n)", "_s = 0.0"]
-            if body.vector:
-                chunk += ["_buf = _bufs[_c]", *blocked("_lo", "_hi", "_s", "_buf")]
-            else:
-                chunk += plain("_lo", "_hi", "_s")
-            lines += [
-                "for _c in prange(_nc):",
-                *_indent([*chunk, "_part[_c] = _s"], 1),
-                "total = 0.0",
-                "for _c in range(_nc):",
-                "    total += _part[_c]",
-            ]
+            chunk += plain("_lo", "_hi", "_s")
+        lines += [
+            f"for _c in {loop}(_nc):",
+            *_indent([*chunk, "_part[_c] = _s"], 1),
+            "total = 0.0",
+            "for _c in range(_nc):",
+            "    total += _part[_c]",
+        ]
         return [*head, *_indent(lines, 1), "    return total", "", ""]
 
     src: list[str] = []
-    for dtype, suffix in SUFFIXES.items():  # forward (float64 data), forward_f32, ...
+    # the kernels as the spec asks (``parallel``), then their parallel variants (``forward_par``)
+    variants = [("", parallel), ("_par", True)]
+    for (tag, threaded), (dtype, dsuffix) in itertools.product(variants, SUFFIXES.items()):
+        loop = "prange" if threaded else "range"
+        decorator = (
+            f"@njit(cache=True, error_model='numpy', fastmath={fastmath}, parallel={threaded})"
+        )
+        suffix = tag + dsuffix  # forward (float64 data), forward_f32, forward_par, ...
         src += elementwise_kernel(
             f"forward{suffix}", [*arrays, "out"], [value], ["out[i] = "], False, dtype
         )

@@ -49,12 +49,21 @@ from .gemm import MaterializedGemm, plan
 from .printer import VECTOR_MATH_SOURCE, NumbaPrinter
 
 _CANON = sp.Symbol("_canon", integer=True)
+PARALLEL_DECORATOR = "@njit(cache=True, error_model='numpy', parallel=True)"
 #: Elements per block of a vectorised reduction (its buffer's length; a multiple of LANES).
 BLOCK = 256
 #: Partial sums (or maxima) of a vectorised reduction: element j of the range goes to lane
 #: j % LANES.
 LANES = 8
 _PIECE = re.compile("\u27ea(\\d+)\u27eb")  # ⟪n⟫, a placeholder of _Lowerer.piece
+# Marks in the lowered text, resolved per variant by _variant: a loop over rows that the
+# parallel variant runs as ``prange``, a GEMM split into blocks (serially, or over the
+# threads), and lines of one variant only (a reduction's buffers: once per function in the
+# serial variant, once per row in the parallel one, where each thread needs its own).
+_RANGE = "\u27e6range\u27e7"
+_GEMM = "\u27e6gemm\u27e7"
+_SERIAL_ONLY = "\u27e6serial\u27e7"
+_PARALLEL_ONLY = "\u27e6parallel\u27e7"
 
 
 class _IndexPrinter(NumbaPrinter):
@@ -110,6 +119,17 @@ def _render(lines: list[str], pieces: list[sp.Expr | tuple[str, str]], dtype: st
         return printed[k]
 
     return [_PIECE.sub(fill, line) for line in lines]
+
+
+def _variant(lines: list[str], parallel: bool) -> list[str]:
+    """The serial or the parallel variant of lowered ``lines`` (see the module doc)."""
+    drop, keep = (_SERIAL_ONLY, _PARALLEL_ONLY) if parallel else (_PARALLEL_ONLY, _SERIAL_ONLY)
+    loop, gemm = ("prange", "_gemm_blocks_par") if parallel else ("range", "_gemm_blocks")
+    return [
+        line.replace(keep, "").replace(_RANGE, loop).replace(_GEMM, gemm)
+        for line in lines
+        if drop not in line
+    ]
 
 
 @dataclass
@@ -250,8 +270,10 @@ class _Gemm:
             lines.append(f"{self.name} = np.empty(({shape},), {self.a.array}.dtype)")
         indices = tuple(f"{self.name}_b{n}" for n in range(len(self.batch)))
         pad = ""
-        for index, dim in zip(indices, self.batch, strict=True):
-            lines.append(f"{pad}for {index} in range({_int(dim)}):")
+        for n, (index, dim) in enumerate(zip(indices, self.batch, strict=True)):
+            # each (batch, head) writes its own block of C: the outermost loop is parallel
+            loop = _RANGE if n == 0 else "range"
+            lines.append(f"{pad}for {index} in {loop}({_int(dim)}):")
             pad += "    "
         c = self.out
         if c.trans:  # C stored transposed: compute C' = op(B)' op(A)'
@@ -278,7 +300,8 @@ class _Gemm:
             _int(c.offset(indices)),
             _int(c.ld),
         ]
-        lines.append(f"{pad}_gemm({', '.join(args)})")
+        call = "_gemm" if self.batch else _GEMM  # one product: split into blocks of rows
+        lines.append(f"{pad}{call}({', '.join(args)})")
         return lines
 
 
@@ -654,6 +677,23 @@ class _Lowerer:
         }
         expr, hoisted = self._hoist(expr, a.loops, red_level)
         lines: list[str] = []
+        # Rows of the target written by different iterations of the outermost loop are
+        # different rows: that loop may run in parallel, each iteration on its own buffers.
+        parallel = not a.accumulate and bool(a.loops) and a.loops[0][0] in index
+        first_allocation = len(self.allocations)
+        row_start = -1
+
+        def per_row(lines: list[str]) -> list[str]:
+            """The buffers of the reductions inside the parallel loop: allocated in it (per
+            thread) in the parallel variant, once at the top in the serial one."""
+            mine = self.allocations[first_allocation:]
+            if row_start < 0 or not mine:
+                return lines
+            self.allocations[first_allocation:] = [_SERIAL_ONLY + x for x in mine]
+            inner = pad_row + _PARALLEL_ONLY
+            return [*lines[:row_start], *(inner + x for x in mine), *lines[row_start:]]
+
+        pad_row = ""
         for n in range(len(a.loops) + 1):
             lines += emit(placed[n])
             for temp, value in hoisted.get(n, []):
@@ -663,15 +703,19 @@ class _Lowerer:
                     idx = ", ".join(_int(v) for v in loop_vars[:n])
                     lines.append(f"{pad}{st.target}[{idx}] = {self.piece(value)}")
             if wrote and n == max(st.depth for st in stores):
-                return lines
+                return per_row(lines)
             if n < len(a.loops):
                 var, lo, hi = a.loops[n]
-                lines.append(f"{pad}for {var} in range({_int(lo)}, {_int(hi + 1)}):")
+                loop = _RANGE if n == 0 and parallel else "range"
+                lines.append(f"{pad}for {var} in {loop}({_int(lo)}, {_int(hi + 1)}):")
                 pad += "    "
+                if loop == _RANGE:
+                    row_start, pad_row = len(lines), pad
+                    first_allocation = len(self.allocations)
         idx = ", ".join(_int(v) for v in index) or "0"
         op = "+=" if a.accumulate else "="
         lines.append(f"{pad}{a.target}[{idx}] {op} {self.piece(expr)}")
-        return lines
+        return per_row(lines)
 
     def _hoist(
         self,
@@ -1048,16 +1092,21 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
         prelude += ["    " + line for line in lowerer.allocations]
         uses_blas = uses_blas or bool(lowerer.gemms)
         wide = frozenset(lowerer.wide)
+        lines = [*prelude, *body]
+        # the parallel variant (``name_par``), where there is something to run in parallel
+        parallel = any(_RANGE in line or _GEMM in line for line in lines)
         out: list[str] = []
-        for dtype, suffix in SUFFIXES.items():
-            out += [
-                decorator,
-                f"def {name}{suffix}({', '.join(params)}):",
-                *_render([*prelude, *body], lowerer.pieces, dtype, op, wide),
-                "    return None",
-                "",
-                "",
-            ]
+        for variant in (False, True) if parallel else (False,):
+            text = _variant(lines, variant)
+            for dtype, suffix in SUFFIXES.items():
+                out += [
+                    PARALLEL_DECORATOR if variant else decorator,
+                    f"def {name}{'_par' if variant else ''}{suffix}({', '.join(params)}):",
+                    *_render(text, lowerer.pieces, dtype, op, wide),
+                    "    return None",
+                    "",
+                    "",
+                ]
         return out
 
     def gradients(finals: list[sp.Expr]) -> list[_Assignment]:
@@ -1122,9 +1171,12 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
         for h in sorted(VECTOR_MATH_SOURCE)
         if re.search(rf"\b{h}\(", text)
     ]
-    imports = ["import math", "", "import numpy as np", "from numba import njit"]
+    imports = ["import math", "", "import numpy as np", "from numba import njit, prange"]
     if uses_blas:
-        imports.append("from symgrad.runtime.blas import gemm as _gemm")
+        imports.append(
+            "from symgrad.runtime.blas import gemm as _gemm, gemm_blocks as _gemm_blocks, "
+            "gemm_blocks_par as _gemm_blocks_par"
+        )
     body_text = "\n".join([*imports, "", "", *constants, "", *helpers, *src]).rstrip() + "\n"
     body_hash = hashlib.sha256(body_text.encode()).hexdigest()
     header = (

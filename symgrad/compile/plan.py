@@ -23,6 +23,7 @@ is plain text assembled here — no SymPy: the kernels' own modules say what the
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,8 @@ class StepPlan:
 
     args: list[tuple[str, str, int | str]] = field(default_factory=list)  # (name, kind, index)
     imports: list[tuple[str, str, str]] = field(default_factory=list)  # (module, fn, alias)
+    #: the aliases of kernels that have a parallel variant (imported as ``<alias>_par``)
+    parallel: set[str] = field(default_factory=set)
     lines: list[str] = field(default_factory=list)
     buffers: dict[str, Buffer] = field(default_factory=dict)
     grads: dict[int, str] = field(default_factory=dict)  # trained param index → its buffer
@@ -110,7 +113,9 @@ class StepPlan:
     def source(self, key: str, rule: UpdateRule | None, clip: str | None) -> str:
         """The module text: ``forward_backward(*args) -> loss`` (the loss and every trained
         parameter's gradient), ``update(*args)`` (the optimizer's rule on every trained
-        parameter, after clipping) and ``step(*args)``, both in one call.
+        parameter, after clipping) and ``step(*args)``, both in one call; and
+        ``forward_backward_par`` and ``step_par``, the same calling the kernels' parallel
+        variants (the same results on any number of threads, :mod:`symgrad.runtime.threads`).
 
         The update's loops are generated from the rule's formulas (SymPy): only when the
         module is not in the cache yet.
@@ -126,6 +131,9 @@ class StepPlan:
 
         params = ", ".join(name for name, _, _ in self.args)
         decorator = _NJIT if self.whole else "# a driver: Python calling the compiled kernels"
+        # the same step calling the kernels' parallel variants (the same results)
+        threaded = re.compile(rf"\b({'|'.join(sorted(self.parallel))})\(") if self.parallel else None
+        lines_par = [threaded.sub(r"\1_par(", x) for x in self.lines] if threaded else self.lines
         body = [
             "",
             "",
@@ -147,6 +155,19 @@ class StepPlan:
             decorator,
             f"def step({params}):",
             f"{_PAD}loss = forward_backward({params})",
+            f"{_PAD}update({params})",
+            f"{_PAD}return loss",
+            "",
+            "",
+            decorator,
+            f"def forward_backward_par({params}):",
+            *lines_par,
+            f"{_PAD}return loss",
+            "",
+            "",
+            decorator,
+            f"def step_par({params}):",
+            f"{_PAD}loss = forward_backward_par({params})",
             f"{_PAD}update({params})",
             f"{_PAD}return loss",
         ]
@@ -280,6 +301,10 @@ def plan_step(
     def alias(n: int, op: Any, fn: str) -> str:
         name = f"k{n}_{fn}"
         plan.imports.append((op.module.__name__, kernel_name(fn, nodes[n].dtype), name))
+        threaded = kernel_name(fn + "_par", nodes[n].dtype)
+        if hasattr(op.module, threaded):
+            plan.imports.append((op.module.__name__, threaded, name + "_par"))
+            plan.parallel.add(name)
         return name
 
     lines = plan.lines

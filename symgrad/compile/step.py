@@ -38,6 +38,7 @@ from ..nn.losses import Loss, fuse
 from ..nn.modules import Module, Parameter
 from ..runtime.cache import ensure_imported, module_path, verified_text, write_source
 from ..runtime.tensor import TensorOp
+from ..runtime.threads import use_parallel
 from ..symbolic.update import UpdateRule
 from .graph import Graph, Ref, trace
 from .plan import StepPlan, needs_grad, plan_step, wanted
@@ -56,6 +57,7 @@ class _Binding:
     gathers: list[tuple[TensorOp, list[int]]]  # ops reading integer inputs: their arg slots
     output: int | None  # the argument holding the model's output (the loss's input)
     flats: list[np.ndarray]  # the gradients' flat buffers, one per dtype
+    work: int  # elements of the largest buffer: whether the step runs its parallel variant
 
 
 class CompiledStep:
@@ -162,7 +164,8 @@ class CompiledStep:
             if isinstance(node.op, TensorOp) and any(node.op._plan.integer)
         ]
         output = where[_arg_name(keep[0])] if keep else None
-        return _Binding(graph, plan, args, slots, held, grads, gathers, output, flats)
+        work = max((b.nbytes // b.dtype.itemsize for b in plan.buffers.values()), default=0)
+        return _Binding(graph, plan, args, slots, held, grads, gathers, output, flats, work)
 
     def _load(self, plan: StepPlan, key: str) -> Any:
         """The step's module: from the cache, else generated (with SymPy) and cached.  The
@@ -234,11 +237,13 @@ class CompiledStep:
                 op._check_index_ranges(tuple(args[k] for k in positions), found[3])
         undo = self._prepare(binding)
         module = self._module
+        threaded = use_parallel(binding.work)
         try:
             if self.grad_hook is None:
-                loss = float(module.step(*args))
+                loss = float((module.step_par if threaded else module.step)(*args))
             else:
-                loss = float(module.forward_backward(*args))
+                backward = module.forward_backward_par if threaded else module.forward_backward
+                loss = float(backward(*args))
                 self.grad_hook([g for _, g in binding.grads])
                 module.update(*args)
         except BaseException:

@@ -11,12 +11,19 @@ it (``beta`` = 1), scaled by ``alpha`` (attention's ``1/√d``).
 ``numba_xxgemm`` helper, resolved by symbol name so that kernels calling it are cached on disk
 like any other).  Generated kernels import it; this module's source is part of the toolchain
 fingerprint (:func:`symgrad.runtime.cache.toolchain_fingerprint`).
+
+**Threads.**  BLAS runs single-threaded inside symgrad's kernels
+(:func:`symgrad.runtime.threads.limit_blas`); a large product is split by
+:func:`gemm_blocks` into blocks of :data:`BLOCK_ROWS` rows (or columns) of ``C`` — a partition
+fixed by the sizes alone — each one ``gemm`` call: serially in a kernel's serial variant,
+spread over Numba's threads by :func:`gemm_blocks_par` in its parallel one.  Both compute every
+block the same way, so the product has the same bits on any number of threads.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 
 # int numba_xxgemm(char kind, char transa, char transb, intp m, intp n, intp k, void *alpha,
 #                  void *a, intp lda, void *b, intp ldb, void *beta, void *c, intp ldc):
@@ -80,3 +87,57 @@ def gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc):  # t
         cf.ctypes,
         max(ldc, 1),
     )
+
+
+#: Rows (or columns) of ``C`` per block of a split product; a multiple of every BLAS kernel's
+#: register tile, and large enough that re-packing the other operand per block costs little.
+BLOCK_ROWS = 128
+
+
+@njit(cache=True)
+def _blocks(m, n, k):  # type: ignore[no-untyped-def]
+    """How :func:`gemm_blocks` splits an ``m × n`` product: (number of blocks, split the rows).
+
+    A product of fewer than two blocks' worth, or too little work for a thread, is one block."""
+    rows = m >= n
+    long = m if rows else n
+    if long < 2 * BLOCK_ROWS or m * n * k < (1 << 22):
+        return 1, rows
+    return (long + BLOCK_ROWS - 1) // BLOCK_ROWS, rows
+
+
+@njit(cache=True)
+def _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, nb, rows):  # type: ignore[no-untyped-def]
+    """Block ``i`` of ``nb`` of the product (all of it when ``nb`` is 1)."""
+    if nb == 1:
+        gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc)
+        return
+    lo = i * BLOCK_ROWS
+    if rows:  # rows lo.. of C: rows lo.. of op(A)
+        size = min(BLOCK_ROWS, m - lo)
+        a_at = ao + (lo if ta else lo * lda)
+        gemm(ta, tb, size, n, k, alpha, a, a_at, lda, b, bo, ldb, beta, c, co + lo * ldc, ldc)
+    else:  # columns lo.. of C: columns lo.. of op(B)
+        size = min(BLOCK_ROWS, n - lo)
+        b_at = bo + (lo * ldb if tb else lo)
+        gemm(ta, tb, m, size, k, alpha, a, ao, lda, b, b_at, ldb, beta, c, co + lo, ldc)
+
+
+@njit(cache=True)
+def gemm_blocks(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc):  # type: ignore[no-untyped-def]
+    """``gemm`` split into the blocks of :func:`_blocks`, one after another."""
+    nb, rows = _blocks(m, n, k)
+    for i in range(nb):
+        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, nb, rows)
+
+
+@njit(cache=True, parallel=True)
+def gemm_blocks_par(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc):  # type: ignore[no-untyped-def]
+    """``gemm`` split into the blocks of :func:`_blocks`, spread over Numba's threads: the same
+    calls as :func:`gemm_blocks`, so the same result."""
+    nb, rows = _blocks(m, n, k)
+    if nb == 1:
+        gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc)
+        return
+    for i in prange(nb):
+        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, nb, rows)

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..codegen.dtypes import kernel_name
 from .cache import ensure_imported, import_module, purge_compiled, verified_text, write_source
+from .threads import use_parallel
 
 D = TypeVar("D")
 
@@ -112,8 +113,22 @@ class CompiledOp(Generic[D]):
             self._kernels[function, dtype] = found
         return found
 
+    def _has(self, function: str, dtype: np.dtype) -> bool:
+        """Whether the module has ``function``'s kernel for ``dtype`` data."""
+        if (function, dtype) not in self._kernels:
+            found = getattr(self.module, kernel_name(function, dtype), None)
+            if found is None:
+                return False
+            self._kernels[function, dtype] = found
+        return True
+
     def _run(self, function: str, dtype: np.dtype, *args: Any) -> Any:
-        """Call ``function``'s kernel for ``dtype`` data with ``args``."""
+        """Call ``function``'s kernel for ``dtype`` data with ``args``: its parallel variant
+        (``function_par``, the same result) when the largest array is large enough to share
+        out over the threads (:func:`~symgrad.runtime.threads.use_parallel`)."""
+        largest = max((a.size for a in args if isinstance(a, np.ndarray)), default=0)
+        if use_parallel(largest) and self._has(function + "_par", dtype):
+            function += "_par"
         try:
             kernel = self._kernels.get((function, dtype))
             return (kernel or self._kernel(function, dtype))(*args)

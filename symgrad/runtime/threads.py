@@ -1,0 +1,143 @@
+"""The threads symgrad's kernels run on: one pool (Numba's), results the same on any number.
+
+Every generated kernel exists twice with the same arithmetic: a serial variant and a parallel
+one (``forward`` and ``forward_par``, see :mod:`symgrad.codegen.lower`).  The parallel variant
+runs its outer loops over rows as ``prange`` loops and its GEMMs as fixed blocks of output rows,
+each one single-threaded BLAS call, all on Numba's thread pool — BLAS's own threads are off for
+symgrad's kernels (they would spin against Numba's, :func:`limit_blas`).  Work is split into
+pieces whose boundaries depend on the sizes alone, never on the number of threads, and each
+piece is computed as the serial variant computes it: a run on 1, 2 or 16 threads gives the same
+bits, and so does the serial variant.
+
+Which variant runs is decided per call from the size of the work (:func:`use_parallel`): a small
+op runs serially, where starting threads would cost more than it saves (a few microseconds).
+
+The thread count: :func:`set_num_threads`, else the environment variable
+``SYMGRAD_NUM_THREADS``, else the cores this process may run on (its CPU affinity).  Numba's
+pool cannot grow past ``NUMBA_NUM_THREADS`` once started: a larger ``SYMGRAD_NUM_THREADS`` raises
+that limit when it is set before symgrad is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ..errors import OptionError
+
+#: Elements of output (or multiply-adds of a GEMM, divided by the inner length) below which a
+#: kernel runs its serial variant: below this, starting the pool costs more than it saves.
+PARALLEL_MIN_WORK = 1 << 15
+
+_ENV = "SYMGRAD_NUM_THREADS"
+
+
+def _affinity() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _from_env() -> int | None:
+    text = os.environ.get(_ENV)
+    if text is None or not text.strip():
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise OptionError(
+            f"{_ENV}={text!r} is not a whole number: set it to the number of threads symgrad's "
+            "kernels may use (e.g. 4), or unset it to use every core this process may run on"
+        ) from None
+    if value < 1:
+        raise OptionError(f"{_ENV}={text!r} must be at least 1")
+    return value
+
+
+import numba  # noqa: E402  (symgrad/__init__.py sized Numba's pool before this import)
+
+_configured = False
+
+
+def max_threads() -> int:
+    """The most threads this process can use (Numba's pool size, ``NUMBA_NUM_THREADS``)."""
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def _check(n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise OptionError(f"the number of threads must be a whole number, got {n!r}")
+    if n < 1:
+        raise OptionError(f"the number of threads must be at least 1, got {n}")
+    if n > max_threads():
+        raise OptionError(
+            f"{n} threads asked, but this process's thread pool has {max_threads()}: set "
+            f"{_ENV}={n} (or NUMBA_NUM_THREADS={n}) in the environment before importing symgrad"
+        )
+    return n
+
+
+def limit_blas() -> None:
+    """Run the BLAS that generated kernels call (SciPy's OpenBLAS, through Numba) on one thread
+    per call: symgrad's kernels split GEMMs over Numba's threads themselves.  NumPy's own BLAS
+    (``np.dot`` in Python) is left as it is."""
+    try:
+        import scipy
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - both are dependencies
+        return
+    root = os.path.dirname(os.path.dirname(scipy.__file__))
+    controller = ThreadpoolController()
+    for lib in controller.lib_controllers:
+        if lib.user_api == "blas" and lib.filepath.startswith(os.path.join(root, "scipy")):
+            lib.set_num_threads(1)
+
+
+def configure() -> None:
+    """Apply the default thread count (once per process): ``SYMGRAD_NUM_THREADS`` or the cores
+    this process may run on, capped at the pool's size."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    limit_blas()
+    wanted = _from_env()
+    numba.set_num_threads(min(wanted if wanted is not None else _affinity(), max_threads()))
+
+
+def set_num_threads(n: int) -> None:
+    """Run symgrad's kernels on ``n`` threads (in the calling thread, as Numba's setting is).
+
+    Results do not depend on ``n``: the same bits on 1 thread as on many.
+    """
+    configure()
+    numba.set_num_threads(_check(n))
+
+
+def get_num_threads() -> int:
+    """The number of threads symgrad's kernels run on in the calling thread."""
+    configure()
+    return int(numba.get_num_threads())
+
+
+@contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """``with num_threads(n):`` kernels run on ``n`` threads inside, the setting is restored
+    after (also when the block raises)."""
+    before = get_num_threads()
+    set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def use_parallel(work: int) -> bool:
+    """Whether work of ``work`` elements runs its parallel variant: when it is large enough
+    and more than one thread may run it.  Either variant gives the same result."""
+    if work < PARALLEL_MIN_WORK:
+        return False
+    configure()
+    return int(numba.get_num_threads()) > 1
