@@ -21,7 +21,8 @@ Workloads (float32 unless stated, thread count fixed and reported, 1 by default)
   norms) alone, forward + VJP, symgrad vs torch (:mod:`symgrad.bench_encoder`).
 
 Every system gets ``threads`` threads (thread-pool settings) on as many cores (the process's CPU
-affinity).  Timings are medians of repeats after warm-up, the candidates of one size interleaved
+affinity); symgrad's through :func:`symgrad.set_num_threads` (one pool for its loops and its
+GEMMs, the BLAS they call single-threaded).  Timings are medians of repeats after warm-up, the candidates of one size interleaved
 so drift hits them alike (W1 times a block of consecutive steps per turn, as a training loop
 runs them); ratios are to torch eager measured in the same run.
 """
@@ -361,6 +362,7 @@ def _fresh_process_seconds(code: str, cache: str, threads: int) -> float:
         os.environ,
         SYMGRAD_CACHE_DIR=cache,
         NUMBA_NUM_THREADS=str(threads),
+        SYMGRAD_NUM_THREADS=str(threads),
         OMP_NUM_THREADS=str(threads),
         OPENBLAS_NUM_THREADS=str(threads),
     )
@@ -478,6 +480,8 @@ def _rows(
 ) -> list[dict[str, Any]]:
     from threadpoolctl import threadpool_limits
 
+    from .runtime import threads as sg_threads
+
     rows: list[dict[str, Any]] = []
 
     def add(workload: str, size: str, timings: dict[str, dict[str, float]]) -> None:
@@ -497,7 +501,10 @@ def _rows(
     sizes = w1_sizes if w1_sizes is not None else (W1_QUICK if quick else W1_SIZES)
     if "W1" not in workloads:
         sizes = []
-    with threadpool_limits(threads):
+    with threadpool_limits(threads), sg_threads.num_threads(threads):
+        # symgrad's kernels on Numba's pool of `threads`, the BLAS they call on one thread each
+        # (threadpool_limits just gave it `threads`: they would compete)
+        sg_threads.limit_blas()
         for batch, hidden in sizes:
             work = batch * hidden * hidden + 1
             repeats = max(15, min(100, int(5e8 / work)))
@@ -522,6 +529,7 @@ def _rows(
             add("W4 BERT layer", size, interleaved(cands, repeats))
             for part, pair in bench_encoder.parts(batch, seq).items():
                 add(f"W4 {part}", size, interleaved(pair, repeats))
+    sg_threads.limit_blas()  # threadpool_limits restored the BLAS's threads on leaving
     if w3:
         rows += _w3_rows(threads, 1 if quick else 3)
     return rows

@@ -288,7 +288,10 @@ def test_fastmath_and_parallel_have_their_own_files_and_correct_results(cache_di
     assert len(paths) == 3
     assert "fastmath=True" in fast.source and "fastmath=True" not in plain.source
     assert "prange" in par.source and "parallel=True" in par.source
-    assert "parallel=True" not in plain.source
+    # the plain op's own kernels are serial; only their `_par` variants are parallel
+    assert "parallel=True)\ndef forward(" not in plain.source
+    assert "parallel=True)\ndef forward(" in par.source
+    assert "parallel=True)\ndef forward_par(" in plain.source
     rng = np.random.default_rng(0)
     a = rng.uniform(-3, 3, 150_000)  # more than one parallel chunk
     g = rng.normal(size=a.size)

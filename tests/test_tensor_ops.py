@@ -233,11 +233,19 @@ def _calls(node: ast.AST, name: str) -> int:
     return sum(isinstance(c, ast.Call) and ast.unparse(c.func) == name for c in ast.walk(node))
 
 
+def _gemms(node: ast.AST) -> int:
+    """BLAS products: one call, or one product split into blocks (serially or in parallel)."""
+    return sum(_calls(node, name) for name in ("_gemm", "_gemm_blocks", "_gemm_blocks_par"))
+
+
 def test_linear_lowers_to_gemms_not_triple_loops():
     functions = _functions(sg.builtin("linear").source)
     forward, vjp = functions["forward"], functions["vjp"]
-    assert _calls(forward, "_gemm") == 1
-    assert _calls(vjp, "_gemm") == 2  # grad_X = grad_Y·W and grad_W = grad_Yᵀ·X
+    assert _gemms(forward) == 1
+    assert _gemms(vjp) == 2  # grad_X = grad_Y·W and grad_W = grad_Yᵀ·X
+    # the parallel variants split the same products over the threads
+    assert _calls(functions["forward_par"], "_gemm_blocks_par") == 1
+    assert _calls(functions["vjp_par"], "_gemm_blocks_par") == 2
     assert _loop_depth(forward) <= 2 and _loop_depth(vjp) <= 2
     # the bias gradient Σ_b grad_Y[b, i] runs over rows in order (b outermost)
     (bias_loop,) = [n for n in vjp.body if isinstance(n, ast.For) and "grad_out" in ast.unparse(n)]
@@ -254,7 +262,7 @@ def test_contractions_read_their_operands_in_place(name):
     arguments — transposes as flags, the heads of a (B, S, H, M) tensor as a leading dimension
     — writing into its destination: no operand is copied, no result copied back."""
     source = sg.builtin(name).source
-    assert "_gemm(" in source
+    assert re.search(r"\b_gemm(_blocks)?\(", source)
     for copy in ("np.ascontiguousarray", "np.transpose", "np.dot", ".copy("):
         assert copy not in source, source
     for function in _functions(source).values():

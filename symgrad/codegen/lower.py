@@ -55,6 +55,8 @@ BLOCK = 256
 #: Partial sums (or maxima) of a vectorised reduction: element j of the range goes to lane
 #: j % LANES.
 LANES = 8
+#: Columns per block of a sum over rows (a bias gradient): blocks run on different threads.
+COLUMNS = 64
 _PIECE = re.compile("\u27ea(\\d+)\u27eb")  # ⟪n⟫, a placeholder of _Lowerer.piece
 # Marks in the lowered text, resolved per variant by _variant: a loop over rows that the
 # parallel variant runs as ``prange``, a GEMM split into blocks (serially, or over the
@@ -151,6 +153,9 @@ class _Assignment:
     expr: sp.Expr
     accumulate: bool = False
     index: tuple[sp.Symbol, ...] | None = None  # the target's subscript; default: all loops
+    #: the outermost loop writes disjoint parts of the target (set where the lowering knows it
+    #: of an accumulation); by default: when it is a plain write and that loop indexes it
+    disjoint: bool = False
 
 
 def _stride(shape: tuple[sp.Expr, ...], axis: int) -> sp.Expr:
@@ -679,7 +684,7 @@ class _Lowerer:
         lines: list[str] = []
         # Rows of the target written by different iterations of the outermost loop are
         # different rows: that loop may run in parallel, each iteration on its own buffers.
-        parallel = not a.accumulate and bool(a.loops) and a.loops[0][0] in index
+        parallel = a.disjoint or (not a.accumulate and bool(a.loops) and a.loops[0][0] in index)
         first_allocation = len(self.allocations)
         row_start = -1
 
@@ -846,8 +851,19 @@ class _Lowerer:
         # loops over axes before the summed one stay outside it (a batch axis: b, s, then t)
         n_out = _leading_loops(body, {v for v, _, _ in total.limits}, loop_vars)
         loops = a.loops[:n_out] + sum_loops + a.loops[n_out:]
+        disjoint = False
+        if n_out == 0 and not body.has(sp.Sum, ReduceMax):
+            # blocks of COLUMNS columns, outermost: each block sums its columns over every row,
+            # in row order as before (the same bits); different blocks run on different threads
+            var, lo, hi = a.loops[-1]
+            block = sp.Symbol(f"_kb{self.n_acc}", integer=True, nonnegative=True)
+            start = lo + COLUMNS * block
+            count = sp.floor((hi - lo + COLUMNS) / COLUMNS)
+            columns = (var, start, sp.Min(hi, start + COLUMNS - 1))
+            loops = ((block, sp.S.Zero, count - 1), *sum_loops, *a.loops[:-1], columns)
+            disjoint = True
         lines += self.assignment(
-            _Assignment(acc, loops, body, accumulate=True, index=index), indent
+            _Assignment(acc, loops, body, accumulate=True, index=index, disjoint=disjoint), indent
         )
         lines += self.assignment(
             _Assignment(a.target, a.loops, coeff * sp.IndexedBase(acc)[index]), indent

@@ -38,6 +38,7 @@ from .graph import Graph, Ref, UnsupportedStepError
 
 _PAD = "    "
 _NJIT = "@njit(cache=True, error_model='numpy')"
+_NJIT_PARALLEL = "@njit(cache=True, error_model='numpy', parallel=True)"
 
 #: A step of at most this many ops is one compiled function (no Python between its kernels);
 #: a larger one is a Python function calling the compiled kernels in order — LLVM's work on one
@@ -71,7 +72,22 @@ def _sg_add_into(total, part):
     for i in range(total.size):
         total[i] += part[i]
 
+
+{_NJIT_PARALLEL}
+def _sg_multiply_par(out, g, partial):
+    for i in prange(g.size):
+        out[i] = g[i] * partial[i]
+
+
+{_NJIT_PARALLEL}
+def _sg_add_into_par(total, part):
+    for i in prange(total.size):
+        total[i] += part[i]
+
 """
+#: The step's own functions with a parallel variant (``<name>_par``, elementwise: the same
+#: results); the step's parallel variant calls those.
+_THREADED_HELPERS = ("_sg_multiply", "_sg_add_into", "_update_param", "_clip_apply")
 
 
 @dataclass(frozen=True)
@@ -125,15 +141,18 @@ class StepPlan:
         one: list[str] = []
         if rule is not None:
             update, one, helpers = _update_lines(self, rule, clip)
-        head = ["import math", "", "import numpy as np", "from numba import njit"]
+        head = ["import math", "", "import numpy as np", "from numba import njit, prange"]
         head += [f"from {m} import {fn} as {alias}" for m, fn, alias in self.imports]
         from ..codegen.printer import VECTOR_MATH_SOURCE
 
         params = ", ".join(name for name, _, _ in self.args)
         decorator = _NJIT if self.whole else "# a driver: Python calling the compiled kernels"
         # the same step calling the kernels' parallel variants (the same results)
-        threaded = re.compile(rf"\b({'|'.join(sorted(self.parallel))})\(") if self.parallel else None
-        lines_par = [threaded.sub(r"\1_par(", x) for x in self.lines] if threaded else self.lines
+        names = "|".join([*sorted(self.parallel), *_THREADED_HELPERS])
+        threaded = re.compile(rf"\b({names})\(")
+
+        def par(lines: list[str]) -> list[str]:
+            return [threaded.sub(r"\1_par(", line) for line in lines]
         body = [
             "",
             "",
@@ -161,14 +180,20 @@ class StepPlan:
             "",
             decorator,
             f"def forward_backward_par({params}):",
-            *lines_par,
+            *par(self.lines),
             f"{_PAD}return loss",
+            "",
+            "",
+            decorator,
+            f"def update_par({params}):",
+            *par(update or [f"{_PAD}pass"]),
+            f"{_PAD}return None",
             "",
             "",
             decorator,
             f"def step_par({params}):",
             f"{_PAD}loss = forward_backward_par({params})",
-            f"{_PAD}update({params})",
+            f"{_PAD}update_par({params})",
             f"{_PAD}return loss",
         ]
         text = "\n".join([*head, *body]) + "\n"
@@ -525,10 +550,9 @@ def _update_lines(
         c = sp.Symbol(limit, real=True)
         clipped = sp.Min(sp.Max(g, -c), c)  # torch.clamp(g, -c, c)
     if clipped is not None:  # in place, as clip_grad_norm_ and clip_grad_value_ do
-        one += [_NJIT, f"def _clip_apply(_gf, {limit}):"]
-        one += elementwise_loop(loops, f"clip_grad_{clip}", "_gf.size", {g: "_gf"},
-                                [[("_gf[i]", clipped)]], _PAD)  # fmt: skip
-        one += [f"{_PAD}return None", "", ""]
+        apply = elementwise_loop(loops, f"clip_grad_{clip}", "_gf.size", {g: "_gf"},
+                                 [[("_gf[i]", clipped)]], _PAD)  # fmt: skip
+        one += _both_variants(f"_clip_apply(_gf, {limit})", apply)
     for j, (n, states) in enumerate(plan.updates):
         grad = _flat(plan.grads[n])
         if clipped is not None:
@@ -542,15 +566,19 @@ def _update_lines(
         loops, rule, {a: names[a] for a in rule.array_inputs},
         {a: names[a] for a in rule.scalar_inputs}, _PAD,
     )  # fmt: skip
-    one += [
-        _NJIT,
-        f"def _update_param({', '.join(names[a] for a in arguments)}):",
-        *body,
-        f"{_PAD}return None",
-        "",
-        "",
-    ]
+    one += _both_variants(f"_update_param({', '.join(names[a] for a in arguments)})", body)
     return lines, one, set(loops.helpers)
+
+
+def _both_variants(signature: str, body: list[str]) -> list[str]:
+    """An elementwise function of the step (``name(args)``, ``body`` its element loops) and its
+    parallel variant ``name_par``: the same loops over elements as ``prange`` loops."""
+    threaded = [line.replace("for i in range(", "for i in prange(") for line in body]
+    name, args = signature.split("(", 1)
+    return [
+        _NJIT, f"def {signature}:", *body, f"{_PAD}return None", "", "",
+        _NJIT_PARALLEL, f"def {name}_par({args}:", *threaded, f"{_PAD}return None", "", "",
+    ]  # fmt: skip
 
 
 def _flattened(name: str, keep: int, rank: int) -> str:

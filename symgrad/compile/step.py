@@ -245,7 +245,7 @@ class CompiledStep:
                 backward = module.forward_backward_par if threaded else module.forward_backward
                 loss = float(backward(*args))
                 self.grad_hook([g for _, g in binding.grads])
-                module.update(*args)
+                (module.update_par if threaded else module.update)(*args)
         except BaseException:
             for step_undo in undo:
                 self.optimizer.undo_prepare(step_undo)

@@ -1,0 +1,192 @@
+"""Threads: the setting is checked, honoured and restored; results do not depend on it.
+
+Every kernel has a serial and a parallel variant with the same arithmetic (work split into
+pieces fixed by the sizes alone).  The bit-for-bit checks run each workload on 1, 2 and 3
+threads — 3 in fresh processes (this machine may have 2 cores; Numba's pool is sized at import)
+— with the size below which kernels stay serial set to 0, so the parallel variants run even at
+test sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import symgrad as sg
+from symgrad.errors import OptionError
+from symgrad.runtime import threads
+from symgrad.runtime.blas import gemm, gemm_blocks, gemm_blocks_par
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def parallel_everywhere(monkeypatch):
+    """The parallel variants for any size of work (the threshold is a speed choice only)."""
+    monkeypatch.setattr(threads, "PARALLEL_MIN_WORK", 0)
+
+
+def test_the_thread_count_is_checked():
+    for bad in (0, -1, 1.5, "2", True, None):
+        with pytest.raises(OptionError, match="threads"):
+            sg.set_num_threads(bad)  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match="SYMGRAD_NUM_THREADS"):
+        sg.set_num_threads(threads.max_threads() + 1)
+
+
+def test_the_thread_count_is_honoured_and_restored():
+    before = sg.get_num_threads()
+    with sg.num_threads(1):
+        assert sg.get_num_threads() == 1
+    assert sg.get_num_threads() == before
+    with pytest.raises(RuntimeError), sg.num_threads(1):
+        raise RuntimeError("inside")
+    assert sg.get_num_threads() == before
+
+
+def test_the_default_is_the_affinity_or_the_environment():
+    code = "import symgrad as sg, os; print(sg.get_num_threads(), len(os.sched_getaffinity(0)))"
+    env = {k: v for k, v in os.environ.items() if k not in ("SYMGRAD_NUM_THREADS",
+                                                               "NUMBA_NUM_THREADS")}
+    env["PYTHONPATH"] = str(ROOT)
+    got, cores = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                text=True, check=True).stdout.split()
+    assert got == cores
+    env["SYMGRAD_NUM_THREADS"] = "3"  # more than this machine may have: the pool grows
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == "3"
+    env["SYMGRAD_NUM_THREADS"] = "many"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "SYMGRAD_NUM_THREADS='many'" in bad.stderr
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_split_products_are_the_same_serially_and_in_parallel(dtype, ta, tb):
+    rng = np.random.default_rng(1)
+    m, n, k = 300, 260, 70  # three blocks of rows, the last one short
+    a = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+    want = (a.T if ta else a) @ (b.T if tb else b)
+    got = []
+    for f in (gemm, gemm_blocks, gemm_blocks_par):
+        for count in (1, 2):
+            c = np.full((m, n), np.nan, dtype)
+            with sg.num_threads(min(count, threads.max_threads())):
+                f(ta, tb, m, n, k, 1.0, a, 0, a.shape[1], b, 0, b.shape[1], 0.0, c, 0, n)
+            got.append(c)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    for c in got:
+        np.testing.assert_allclose(c, want, rtol=tol, atol=tol)
+    for c in got[3:]:  # every split product: the same bits on any number of threads
+        np.testing.assert_array_equal(c, got[2])
+
+
+def test_large_work_runs_the_parallel_variants(parallel_everywhere):
+    op = sg.builtin("layer_norm")
+    x = np.random.default_rng(0).standard_normal((6, 10))
+    w, b = np.ones(10), np.zeros(10)
+    with sg.num_threads(1):
+        serial = op(x, w, b)
+    assert ("forward_par", np.dtype(np.float64)) not in op._kernels
+    if threads.max_threads() > 1:
+        with sg.num_threads(2):
+            parallel = op(x, w, b)
+        assert ("forward_par", np.dtype(np.float64)) in op._kernels
+        np.testing.assert_array_equal(parallel, serial)
+
+
+# One script, run on 1, 2 and 3 threads: ops on the tape, elementwise ops, a compiled step
+# (a whole-function step and a driver step), and a training run through fit; it prints a
+# hash of every result.
+_WORKLOAD = """
+import hashlib, json, sys
+import numpy as np
+import symgrad as sg
+from symgrad import nn, optim
+from symgrad.compile import compile_step
+from symgrad.nn.bert import BertConfig, BertEncoder, SequenceClassifier
+from symgrad.runtime import threads
+from symgrad.train import fit
+
+threads.PARALLEL_MIN_WORK = 0
+assert sg.get_num_threads() == int(sys.argv[1]), sg.get_num_threads()
+digest = {}
+
+def put(name, *arrays):
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    digest[name] = h.hexdigest()
+
+rng = np.random.default_rng(0)
+for dt in (np.float32, np.float64):
+    x = rng.standard_normal((37, 300)).astype(dt)
+    r = rng.standard_normal((37, 300)).astype(dt)
+    w, b = rng.standard_normal(300).astype(dt), rng.standard_normal(300).astype(dt)
+    g = rng.standard_normal((37, 300)).astype(dt)
+    aln = sg.builtin("add_layer_norm")
+    put(f"add_layer_norm {dt.__name__}", aln(x, r, w, b), *aln.vjp(x, r, w, b, g))
+    gelu = sg.builtin("gelu")
+    put(f"gelu {dt.__name__}", gelu(x), *gelu.vjp(x, g))
+    lin = sg.builtin("linear")
+    wl = rng.standard_normal((290, 300)).astype(dt)
+    gl = rng.standard_normal((37, 290)).astype(dt)
+    put(f"linear {dt.__name__}", lin(x, wl, b[:290]), *lin.vjp(x, wl, b[:290], gl))
+    ce = sg.builtin("bce_with_logits")
+    y = (rng.random((37, 300)) > 0.5).astype(dt)
+    value, grads = ce.value_and_vjp(x, y, reduction="mean")
+    put(f"bce mean {dt.__name__}", value, *[q for q in grads if q is not None])
+
+config = BertConfig(vocab_size=40, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                    num_hidden_layers=2, max_position_embeddings=12)
+encoder = BertEncoder(config, np.float32)
+for p in encoder.parameters():
+    p.data[...] = rng.normal(size=p.data.shape) * 0.2
+model = SequenceClassifier(encoder, nn.Linear(16, 2, rng=rng))
+step = compile_step(model, nn.CrossEntropyLoss(), optim.AdamW(model.parameters(), lr=1e-3),
+                    clip_grad_norm=1.0)
+ids = rng.integers(0, 40, (5, 9))
+mask = np.ones((5, 9), np.float32)
+mask[1, 6:] = 0
+losses = [step(ids, mask, np.array([0, 1, 1, 0, 1])) for _ in range(2)]
+put("bert step", np.array(losses), *[p.data for p in model.parameters()])
+
+mlp = nn.Sequential(nn.Linear(12, 40, dtype=np.float64, rng=rng), nn.Tanh(),
+                    nn.Linear(40, 3, dtype=np.float64, rng=rng))
+xs = rng.standard_normal((64, 12))
+ys = rng.integers(0, 3, 64)
+history = fit(mlp, nn.CrossEntropyLoss(), optim.SGD(mlp.parameters(), lr=0.1, momentum=0.9),
+              xs, ys, epochs=2, batch_size=16, seed=0)
+put("mlp fit", np.array(history.step_losses), *[p.data for p in mlp.parameters()])
+parallel = any(name.endswith("_par") for name, _ in aln._kernels)
+print(json.dumps({"digest": digest, "parallel": parallel}))
+"""
+
+
+def _workload(tmp_path: Path, count: int) -> dict[str, str]:
+    script = tmp_path / "workload.py"
+    script.write_text(_WORKLOAD)
+    env = dict(os.environ, SYMGRAD_NUM_THREADS=str(count), NUMBA_NUM_THREADS="3",
+               PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(script), str(count)], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["parallel"] == (count > 1)  # 1 thread: the serial variants
+    return found["digest"]
+
+
+def test_results_are_the_same_bits_on_1_2_and_3_threads(tmp_path):
+    one = _workload(tmp_path, 1)
+    assert len(one) == 10
+    for count in (2, 3):
+        assert _workload(tmp_path, count) == one, f"{count} threads differ from 1"
