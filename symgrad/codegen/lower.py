@@ -25,6 +25,18 @@ vectorises), then into :data:`LANES` partial sums, element ``j`` of the range in
 ``j % LANES``, added in a fixed tree at the end.  The order depends only on the range's
 length — never on threads or load — so results are deterministic; it avoids the serial chain
 of one accumulator (4 cycles per element) that a strict-IEEE loop cannot reassociate.
+
+**Threads.**  Every function is printed twice from one lowering: serial (``forward``) and
+parallel (``forward_par``, ``parallel=True``), where there is something to share out.  In the
+parallel variant the outermost loop of an assignment whose iterations write disjoint parts of
+the target (a plain write indexed by that loop's index: rows) is a ``prange`` loop, and the
+buffers of the reductions inside it are allocated inside it (each thread its own); a sum over
+rows (a bias gradient) runs over blocks of :data:`COLUMNS` columns, each block summing its
+columns over every row in row order; a batched GEMM's outermost batch loop is a ``prange`` loop
+of single-threaded BLAS calls; a single product is split into fixed blocks of rows
+(:func:`symgrad.runtime.blas.gemm_blocks`, serially in the serial variant).  Every element is
+computed by the same operations in the same order in both variants, so they give the same bits
+on any number of threads (:mod:`symgrad.runtime.threads` chooses one per call by size).
 """
 
 from __future__ import annotations

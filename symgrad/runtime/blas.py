@@ -25,6 +25,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange, types
 
+from .threads import configure
+
+configure()  # before any kernel calls BLAS: single-threaded BLAS, the thread count set
+
 # int numba_xxgemm(char kind, char transa, char transb, intp m, intp n, intp k, void *alpha,
 #                  void *a, intp lda, void *b, intp ldb, void *beta, void *c, intp ldc):
 # Fortran (column-major) dgemm/sgemm of SciPy's BLAS.

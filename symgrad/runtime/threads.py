@@ -85,6 +85,7 @@ def limit_blas() -> None:
     (``np.dot`` in Python) is left as it is."""
     try:
         import scipy
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the library, as Numba would)
         from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - both are dependencies
         return
