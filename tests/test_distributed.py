@@ -290,9 +290,10 @@ def test_gradient_buckets_are_flat_views_in_reverse_layer_order():
     model = worker.mlp(hidden=40)
     params = model.parameters()  # W0 (40x6), b0, W2 (40x40), b2, W4 (3x40), b4
     reducer = GradientReducer(params, World(0, 1, 0, 10.0), bucket_bytes=900)
+    assert not reducer.flats  # made by the first attach (a compiled step never needs them)
+    reducer.attach()
     (flat,) = reducer.flats.values()
     assert flat.size == sum(p.data.size for p in params)
-    reducer.attach()
     # the last layer's gradients first, each a view of the one flat buffer
     offsets = [p.grad.__array_interface__["data"][0] for p in params[::-1]]
     assert offsets == sorted(offsets)
