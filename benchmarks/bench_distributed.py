@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"done: {workload} {path} {nproc} process(es)", file=sys.stderr)
     rows = _rows(found)
     table = format_table(rows)
-    note = arithmetic(rows)
+    note = "\n\n".join(arithmetic(rows, gbit) for gbit in (1.0, 10.0))
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
                f"average {load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     print(table)
