@@ -124,7 +124,9 @@ class _InFlight:
 
 class GradientReducer:
     """Flat per-dtype gradient buffers of ``params`` (the trained parameters, in the model's
-    order), cut into buckets and all-reduced (summed) across the ranks of ``world``.
+    order), cut into buckets and all-reduced (summed) across the ranks of ``world``.  The
+    buffers are made at the first :meth:`attach` (the layer path and the tape); a compiled
+    step's own buffers go through :meth:`reduce_flat`, with none allocated here.
 
     ``overlap=False`` sends every bucket after the backward pass, in the same order.
     """
