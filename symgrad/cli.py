@@ -296,6 +296,13 @@ def _launch_ranks(args: argparse.Namespace) -> int:
             "--nproc inside a torchrun job: torchrun already started the ranks; drop --nproc "
             "(or start without torchrun)"
         )
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise OptionError(
+            "--nproc runs the ranks on torch.distributed, and torch is not installed: "
+            "pip install 'symgrad[torch]' (or drop --nproc)"
+        )
     argv = ["finetune", *_without_nproc(args.argv)]
     print(
         f"symgrad finetune: {args.nproc} process(es) on this machine, one thread each: "

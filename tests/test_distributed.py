@@ -468,6 +468,14 @@ def test_finetune_nproc_and_timeout_are_checked(monkeypatch, capsys):
     assert "--nproc: must be ≥ 1, got 0" in capsys.readouterr().err
     assert main([*FINETUNE, "--timeout", "30"]) == 2
     assert "--timeout applies to data-parallel runs only" in capsys.readouterr().err
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    with monkeypatch.context() as patch:  # as if torch were not installed
+        no_torch = lambda name, *a: None if name == "torch" else find_spec(name, *a)  # noqa: E731
+        patch.setattr(importlib.util, "find_spec", no_torch)
+        assert main([*FINETUNE, "--nproc", "2"]) == 2
+    assert "torch is not installed: pip install 'symgrad[torch]'" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main([*FINETUNE, "--nproc", "2"]) == 2
