@@ -182,10 +182,15 @@ def f1_spam(labels: np.ndarray, predicted: np.ndarray) -> float:
 class _Ours:
     """symgrad's encoder + head, with the frozen part's outputs cached per message."""
 
-    def __init__(self, dtype: np.dtype, trained: int, seed: int) -> None:
-        self.config = BertConfig.from_dict(load_minilm_config())
+    def __init__(
+        self, dtype: np.dtype, trained: int, seed: int, config: BertConfig | None = None
+    ) -> None:
+        """MiniLM-L6 with its pretrained weights; or (``config``: tests) an encoder of that
+        shape whose weights the caller sets."""
+        self.config = config or BertConfig.from_dict(load_minilm_config())
         self.encoder = BertEncoder(self.config, dtype=dtype)
-        self.encoder.load_hf(load_minilm_weights(np.float32))
+        if config is None:
+            self.encoder.load_hf(load_minilm_weights(np.float32))
         self.head = nn.Linear(
             self.config.hidden_size, 2, dtype=dtype, rng=np.random.default_rng(seed)
         )
