@@ -192,10 +192,9 @@ def _phase(
         else:
             from ..distributed import fit as data_parallel_fit
 
-            history = data_parallel_fit(
-                model, loss, opt, x, y, epochs=epochs, batch_size=batch_size, seed=cfg.seed,
-                world=world,
-            )
+            history = data_parallel_fit(model, loss, opt, x, y, epochs=epochs,
+                                        batch_size=batch_size, seed=cfg.seed,
+                                        world=world)  # fmt: skip
         seconds = time.perf_counter() - start
     ours = np.asarray(history.step_losses)
     if twin is None:  # another rank than 0: no twin, nothing to compare
