@@ -123,3 +123,16 @@ def test_what_the_tape_does_not_record_is_named():
         tape.stack([x, np.zeros((3, 2))])
     with pytest.raises(ArgumentError, match="at least two arrays"):
         tape.stack([x])
+
+
+def test_a_parameter_is_viewed_directly():
+    """A tied weight's transpose: the view reads the Parameter itself, whose grad it fills."""
+    rng = np.random.default_rng(4)
+    w = Parameter(rng.normal(size=(2, 3)))
+    seed = rng.normal(size=(3, 2))
+    tape = Tape()
+    y = tape.apply(sg.builtin("tanh"), tape.transpose(w))
+    tape.backward(y, seed)
+    tw = torch.tensor(w.data, requires_grad=True)
+    torch.tanh(tw.T).backward(torch.tensor(seed))
+    np.testing.assert_allclose(w.grad, tw.grad.numpy(), rtol=1e-13, atol=1e-15)

@@ -103,7 +103,9 @@ class Tape:
     # -- array operations, recorded (their VJPs derived: see symgrad.nn.views) -----------------
 
     def reshape(self, x: np.ndarray, shape: Any) -> np.ndarray:
-        """``x.reshape(shape)`` (C order, one ``-1`` allowed), recorded."""
+        """``x.reshape(shape)`` (C order, one ``-1`` allowed), recorded.  ``x`` (here and in
+        the other array operations) is an array or a :class:`Parameter` (a tied weight's
+        transpose)."""
         from . import views
 
         new = views.reshape_args(tuple(x.shape), shape)
@@ -113,14 +115,15 @@ class Tape:
         """``x.transpose(axes)`` (reversed axes by default), recorded."""
         from . import views
 
-        return self.apply(views.transpose_op(views.transpose_args(x.ndim, axes)), x)
+        return self.apply(views.transpose_op(views.transpose_args(len(x.shape), axes)), x)
 
     def getitem(self, x: np.ndarray, index: Any) -> np.ndarray:
         """``x[index]`` for a basic index — integers, slices (any step), one ``...`` —
         recorded; an integer drops its axis, as in NumPy."""
         from . import views
 
-        return self.apply(views.index_op(x.ndim, views.index_args(tuple(x.shape), index)), x)
+        picks = views.index_args(tuple(x.shape), index)
+        return self.apply(views.index_op(len(x.shape), picks), x)
 
     def concatenate(self, arrays: Any, axis: int = 0) -> np.ndarray:
         """``np.concatenate(arrays, axis)``, recorded (arrays of one rank and dtype)."""
@@ -137,7 +140,7 @@ class Tape:
                     f"Tape.concatenate: shapes {[a.shape for a in arrays]} differ outside axis "
                     f"{axis}"
                 )
-        return self.apply(views.concatenate_op(arrays[0].ndim, axis, len(arrays)), *arrays)
+        return self.apply(views.concatenate_op(len(arrays[0].shape), axis, len(arrays)), *arrays)
 
     def stack(self, arrays: Any, axis: int = 0) -> np.ndarray:
         """``np.stack(arrays, axis)``, recorded (arrays of one shape and dtype)."""
@@ -149,7 +152,7 @@ class Tape:
             raise ShapeError(
                 f"Tape.stack: the arrays must have one shape, got {[a.shape for a in arrays]}"
             )
-        return self.apply(views.stack_op(arrays[0].ndim, axis, len(arrays)), *arrays)
+        return self.apply(views.stack_op(len(arrays[0].shape), axis, len(arrays)), *arrays)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -207,11 +210,11 @@ def _axis(arrays: list[Any], axis: int, what: str, new: bool) -> int:
     mixed ranks, an axis out of range."""
     if len(arrays) < 2:
         raise ArgumentError(f"Tape.{what}: give at least two arrays, got {len(arrays)}")
-    ranks = {np.ndim(a) for a in arrays}
+    ranks = {len(a.shape) for a in arrays}
     if len(ranks) != 1 or 0 in ranks:
         raise ShapeError(
             f"Tape.{what}: the arrays must have one rank ≥ 1, got shapes "
-            f"{[np.shape(a) for a in arrays]}"
+            f"{[tuple(a.shape) for a in arrays]}"
         )
     limit = ranks.pop() + (1 if new else 0)
     if not -limit <= axis < limit:

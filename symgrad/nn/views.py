@@ -240,7 +240,9 @@ def index_args(shape: tuple[int, ...], index: Any) -> tuple[tuple[str, int, int,
             raise ArgumentError(
                 "Tape.getitem: None (np.newaxis) is not recorded; add the axis with tape.reshape"
             )
-        if not (item is Ellipsis or isinstance(item, (slice, int, np.integer))):
+        if isinstance(item, (bool, np.bool_)) or not (
+            item is Ellipsis or isinstance(item, (slice, int, np.integer))
+        ):
             raise ArgumentError(
                 f"Tape.getitem: {type(item).__name__} indices (advanced indexing: a gather) "
                 "are not recorded; use ints, slices and Ellipsis, or write the gather as an op "
