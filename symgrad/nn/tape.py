@@ -11,6 +11,10 @@ marked with :meth:`Tape.watch`, or such an op's output — runs its ``forward_sa
 the forward keeps what the derived VJP reads (softmax's output, layer norm's row statistics,
 GELU's local derivative), and the backward pass reads it instead of recomputing it.
 
+Array operations between ops — ``reshape``, ``transpose``, ``getitem``, ``concatenate``,
+``stack`` — are recorded as ops too (index formulas with derived VJPs, :mod:`symgrad.nn.views`);
+an op given a NumPy view of an array a gradient flows through is an ``ArgumentError``.
+
 >>> import numpy as np, symgrad as sg
 >>> from symgrad.nn import Parameter, Tape
 >>> w = Parameter(np.array([2.0]))
