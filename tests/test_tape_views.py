@@ -136,3 +136,15 @@ def test_a_parameter_is_viewed_directly():
     tw = torch.tensor(w.data, requires_grad=True)
     torch.tanh(tw.T).backward(torch.tensor(seed))
     np.testing.assert_allclose(w.grad, tw.grad.numpy(), rtol=1e-13, atol=1e-15)
+
+
+def test_one_merge_serves_every_batch_size():
+    """Merging axes, (B, T, N) → (B·T, N), is one op for every B and T (its sizes symbolic);
+    a split's sizes are part of its op."""
+    tape = Tape()
+    rng = np.random.default_rng(5)
+    for shape in [(2, 3, 4), (5, 2, 4)]:
+        x = rng.normal(size=shape)
+        np.testing.assert_array_equal(tape.reshape(x, (-1, 4)), x.reshape(-1, 4))
+    first, second = (r.op for r in tape._records)
+    assert first is second

@@ -126,10 +126,11 @@ def stack_op(rank: int, axis: int, count: int) -> Any:
     return _tensor_op(body, out, inputs, f"view_stack_r{rank}_a{axis}_n{count}", shape)
 
 
-def reshape_groups(old: tuple[int, ...], new: tuple[int, ...]) -> tuple[tuple[Any, Any], ...]:
-    """The axes of ``old`` and ``new`` in consecutive groups whose products meet, as (sizes in
-    ``old``, sizes in ``new``); a group of one axis of the same size on both sides — an axis
-    the reshape keeps — is ``(None, None)``: its size stays symbolic (any batch size)."""
+def reshape_groups(old: tuple[int, ...], new: tuple[int, ...]) -> tuple[tuple[Any, ...], ...]:
+    """The axes of ``old`` and ``new`` in consecutive groups whose products meet: ``("keep",)``
+    for an axis the reshape keeps, ``("merge", p)`` for ``p`` axes made one — both with
+    symbolic sizes (one op for every batch size) — else ``("regroup", sizes in old, sizes in
+    new)``, whose sizes are part of the op (a split needs them)."""
     if not old or not new:
         raise ShapeError(
             f"Tape.reshape: {old} to {new}: a 0-d array is not reshaped on a tape (index it, or "
@@ -158,47 +159,54 @@ def reshape_groups(old: tuple[int, ...], new: tuple[int, ...]) -> tuple[tuple[An
         else:
             groups.append((ga, gb))
     return tuple(
-        (None, None) if len(ga) == 1 and gb == ga else (tuple(ga), tuple(gb)) for ga, gb in groups
+        ("keep",)
+        if len(ga) == 1 and gb == ga
+        else ("merge", len(ga))
+        if len(gb) == 1
+        else ("regroup", tuple(ga), tuple(gb))
+        for ga, gb in groups
     )
 
 
 @functools.cache
-def reshape_op(groups: tuple[tuple[Any, Any], ...]) -> Any:
+def reshape_op(groups: tuple[tuple[Any, ...], ...]) -> Any:
     """A reshape (C order) of the axis groups of :func:`reshape_groups`."""
     sp = _sympy()
-    rank = sum(1 if ga is None else len(ga) for ga, _ in groups)
+    rank = sum(1 if g[0] == "keep" else g[1] if g[0] == "merge" else len(g[1]) for g in groups)
     dims = _dims("D", rank)
     X = sp.IndexedBase("X", shape=tuple(dims))
     read: list[Any] = []
     out: list[Any] = []
     shape: list[Any] = []
     sums = []
-    for ga, gb in groups:
-        if ga is None:  # an axis the reshape keeps
-            o = sp.Symbol(f"o{len(out)}", integer=True)
-            out.append(o)
-            shape.append(dims[len(read)])
-            read.append(o)
-            continue
-        os_ = [sp.Symbol(f"o{len(out) + k}", integer=True) for k in range(len(gb))]
+    for group in groups:
+        if group[0] == "keep":
+            sizes_in = sizes_out = [dims[len(read)]]
+        elif group[0] == "merge":
+            sizes_in = dims[len(read) : len(read) + group[1]]
+            sizes_out = [sp.Mul(*sizes_in)]
+        else:
+            sizes_in, sizes_out = list(group[1]), list(group[2])
+        os_ = [sp.Symbol(f"o{len(out) + k}", integer=True) for k in range(len(sizes_out))]
         out += os_
-        shape += list(gb)
-        flat, stride = sp.S.Zero, 1  # the offset within the group, from the output's indices
-        for o, n in zip(reversed(os_), reversed(gb), strict=True):
+        shape += sizes_out
+        flat, stride = sp.S.Zero, sp.S.One  # the offset within the group, from the output's
+        for o, n in zip(reversed(os_), reversed(sizes_out), strict=True):  # indices
             flat += o * stride
             stride *= n
-        js = [sp.Symbol(f"j{len(read) + k}", integer=True) for k in range(len(ga) - 1)]
-        stride, rest = ga[-1], flat
-        for j, n in zip(reversed(js), reversed(ga[:-1]), strict=True):
+        js = [sp.Symbol(f"j{len(read) + k}", integer=True) for k in range(len(sizes_in) - 1)]
+        stride, rest = sizes_in[-1], flat
+        for j, n in zip(reversed(js), reversed(sizes_in[:-1]), strict=True):
             rest -= j * stride
             stride *= n
-        sums += [(j, 0, n - 1) for j, n in zip(js, ga[:-1], strict=True)]
+        sums += [(j, 0, n - 1) for j, n in zip(js, sizes_in[:-1], strict=True)]
         read += [*js, rest]  # the last axis read where the group's other indices leave it
     expr = sp.Sum(X[tuple(read)], *sums) if sums else X[tuple(read)]
     text = "_".join(
-        "k" if ga is None else "x".join(map(str, ga)) + "to" + "x".join(map(str, gb))
-        for ga, gb in groups
-    )
+        "k" if g[0] == "keep" else f"m{g[1]}" if g[0] == "merge"
+        else "x".join(map(str, g[1])) + "to" + "x".join(map(str, g[2]))
+        for g in groups
+    )  # fmt: skip
     return _tensor_op(expr, out, [X], f"view_reshape_{text}", shape)
 
 
