@@ -17,8 +17,9 @@ calculus like any op's — nothing here is a backward pass:
   ``f = Σ o·stride``: ``Y[o₁, .., o_q] = Σ_{a₁..aₚ₋₁} X[a₁, .., aₚ₋₁, f − Σ a·stride]`` (the
   one term in range survives; a split, ``p = 1``, is a single read).
 
-Axes the operation leaves alone keep symbolic sizes (one op serves every batch size); the
-sizes the formula depends on (a slice's length, a reshape's grouped axes) are part of the op.
+Axes the operation leaves alone, and axes a reshape merges, keep symbolic sizes (one op serves
+every batch size); the sizes the formula depends on (a slice's length, a split's sizes) are
+part of the op.
 """
 
 from __future__ import annotations
