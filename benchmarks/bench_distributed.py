@@ -12,8 +12,9 @@ run would have one core):
 * **minilm-b** — the MiniLM level-b training step (``symgrad finetune --task sms-minilm``): the
   top encoder layer (384 wide, 12 heads, FFN 1536) + a 2-class head trained on the cached
   hidden states of the five frozen layers (B=32 messages of 64 tokens, padding mask, AdamW),
-  through the tape (the task's path) and the compiled step; random weights and inputs (the
-  timing does not depend on them).
+  through the tape and through the compiled step (the task's path: ``symgrad finetune --level
+  b --nproc N`` all-reduces in the compiled step's ``grad_hook`` as here); random weights and
+  inputs (the timing does not depend on them).
 
 For each workload and path: samples per second of one plain process (no process group) and of
 N processes under torchrun, each rank computing B/N rows of the same global batch; the scaling
@@ -21,8 +22,10 @@ efficiency (N-process throughput / (N × one-process throughput)); per step, the
 all-reduce took (gloo's completion callbacks), the share of the step it took, how much of it
 the step did not wait for (overlapped), and the bytes all-reduced.  A separate loop times the
 all-reduce of the same buffers alone (no computation beside it).  Medians over ``--steps``
-steps after two warm-up steps.  The processes of one run share the machine with whatever else
-runs on it: compare the rows of one run, not runs of different days.
+steps after two warm-up steps.  Then the arithmetic for N machines at 1 and 10 Gb/s: the
+bytes a ring all-reduce moves per step against the one-process compute time per step.  The
+processes of one run share the machine with whatever else runs on it: compare the rows of one
+run, not runs of different days.
 """
 
 from __future__ import annotations
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"done: {workload} {path} {nproc} process(es)", file=sys.stderr)
     rows = _rows(found)
     table = format_table(rows)
-    note = arithmetic(rows)
+    note = "\n\n".join(arithmetic(rows, gbit) for gbit in (1.0, 10.0))
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
                f"average {load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     print(table)

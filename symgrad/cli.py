@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -254,9 +254,78 @@ def _check_finetune_options(args: argparse.Namespace) -> tuple[Path, Path | None
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     out, json_path = _check_finetune_options(args)
-    if args.task == "sms-minilm":
-        return _finetune_minilm(args, out, json_path)
-    return _finetune_digits(args, out, json_path)
+    if args.nproc is not None:
+        return _launch_ranks(args)
+    world = _join_process_group(args)
+    run = _finetune_minilm if args.task == "sms-minilm" else _finetune_digits
+    if world is None:
+        return run(args, out, json_path, None)
+    from .distributed import CollectiveError, abort, shutdown
+
+    try:
+        status = run(args, out, json_path, world)
+    except CollectiveError as err:  # a peer is gone: leave at once (see symgrad.distributed.abort)
+        print(f"symgrad finetune: error: {' '.join(str(err).split())}", file=sys.stderr)
+        abort(3)
+    shutdown()
+    return status
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """The command line of each rank: ``argv`` without ``--nproc N`` (or an abbreviation of
+    it, or ``--nproc=N``)."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        name, sep, _ = token.partition("=")
+        if len(name) > 2 and "--nproc".startswith(name):
+            skip = not sep
+            continue
+        kept.append(token)
+    return kept
+
+
+def _launch_ranks(args: argparse.Namespace) -> int:
+    """``symgrad finetune --nproc N ...``: the same command on N local ranks under torchrun."""
+    from .distributed import launch, launched, torchrun_command
+
+    if launched():
+        raise OptionError(
+            "--nproc inside a torchrun job: torchrun already started the ranks; drop --nproc "
+            "(or start without torchrun)"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise OptionError(
+            "--nproc runs the ranks on torch.distributed, and torch is not installed: "
+            "pip install 'symgrad[torch]' (or drop --nproc)"
+        )
+    argv = ["finetune", *_without_nproc(args.argv)]
+    print(
+        f"symgrad finetune: {args.nproc} process(es) on this machine, one thread each: "
+        f"python {' '.join(torchrun_command(args.nproc, argv)[1:])}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return launch(args.nproc, argv)
+
+
+def _join_process_group(args: argparse.Namespace) -> Any:
+    """The process group when started by torchrun (``RANK`` and ``WORLD_SIZE`` set), else None;
+    ``--timeout`` applies to a process group only."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if args.timeout is not None:
+            raise OptionError(
+                "--timeout applies to data-parallel runs only: give --nproc N too, or start "
+                "under torchrun"
+            )
+        return None
+    from .distributed import DEFAULT_TIMEOUT, init
+
+    return init(timeout=args.timeout if args.timeout is not None else DEFAULT_TIMEOUT)
 
 
 def _written(out: Path, files: dict[Path, str]) -> None:
@@ -266,9 +335,11 @@ def _written(out: Path, files: dict[Path, str]) -> None:
         print(f"  {path} — {what}")
 
 
-def _finetune_digits(args: argparse.Namespace, out: Path, json_path: Path | None) -> int:
+def _finetune_digits(
+    args: argparse.Namespace, out: Path, json_path: Path | None, world: Any
+) -> int:
     from .tasks import finetune
-    from .tasks.progress import Console
+    from .tasks.progress import SILENT, Console
 
     defaults = finetune.FinetuneConfig()
     cfg = finetune.FinetuneConfig(
@@ -281,8 +352,16 @@ def _finetune_digits(args: argparse.Namespace, out: Path, json_path: Path | None
         epochs=args.epochs or defaults.epochs,
     )
     finetune.check_split(cfg)
-    console = Console(progress=not args.quiet)
-    study = finetune.run_study(cfg, args.seeds or finetune.SEEDS, console)
+    main = world is None or world.is_main
+    console = Console(progress=not args.quiet) if main else SILENT
+    if world is not None:
+        console.say(
+            f"Data-parallel: symgrad trains on {world.world_size} processes (gloo), each "
+            "computing its share of every global batch; rank 0 alone runs the twin and reports"
+        )
+    study = finetune.run_study(cfg, args.seeds or finetune.SEEDS, console, world)
+    if not main:  # rank 0 alone prints and writes
+        return 0
     print(finetune.format_study(study))
     json_path = json_path or out / "finetune_report.json"
     png = out / "finetune_losses.png"
@@ -303,9 +382,11 @@ def _chosen_limit(given: int | str | None, default: int | None) -> int | None:
     return None if given == "all" else int(given)
 
 
-def _finetune_minilm(args: argparse.Namespace, out: Path, json_path: Path | None) -> int:
+def _finetune_minilm(
+    args: argparse.Namespace, out: Path, json_path: Path | None, world: Any
+) -> int:
     from .tasks import minilm
-    from .tasks.progress import Console
+    from .tasks.progress import SILENT, Console
 
     defaults = minilm.MinilmConfig()
     level = args.level or defaults.level
@@ -318,8 +399,11 @@ def _finetune_minilm(args: argparse.Namespace, out: Path, json_path: Path | None
         lr=args.lr or defaults.lr,
     )
     cfg.validate()
-    console = Console(progress=not args.quiet)
-    report = minilm.run(cfg, console=console)
+    main = world is None or world.is_main
+    console = Console(progress=not args.quiet) if main else SILENT
+    report = minilm.run(cfg, console=console, world=world)
+    if not main:  # rank 0 alone prints and writes
+        return 0
     print(minilm.format_report(report))
     json_path = json_path or out / "sms_minilm_report.json"
     png = out / "sms_minilm_losses.png"
@@ -511,6 +595,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", default=None, metavar="PATH", help="JSON report path (default in --out)"
     )
     ft.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    ft.add_argument(
+        "--nproc",
+        type=at_least(1),
+        default=None,
+        metavar="N",
+        help="train data-parallel on N processes of this machine (torchrun, gloo, one thread "
+        "each): the same global batches and result as one process; rank 0 alone prints and "
+        "writes. On several machines, start 'torchrun ... -m symgrad finetune ...' on each "
+        "instead",
+    )
+    ft.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="data-parallel runs: how long a rank waits for the others before it stops with an "
+        "error (default 600; rank 0's twin, checks and evaluation run while the others wait)",
+    )
     ft.set_defaults(func=cmd_finetune)
 
     demo = sub.add_parser(

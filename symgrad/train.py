@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from .nn.utils import clip_grad_norm_, clip_grad_value_
 from .optim import Optimizer
 from .optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from .optim.serialize import from_json, to_json
+
+T = TypeVar("T")
+B = TypeVar("B")
 
 
 class DataError(SymgradError, ValueError):
@@ -285,30 +288,25 @@ def fit(
                       scheduler_interval=scheduler_interval, clip_grad_norm=clip_grad_norm,
                       clip_grad_value=clip_grad_value)  # fmt: skip
     body, objective = fuse(model, loss) if fuse_loss else (model, loss)
-    compiled_step = _compiled_step(model, loss, optimizer, compiled, fuse_loss, clip_grad_norm,
-                                   clip_grad_value)  # fmt: skip
+    from .compile import compile_step
 
-    def op_by_op(xb: np.ndarray, yb: np.ndarray) -> float:
+    compiled_step = compile_or_fallback(
+        lambda: compile_step(model, loss, optimizer, clip_grad_norm=clip_grad_norm,
+                             clip_grad_value=clip_grad_value, fuse_loss=fuse_loss),
+        compiled,
+    )  # fmt: skip
+
+    def on_batch(idx: np.ndarray) -> float:
+        return float(compiled_step(x[idx], y[idx]))  # type: ignore[misc]
+
+    def op_by_op(idx: np.ndarray) -> float:
         optimizer.zero_grad()
-        out, ctx = body.forward(xb)
-        value, grad = objective.value_and_grad(out, yb)
-        body.backward(ctx, grad, need_input_grad=False)
+        value = backward_pass(body, objective, x[idx], y[idx])
         clip_gradients(model.parameters(), clip_grad_norm, clip_grad_value)
         optimizer.step()
         return value
 
-    def step(idx: np.ndarray) -> tuple[float, int]:
-        nonlocal compiled_step
-        if compiled_step is not None:
-            try:  # a step that cannot be compiled raises before changing anything
-                return compiled_step(x[idx], y[idx]), len(idx)
-            except UnsupportedStepError as error:
-                if compiled:
-                    raise
-                _warn_fallback(error)
-                compiled_step = None
-        return op_by_op(x[idx], y[idx]), len(idx)
-
+    step = fallback_step(on_batch if compiled_step is not None else None, op_by_op, len, compiled)
     return run_epochs(
         model,
         optimizer,
@@ -434,31 +432,63 @@ def run_epochs(
     return history
 
 
-def _compiled_step(
-    model: Module,
-    loss: Loss,
-    optimizer: Optimizer,
-    compiled: bool | None,
-    fuse_loss: bool,
-    clip_grad_norm: float | None,
-    clip_grad_value: float | None,
-) -> Any:
-    """``fit``'s compiled step, or None to train op by op (``compiled=False``, or a model the
-    step compiler refuses when ``compiled`` is None)."""
+def compile_or_fallback(build: Callable[[], T], compiled: bool | None) -> T | None:
+    """``fit``'s compiled step, built by ``build()``; or None to train op by op:
+    ``compiled=False``, or a model the step compiler refuses (an
+    :class:`~symgrad.errors.UnsupportedStepError`) when ``compiled`` is None — with a
+    :class:`~symgrad.errors.StepFallbackWarning` naming why.  ``compiled=True`` lets the error
+    through."""
+    if compiled is not None and not isinstance(compiled, bool):
+        raise SymgradError(f"compiled must be True, False or None, got {compiled!r}")
     if compiled is False:
         return None
-    if compiled is not None and compiled is not True:
-        raise SymgradError(f"compiled must be True, False or None, got {compiled!r}")
-    from .compile import compile_step
-
     try:
-        return compile_step(model, loss, optimizer, clip_grad_norm=clip_grad_norm,
-                            clip_grad_value=clip_grad_value, fuse_loss=fuse_loss)  # fmt: skip
+        return build()
     except UnsupportedStepError as error:
         if compiled:
             raise
         _warn_fallback(error)
         return None
+
+
+def backward_pass(
+    body: Module, objective: Loss, x: np.ndarray, y: np.ndarray, weight: float = 1.0
+) -> float:
+    """Forward and backward of one batch op by op, the gradients added into the parameters'
+    ``grad``; the loss cotangent scaled by ``weight`` (a data-parallel rank's share).  Returns
+    the batch's mean loss."""
+    out, ctx = body.forward(x)
+    value, grad = objective.value_and_grad(out, y)
+    body.backward(ctx, grad if weight == 1.0 else grad * weight, need_input_grad=False)
+    return float(value)
+
+
+def fallback_step(
+    compiled_step: Callable[[B], float] | None,
+    op_by_op: Callable[[B], float],
+    size: Callable[[B], int],
+    compiled: bool | None,
+) -> Callable[[B], tuple[float, int]]:
+    """``fit``'s step of one batch, ``(loss, examples)``: ``compiled_step(batch)`` while it runs,
+    else ``op_by_op(batch)``.  A compiled step refusing a batch (an
+    :class:`~symgrad.errors.UnsupportedStepError`, raised before anything changed) is a
+    :class:`~symgrad.errors.StepFallbackWarning` and op by op from then on — or the error,
+    with ``compiled=True``."""
+    current = [compiled_step]
+
+    def step(batch: B) -> tuple[float, int]:
+        run = current[0]
+        if run is not None:
+            try:
+                return run(batch), size(batch)
+            except UnsupportedStepError as error:
+                if compiled:
+                    raise
+                _warn_fallback(error)
+                current[0] = None
+        return op_by_op(batch), size(batch)
+
+    return step
 
 
 def _warn_fallback(error: UnsupportedStepError) -> None:

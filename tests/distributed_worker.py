@@ -76,6 +76,56 @@ def one_process(config: str) -> tuple[nn.Sequential, list[float]]:
     return model, history.step_losses
 
 
+MINILM_N, MINILM_BATCH, MINILM_EPOCHS = 13, 4, 3  # 4 steps per epoch, the last of 1 row
+
+
+def tiny_minilm(seed: int = 5) -> tuple:
+    """The MiniLM task's symgrad side (``symgrad.tasks.minilm``) at level b on a tiny random
+    encoder (2 layers, 8 wide, the top one trained, float64), its AdamW, 13 messages of 2–10
+    tokens and the cached outputs of the frozen bottom layer: ``(ours, opt, data, cached)``."""
+    from symgrad.nn.bert import BertConfig
+    from symgrad.tasks.minilm import MinilmConfig, _Data, _optimizers, _Ours
+
+    config = BertConfig(vocab_size=10, hidden_size=8, num_attention_heads=2, intermediate_size=16,
+                        num_hidden_layers=2, max_position_embeddings=12)  # fmt: skip
+    ours = _Ours(np.dtype(np.float64), 1, seed, config=config)
+    rng = np.random.default_rng(seed)
+    for p in ours.encoder.parameters():
+        p.data[...] = rng.normal(scale=0.5, size=p.shape)
+    opt, _ = _optimizers(MinilmConfig(level="b", dtype="float64", lr=3e-2), ours, None)
+    ours.compile(opt)
+    lengths = rng.integers(2, 11, MINILM_N)
+    mask = (np.arange(10)[None, :] < lengths[:, None]).astype(np.int64)
+    data = _Data(rng.integers(1, 10, (MINILM_N, 10)) * mask, mask, rng.integers(0, 2, MINILM_N))
+    return ours, opt, data, ours.cache(data)
+
+
+def minilm_run(dp: object = None) -> tuple[object, list[float], list[int]]:
+    """:func:`tiny_minilm` trained through the task's compiled step, on one process (``dp``
+    None: ``_Ours.train_step``) or data-parallel (the task's ``_data_parallel_step``): the
+    model's side, every step's loss and correct predictions."""
+    from symgrad.tasks.minilm import _correct, _data_parallel_step
+    from symgrad.train import batch_order
+
+    ours, opt, data, cached = tiny_minilm()
+    if dp is not None:
+        dp = dp(ours.model(), opt, MINILM_N, MINILM_BATCH, seed=1)
+        dp.reduce_in(ours.compiled)  # type: ignore[attr-defined]
+    losses, right = [], []
+    for epoch in range(MINILM_EPOCHS):
+        for idx in batch_order(MINILM_N, MINILM_BATCH, 1, epoch):
+            if dp is None:
+                losses.append(ours.train_step(data, cached, idx))
+                right.append(_correct(ours.last_logits, data.labels[idx]))
+            else:
+                value, count = _data_parallel_step(dp, ours, opt, data, cached, idx)
+                losses.append(value)
+                right.append(count)
+    if dp is not None:
+        dp.close()  # type: ignore[attr-defined]
+    return ours, losses, right
+
+
 def _tape_step(model: nn.Module, x: np.ndarray, y: np.ndarray, idx: np.ndarray,
                weight: float) -> float:  # fmt: skip
     """Forward and backward of rows ``idx`` on a tape, the loss cotangent scaled by weight."""
@@ -109,12 +159,17 @@ def main() -> None:
     world = sd.init(timeout=timeout)
     rank = world.rank
     x, y = data()
-    if scenario == "equivalence":
+    if scenario in ("equivalence", "three"):  # "three": the equivalence runs, on 3 ranks
         for config in CONFIGS:
             model, opt, options = setup(config)
             history = sd.fit(model, nn.CrossEntropyLoss(), opt, x, y, bucket_bytes=700,
                              compiled=config.endswith("compiled"), **options)  # fmt: skip
             _save(out, config, model, history.step_losses, rank)
+        # the MiniLM task's data-parallel step (symgrad finetune --task sms-minilm --nproc N)
+        ours, losses, right = minilm_run(sd.DataParallel)
+        _save(out, "minilm", ours.model(), losses, rank)  # type: ignore[attr-defined]
+        np.save(out / f"minilm-right.rank{rank}.npy", np.asarray(right))
+    if scenario == "equivalence":
         # DataParallel by hand, on the tape: small buckets, sent during the backward pass
         model, opt, options = setup("sgd-eager")
         # buckets of ≥ 300 bytes: [b4, W4], [b2, W2], [b0, W0]
@@ -132,15 +187,18 @@ def main() -> None:
         assert len(dp.reducer.buckets) == 3 and stats.early == 3 * (stats.steps - 1), stats
         _save(out, "tape", model, losses, rank)
         dp.close()
+    if scenario in ("equivalence", "three"):
         # interrupted after 2 epochs: the checkpoint another world size resumes from
         model, opt, options = setup("adamw-eager")
         sd.fit(model, nn.CrossEntropyLoss(), opt, x, y, checkpoint=out / "half.npz",
                stop_after_epoch=2, compiled=False, **options)  # fmt: skip
-        if len(sys.argv) > 3:  # resume a checkpoint written by another number of ranks
-            model, opt, options = setup("adamw-eager")
-            history = sd.fit(model, nn.CrossEntropyLoss(), opt, x, y, resume=True,
-                             checkpoint=Path(sys.argv[3]), compiled=False, **options)  # fmt: skip
-            _save(out, "resumed", model, history.step_losses, rank)
+    if scenario in ("equivalence", "three", "resume") and len(sys.argv) > 3:
+        # resume a checkpoint written by another number of ranks
+        model, opt, options = setup("adamw-eager")
+        history = sd.fit(model, nn.CrossEntropyLoss(), opt, x, y, resume=True,
+                         checkpoint=Path(sys.argv[3]), compiled=False, **options)  # fmt: skip
+        _save(out, "resumed", model, history.step_losses, rank)
+    if scenario == "equivalence":
         # a different model on the last rank, then a different symgrad version: refused
         for name in ("structure", "version"):
             other = name == "structure" and rank == world.world_size - 1

@@ -1,10 +1,11 @@
-"""Data-parallel training (symgrad.distributed) on 2 processes on 127.0.0.1, gloo.
+"""Data-parallel training (symgrad.distributed) on 2 and 3 processes on 127.0.0.1, gloo.
 
 The ranks run tests/distributed_worker.py, started by torchrun (and, where a rank must die or
 hang with the others watching, by this file with torchrun's environment).  The one-process
 references run here, without any process group: ``symgrad.train.fit``, op by op or compiled.
-Timeouts are short, so that a failure never holds the suite.  Three launches in all (the
-equivalence runs, a killed rank, a hung rank): a rank's start-up (imports) is most of their time.
+Timeouts are short, so that a failure never holds the suite.  Six launches in all (the
+equivalence runs on 2 and on 3 ranks, a resume on 2 ranks, a killed rank, a hung rank, and
+``symgrad finetune --nproc 2``): a rank's start-up (imports) is most of their time.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """The worker on ``nproc`` ranks under torchrun (it must succeed)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", WORKER, *args]  # fmt: skip
     done = subprocess.run(
@@ -103,6 +105,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def runs3(runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One launch of 3 ranks (the last batch of each epoch, 2 rows, leaves the third rank a
+    stand-in row of weight 0): the equivalence runs, and a resume of the 2 ranks' checkpoint
+    of epoch 2; then 2 ranks resume the checkpoint the 3 ranks wrote after epoch 2."""
+    out = tmp_path_factory.mktemp("w3")
+    _torchrun(3, "three", str(out), str(runs / "half.npz"))
+    back = out / "back"
+    back.mkdir()
+    _torchrun(2, "resume", str(back), str(out / "half.npz"))
+    return out
+
+
+@pytest.fixture(scope="module")
 def references() -> dict[str, tuple[dict[str, np.ndarray], list[float]]]:
     found = {}
     for config in worker.CONFIGS:
@@ -126,6 +141,67 @@ def test_two_processes_train_as_one_process(runs, references, config):
             if first is not None:
                 np.testing.assert_array_equal(got[f"p/{name}"], first[f"p/{name}"])
         first = first if first is not None else got
+
+
+@pytest.mark.parametrize("config", worker.CONFIGS)
+def test_three_processes_train_as_one_process(runs3, references, config):
+    """As on 2 ranks, on 3: 24 steps, a last batch of 1 + 1 + a stand-in row of weight 0."""
+    params, losses = references[config]
+    first = None
+    for rank in range(3):
+        got = np.load(runs3 / f"{config}.rank{rank}.npz")
+        assert len(got["losses"]) == len(losses) >= 20
+        np.testing.assert_allclose(got["losses"], losses, rtol=1e-12)
+        for name, want in params.items():
+            assert _rel(got[f"p/{name}"], want) <= 1e-12, (rank, name)
+            if first is not None:
+                np.testing.assert_array_equal(got[f"p/{name}"], first[f"p/{name}"])
+        first = first if first is not None else got
+
+
+def test_resume_between_two_and_three_ranks(runs3, references):
+    """2 ranks → 3 ranks, 3 ranks → 2 ranks and 3 ranks → 1 process, each from the checkpoint
+    of epoch 2: every run ends as the uninterrupted one-process run."""
+    from symgrad.train import fit
+
+    params, losses = references["adamw-eager"]
+    for path, ranks in ((runs3, 3), (runs3 / "back", 2)):
+        for rank in range(ranks):
+            got = np.load(path / f"resumed.rank{rank}.npz")
+            np.testing.assert_allclose(got["losses"], losses, rtol=1e-12)
+            for name, want in params.items():
+                assert _rel(got[f"p/{name}"], want) <= 1e-12, (path, rank, name)
+    model, opt, options = worker.setup("adamw-eager")
+    x, y = worker.data()
+    history = fit(model, nn.CrossEntropyLoss(), opt, x, y, checkpoint=runs3 / "half.npz",
+                  resume=True, compiled=False, **options)  # fmt: skip
+    np.testing.assert_allclose(history.step_losses, losses, rtol=1e-12)
+    for name, want in params.items():
+        assert _rel(model.state_dict()[name], want) <= 1e-12
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_the_minilm_task_step_on_several_ranks_is_the_one_process_step(runs, runs3, ranks):
+    """``symgrad finetune --task sms-minilm --nproc N``'s step (the task's own code, on a tiny
+    random 2-layer encoder at level b, float64): each rank runs the compiled step on its rows
+    padded as the global batch, gradients summed in the step's grad_hook; 12 steps, a last
+    batch of 1 row (stand-in rows of weight 0 on the others).  Losses, the epoch line's
+    correct predictions and the trained weights are the one-process run's."""
+    from symgrad.tasks.minilm import KEY_BIAS
+
+    ours, losses, right = worker.minilm_run()
+    want = ours.model().state_dict()
+    for rank in range(ranks):
+        path = runs if ranks == 2 else runs3
+        got = np.load(path / f"minilm.rank{rank}.npz")
+        np.testing.assert_allclose(got["losses"], losses, rtol=1e-12)
+        assert np.load(path / f"minilm-right.rank{rank}.npy").tolist() == right
+        for name, value in want.items():
+            # the key bias's exact gradient is 0 (softmax ignores a shift of a whole row, see
+            # symgrad.tasks.minilm): Adam turns its rounding noise, summed in another order
+            # here, into steps — 4e-12 after 12 steps; every other tensor within 1e-12
+            tolerance = 1e-10 if name.endswith(KEY_BIAS) else 1e-12
+            assert _rel(got[f"p/{name}"], value) <= tolerance, (rank, name)
 
 
 def test_data_parallel_on_the_tape_with_buckets_sent_during_backward(runs, references):
@@ -290,9 +366,10 @@ def test_gradient_buckets_are_flat_views_in_reverse_layer_order():
     model = worker.mlp(hidden=40)
     params = model.parameters()  # W0 (40x6), b0, W2 (40x40), b2, W4 (3x40), b4
     reducer = GradientReducer(params, World(0, 1, 0, 10.0), bucket_bytes=900)
+    assert not reducer.flats  # made by the first attach (a compiled step never needs them)
+    reducer.attach()
     (flat,) = reducer.flats.values()
     assert flat.size == sum(p.data.size for p in params)
-    reducer.attach()
     # the last layer's gradients first, each a view of the one flat buffer
     offsets = [p.grad.__array_interface__["data"][0] for p in params[::-1]]
     assert offsets == sorted(offsets)
@@ -364,3 +441,67 @@ def test_launcher_command_and_refusals(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SetupError, match="drop --nproc"):
         launch(2, [])
+
+
+# -- symgrad finetune on several processes --------------------------------------------------
+
+FINETUNE = ["finetune", "--task", "digits", "--seeds", "1", "--pretrain-epochs", "1",
+            "--epochs", "3", "--labels-per-class", "2", "--quiet"]  # fmt: skip
+
+
+def test_finetune_digits_with_nproc_2_reports_as_one_process(tmp_path):
+    """``symgrad finetune --task digits --nproc 2`` (torchrun, 2 ranks): rank 0's report is the
+    one-process run's (the task's ``run_study`` here) — every step's loss within 1e-12 in
+    float64, the same accuracies, the same torch twin — and only rank 0 prints and writes."""
+    from symgrad.tasks import finetune
+
+    cfg = finetune.FinetuneConfig(labels_per_class=2, pretrain_epochs=1, epochs=3)
+    want = json.loads(finetune.to_json(finetune.run_study(cfg, seeds=1)))
+    done = subprocess.run(
+        [sys.executable, "-m", "symgrad", *FINETUNE, "--out", str(tmp_path), "--nproc", "2"],
+        env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "--nproc-per-node=2" in done.stderr  # what was launched
+    assert done.stdout.count("Headline") == 1  # rank 0 alone prints
+    assert done.stdout.count("symgrad trains on 2 processes") == 1
+    assert "agreement with torch within 1e-09: yes" in done.stdout
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["finetune_losses.png", "finetune_report.json"]  # rank 0 alone writes
+    got = json.loads((tmp_path / "finetune_report.json").read_text())
+    assert (want["processes"], got["processes"]) == (1, 2)
+    for key in ("symgrad_accuracy", "kept_head_accuracy", "scratch_accuracy", "torch_accuracy"):
+        assert got[key] == want[key], key
+    phases = zip(got["runs"][0]["phases"], want["runs"][0]["phases"], strict=True)
+    for mine, ref in phases:
+        assert len(mine["symgrad_losses"]) == len(ref["symgrad_losses"]) > 0
+        np.testing.assert_allclose(mine["symgrad_losses"], ref["symgrad_losses"], rtol=1e-12)
+        # the same twin on rank 0 (torch's own sums: one thread there, several here)
+        np.testing.assert_allclose(mine["torch_losses"], ref["torch_losses"], rtol=1e-12)
+        assert mine["symgrad_accuracy"] == ref["symgrad_accuracy"]
+        assert mine["max_param_rel_diff"] <= 1e-9
+
+
+def test_finetune_nproc_and_timeout_are_checked(monkeypatch, capsys):
+    from symgrad.cli import _without_nproc, main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([*FINETUNE, "--nproc", "0"])
+    assert stopped.value.code == 2
+    assert "--nproc: must be ≥ 1, got 0" in capsys.readouterr().err
+    assert main([*FINETUNE, "--timeout", "30"]) == 2
+    assert "--timeout applies to data-parallel runs only" in capsys.readouterr().err
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    with monkeypatch.context() as patch:  # as if torch were not installed
+        no_torch = lambda name, *a: None if name == "torch" else find_spec(name, *a)  # noqa: E731
+        patch.setattr(importlib.util, "find_spec", no_torch)
+        assert main([*FINETUNE, "--nproc", "2"]) == 2
+    assert "torch is not installed: pip install 'symgrad[torch]'" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*FINETUNE, "--nproc", "2"]) == 2
+    assert "--nproc inside a torchrun job" in capsys.readouterr().err
+    argv = ["--epochs", "3", "--nproc", "2", "--quiet", "--nproc=3", "--npr", "4", "--seed", "1"]
+    assert _without_nproc(argv) == ["--epochs", "3", "--quiet", "--seed", "1"]

@@ -124,7 +124,9 @@ class _InFlight:
 
 class GradientReducer:
     """Flat per-dtype gradient buffers of ``params`` (the trained parameters, in the model's
-    order), cut into buckets and all-reduced (summed) across the ranks of ``world``.
+    order), cut into buckets and all-reduced (summed) across the ranks of ``world``.  The
+    buffers are made at the first :meth:`attach` (the layer path and the tape); a compiled
+    step's own buffers go through :meth:`reduce_flat`, with none allocated here.
 
     ``overlap=False`` sends every bucket after the backward pass, in the same order.
     """
@@ -141,9 +143,26 @@ class GradientReducer:
         self.world, self.bucket_bytes, self.overlap = world, int(bucket_bytes), overlap
         self.params = list({id(p): p for p in params}.values())
         self.stats = ReduceStats()
-        order = self.params[::-1]  # the backward pass finishes the last layer first
+        # The layer path's flat buffers and buckets are made at the first attach(): a compiled
+        # step all-reduces buffers of its own (reduce_flat), so it never allocates these.
         self.flats: dict[np.dtype, np.ndarray] = {}
         self._views: dict[int, np.ndarray] = {}
+        self.buckets: list[_Bucket] = []
+        self._bucket_of: dict[int, int] = {}
+        self._expected: dict[int, int] | None = None  # gradients per parameter per step
+        self._counts: dict[int, int] = {}
+        self._ready: list[int] = []  # parameters complete, per bucket
+        self._next = 0  # the next bucket to send (they leave in order)
+        self._flight: _InFlight | None = None
+        self._handles: list[HookHandle] = []
+        if overlap:
+            self._handles = [
+                p.register_post_accumulate_grad_hook(self._arrived) for p in self.params[::-1]
+            ]
+
+    def _layout(self) -> None:
+        """The flat per-dtype buffers, each parameter's view and the buckets (layer path)."""
+        order = self.params[::-1]  # the backward pass finishes the last layer first
         for dtype in dict.fromkeys(p.data.dtype for p in order):
             same = [p for p in order if p.data.dtype == dtype]
             flat = self.flats[dtype] = np.zeros(sum(p.data.size for p in same), dtype)
@@ -151,7 +170,6 @@ class GradientReducer:
             for p in same:
                 self._views[id(p)] = flat[offset : offset + p.data.size]
                 offset += p.data.size
-        self.buckets: list[_Bucket] = []
         for p in order:
             last = self.buckets[-1] if self.buckets else None
             full = last is not None and last.view.nbytes >= self.bucket_bytes
@@ -163,14 +181,6 @@ class GradientReducer:
                 last.view = flat[start : start + last.view.size + p.data.size]
                 last.params.append(p)
         self._bucket_of = {id(p): k for k, b in enumerate(self.buckets) for p in b.params}
-        self._expected: dict[int, int] | None = None  # gradients per parameter per step
-        self._counts: dict[int, int] = {}
-        self._ready = [0] * len(self.buckets)  # parameters complete, per bucket
-        self._next = 0  # the next bucket to send (they leave in order)
-        self._flight: _InFlight | None = None
-        self._handles: list[HookHandle] = []
-        if overlap:
-            self._handles = [p.register_post_accumulate_grad_hook(self._arrived) for p in order]
 
     # -- the layer path and the tape ---------------------------------------------------------
 
@@ -178,6 +188,8 @@ class GradientReducer:
         """Before a backward pass: zero the buffers and point every ``grad`` into them."""
         if self._flight is not None:
             raise DistributedError("attach() again before finish(): a step was left half done")
+        if not self.flats and self.params:
+            self._layout()
         for flat in self.flats.values():
             flat.fill(0)
         for p in self.params:

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 
 from ..compile import CompiledStep, compile_step
-from ..errors import SymgradError, UnsupportedStepError
 from ..nn.losses import Loss, fuse
 from ..nn.modules import Module, Parameter
 from ..optim import Optimizer
@@ -37,10 +36,12 @@ from ..optim.lr_scheduler import LRScheduler
 from ..optim.serialize import to_json
 from ..train import (
     History,
-    _warn_fallback,
+    backward_pass,
     check_checkpoint_path,
     check_fit_options,
     clip_gradients,
+    compile_or_fallback,
+    fallback_step,
     load_checkpoint,
     run_epochs,
 )
@@ -130,6 +131,7 @@ class DataParallel:
         self.broadcast_parameters()
         self.params = trained_parameters(model, optimizer)
         self.reducer = GradientReducer(self.params, self.world, bucket_bytes, overlap)
+        self._weight = 1.0  # the current shard's, for a compiled step's gradient hook
 
     def broadcast_parameters(self) -> None:
         """Every parameter (trained or not) set to rank 0's values."""
@@ -171,28 +173,40 @@ class DataParallel:
         rank's rows of ``arrays`` and returns the global batch's mean loss.  Building it may
         raise :class:`~symgrad.errors.UnsupportedStepError`; so may its first call, before
         any collective (every rank alike: they run the same model)."""
-        weight = [1.0]
-
-        def all_reduce(grads: list[np.ndarray]) -> None:
-            self.reducer.reduce_flat(step.flat_gradients(), weight[0])
-
         step: CompiledStep = compile_step(
             self.model,
             loss,
             self.optimizer,
             clip_grad_norm=clip_grad_norm,
             clip_grad_value=clip_grad_value,
-            grad_hook=all_reduce,
             fuse_loss=fuse_loss,
         )
+        self.reduce_in(step)
 
         def run(shard: Shard, *arrays: np.ndarray) -> float:
-            weight[0] = shard.weight
-            value = step(*(a[shard.indices] for a in arrays))
-            return self.reducer.sum_scalar(value * shard.weight)
+            return self.run_compiled(step, shard, *(a[shard.indices] for a in arrays))
 
         run.step = step  # type: ignore[attr-defined]
         return run
+
+    def reduce_in(self, step: CompiledStep) -> None:
+        """Make ``step`` (a compiled step of this model and optimizer) sum its gradients across
+        ranks: its ``grad_hook`` all-reduces its flat gradient buffers, scaled by the weight of
+        the shard :meth:`run_compiled` runs, between its backward pass and its clipping and
+        update.  Run it with :meth:`run_compiled` from then on."""
+
+        def all_reduce(grads: list[np.ndarray]) -> None:
+            self.reducer.reduce_flat(step.flat_gradients(), self._weight)
+
+        step.grad_hook = all_reduce
+
+    def run_compiled(self, step: CompiledStep, shard: Shard, *rows: np.ndarray) -> float:
+        """One step of ``step`` (see :meth:`reduce_in`) on ``rows``, this rank's rows of the
+        global batch (``shard``): every rank's gradients summed before the update; returns the
+        global batch's mean loss."""
+        self._weight = shard.weight
+        value = step(*rows)
+        return self.reducer.sum_scalar(value * shard.weight)
 
     def restore(
         self, checkpoint: str | Path | None, scheduler: LRScheduler | None = None
@@ -255,8 +269,6 @@ def fit(
     rank's history holds the global losses (``evals`` on rank 0 only).
     """
     x, y = np.asarray(x), np.asarray(y)
-    if compiled is not None and not isinstance(compiled, bool):
-        raise SymgradError(f"compiled must be True, False or None, got {compiled!r}")
     check_fit_options(model, loss, optimizer, x, y, epochs=epochs, batch_size=batch_size,
                       fuse_loss=fuse_loss, scheduler=scheduler,
                       scheduler_interval=scheduler_interval, clip_grad_norm=clip_grad_norm,
@@ -280,40 +292,30 @@ def fit(
     )
     if checkpoint is not None and dp.world.is_main:
         check_checkpoint_path(checkpoint)
-    params = model.parameters()
-    body, objective = fuse(model, loss) if fuse_loss else (model, loss)
-    run: Callable[..., float] | None = None
-    if compiled is not False:
-        try:
-            run = dp.compiled(loss, clip_grad_norm=clip_grad_norm,
-                              clip_grad_value=clip_grad_value, fuse_loss=fuse_loss)  # fmt: skip
-        except UnsupportedStepError as error:
-            if compiled:
-                raise
-            _warn_fallback(error)
-
-    def compute(idx: np.ndarray, weight: float) -> float:
-        out, ctx = body.forward(x[idx])
-        value, grad = objective.value_and_grad(out, y[idx])
-        body.backward(ctx, grad * weight, need_input_grad=False)
-        return value
-
-    def step(shard: Shard) -> tuple[float, int]:
-        nonlocal run
-        if run is not None:
-            try:  # a step that cannot be compiled raises before any collective
-                return run(shard, x, y), shard.global_size
-            except UnsupportedStepError as error:
-                if compiled:
-                    raise
-                _warn_fallback(error)
-                run = None
-        value = dp.backward(shard, compute)
-        clip_gradients(params, clip_grad_norm, clip_grad_value)
-        optimizer.step()
-        return value, shard.global_size
-
     try:
+        params = model.parameters()
+        body, objective = fuse(model, loss) if fuse_loss else (model, loss)
+        run = compile_or_fallback(
+            lambda: dp.compiled(loss, clip_grad_norm=clip_grad_norm,
+                                clip_grad_value=clip_grad_value, fuse_loss=fuse_loss),
+            compiled,
+        )  # fmt: skip
+
+        def on_shard(shard: Shard) -> float:
+            # a step that cannot be compiled raises before any collective (every rank alike)
+            return run(shard, x, y)  # type: ignore[misc]
+
+        def op_by_op(shard: Shard) -> float:
+            value = dp.backward(
+                shard, lambda idx, weight: backward_pass(body, objective, x[idx], y[idx], weight)
+            )
+            clip_gradients(params, clip_grad_norm, clip_grad_value)
+            optimizer.step()
+            return value
+
+        step = fallback_step(
+            on_shard if run is not None else None, op_by_op, lambda s: s.global_size, compiled
+        )
         return run_epochs(
             model,
             optimizer,

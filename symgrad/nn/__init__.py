@@ -2,6 +2,7 @@
 
 from . import utils
 from .bert import BertConfig, BertEncoder
+from .gpt import GPTBlock
 from .losses import (
     BCELoss,
     BCEWithLogitsLoss,
@@ -42,6 +43,7 @@ __all__ = [
     "CrossEntropyLoss",
     "Elementwise",
     "ElementwiseLoss",
+    "GPTBlock",
     "Hardtanh",
     "LayerNorm",
     "LeakyReLU",

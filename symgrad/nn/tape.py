@@ -11,6 +11,10 @@ marked with :meth:`Tape.watch`, or such an op's output — runs its ``forward_sa
 the forward keeps what the derived VJP reads (softmax's output, layer norm's row statistics,
 GELU's local derivative), and the backward pass reads it instead of recomputing it.
 
+Array operations between ops — ``reshape``, ``transpose``, ``getitem``, ``concatenate``,
+``stack`` — are recorded as ops too (index formulas with derived VJPs, :mod:`symgrad.nn.views`);
+an op given a NumPy view of an array a gradient flows through is an ``ArgumentError``.
+
 >>> import numpy as np, symgrad as sg
 >>> from symgrad.nn import Parameter, Tape
 >>> w = Parameter(np.array([2.0]))
@@ -28,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, ShapeError
 from .modules import Parameter
 
 
@@ -77,10 +81,10 @@ class Tape:
                 raise ArgumentError(
                     f"{op.name}: argument {k} is a view of an array a gradient flows through "
                     "(a NumPy reshape, transpose, slice or index of a recorded output), made "
-                    "off the tape: its gradient would be lost. Give the op the recorded array "
-                    "itself — tensor ops take any leading batch axes (see symgrad.tensor_op's "
-                    "batch) — or write the view as an op of its own (index notation, e.g. "
-                    "Y[i, j] = X[j, i])"
+                    "off the tape: its gradient would be lost. Record the view instead "
+                    "(tape.reshape, tape.transpose, tape.getitem, tape.concatenate, "
+                    "tape.stack), or give the op the recorded array itself — tensor ops take "
+                    "any leading batch axes (see symgrad.tensor_op's batch)"
                 )
         tracked = any(
             a.requires_grad if isinstance(a, Parameter) else id(a) in self._tracked for a in args
@@ -99,6 +103,60 @@ class Tape:
         self._records.append(_Record(op, args, arrays, output, saved))
         self._produced.add(id(output))
         return output
+
+    # -- array operations, recorded (their VJPs derived: see symgrad.nn.views) -----------------
+
+    def reshape(self, x: np.ndarray, shape: Any) -> np.ndarray:
+        """``x.reshape(shape)`` (C order, one ``-1`` allowed), recorded.  ``x`` (here and in
+        the other array operations) is an array or a :class:`Parameter` (a tied weight's
+        transpose)."""
+        from . import views
+
+        new = views.reshape_args(tuple(x.shape), shape)
+        return self.apply(views.reshape_op(views.reshape_groups(tuple(x.shape), new)), x)
+
+    def transpose(self, x: np.ndarray, axes: Any = None) -> np.ndarray:
+        """``x.transpose(axes)`` (reversed axes by default), recorded."""
+        from . import views
+
+        return self.apply(views.transpose_op(views.transpose_args(len(x.shape), axes)), x)
+
+    def getitem(self, x: np.ndarray, index: Any) -> np.ndarray:
+        """``x[index]`` for a basic index — integers, slices (any step), one ``...`` —
+        recorded; an integer drops its axis, as in NumPy."""
+        from . import views
+
+        picks = views.index_args(tuple(x.shape), index)
+        return self.apply(views.index_op(len(x.shape), picks), x)
+
+    def concatenate(self, arrays: Any, axis: int = 0) -> np.ndarray:
+        """``np.concatenate(arrays, axis)``, recorded (arrays of one rank and dtype)."""
+        from . import views
+
+        arrays = list(arrays)
+        axis = _axis(arrays, axis, "concatenate", new=False)
+        for a in arrays[1:]:
+            if (
+                a.shape[:axis] + a.shape[axis + 1 :]
+                != arrays[0].shape[:axis] + arrays[0].shape[axis + 1 :]
+            ):
+                raise ShapeError(
+                    f"Tape.concatenate: shapes {[a.shape for a in arrays]} differ outside axis "
+                    f"{axis}"
+                )
+        return self.apply(views.concatenate_op(len(arrays[0].shape), axis, len(arrays)), *arrays)
+
+    def stack(self, arrays: Any, axis: int = 0) -> np.ndarray:
+        """``np.stack(arrays, axis)``, recorded (arrays of one shape and dtype)."""
+        from . import views
+
+        arrays = list(arrays)
+        axis = _axis(arrays, axis, "stack", new=True)
+        if any(a.shape != arrays[0].shape for a in arrays):
+            raise ShapeError(
+                f"Tape.stack: the arrays must have one shape, got {[a.shape for a in arrays]}"
+            )
+        return self.apply(views.stack_op(len(arrays[0].shape), axis, len(arrays)), *arrays)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -151,9 +209,25 @@ class Tape:
         return tuple(cotangents.get(id(a)) for a in wrt)
 
 
+def _axis(arrays: list[Any], axis: int, what: str, new: bool) -> int:
+    """``axis`` of ``np.<what>(arrays, axis)``, normalised; errors for no arrays, 0-d or
+    mixed ranks, an axis out of range."""
+    if len(arrays) < 2:
+        raise ArgumentError(f"Tape.{what}: give at least two arrays, got {len(arrays)}")
+    ranks = {len(a.shape) for a in arrays}
+    if len(ranks) != 1 or 0 in ranks:
+        raise ShapeError(
+            f"Tape.{what}: the arrays must have one rank ≥ 1, got shapes "
+            f"{[tuple(a.shape) for a in arrays]}"
+        )
+    limit = ranks.pop() + (1 if new else 0)
+    if not -limit <= axis < limit:
+        raise ShapeError(f"Tape.{what}: axis {axis} is out of range for {limit} axes")
+    return axis % limit
+
+
 def _owner(a: np.ndarray) -> np.ndarray:
     """The array that owns ``a``'s memory (``a`` itself unless it is a view)."""
     while isinstance(a.base, np.ndarray):
         a = a.base
     return a
-

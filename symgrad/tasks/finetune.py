@@ -23,6 +23,12 @@ pre-training initialisation, the batches and the ``k`` labelled examples) and su
 accuracy by its mean, spread and range, and the paired difference pre-trained − from scratch.
 The times are those of ``fit``, which trains through the compiled step
 (:func:`symgrad.compile.compile_step`).
+
+Data-parallel (``world``, a :class:`symgrad.distributed.World`: ``symgrad finetune --nproc N`` or
+under ``torchrun``): symgrad's side of every phase trains with :func:`symgrad.distributed.fit`
+on the same global batches — the result is the one-process run's, to rounding — and rank 0
+alone runs the torch twin and makes the report (the other ranks' reports are not complete:
+``run`` and ``run_study`` return them only for their training).
 """
 
 from __future__ import annotations
@@ -165,23 +171,37 @@ def _phase(
     x_test: np.ndarray,
     y_test: np.ndarray,
     console: Console = SILENT,
+    world: Any = None,
 ) -> PhaseResult:
-    """Train ``model`` and its torch twin from the same weights; compare."""
+    """Train ``model`` and its torch twin from the same weights; compare.  With ``world`` (a
+    data-parallel run) symgrad trains on every rank, the twin on rank 0 only."""
     from .. import torch as twin_lib  # the only place torch is imported
 
-    twin = twin_lib.to_torch(model)
+    twin = twin_lib.to_torch(model) if world is None or world.is_main else None
     loss = nn.CrossEntropyLoss()
     opt = make_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
-    topt = twin_lib.twin_optimizer(opt, [p for p in twin.parameters() if p.requires_grad])
     what = (
         f"seed {cfg.seed}: {_PHASE_WHAT[name].format(n=f'{len(x):,}')}, {_plural(epochs, 'epoch')}"
     )
     with console.phase(f"{what} · symgrad"):
         start = time.perf_counter()
-        history: History = fit(
-            model, loss, opt, x, y, epochs=epochs, batch_size=batch_size, seed=cfg.seed
-        )
+        history: History
+        if world is None:
+            history = fit(model, loss, opt, x, y, epochs=epochs, batch_size=batch_size,
+                          seed=cfg.seed)  # fmt: skip
+        else:
+            from ..distributed import fit as data_parallel_fit
+
+            history = data_parallel_fit(model, loss, opt, x, y, epochs=epochs,
+                                        batch_size=batch_size, seed=cfg.seed,
+                                        world=world)  # fmt: skip
         seconds = time.perf_counter() - start
+    ours = np.asarray(history.step_losses)
+    if twin is None:  # another rank than 0: no twin, nothing to compare
+        nan = float("nan")
+        acc = accuracy(model, x_test, y_test)
+        return PhaseResult(name, ours.tolist(), [], seconds, nan, acc, nan, nan, nan)
+    topt = twin_lib.twin_optimizer(opt, [p for p in twin.parameters() if p.requires_grad])
     with console.phase(f"{what} · torch"):
         torch_losses, torch_seconds = twin_lib.run_twin(
             twin,
@@ -193,7 +213,6 @@ def _phase(
             batch_size=batch_size,
             seed=cfg.seed,
         )
-    ours = np.asarray(history.step_losses)
     theirs = np.asarray(torch_losses)
     import torch
 
@@ -213,8 +232,9 @@ def _phase(
     )
 
 
-def run(cfg: FinetuneConfig, console: Console = SILENT) -> dict[str, Any]:
-    """Run the four phases for ``cfg.seed``; returns the report (see the module docstring)."""
+def run(cfg: FinetuneConfig, console: Console = SILENT, world: Any = None) -> dict[str, Any]:
+    """Run the four phases for ``cfg.seed``; returns the report (see the module docstring).
+    ``world``: train data-parallel in this process group (see the module docstring)."""
     cfg.validate()
     dtype = np.dtype(cfg.dtype)
     rng = np.random.default_rng(cfg.seed)
@@ -241,6 +261,7 @@ def run(cfg: FinetuneConfig, console: Console = SILENT) -> dict[str, Any]:
             test_x,
             test_y,
             console,
+            world,
         )
     ]
     mnist_accuracy = accuracy(pretrained, mnist_x, mnist_y)
@@ -252,7 +273,7 @@ def run(cfg: FinetuneConfig, console: Console = SILENT) -> dict[str, Any]:
     finetuned = nn.Sequential(
         *[body[k] for k in range(len(body))], nn.Linear(64, 10, dtype=dtype, rng=rng)
     )
-    few = (few_x, few_y, cfg.epochs, few_batch, test_x, test_y, console)
+    few = (few_x, few_y, cfg.epochs, few_batch, test_x, test_y, console, world)
     phases.append(_phase("finetune", finetuned, cfg, *few))
     # The same digits 0-9 on both sides, so the pretrained head can also be kept and trained on.
     # Its initialisation is overwritten; a separate generator leaves ``rng``'s draws unchanged.
@@ -330,14 +351,16 @@ def _spread(values: list[float]) -> dict[str, Any]:
     }
 
 
-def run_study(cfg: FinetuneConfig, seeds: int = SEEDS, console: Console = SILENT) -> dict[str, Any]:
+def run_study(
+    cfg: FinetuneConfig, seeds: int = SEEDS, console: Console = SILENT, world: Any = None
+) -> dict[str, Any]:
     """:func:`run` for seeds ``cfg.seed … cfg.seed + seeds - 1``; every accuracy summarised by
     mean, standard deviation (n - 1) and range, and the paired difference kept head − from
-    scratch (the same labelled examples within a seed)."""
+    scratch (the same labelled examples within a seed).  ``world``: see :func:`run`."""
     if seeds < 1:
         raise OptionError(f"seeds must be ≥ 1, got {seeds}")
     cfg.validate()
-    runs = [run(replace(cfg, seed=cfg.seed + k), console) for k in range(seeds)]
+    runs = [run(replace(cfg, seed=cfg.seed + k), console, world) for k in range(seeds)]
     summary = {key: _spread([r[key] for r in runs]) for key, _ in _ROWS}
     summary["pretrain_accuracy_on_mnist_train"] = _spread(
         [r["pretrain_accuracy_on_mnist_train"] for r in runs]
@@ -347,6 +370,7 @@ def run_study(cfg: FinetuneConfig, seeds: int = SEEDS, console: Console = SILENT
         "task": "digits",
         "config": cfg.__dict__,
         "seeds": [cfg.seed + k for k in range(seeds)],
+        "processes": 1 if world is None else world.world_size,
         "train_examples": runs[0]["train_examples"],
         "test_examples": runs[0]["test_examples"],
         "pretrain_examples": runs[0]["pretrain_examples"],
@@ -399,6 +423,12 @@ def format_study(study: dict[str, Any]) -> str:
         f"{study['max_param_rel_diff']:.1e} (relative). Seconds are fit's, through the "
         "compiled step.",
     ]
+    processes = study.get("processes", 1)
+    if processes > 1:
+        lines.append(
+            f"  symgrad trained data-parallel on {processes} processes (the same global batches "
+            "as one process; the torch twin on one)."
+        )
     return "\n".join(lines)
 
 

@@ -145,9 +145,13 @@ class _Data:
     def subset(self, idx: np.ndarray) -> _Data:
         return _Data(self.ids[idx], self.mask[idx], self.labels[idx])
 
-    def batch(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows ``idx``, padded to their own longest message."""
-        length = int(self.mask[idx].sum(axis=1).max())
+    def batch(
+        self, idx: np.ndarray, length: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``idx``, padded to their own longest message (or to ``length`` tokens: a
+        data-parallel rank pads its rows as the whole global batch is padded)."""
+        if length is None:
+            length = int(self.mask[idx].sum(axis=1).max())
         return self.ids[idx, :length], self.mask[idx, :length], self.labels[idx]
 
 
@@ -178,10 +182,15 @@ def f1_spam(labels: np.ndarray, predicted: np.ndarray) -> float:
 class _Ours:
     """symgrad's encoder + head, with the frozen part's outputs cached per message."""
 
-    def __init__(self, dtype: np.dtype, trained: int, seed: int) -> None:
-        self.config = BertConfig.from_dict(load_minilm_config())
+    def __init__(
+        self, dtype: np.dtype, trained: int, seed: int, config: BertConfig | None = None
+    ) -> None:
+        """MiniLM-L6 with its pretrained weights; or (``config``: tests) an encoder of that
+        shape whose weights the caller sets."""
+        self.config = config or BertConfig.from_dict(load_minilm_config())
         self.encoder = BertEncoder(self.config, dtype=dtype)
-        self.encoder.load_hf(load_minilm_weights(np.float32))
+        if config is None:
+            self.encoder.load_hf(load_minilm_weights(np.float32))
         self.head = nn.Linear(
             self.config.hidden_size, 2, dtype=dtype, rng=np.random.default_rng(seed)
         )
@@ -193,6 +202,7 @@ class _Ours:
             layer.requires_grad_(True)
         self.dtype = dtype
         self.last_logits = np.empty((0, 2), dtype)
+        self.compiled: CompiledStep | None = None  # the training step, once compiled
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in [*self.encoder.parameters(), *self.head.parameters()] if p.requires_grad]
@@ -221,10 +231,22 @@ class _Ours:
                 cached[n] = hidden[row] if hidden.ndim == 2 else hidden[row, : mask[row].sum()]
         return cached
 
-    def pooled(self, tape: Tape, data: _Data, cached: list[np.ndarray], idx: np.ndarray) -> Any:
+    def model(self) -> SequenceClassifier:
+        """The trained part as one module: the trained layers (on the cached frozen part's
+        outputs) and the head."""
+        return SequenceClassifier(self.encoder, self.head, self.first)
+
+    def pooled(
+        self,
+        tape: Tape,
+        data: _Data,
+        cached: list[np.ndarray],
+        idx: np.ndarray,
+        length: int | None = None,
+    ) -> Any:
         """The sentence embeddings ``(len(idx), 384)`` of messages ``idx``: the trained layers
         run on the cached frozen part (or the cached embeddings themselves, at level a)."""
-        ids, mask, _ = data.batch(idx)
+        ids, mask, _ = data.batch(idx, length)
         layers = self.config.num_hidden_layers
         if self.first == layers:  # level a: the head on cached embeddings
             return np.stack([cached[n] for n in idx])
@@ -237,11 +259,11 @@ class _Ours:
         return self.encoder.pool(tape, top, mask)
 
     def inputs(
-        self, data: _Data, cached: list[np.ndarray], idx: np.ndarray
+        self, data: _Data, cached: list[np.ndarray], idx: np.ndarray, length: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """The compiled step's inputs for messages ``idx``: the token ids (level c), the cached
         frozen part padded (level b) or the cached embeddings (level a); the float mask."""
-        ids, mask, _ = data.batch(idx)
+        ids, mask, _ = data.batch(idx, length)
         layers = self.config.num_hidden_layers
         x: np.ndarray = ids
         if self.first == layers:
@@ -255,29 +277,44 @@ class _Ours:
     def compile(self, opt: optim.Optimizer) -> CompiledStep:
         """The training step (forward, backward, ``opt``'s update) as one compiled function of
         :meth:`inputs` and the labels."""
-        model = SequenceClassifier(self.encoder, self.head, self.first)
-        self.compiled = compile_step(model, self.loss, opt)
+        self.compiled = compile_step(self.model(), self.loss, opt)
         return self.compiled
 
     def train_step(self, data: _Data, cached: list[np.ndarray], idx: np.ndarray) -> float:
         """One compiled step (the update included) on messages ``idx``; the logits its forward
         computed are kept in ``last_logits``."""
+        assert self.compiled is not None, "compile() first"
         x, mask = self.inputs(data, cached, idx)
         loss = self.compiled(x, mask, data.labels[idx])
         self.last_logits = self.compiled.output  # type: ignore[assignment]
         return loss
 
-    def logits(self, tape: Tape, data: _Data, cached: list[np.ndarray], idx: np.ndarray) -> Any:
-        pooled = self.pooled(tape, data, cached, idx)
+    def logits(
+        self,
+        tape: Tape,
+        data: _Data,
+        cached: list[np.ndarray],
+        idx: np.ndarray,
+        length: int | None = None,
+    ) -> Any:
+        pooled = self.pooled(tape, data, cached, idx, length)
         return tape.apply(self.linear, pooled, self.head.weight, self.head.bias)
 
-    def step(self, data: _Data, cached: list[np.ndarray], idx: np.ndarray) -> float:
-        """One forward and backward (gradients accumulate in the parameters); the batch's logits
-        are kept in ``last_logits`` (the epoch line's training accuracy)."""
+    def step(
+        self,
+        data: _Data,
+        cached: list[np.ndarray],
+        idx: np.ndarray,
+        weight: float = 1.0,
+        length: int | None = None,
+    ) -> float:
+        """One forward and backward (gradients accumulate in the parameters), the loss
+        cotangent scaled by ``weight`` (a data-parallel rank's share of the global batch); the
+        batch's logits are kept in ``last_logits`` (the epoch line's training accuracy)."""
         tape = Tape()
-        logits = self.logits(tape, data, cached, idx)
+        logits = self.logits(tape, data, cached, idx, length)
         loss, grad = self.loss.value_and_grad(logits, data.labels[idx])
-        tape.backward(logits, grad)
+        tape.backward(logits, grad if weight == 1.0 else grad * weight)
         self.last_logits = np.asarray(logits)
         return loss
 
@@ -293,15 +330,17 @@ class _Ours:
 def _optimizers(cfg: MinilmConfig, ours: _Ours, twin: Any) -> tuple[optim.AdamW, Any]:
     """One AdamW on each side (symgrad, torch), with two parameter groups: the pretrained
     layers at ``lr`` and the fresh head at ``head_lr`` (alone, at level a, it takes larger
-    steps: 1e-3)."""
+    steps: 1e-3).  Without a twin (``None``) the second is None."""
     from ..torch import twin_optimizer
 
     head_lr = cfg.head_lr if cfg.head_lr is not None else 1e-3 if cfg.level == "a" else cfg.lr
     encoder = [p for p in ours.encoder.parameters() if p.requires_grad]
     groups: list[dict[str, Any]] = [{"params": encoder, "lr": cfg.lr}] if encoder else []
     groups.append({"params": ours.head.parameters(), "lr": head_lr})
-    theirs = [*twin.layer_params, *twin.head_params] if encoder else list(twin.head_params)
     opt = optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if twin is None:
+        return opt, None
+    theirs = [*twin.layer_params, *twin.head_params] if encoder else list(twin.head_params)
     return opt, twin_optimizer(opt, theirs)
 
 
@@ -313,12 +352,14 @@ def _rel(a: Any, b: Any) -> float:
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-300)) if b.size else 0.0
 
 
-def _sides(level: str, dtype: np.dtype, seed: int) -> tuple[_Ours, Any]:
+def _sides(level: str, dtype: np.dtype, seed: int, twin: bool = True) -> tuple[_Ours, Any]:
+    """symgrad's side and (unless ``twin=False``: None) the Hugging Face twin."""
     from ..torch.sms import TwinRunner
 
     ours = _Ours(dtype, LEVELS[level], seed)
-    twin = TwinRunner(ours.head.state_dict(), dtype, LEVELS[level])
-    return ours, twin
+    if not twin:
+        return ours, None
+    return ours, TwinRunner(ours.head.state_dict(), dtype, LEVELS[level])
 
 
 def _twin_cache(twin: Any, data: _Data, chunks: Iterable[np.ndarray] | None = None) -> list[Any]:
@@ -514,11 +555,23 @@ def _correct(logits: np.ndarray, labels: np.ndarray) -> int:
     return int(np.sum(np.argmax(logits, axis=1) == labels))
 
 
-def run(cfg: MinilmConfig, console: Console = SILENT) -> dict[str, Any]:
+def run(cfg: MinilmConfig, console: Console = SILENT, world: Any = None) -> dict[str, Any]:
     """Fine-tune both sides; returns the report (see the module docstring).  ``console``
-    receives the progress of every phase and the per-epoch lines."""
+    receives the progress of every phase and the per-epoch lines.
+
+    ``world`` (a :class:`symgrad.distributed.World`: ``symgrad finetune --nproc N`` or under
+    ``torchrun``): symgrad's side trains data-parallel — each rank runs the step on its share
+    of every global batch (padded as the whole batch is), the gradients summed across ranks in
+    the compiled step's gradient hook (:meth:`symgrad.distributed.DataParallel.reduce_in`) —
+    so the run is the one-process run to rounding.  Rank 0 alone runs the float64 check, the
+    twin, the baseline, the validation and the test, and returns the report; another rank
+    returns only its training losses (``{"task", "rank", "symgrad_losses"}``).
+    """
     cfg.validate()
     dtype = np.dtype(cfg.dtype)
+    main = world is None or world.is_main
+    if not main:
+        console = SILENT
     with console.phase("reading the SMS spam collection and tokenizing"):
         splits = load_splits(cfg)
     train, val, test = splits["train"], splits["val"], splits["test"]
@@ -531,16 +584,25 @@ def run(cfg: MinilmConfig, console: Console = SILENT) -> dict[str, Any]:
         f"messages; a Hugging Face twin trains beside it on the same batches"
     )
 
+    if world is not None:
+        console.say(
+            f"Data-parallel: symgrad trains on {world.world_size} processes (gloo), each "
+            f"computing its share of every global batch of {cfg.batch_size}; rank 0 alone runs "
+            "the twin, evaluates and reports"
+        )
+
     n_check = min(cfg.check_batch, len(train.labels))
-    with console.phase(
-        f"float64 check: {n_check} messages through both encoders, the gradient of every "
-        f"trained tensor compared (a cold kernel cache compiles symgrad's kernels here)"
-    ):
-        check = agreement_check(cfg.level, train.subset(np.arange(n_check)), cfg.seed)
+    check: dict[str, Any] = {}
+    if main:
+        with console.phase(
+            f"float64 check: {n_check} messages through both encoders, the gradient of every "
+            f"trained tensor compared (a cold kernel cache compiles symgrad's kernels here)"
+        ):
+            check = agreement_check(cfg.level, train.subset(np.arange(n_check)), cfg.seed)
     with console.phase(
         f"loading all-MiniLM-L6-v2 into symgrad's encoder and the Hugging Face twin ({cfg.dtype})"
     ):
-        ours, twin = _sides(cfg.level, dtype, cfg.seed)
+        ours, twin = _sides(cfg.level, dtype, cfg.seed, twin=main)
         opt, topt = _optimizers(cfg, ours, twin)
         if cfg.compiled:
             ours.compile(opt)
@@ -554,15 +616,33 @@ def run(cfg: MinilmConfig, console: Console = SILENT) -> dict[str, Any]:
     ours_cache, ours_cache_s = _cache_side(
         f"caching {frozen} · symgrad", ours.cache, splits, console if ours.first else SILENT
     )
-    twin_cache, twin_cache_s = _cache_side(
-        f"caching {frozen} · torch",
-        lambda data, chunks: _twin_cache(twin, data, chunks),
-        splits,
-        console if ours.first else SILENT,
-    )
+    twin_cache: dict[str, list[Any]] = {}
+    twin_cache_s = 0.0
+    if main:
+        twin_cache, twin_cache_s = _cache_side(
+            f"caching {frozen} · torch",
+            lambda data, chunks: _twin_cache(twin, data, chunks),
+            splits,
+            console if ours.first else SILENT,
+        )
     baseline = None
-    if cfg.baseline and cfg.level != "a":
+    if cfg.baseline and cfg.level != "a" and main:
         baseline = _frozen_baseline(cfg, ours, initial_head, splits, ours_cache, console)
+    dp = None
+    if world is not None:
+        from ..distributed import DataParallel
+
+        dp = DataParallel(
+            ours.model(),
+            opt,
+            len(train.labels),
+            cfg.batch_size,
+            seed=cfg.seed,
+            world=world,
+            facts={"task": f"sms-minilm {asdict(cfg)}"},
+        )
+        if ours.compiled is not None:
+            dp.reduce_in(ours.compiled)
 
     ours_losses: list[float] = []
     twin_losses: list[float] = []
@@ -579,23 +659,31 @@ def run(cfg: MinilmConfig, console: Console = SILENT) -> dict[str, Any]:
         for idx in console.bar(batches, label):
             ids, mask, labels = train.batch(idx)
             t0 = time.perf_counter()
-            if cfg.compiled:
+            if dp is not None:
+                value, right = _data_parallel_step(dp, ours, opt, train, ours_cache["train"], idx)
+                ours_losses.append(value)
+                ours_right += right
+            elif cfg.compiled:
                 ours_losses.append(ours.train_step(train, ours_cache["train"], idx))
             else:
                 ours_losses.append(ours.step(train, ours_cache["train"], idx))
                 opt.step()
                 opt.zero_grad()
+            if dp is None:
+                ours_right += _correct(ours.last_logits, labels)
             t1 = time.perf_counter()
+            t_ours += t1 - t0
+            if twin is None:
+                continue
             twin_losses.append(twin.step(ids, mask, labels, [twin_cache["train"][n] for n in idx]))
             topt.step()
             topt.zero_grad()
-            t2 = time.perf_counter()
-            t_ours += t1 - t0
-            t_twin += t2 - t1
-            ours_right += _correct(ours.last_logits, labels)
+            t_twin += time.perf_counter() - t1
             twin_right += _correct(twin.last_logits, labels)
         ours_epoch_s.append(t_ours)
         twin_epoch_s.append(t_twin)
+        if not main:
+            continue
         bar = console.bar(val_chunks, f"epoch {epoch + 1}/{cfg.epochs} · validation, both sides")
         val_loss, val_pred, twin_val_loss, twin_val_pred = _evaluate_both(
             ours, twin, val, ours_cache["val"], twin_cache["val"], bar
@@ -616,6 +704,10 @@ def run(cfg: MinilmConfig, console: Console = SILENT) -> dict[str, Any]:
         epochs.append(record)
         console.say(epoch_line(record))
 
+    if dp is not None:
+        dp.close()
+    if not main:
+        return {"task": "sms-minilm", "rank": world.rank, "symgrad_losses": ours_losses}
     bar = console.bar(_chunks(test), "test set · both sides")
     ours_test_loss, ours_pred, twin_test_loss, twin_pred = _evaluate_both(
         ours, twin, test, ours_cache["test"], twin_cache["test"], bar
@@ -660,6 +752,26 @@ def run(cfg: MinilmConfig, console: Console = SILENT) -> dict[str, Any]:
         "symgrad_losses": ours_losses,
         "torch_losses": twin_losses,
     }
+
+
+def _data_parallel_step(
+    dp: Any, ours: _Ours, opt: optim.Optimizer, data: _Data, cached: list[Any], idx: np.ndarray
+) -> tuple[float, int]:
+    """One data-parallel step on the global batch ``idx``: this rank runs its rows, padded as
+    the global batch is; returns the global batch's mean loss and its correct predictions
+    (summed over ranks)."""
+    shard = dp.sampler.shard(idx)
+    rows = shard.indices
+    length = int(data.mask[idx].sum(axis=1).max())  # the global batch's padding
+    if ours.compiled is not None:
+        x, mask = ours.inputs(data, cached, rows, length)
+        value = dp.run_compiled(ours.compiled, shard, x, mask, data.labels[rows])
+        ours.last_logits = ours.compiled.output  # type: ignore[assignment]
+    else:
+        value = dp.backward(shard, lambda r, w: ours.step(data, cached, r, w, length))
+        opt.step()
+    right = _correct(ours.last_logits, data.labels[rows]) if shard.weight > 0 else 0
+    return value, round(dp.reducer.sum_scalar(float(right)))
 
 
 # -- the report -------------------------------------------------------------------------------
