@@ -121,13 +121,6 @@ def test_torch_weights_round_trip_and_bad_inputs_are_named():
         block.record(tape, np.zeros((2, 3, N), np.float32))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect, left to the code generator's rewrite: the lowering "
-    "(symgrad/codegen/lower.py, extract) guards a reduction inside a Piecewise branch with the "
-    "branch's condition t <= s, which names the score's own key index, so causal_softmax's row "
-    "max and sum are recomputed for every score: O(T^3) (benchmarks/RESULTS-gpt.md)",
-)
 def test_causal_softmax_computes_each_rows_reductions_once():
     """No reduction of the causal softmax's kernels reads the output's key index (``t`` in the
     forward, ``k2`` in the VJPs): a row's max and sum are the row's, hoisted out of the key

@@ -592,9 +592,15 @@ class _Lowerer:
                 for v, lo, hi in _memory_order(node)
             ]
             body = visit(node.function.xreplace(fresh))
-            if guards:
+            # A guard protects the reads of the terms; one naming an index the terms do not
+            # read at (the causal softmax's key index t in `t <= s`, around a sum over u <= s)
+            # cannot change them, and would make the reduction depend on that index: a row's
+            # sum recomputed for every element of the row.
+            reads = body.free_symbols | self.dims
+            kept = [g for g in guards if g.free_symbols <= reads]
+            if kept:
                 empty = sp.S.Zero if isinstance(node, sp.Sum) else -sp.oo
-                body = sp.Piecewise((body, sp.And(*guards)), (empty, True))
+                body = sp.Piecewise((body, sp.And(*kept)), (empty, True))
             # innermost limit first; Sum(f, (i..), (j..)) = Σ_j Σ_i f
             for var, lo, hi in limits:
                 kind = "sum" if isinstance(node, sp.Sum) else "max"
