@@ -77,6 +77,7 @@ class MaterializedGemm:
     uses: int = 1
     into: str | None = None
     batch: str | None = None  # never batched the way _Gemm is: _write_gemm_into checks it
+    fold: _Fold | None = None  # a shifted read folded into one buffer (see _Fold)
 
     @property
     def dims(self) -> tuple[sp.Expr, ...]:
@@ -89,6 +90,9 @@ class MaterializedGemm:
 
     def read(self) -> sp.Expr:
         idx = tuple(v for v, _, _ in (*self.outer, *self.rows, *self.cols))
+        if self.fold is not None and self.fold.s[0] in idx:  # stored with s leading
+            s = self.fold.s[0]
+            idx = (s, *(v for v in idx if v != s))
         return sp.IndexedBase(self.name)[idx] if idx else sp.Symbol(f"{self.name}[0]")
 
     def _size(self, limits: tuple[Limit, ...]) -> str:
@@ -148,6 +152,8 @@ class MaterializedGemm:
         return (allocate, fill, source) if same_zeros else ([], [*allocate, *fill], source)
 
     def statement(self) -> list[str]:
+        if self.fold is not None:
+            return self._folded_statement()
         pre_l, in_l, left = self._operand("a", self.left, self.rows, self.summed)
         pre_r, in_r, right = self._operand("b", self.right, self.summed, self.cols)
         dest = self.into or self.name
@@ -170,6 +176,209 @@ class MaterializedGemm:
         else:
             lines.append(f"{pad}np.dot({left}, {right}, {block})")
         return lines
+
+    # -- a shifted read folded into one buffer: one GEMM per value of s (see _Fold) --------
+
+    def _folded_statement(self) -> list[str]:
+        """Like :meth:`statement`, with the factor read through ``f ± s`` filled once over
+        ``t = f ± s`` and each GEMM reading it ``s`` rows further: a loop over ``s`` around
+        the GEMMs, adding up (``s`` summed) or writing its own block (``s`` a result index,
+        stored leading).  The GEMMs are :func:`symgrad.runtime.blas.gemm` calls on views."""
+        fold = self.fold
+        assert fold is not None
+        s, s_lo, s_hi = fold.s
+
+        def drop(limits: tuple[Limit, ...]) -> tuple[Limit, ...]:
+            return tuple(lim for lim in limits if lim[0] != s)
+
+        rows, cols, summed = drop(self.rows), drop(self.cols), drop(self.summed)
+        s_free = len(rows) + len(cols) < len(self.rows) + len(self.cols)
+        lines: list[str] = []
+        inner: list[str] = []
+        views = []
+        for side, f, first, second in (
+            ("a", self.left, self.rows, self.summed),
+            ("b", self.right, self.summed, self.cols),
+        ):
+            if side == fold.side:
+                pre, fill, view = self._folded_operand(side, f, first, second)
+            else:
+                pre, fill, view = self._sliced_operand(side, f, drop(first), drop(second))
+            lines += pre
+            inner += fill
+            views.append(view)
+        result = ((fold.s,) if s_free else ()) + self.outer + rows + cols
+        dest = self.into or self.name
+        if not self.into:
+            shape = ", ".join(self.integer(hi - lo + 1) for _, lo, hi in result) or "1"
+            lines.insert(0, f"{self.name} = np.empty(({shape},), {self.dtype}.dtype)")
+        iterated = (*self.outer, *self.acc)
+        empty_s = not sp.simplify(s_hi - s_lo + 1).is_positive
+        if self.acc or (empty_s and not s_free):  # added up over the images (or nothing)
+            lines.append(f"{dest}[...] = 0.0")
+        loops, pad = self._loops(iterated, "")
+        lines += loops + [pad + line for line in inner]
+        lines.append(f"{pad}for {s} in range({self.integer(s_lo)}, {self.integer(s_hi + 1)}):")
+        pad += "    "
+        if self.acc:
+            beta = "1.0"
+        elif s_free:
+            beta = "0.0"
+        else:
+            beta = f"0.0 if {s} == {self.integer(s_lo)} else 1.0"
+        c_offset = _offset(result, [v for v, _, _ in (*((fold.s,) if s_free else ()),
+                                                       *self.outer)])
+        (a, ao, lda, ta), (b, bo, ldb, tb) = views
+        args = [
+            str(ta), str(tb), self._size(rows), self._size(cols), self._size(summed), "1.0",
+            a, self.integer(ao), self.integer(lda), b, self.integer(bo), self.integer(ldb),
+            beta, dest, self.integer(c_offset), self._size(cols),
+        ]
+        lines.append(f"{pad}_gemm({', '.join(args)})")
+        return lines
+
+    def _fill(self, var: str, f: _Factor, axes: tuple[Limit, ...], expr: sp.Expr,
+              conds: list[sp.Basic], ranges: dict) -> tuple[list[str], list[str]]:
+        """(allocation, fill loops) of ``var[axes] = expr``, 0 where ``conds`` fail."""
+        dims = ", ".join(self.integer(hi - lo + 1) for _, lo, hi in axes) or "1"
+        alloc = "np.zeros" if conds else "np.empty"
+        allocate = [f"{var} = {alloc}(({dims},), {self.dtype}.dtype)"]
+        bounded, left = _fill_bounds(axes, conds, ranges)
+        loops, pad = self._loops(bounded, "")
+        value = expr if not left else sp.Piecewise((expr, sp.And(*left)), (0, True))
+        at = ", ".join(self.integer(v - lo) for v, lo, _ in axes) or "0"
+        fill = [*loops, f"{pad}{var}[{at}] = {self.printer(value)}"]
+        here = {v for v, _, _ in (*self.outer, *self.acc)} & (f.indices | set(ranges))
+        here &= expr.free_symbols | {x for c in conds for x in c.free_symbols}
+        if not here:
+            return [*allocate, *fill], []
+        # refilled for each image; allocated (and zeroed) once when its zeros stay put
+        same_zeros = not any(c.free_symbols & here for c in conds)
+        return (allocate, fill) if same_zeros else ([], [*allocate, *fill])
+
+    def _folded_operand(self, side: str, f: _Factor, first: tuple[Limit, ...],
+                        second: tuple[Limit, ...]) -> tuple[list[str], list[str], tuple]:
+        """The folded factor: filled over ``t`` in place of ``f`` (and without ``s``); the
+        matrix for one ``s`` starts ``±s`` steps of ``t`` into the buffer."""
+        fold = self.fold
+        assert fold is not None
+        s, fv = fold.s[0], fold.f
+
+        def merged(limits: tuple[Limit, ...]) -> tuple[Limit, ...]:
+            return tuple((fold.t, *fold.t_range) if lim[0] == fv[0] else lim
+                         for lim in limits if lim[0] != s)
+
+        m_first, m_second = merged(first), merged(second)
+        flip = _fill_transposed(f, first, second)
+        axes = (*m_second, *m_first) if flip else (*m_first, *m_second)
+        ranges = {**f.ranges, fold.t: fold.t_range}
+        var = f"{self.name}_{side}"
+        pre, fill = self._fill(var, f, axes, fold.expr, list(fold.conds), ranges)
+        at = [v for v, _, _ in axes].index(fold.t)
+        stride = sp.Mul(*(hi - lo + 1 for _, lo, hi in axes[at + 1:]))
+        offset = (fold.sign * s + fv[1] - fold.t_range[0]) * stride
+        ld = sp.Mul(*(hi - lo + 1 for _, lo, hi in (m_first if flip else m_second)))
+        return pre, fill, (var, offset, ld, flip)
+
+    def _sliced_operand(self, side: str, f: _Factor, first: tuple[Limit, ...],
+                        second: tuple[Limit, ...]) -> tuple[list[str], list[str], tuple]:
+        """The other factor as ``first × second`` matrices, one per value of the iterated
+        indices and of ``s`` where it reads them: a plain read as it is or as a permuted
+        copy (made once), else filled (it does not read ``s``: see :func:`_find_fold`)."""
+        fold = self.fold
+        assert fold is not None
+        iterated = (*self.outer, *self.acc, fold.s)
+        here = tuple(lim for lim in iterated if lim[0] in f.indices)
+        read = f.plain()
+        if read is None:
+            var = f"{self.name}_{side}"
+            flip = _fill_transposed(f, first, second)
+            axes = (*second, *first) if flip else (*first, *second)
+            pre, fill = self._fill(var, f, axes, f.expr, f.conds, f.ranges)
+            ld = sp.Mul(*(hi - lo + 1 for _, lo, hi in (first if flip else second)))
+            return pre, fill, (var, sp.S.Zero, ld, flip)
+        axes = (*here, *first, *second)
+        perm = tuple(list(read.indices).index(v) for v, _, _ in axes)
+        label = str(read.base.label)
+        pre = []
+        if perm != tuple(range(len(perm))):
+            pre = [f"{self.name}_{side}_all = np.ascontiguousarray(np.transpose({label}, {perm}))"]
+            label = f"{self.name}_{side}_all"
+        offset = _offset(axes, [v for v, _, _ in here])
+        ld = sp.Mul(*(hi - lo + 1 for _, lo, hi in second))
+        return pre, [], (label, offset, ld, False)
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """A factor that reads its indices ``f`` and ``s`` only as ``t = f + sign·s`` (a
+    convolution's ``X[b, c, p + q - 1, ...]``: ``f = p``, ``s = q``), ``f`` leading its group
+    of the factor's matrix axes and ``s`` in the other group.  Filled over ``t`` (``P + Q - 1``
+    values, not ``P·Q``), the factor's matrix for one value of ``s`` is the buffer read from
+    ``sign·s`` steps of ``t`` on, with the same leading dimension; so one GEMM per ``s``
+    replaces one GEMM over a ``Q`` times larger copy.  ``expr`` and ``conds`` are the factor's
+    value and conditions in ``t``."""
+
+    side: str  # "a": the left factor, "b": the right
+    s: Limit
+    f: Limit
+    sign: int
+    t: sp.Symbol
+    t_range: tuple[sp.Expr, sp.Expr]
+    expr: sp.Expr
+    conds: tuple[sp.Basic, ...]
+
+
+def _offset(axes: tuple[Limit, ...], fixed: list[sp.Symbol]) -> sp.Expr:
+    """The flat offset, in a C-contiguous array over ``axes``, of the block where the
+    indices ``fixed`` (leading axes) take their current values."""
+    total = sp.S.Zero
+    for n, (v, lo, _) in enumerate(axes):
+        if v in fixed:
+            total += (v - lo) * sp.Mul(*(h - lw + 1 for _, lw, h in axes[n + 1:]))
+    return total
+
+
+def _find_fold(g: MaterializedGemm) -> _Fold | None:
+    """The first fold of :class:`_Fold` that ``g`` admits (factors in order right, left;
+    ``s`` summed then ``s`` a result index; sign + then −), or None."""
+    for side, f, other in (("b", g.right, g.left), ("a", g.left, g.right)):
+        if f.plain() is not None:
+            continue
+        free = g.cols if side == "b" else g.rows
+        pairs = [(s, free[0]) for s in g.summed if free]
+        pairs += [(s, g.summed[0]) for s in free if g.summed]
+        for (s, f_lim), sign in itertools.product(pairs, (1, -1)):
+            if s[0] in other.indices and other.plain() is None:
+                continue  # the other factor would need a copy per s
+            fold = _fold(g.name, side, f, s, f_lim, sign)
+            if fold is not None:
+                return fold
+    return None
+
+
+def _fold(name: str, side: str, f: _Factor, s: Limit, fl: Limit, sign: int) -> _Fold | None:
+    t = sp.Symbol(f"{name}_{side}_t", integer=True)
+    to_t = {fl[0]: t - sign * s[0]}
+    expr = sp.expand(f.expr.xreplace(to_t)) if f.expr.is_Add else f.expr.xreplace(to_t)
+    expr = expr.replace(lambda e: isinstance(e, sp.Indexed),
+                        lambda e: e.func(e.base, *(sp.expand(i) for i in e.indices)))
+    conds = []
+    for c in f.conds:
+        if not isinstance(c, sp.core.relational.Relational):
+            return None
+        c = c.func(sp.expand((c.lhs - c.rhs).xreplace(to_t)), 0)
+        if c is sp.false:
+            return None
+        if c is not sp.true:
+            conds.append(c)
+    if s[0] in expr.free_symbols or any(s[0] in c.free_symbols for c in conds):
+        return None
+    if fl[0] in expr.free_symbols or t not in expr.free_symbols:
+        return None
+    lo = fl[1] + s[1] if sign > 0 else fl[1] - s[2]
+    hi = fl[2] + s[2] if sign > 0 else fl[2] - s[1]
+    return _Fold(side, s, fl, sign, t, (lo, hi), expr, tuple(conds))
 
 
 def _fill_transposed(f: _Factor, first: tuple[Limit, ...], second: tuple[Limit, ...]) -> bool:
@@ -324,10 +533,12 @@ def plan(
     def lim(vs: list[sp.Symbol]) -> tuple[Limit, ...]:
         return tuple((v, *ranges[v]) for v in vs)
 
-    return MaterializedGemm(
+    found = MaterializedGemm(
         name, lim(outer), lim(rows), lim(cols), tuple(sum_order), left, right, dtype,
         tuple(acc), printer, integer,
     )
+    found.fold = _find_fold(found)
+    return found
 
 
 def _accumulated(limits: list[Limit], factors: tuple[_Factor, _Factor]) -> list[Limit]:
