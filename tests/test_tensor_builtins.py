@@ -243,6 +243,12 @@ def test_builtin_parameters_reach_the_kernel():
         ("conv1d", 1, 2, (2, 3, 5), (4, 3, 3)),
         ("conv2d", 2, 1, (2, 3, 7, 6), (4, 3, 3, 2)),
         ("conv2d", 1, 1, (2, 3, 5, 6), (4, 3, 3, 3)),
+        # more input than output channels: the other of the two lowerings of the forward
+        # and of the input gradient (the product first, then the shifted sum; see gemm.py)
+        ("conv1d", 1, 2, (2, 5, 5), (3, 5, 3)),
+        ("conv2d", 1, 1, (2, 5, 5, 6), (3, 5, 3, 3)),
+        ("conv2d", 1, 0, (2, 5, 6, 5), (3, 5, 3, 2)),
+        ("conv2d", 1, 0, (2, 3, 6, 5), (4, 3, 2, 3)),
     ],
 )
 def test_convolutions_with_stride_and_padding(name, stride, padding, x_shape, w_shape, dtype):

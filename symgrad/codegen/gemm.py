@@ -78,6 +78,7 @@ class MaterializedGemm:
     into: str | None = None
     batch: str | None = None  # never batched the way _Gemm is: _write_gemm_into checks it
     fold: _Fold | None = None  # a shifted read folded into one buffer (see _Fold)
+    product_first: _ProductFirst | None = None  # or shifted after the product (see there)
 
     @property
     def dims(self) -> tuple[sp.Expr, ...]:
@@ -209,9 +210,6 @@ class MaterializedGemm:
             views.append(view)
         result = ((fold.s,) if s_free else ()) + self.outer + rows + cols
         dest = self.into or self.name
-        if not self.into:
-            shape = ", ".join(self.integer(hi - lo + 1) for _, lo, hi in result) or "1"
-            lines.insert(0, f"{self.name} = np.empty(({shape},), {self.dtype}.dtype)")
         iterated = (*self.outer, *self.acc)
         empty_s = not sp.simplify(s_hi - s_lo + 1).is_positive
         if self.acc or (empty_s and not s_free):  # added up over the images (or nothing)
@@ -235,7 +233,76 @@ class MaterializedGemm:
             beta, dest, self.integer(c_offset), self._size(cols),
         ]
         lines.append(f"{pad}_gemm({', '.join(args)})")
+        alloc = []
+        if not self.into:
+            shape = ", ".join(self.integer(hi - lo + 1) for _, lo, hi in result) or "1"
+            alloc = [f"{self.name} = np.empty(({shape},), {self.dtype}.dtype)"]
+        other = self.product_first
+        if other is None:
+            return alloc + lines
+        # which of the two is cheaper depends on the sizes, known when the kernel runs
+        return [
+            *alloc,
+            f"if {self._size(other.plain)} > {self._size(rows)}:",
+            *("    " + line for line in self._product_first_lines(dest)),
+            "else:",
+            *("    " + line for line in lines),
+        ]
+
+    def _product_first_lines(self, dest: str) -> list[str]:
+        """See :class:`_ProductFirst`: per value of the outer indices, one GEMM into ``T``,
+        then the result as the sum of ``T``'s shifted reads (bounded by the conditions)."""
+        pf = self.product_first
+        assert pf is not None
+        here = tuple(lim for lim in self.outer if lim[0] in self.left.indices)
+        left, lines = self._permuted(f"{self.name}_a", pf.left, (*here, *self.rows,
+                                                                 *pf.shifted, *pf.plain))
+        x_here = tuple(lim for lim in self.outer if lim[0] in pf.read.indices)
+        x_axes = (*x_here, *pf.plain, *pf.axes)
+        right, copy = self._permuted(f"{self.name}_b", pf.read, x_axes)
+        lines += copy
+        t_axes = (*self.rows, *pf.shifted, *pf.axes)
+        t_name = f"{self.name}_T"
+        dims = ", ".join(self.integer(hi - lo + 1) for _, lo, hi in t_axes)
+        lines.append(f"{t_name} = np.empty(({dims},), {self.dtype}.dtype)")
+        loops, pad = self._loops(self.outer, "")
+        lines += loops
+        m = f"{self._size(self.rows)}*{self._size(pf.shifted)}"
+        args = [
+            "False", "False", m, self._size(pf.axes), self._size(pf.plain), "1.0",
+            left, self.integer(_offset((*here, *self.rows, *pf.shifted, *pf.plain),
+                                       [v for v, _, _ in here])),
+            self._size(pf.plain),
+            right, self.integer(_offset(x_axes, [v for v, _, _ in x_here])),
+            self._size(pf.axes), "0.0", t_name, "0", self._size(pf.axes),
+        ]
+        lines.append(f"{pad}_gemm({', '.join(args)})")
+        at = "".join(f"[{self.integer(v - lo)}]" for v, lo, _ in self.outer)
+        lines.append(f"{pad}{dest}{at or '[...]'} = 0.0")
+        order = (*self.rows, *pf.shifted, *self.cols)
+        bounded, left_conds = _fill_bounds(order, list(self.right.conds), self.right.ranges)
+        inner, pad = self._loops(bounded, pad)
+        lines += inner
+        if left_conds:
+            lines.append(f"{pad}if {self.printer(sp.And(*left_conds))}:")
+            pad += "    "
+        out_at = ", ".join(self.integer(v - lo) for v, lo, _ in (*self.outer, *self.rows,
+                                                                  *self.cols))
+        t_at = ", ".join([*(self.integer(v - lo) for v, lo, _ in (*self.rows, *pf.shifted)),
+                          *(self.integer(e) for e in pf.shifts)])
+        lines.append(f"{pad}{dest}[{out_at}] += {t_name}[{t_at}]")
         return lines
+
+    def _permuted(self, var: str, read: sp.Indexed,
+                  axes: tuple[Limit, ...]) -> tuple[str, list[str]]:
+        """``read``'s tensor with its axes in the order of ``axes`` (one index each): the
+        tensor itself, or a permuted copy made once."""
+        index = [i for i in read.indices]
+        perm = tuple(index.index(v) for v, _, _ in axes)
+        label = str(read.base.label)
+        if perm == tuple(range(len(perm))):
+            return label, []
+        return var, [f"{var} = np.ascontiguousarray(np.transpose({label}, {perm}))"]
 
     def _fill(self, var: str, f: _Factor, axes: tuple[Limit, ...], expr: sp.Expr,
               conds: list[sp.Basic], ranges: dict) -> tuple[list[str], list[str]]:
@@ -327,6 +394,63 @@ class _Fold:
     t_range: tuple[sp.Expr, sp.Expr]
     expr: sp.Expr
     conds: tuple[sp.Basic, ...]
+
+
+@dataclass(frozen=True)
+class _ProductFirst:
+    """The other order for a fold whose ``s`` is summed (a convolution's input gradient,
+    ``Σ_{o,q,r} W[o, c, q, r]·G[b, o, y - q + 1, x - r + 1]``): the folded factor is one
+    tensor read whose every index is an outer index, a summed index (``plain``: ``o``) or a
+    shifted index expression (``shifts``, over the tensor's whole ``axes``); the product
+    with the other factor over ``plain`` comes first, as one GEMM per outer value into
+    ``T[rows, shifted, axes]`` (``shifted``: the other summed indices, ``q, r``), and the
+    result is ``Σ_shifted T[rows, shifted, shifts]`` (col2im).  Its GEMM has ``rows·shifted``
+    rows, where the fold's have ``rows``: it wins when ``rows`` is small against ``plain``."""
+
+    read: sp.Indexed  # the tensor read, the shifted index expressions replaced by axes' indices
+    left: sp.Indexed
+    plain: tuple[Limit, ...]
+    shifted: tuple[Limit, ...]
+    shifts: tuple[sp.Expr, ...]
+    axes: tuple[Limit, ...]
+
+
+def _product_first(g: MaterializedGemm) -> _ProductFirst | None:
+    """The :class:`_ProductFirst` plan of ``g``, or None when its shape is not that."""
+    fold = g.fold
+    if fold is None or fold.side != "b" or g.acc or g.into is not None:
+        return None
+    summed = {v: (v, lo, hi) for v, lo, hi in g.summed}
+    if fold.s[0] not in summed or g.left.plain() is None:
+        return None
+    read, left = g.right.expr, g.left.plain()
+    if not isinstance(read, sp.Indexed) or read.base.is_integer or left is None:
+        return None
+    outer = {v for v, _, _ in g.outer}
+    cols = {v for v, _, _ in g.cols}
+    plain, shifts, axes = [], [], []
+    for n, i in enumerate(read.indices):
+        if i in outer:
+            continue
+        if i in summed:
+            plain.append(summed[i])
+        elif i.free_symbols & cols and not i.free_symbols - cols - set(summed):
+            u = sp.Symbol(f"{g.name}_u{n}", integer=True)
+            shifts.append(i)
+            axes.append((u, sp.S.Zero, read.base.shape[n] - 1))
+        else:
+            return None
+    used = {v for v, _, _ in plain}
+    shifted = [lim for lim in g.summed if lim[0] not in used]
+    in_shifts = set().union(*(e.free_symbols for e in shifts)) if shifts else set()
+    if not shifted or any(v in in_shifts for v in used) or len(set(read.indices)) != len(
+            read.indices) or not {v for v, _, _ in shifted} <= in_shifts:
+        return None
+    if set(left.indices) - outer - {v for v, _, _ in (*g.rows, *g.summed)}:
+        return None
+    at_u = iter(u for u, _, _ in axes)
+    flat = read.base[tuple(next(at_u) if i in shifts else i for i in read.indices)]
+    return _ProductFirst(flat, left, tuple(plain), tuple(shifted), tuple(shifts), tuple(axes))
 
 
 def _offset(axes: tuple[Limit, ...], fixed: list[sp.Symbol]) -> sp.Expr:
@@ -533,12 +657,13 @@ def plan(
     def lim(vs: list[sp.Symbol]) -> tuple[Limit, ...]:
         return tuple((v, *ranges[v]) for v in vs)
 
-    found = MaterializedGemm(
+    gemm = MaterializedGemm(
         name, lim(outer), lim(rows), lim(cols), tuple(sum_order), left, right, dtype,
         tuple(acc), printer, integer,
     )
-    found.fold = _find_fold(found)
-    return found
+    gemm.fold = _find_fold(gemm)
+    gemm.product_first = _product_first(gemm)
+    return gemm
 
 
 def _accumulated(limits: list[Limit], factors: tuple[_Factor, _Factor]) -> list[Limit]:
