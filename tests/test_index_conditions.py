@@ -369,6 +369,11 @@ def test_convolution_and_its_vjps_are_gemms_on_materialized_columns():
     assert "_c1_b = np.zeros((s_C, s_L + 2,)" in functions["vjp"]
     assert "_c0_T = np.empty((s_F, s_K, s_L,)" in functions["forward"]  # W·X, then shifted
     assert "_c0_T = np.empty((s_C, s_K, -s_K + s_L + 3,)" in functions["vjp"]
+    # the shifted copies and sums run along row views from 0 (vectorised): no loop over a
+    # shifted index is left innermost
+    assert "for _c0_b_i in range(_c0_b_n):" in functions["forward"]
+    assert "for _c0_T_i in range(_c0_T_n):" in functions["vjp"]
+    assert not re.search(r"for s_p in .*\n\s+\S+\[.*s_p \+ s_q", functions["forward"])
     assert not re.search(r"_r\d+ \+= .*W\[.*X\[|_r\d+ \+= .*X\[.*W\[", source), source
     assert not re.search(r"_r\d+ \+= .*W\[.*grad_out\[|_r\d+ \+= .*grad_out\[.*W\[", source)
 

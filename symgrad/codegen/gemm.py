@@ -14,6 +14,15 @@ of the assignment are split, in loop order, into
 and ``np.dot(left, right)`` fills the ``rows × cols`` block of the result for each outer value.
 A sum whose bounds were tightened by a condition (``p`` from ``max(0, 1 - y)``) runs over its
 full range with the condition moved onto the factor it guards (the read is 0 outside).
+
+A factor that reads two of its indices only as ``f ± s`` (a convolution's ``p + q``) is not
+copied once per ``(f, s)`` pair: it is *folded* (:class:`_Fold`), filled once over ``f ± s``,
+and each of one GEMM per ``s`` reads it from ``s`` steps on — BLAS views on one buffer,
+``KH`` times smaller than im2col's.  When ``s`` is summed there is a second lowering
+(:class:`_ProductFirst`): the product with the other factor first, then the sum of its
+shifted reads (col2im); the kernel picks one of the two by the sizes it is called with.  The
+derivatives are untouched: the input gradient of a convolution is still the derived
+transposed convolution, only lowered one of these two ways.
 """
 
 from __future__ import annotations
@@ -281,17 +290,58 @@ class MaterializedGemm:
         lines.append(f"{pad}{dest}{at or '[...]'} = 0.0")
         order = (*self.rows, *pf.shifted, *self.cols)
         bounded, left_conds = _fill_bounds(order, list(self.right.conds), self.right.ranges)
+        out_at = tuple(v - lo for v, lo, _ in (*self.outer, *self.rows, *self.cols))
+        t_read = sp.IndexedBase(t_name)[
+            (*(v - lo for v, lo, _ in (*self.rows, *pf.shifted)), *pf.shifts)]
+        rows = None if left_conds else self._row_views(bounded, dest, out_at, t_read, "+=",
+                                                         f"{self.name}_T", pad)
+        if rows is not None:
+            return lines + rows
         inner, pad = self._loops(bounded, pad)
         lines += inner
         if left_conds:
             lines.append(f"{pad}if {self.printer(sp.And(*left_conds))}:")
             pad += "    "
-        out_at = ", ".join(self.integer(v - lo) for v, lo, _ in (*self.outer, *self.rows,
-                                                                  *self.cols))
-        t_at = ", ".join([*(self.integer(v - lo) for v, lo, _ in (*self.rows, *pf.shifted)),
-                          *(self.integer(e) for e in pf.shifts)])
-        lines.append(f"{pad}{dest}[{out_at}] += {t_name}[{t_at}]")
+        at = ", ".join(self.integer(i) for i in out_at)
+        t_at = ", ".join(self.integer(i) for i in t_read.indices)
+        lines.append(f"{pad}{dest}[{at}] {'+='} {t_name}[{t_at}]")
         return lines
+
+    def _row_views(self, limits: tuple[Limit, ...], target: str, index: tuple[sp.Expr, ...],
+                   source: sp.Expr, op: str, tag: str, pad: str = "") -> list[str] | None:
+        """Loops over ``limits`` doing ``target[index] op source``, the innermost one over
+        views of the two rows from 0: an index that is provably ≥ 0 needs no wraparound test,
+        and without it LLVM vectorises the copy (an index ``x - r + 1`` keeps it scalar,
+        about 3× slower).  None unless ``source`` is one tensor read and the innermost index
+        is, in both, the last index plus a constant."""
+        if not limits or not isinstance(source, sp.Indexed) or source.base.is_integer:
+            return None
+        *around, (v, lo, hi) = limits
+        offsets = []
+        for idx in (tuple(index), tuple(source.indices)):
+            if not idx or any(v in i.free_symbols for i in idx[:-1]):
+                return None
+            shift = sp.expand(idx[-1] - v)
+            if v in shift.free_symbols:
+                return None
+            offsets.append(shift)
+        loops, pad = self._loops(tuple(around), pad)
+        n, start, i = f"{tag}_n", f"{tag}_lo", f"{tag}_i"
+
+        def view(array: str, idx: tuple[sp.Expr, ...], shift: sp.Expr) -> str:
+            first = start if shift == 0 else f"{start} + ({self.integer(shift)})"
+            return f"{array}[{''.join(self.integer(e) + ', ' for e in idx[:-1])}" \
+                   f"{first}:{first} + {n}]"
+
+        return [
+            *loops,
+            f"{pad}{start} = {self.integer(lo)}",
+            f"{pad}{n} = {self.integer(hi)} + 1 - {start}",
+            f"{pad}{tag}_d = {view(target, tuple(index), offsets[0])}",
+            f"{pad}{tag}_s = {view(str(source.base.label), tuple(source.indices), offsets[1])}",
+            f"{pad}for {i} in range({n}):",
+            f"{pad}    {tag}_d[{i}] {op} {tag}_s[{i}]",
+        ]
 
     def _permuted(self, var: str, read: sp.Indexed,
                   axes: tuple[Limit, ...]) -> tuple[str, list[str]]:
@@ -311,10 +361,15 @@ class MaterializedGemm:
         alloc = "np.zeros" if conds else "np.empty"
         allocate = [f"{var} = {alloc}(({dims},), {self.dtype}.dtype)"]
         bounded, left = _fill_bounds(axes, conds, ranges)
-        loops, pad = self._loops(bounded, "")
-        value = expr if not left else sp.Piecewise((expr, sp.And(*left)), (0, True))
-        at = ", ".join(self.integer(v - lo) for v, lo, _ in axes) or "0"
-        fill = [*loops, f"{pad}{var}[{at}] = {self.printer(value)}"]
+        target = tuple(v - lo for v, lo, _ in axes)
+        rows = None if left else self._row_views(bounded, var, target, expr, "=", var)
+        if rows is not None:
+            fill = rows
+        else:
+            loops, pad = self._loops(bounded, "")
+            value = expr if not left else sp.Piecewise((expr, sp.And(*left)), (0, True))
+            at = ", ".join(self.integer(i) for i in target) or "0"
+            fill = [*loops, f"{pad}{var}[{at}] = {self.printer(value)}"]
         here = {v for v, _, _ in (*self.outer, *self.acc)} & (f.indices | set(ranges))
         here &= expr.free_symbols | {x for c in conds for x in c.free_symbols}
         if not here:
