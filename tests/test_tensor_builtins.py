@@ -270,6 +270,29 @@ def test_convolutions_with_stride_and_padding(name, stride, padding, x_shape, w_
         _assert_close(got, leaf.grad.numpy(), RTOL[dtype], f"{name} gradient")
 
 
+@pytest.mark.parametrize(("channels", "filters"), [(3, 5), (5, 3)])
+def test_a_channels_last_convolution_written_by_hand(channels, filters):
+    """The shifted read on the other side of the product (the output's position index before
+    its channel index): the same lowerings from the left factor, checked against torch."""
+    b, o, p, c, q = sp.symbols("b o p c q", integer=True)
+    B, C, L, F, K = sp.symbols("B C L F K", integer=True, positive=True)
+    X, W = sp.IndexedBase("X", shape=(B, L, C)), sp.IndexedBase("W", shape=(F, C, K))
+    body = sp.Sum(W[o, c, q] * X[b, p + q - 1, c], (c, 0, C - 1), (q, 0, K - 1))
+    op = sg.tensor_op(body, out=(b, p, o), inputs=[X, W], name="conv_channels_last",
+                      out_shape=(B, L - K + 3, F))
+    rng = np.random.default_rng(5)
+    x, w = rng.normal(size=(2, 7, channels)), rng.normal(size=(filters, channels, 3))
+    y = op(x, w)
+    g = rng.normal(size=y.shape)
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    want = torch.nn.functional.conv1d(tx.permute(0, 2, 1), tw, padding=1).permute(0, 2, 1)
+    want.backward(torch.tensor(g))
+    _assert_close(y, want.detach().numpy(), 1e-10, "channels-last forward")
+    grad_x, grad_w = op.vjp(x, w, g)
+    _assert_close(grad_x, tx.grad.numpy(), 1e-10, "channels-last grad_X")
+    _assert_close(grad_w, tw.grad.numpy(), 1e-10, "channels-last grad_W")
+
+
 def test_convolution_parameters_are_whole_numbers():
     with pytest.raises(sg.errors.DefinitionError, match="stride must be a whole number"):
         sg.builtin("conv1d", stride=1.5)
