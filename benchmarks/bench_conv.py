@@ -1,4 +1,4 @@
-"""Benchmark: conv2d forward + VJP (symgrad's built-in, im2col GEMMs) against torch, 1 thread.
+"""Benchmark: conv2d forward + VJP (symgrad's built-in, BLAS GEMMs) against torch, 1 thread.
 
 One command, one run::
 
@@ -6,14 +6,18 @@ One command, one run::
 
 A small CNN's layer: B = 32 images, 32 → 64 channels, 32 × 32 pixels, 3 × 3 kernel, padding 1
 (``--quick``: B = 4).  symgrad: ``conv2d(X, W, c)`` then ``conv2d.vjp(X, W, c, G)`` — the
-generated kernels run one GEMM per image on a column matrix they fill (the input's gradient is
-the transposed convolution, derived, as a GEMM on the padded output gradient).  torch:
-``F.conv2d`` then ``torch.autograd.grad`` of the three inputs.  Target: ≤ 1.5× torch.
+generated kernels fill the shifted reads once per image over ``p + q`` (a padded copy per
+kernel column, not im2col's 9× copy) and run one GEMM per kernel row on views into it; the
+input's gradient (the transposed convolution, derived) is here ``Wᵀ·G`` per image, then the
+sum of its shifted reads, as there are more output than input channels (codegen/gemm.py).
+torch: ``F.conv2d`` then ``torch.autograd.grad`` of the three inputs.  Target: ≤ 1.5× torch.
 
 Threads are fixed to 1 before NumPy, Numba or torch load (``OPENBLAS_NUM_THREADS``,
 ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``NUMBA_NUM_THREADS``) and ``torch.set_num_threads``.
 Times are medians of ``--repeats`` after two warm-up calls, the two systems interleaved so the
-machine's drift hits them alike.  On a shared machine compare the ratio, not the times.
+machine's drift hits them alike; wall time and, beside it, the process's CPU time (which does
+not count the time other processes hold the core).  On a shared machine compare the ratio,
+not the times.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--output", type=Path, help="also write the report (Markdown) here")
     args = parser.parse_args(argv)
+    load_start = os.getloadavg()[0]
+
+    import platform
 
     import numpy as np
     import torch
@@ -72,28 +79,51 @@ def main(argv: list[str] | None = None) -> int:
     ref = torch.nn.functional.conv2d(tx.double(), tw.double(), tc.double(), padding=1)
     err = float(np.max(np.abs(y - ref.detach().numpy())) / np.max(np.abs(ref.detach().numpy())))
     times: dict[str, list[float]] = {"symgrad": [], "torch": []}
+    cpu_times: dict[str, list[float]] = {"symgrad": [], "torch": []}
     for fn in (run_symgrad, run_torch, run_symgrad, run_torch):
         fn()
     for _ in range(repeats):
         for name, fn in (("symgrad", run_symgrad), ("torch", run_torch)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
     med = {k: float(np.median(v)) for k, v in times.items()}
+    cpu_med = {k: float(np.median(v)) for k, v in cpu_times.items()}
+    args_given = sys.argv[1:] if argv is None else argv
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+        if line.startswith("model name")
+    ]
+    cpu = models[0] if models else platform.processor() or "unknown CPU"
     lines = [
         "# conv2d forward + VJP, 1 thread",
         "",
-        f"B = {batch}, 32 → 64 channels, 32 × 32, 3 × 3, padding 1, {dtype}; median of "
-        f"{repeats} (min in brackets); load average at the end {os.getloadavg()[0]:.1f}.",
+        f"command: `{' '.join(['python benchmarks/bench_conv.py', *args_given])}`",
         "",
-        "| system | forward + VJP (ms) |",
-        "| --- | --- |",
+        f"machine: {cpu}, {os.cpu_count()} cores; {platform.platform()}; Python "
+        f"{platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}; "
+        f"run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        f"B = {batch}, 32 → 64 channels, 32 × 32, 3 × 3, padding 1, {dtype}; median of "
+        f"{repeats} (min in brackets); load average {load_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores (this run adds about 1; "
+        "more means other processes shared the machine: the times are then inflated, the ratio, "
+        "measured side by side, much less so).",
+        "",
+        "| system | forward + VJP, wall (ms) | CPU time of the process (ms) |",
+        "| --- | --- | --- |",
         *(
-            f"| {k} | {1e3 * med[k]:.1f} ({1e3 * min(times[k]):.1f}) |"
+            f"| {k} | {1e3 * med[k]:.1f} ({1e3 * min(times[k]):.1f}) | "
+            f"{1e3 * cpu_med[k]:.1f} ({1e3 * min(cpu_times[k]):.1f}) |"
             for k in ("symgrad", "torch")
         ),
         "",
-        f"Ratio symgrad / torch: **{med['symgrad'] / med['torch']:.2f}×** (target ≤ 1.5×). "
+        f"Ratio symgrad / torch: **{med['symgrad'] / med['torch']:.2f}×** (target ≤ 1.5×); "
+        f"in CPU time {cpu_med['symgrad'] / cpu_med['torch']:.2f}× (less sensitive to the "
+        "time other processes take from this core). "
         f"Forward relative error against torch float64: {err:.1e}. First call (compile or "
         f"cache load): {build:.1f} s.",
     ]

@@ -243,6 +243,12 @@ def test_builtin_parameters_reach_the_kernel():
         ("conv1d", 1, 2, (2, 3, 5), (4, 3, 3)),
         ("conv2d", 2, 1, (2, 3, 7, 6), (4, 3, 3, 2)),
         ("conv2d", 1, 1, (2, 3, 5, 6), (4, 3, 3, 3)),
+        # more input than output channels: the other of the two lowerings of the forward
+        # and of the input gradient (the product first, then the shifted sum; see gemm.py)
+        ("conv1d", 1, 2, (2, 5, 5), (3, 5, 3)),
+        ("conv2d", 1, 1, (2, 5, 5, 6), (3, 5, 3, 3)),
+        ("conv2d", 1, 0, (2, 5, 6, 5), (3, 5, 3, 2)),
+        ("conv2d", 1, 0, (2, 3, 6, 5), (4, 3, 2, 3)),
     ],
 )
 def test_convolutions_with_stride_and_padding(name, stride, padding, x_shape, w_shape, dtype):
@@ -262,6 +268,29 @@ def test_convolutions_with_stride_and_padding(name, stride, padding, x_shape, w_
     _assert_close(y, want.detach().numpy(), RTOL[dtype], f"{name} forward")
     for got, leaf in zip(grads, leaves, strict=True):
         _assert_close(got, leaf.grad.numpy(), RTOL[dtype], f"{name} gradient")
+
+
+@pytest.mark.parametrize(("channels", "filters"), [(3, 5), (5, 3)])
+def test_a_channels_last_convolution_written_by_hand(channels, filters):
+    """The shifted read on the other side of the product (the output's position index before
+    its channel index): the same lowerings from the left factor, checked against torch."""
+    b, o, p, c, q = sp.symbols("b o p c q", integer=True)
+    B, C, L, F, K = sp.symbols("B C L F K", integer=True, positive=True)
+    X, W = sp.IndexedBase("X", shape=(B, L, C)), sp.IndexedBase("W", shape=(F, C, K))
+    body = sp.Sum(W[o, c, q] * X[b, p + q - 1, c], (c, 0, C - 1), (q, 0, K - 1))
+    op = sg.tensor_op(body, out=(b, p, o), inputs=[X, W], name="conv_channels_last",
+                      out_shape=(B, L - K + 3, F))
+    rng = np.random.default_rng(5)
+    x, w = rng.normal(size=(2, 7, channels)), rng.normal(size=(filters, channels, 3))
+    y = op(x, w)
+    g = rng.normal(size=y.shape)
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    want = torch.nn.functional.conv1d(tx.permute(0, 2, 1), tw, padding=1).permute(0, 2, 1)
+    want.backward(torch.tensor(g))
+    _assert_close(y, want.detach().numpy(), 1e-10, "channels-last forward")
+    grad_x, grad_w = op.vjp(x, w, g)
+    _assert_close(grad_x, tx.grad.numpy(), 1e-10, "channels-last grad_X")
+    _assert_close(grad_w, tw.grad.numpy(), 1e-10, "channels-last grad_W")
 
 
 def test_convolution_parameters_are_whole_numbers():

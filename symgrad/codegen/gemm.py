@@ -14,6 +14,15 @@ of the assignment are split, in loop order, into
 and ``np.dot(left, right)`` fills the ``rows × cols`` block of the result for each outer value.
 A sum whose bounds were tightened by a condition (``p`` from ``max(0, 1 - y)``) runs over its
 full range with the condition moved onto the factor it guards (the read is 0 outside).
+
+A factor that reads two of its indices only as ``f ± s`` (a convolution's ``p + q``) is not
+copied once per ``(f, s)`` pair: it is *folded* (:class:`_Fold`), filled once over ``f ± s``,
+and each of one GEMM per ``s`` reads it from ``s`` steps on — BLAS views on one buffer,
+``KH`` times smaller than im2col's.  When ``s`` is summed there is a second lowering
+(:class:`_ProductFirst`): the product with the other factor first, then the sum of its
+shifted reads (col2im); the kernel picks one of the two by the sizes it is called with.  The
+derivatives are untouched: the input gradient of a convolution is still the derived
+transposed convolution, only lowered one of these two ways.
 """
 
 from __future__ import annotations
@@ -77,6 +86,8 @@ class MaterializedGemm:
     uses: int = 1
     into: str | None = None
     batch: str | None = None  # never batched the way _Gemm is: _write_gemm_into checks it
+    fold: _Fold | None = None  # a shifted read folded into one buffer (see _Fold)
+    product_first: _ProductFirst | None = None  # or shifted after the product (see there)
 
     @property
     def dims(self) -> tuple[sp.Expr, ...]:
@@ -89,6 +100,9 @@ class MaterializedGemm:
 
     def read(self) -> sp.Expr:
         idx = tuple(v for v, _, _ in (*self.outer, *self.rows, *self.cols))
+        if self.fold is not None and self.fold.s[0] in idx:  # stored with s leading
+            s = self.fold.s[0]
+            idx = (s, *(v for v in idx if v != s))
         return sp.IndexedBase(self.name)[idx] if idx else sp.Symbol(f"{self.name}[0]")
 
     def _size(self, limits: tuple[Limit, ...]) -> str:
@@ -148,6 +162,8 @@ class MaterializedGemm:
         return (allocate, fill, source) if same_zeros else ([], [*allocate, *fill], source)
 
     def statement(self) -> list[str]:
+        if self.fold is not None:
+            return self._folded_statement()
         pre_l, in_l, left = self._operand("a", self.left, self.rows, self.summed)
         pre_r, in_r, right = self._operand("b", self.right, self.summed, self.cols)
         dest = self.into or self.name
@@ -170,6 +186,378 @@ class MaterializedGemm:
         else:
             lines.append(f"{pad}np.dot({left}, {right}, {block})")
         return lines
+
+    # -- a shifted read folded into one buffer: one GEMM per value of s (see _Fold) --------
+
+    def _folded_statement(self) -> list[str]:
+        """Like :meth:`statement`, with the factor read through ``f ± s`` filled once over
+        ``t = f ± s`` and each GEMM reading it ``s`` rows further: a loop over ``s`` around
+        the GEMMs, adding up (``s`` summed) or writing its own block (``s`` a result index,
+        stored leading).  The GEMMs are :func:`symgrad.runtime.blas.gemm` calls on views."""
+        fold = self.fold
+        assert fold is not None
+        s, s_lo, s_hi = fold.s
+
+        def drop(limits: tuple[Limit, ...]) -> tuple[Limit, ...]:
+            return tuple(lim for lim in limits if lim[0] != s)
+
+        rows, cols, summed = drop(self.rows), drop(self.cols), drop(self.summed)
+        s_free = len(rows) + len(cols) < len(self.rows) + len(self.cols)
+        lines: list[str] = []
+        inner: list[str] = []
+        views = []
+        for side, f, first, second in (
+            ("a", self.left, self.rows, self.summed),
+            ("b", self.right, self.summed, self.cols),
+        ):
+            if side == fold.side:
+                pre, fill, view = self._folded_operand(side, f, first, second)
+            else:
+                pre, fill, view = self._sliced_operand(side, f, drop(first), drop(second))
+            lines += pre
+            inner += fill
+            views.append(view)
+        result = ((fold.s,) if s_free else ()) + self.outer + rows + cols
+        dest = self.into or self.name
+        iterated = (*self.outer, *self.acc)
+        empty_s = not sp.simplify(s_hi - s_lo + 1).is_positive
+        if self.acc or (empty_s and not s_free):  # added up over the images (or nothing)
+            lines.append(f"{dest}[...] = 0.0")
+        loops, pad = self._loops(iterated, "")
+        lines += loops + [pad + line for line in inner]
+        lines.append(f"{pad}for {s} in range({self.integer(s_lo)}, {self.integer(s_hi + 1)}):")
+        pad += "    "
+        if self.acc:
+            beta = "1.0"
+        elif s_free:
+            beta = "0.0"
+        else:
+            beta = f"0.0 if {s} == {self.integer(s_lo)} else 1.0"
+        c_offset = _offset(result, [v for v, _, _ in (*((fold.s,) if s_free else ()),
+                                                       *self.outer)])
+        (a, ao, lda, ta), (b, bo, ldb, tb) = views
+        args = [
+            str(ta), str(tb), self._size(rows), self._size(cols), self._size(summed), "1.0",
+            a, self.integer(ao), self.integer(lda), b, self.integer(bo), self.integer(ldb),
+            beta, dest, self.integer(c_offset), self._size(cols),
+        ]
+        lines.append(f"{pad}_gemm({', '.join(args)})")
+        alloc = []
+        if not self.into:
+            shape = ", ".join(self.integer(hi - lo + 1) for _, lo, hi in result) or "1"
+            alloc = [f"{self.name} = np.empty(({shape},), {self.dtype}.dtype)"]
+        other = self.product_first
+        if other is None:
+            return alloc + lines
+        # which of the two is cheaper depends on the sizes, known when the kernel runs
+        return [
+            *alloc,
+            f"if {self._size(other.plain)} > {self._size(rows)}:",
+            *("    " + line for line in self._product_first_lines(dest)),
+            "else:",
+            *("    " + line for line in lines),
+        ]
+
+    def _product_first_lines(self, dest: str) -> list[str]:
+        """See :class:`_ProductFirst`: per value of the outer indices, one GEMM into ``T``,
+        then the result as the sum of ``T``'s shifted reads (bounded by the conditions)."""
+        pf = self.product_first
+        assert pf is not None
+        here = tuple(lim for lim in self.outer if lim[0] in self.left.indices)
+        left, lines = self._permuted(f"{self.name}_a", pf.left, (*here, *self.rows,
+                                                                 *pf.shifted, *pf.plain))
+        x_here = tuple(lim for lim in self.outer if lim[0] in pf.read.indices)
+        x_axes = (*x_here, *pf.plain, *pf.axes)
+        right, copy = self._permuted(f"{self.name}_b", pf.read, x_axes)
+        lines += copy
+        t_axes = (*self.rows, *pf.shifted, *pf.axes)
+        t_name = f"{self.name}_T"
+        dims = ", ".join(self.integer(hi - lo + 1) for _, lo, hi in t_axes)
+        lines.append(f"{t_name} = np.empty(({dims},), {self.dtype}.dtype)")
+        loops, pad = self._loops(self.outer, "")
+        lines += loops
+        m = f"{self._size(self.rows)}*{self._size(pf.shifted)}"
+        args = [
+            "False", "False", m, self._size(pf.axes), self._size(pf.plain), "1.0",
+            left, self.integer(_offset((*here, *self.rows, *pf.shifted, *pf.plain),
+                                       [v for v, _, _ in here])),
+            self._size(pf.plain),
+            right, self.integer(_offset(x_axes, [v for v, _, _ in x_here])),
+            self._size(pf.axes), "0.0", t_name, "0", self._size(pf.axes),
+        ]
+        lines.append(f"{pad}_gemm({', '.join(args)})")
+        at = "".join(f"[{self.integer(v - lo)}]" for v, lo, _ in self.outer)
+        lines.append(f"{pad}{dest}{at or '[...]'} = 0.0")
+        order = (*self.rows, *pf.shifted, *self.cols)
+        bounded, left_conds = _fill_bounds(order, list(self.right.conds), self.right.ranges)
+        out_at = tuple(v - lo for v, lo, _ in (*self.outer, *self.rows, *self.cols))
+        t_read = sp.IndexedBase(t_name)[
+            (*(v - lo for v, lo, _ in (*self.rows, *pf.shifted)), *pf.shifts)]
+        rows = None if left_conds else self._row_views(bounded, dest, out_at, t_read, "+=",
+                                                         f"{self.name}_T", pad)
+        if rows is not None:
+            return lines + rows
+        inner, pad = self._loops(bounded, pad)
+        lines += inner
+        if left_conds:
+            lines.append(f"{pad}if {self.printer(sp.And(*left_conds))}:")
+            pad += "    "
+        at = ", ".join(self.integer(i) for i in out_at)
+        t_at = ", ".join(self.integer(i) for i in t_read.indices)
+        lines.append(f"{pad}{dest}[{at}] {'+='} {t_name}[{t_at}]")
+        return lines
+
+    def _row_views(self, limits: tuple[Limit, ...], target: str, index: tuple[sp.Expr, ...],
+                   source: sp.Expr, op: str, tag: str, pad: str = "") -> list[str] | None:
+        """Loops over ``limits`` doing ``target[index] op source``, the innermost one over
+        views of the two rows from 0: an index that is provably ≥ 0 needs no wraparound test,
+        and without it LLVM vectorises the copy (an index ``x - r + 1`` keeps it scalar,
+        about 3× slower).  None unless ``source`` is one tensor read and the innermost index
+        is, in both, the last index plus a constant."""
+        if not limits or not isinstance(source, sp.Indexed) or source.base.is_integer:
+            return None
+        *around, (v, lo, hi) = limits
+        offsets = []
+        for idx in (tuple(index), tuple(source.indices)):
+            if not idx or any(v in i.free_symbols for i in idx[:-1]):
+                return None
+            shift = sp.expand(idx[-1] - v)
+            if v in shift.free_symbols:
+                return None
+            offsets.append(shift)
+        loops, pad = self._loops(tuple(around), pad)
+        n, start, i = f"{tag}_n", f"{tag}_lo", f"{tag}_i"
+
+        def view(array: str, idx: tuple[sp.Expr, ...], shift: sp.Expr) -> str:
+            first = start if shift == 0 else f"{start} + ({self.integer(shift)})"
+            return f"{array}[{''.join(self.integer(e) + ', ' for e in idx[:-1])}" \
+                   f"{first}:{first} + {n}]"
+
+        return [
+            *loops,
+            f"{pad}{start} = {self.integer(lo)}",
+            f"{pad}{n} = {self.integer(hi)} + 1 - {start}",
+            f"{pad}{tag}_d = {view(target, tuple(index), offsets[0])}",
+            f"{pad}{tag}_s = {view(str(source.base.label), tuple(source.indices), offsets[1])}",
+            f"{pad}for {i} in range({n}):",
+            f"{pad}    {tag}_d[{i}] {op} {tag}_s[{i}]",
+        ]
+
+    def _permuted(self, var: str, read: sp.Indexed,
+                  axes: tuple[Limit, ...]) -> tuple[str, list[str]]:
+        """``read``'s tensor with its axes in the order of ``axes`` (one index each): the
+        tensor itself, or a permuted copy made once."""
+        index = [i for i in read.indices]
+        perm = tuple(index.index(v) for v, _, _ in axes)
+        label = str(read.base.label)
+        if perm == tuple(range(len(perm))):
+            return label, []
+        return var, [f"{var} = np.ascontiguousarray(np.transpose({label}, {perm}))"]
+
+    def _fill(self, var: str, f: _Factor, axes: tuple[Limit, ...], expr: sp.Expr,
+              conds: list[sp.Basic], ranges: dict) -> tuple[list[str], list[str]]:
+        """(allocation, fill loops) of ``var[axes] = expr``, 0 where ``conds`` fail."""
+        dims = ", ".join(self.integer(hi - lo + 1) for _, lo, hi in axes) or "1"
+        alloc = "np.zeros" if conds else "np.empty"
+        allocate = [f"{var} = {alloc}(({dims},), {self.dtype}.dtype)"]
+        bounded, left = _fill_bounds(axes, conds, ranges)
+        target = tuple(v - lo for v, lo, _ in axes)
+        rows = None if left else self._row_views(bounded, var, target, expr, "=", var)
+        if rows is not None:
+            fill = rows
+        else:
+            loops, pad = self._loops(bounded, "")
+            value = expr if not left else sp.Piecewise((expr, sp.And(*left)), (0, True))
+            at = ", ".join(self.integer(i) for i in target) or "0"
+            fill = [*loops, f"{pad}{var}[{at}] = {self.printer(value)}"]
+        here = {v for v, _, _ in (*self.outer, *self.acc)} & (f.indices | set(ranges))
+        here &= expr.free_symbols | {x for c in conds for x in c.free_symbols}
+        if not here:
+            return [*allocate, *fill], []
+        # refilled for each image; allocated (and zeroed) once when its zeros stay put
+        same_zeros = not any(c.free_symbols & here for c in conds)
+        return (allocate, fill) if same_zeros else ([], [*allocate, *fill])
+
+    def _folded_operand(self, side: str, f: _Factor, first: tuple[Limit, ...],
+                        second: tuple[Limit, ...]) -> tuple[list[str], list[str], tuple]:
+        """The folded factor: filled over ``t`` in place of ``f`` (and without ``s``); the
+        matrix for one ``s`` starts ``±s`` steps of ``t`` into the buffer."""
+        fold = self.fold
+        assert fold is not None
+        s, fv = fold.s[0], fold.f
+
+        def merged(limits: tuple[Limit, ...]) -> tuple[Limit, ...]:
+            return tuple((fold.t, *fold.t_range) if lim[0] == fv[0] else lim
+                         for lim in limits if lim[0] != s)
+
+        m_first, m_second = merged(first), merged(second)
+        flip = _fill_transposed(f, first, second)
+        axes = (*m_second, *m_first) if flip else (*m_first, *m_second)
+        ranges = {**f.ranges, fold.t: fold.t_range}
+        var = f"{self.name}_{side}"
+        pre, fill = self._fill(var, f, axes, fold.expr, list(fold.conds), ranges)
+        at = [v for v, _, _ in axes].index(fold.t)
+        stride = sp.Mul(*(hi - lo + 1 for _, lo, hi in axes[at + 1:]))
+        offset = (fold.sign * s + fv[1] - fold.t_range[0]) * stride
+        ld = sp.Mul(*(hi - lo + 1 for _, lo, hi in (m_first if flip else m_second)))
+        return pre, fill, (var, offset, ld, flip)
+
+    def _sliced_operand(self, side: str, f: _Factor, first: tuple[Limit, ...],
+                        second: tuple[Limit, ...]) -> tuple[list[str], list[str], tuple]:
+        """The other factor as ``first × second`` matrices, one per value of the iterated
+        indices and of ``s`` where it reads them: a plain read as it is or as a permuted
+        copy (made once), else filled (it does not read ``s``: see :func:`_find_fold`)."""
+        fold = self.fold
+        assert fold is not None
+        iterated = (*self.outer, *self.acc, fold.s)
+        here = tuple(lim for lim in iterated if lim[0] in f.indices)
+        read = f.plain()
+        if read is None:
+            var = f"{self.name}_{side}"
+            flip = _fill_transposed(f, first, second)
+            axes = (*second, *first) if flip else (*first, *second)
+            pre, fill = self._fill(var, f, axes, f.expr, f.conds, f.ranges)
+            ld = sp.Mul(*(hi - lo + 1 for _, lo, hi in (first if flip else second)))
+            return pre, fill, (var, sp.S.Zero, ld, flip)
+        axes = (*here, *first, *second)
+        perm = tuple(list(read.indices).index(v) for v, _, _ in axes)
+        label = str(read.base.label)
+        pre = []
+        if perm != tuple(range(len(perm))):
+            pre = [f"{self.name}_{side}_all = np.ascontiguousarray(np.transpose({label}, {perm}))"]
+            label = f"{self.name}_{side}_all"
+        offset = _offset(axes, [v for v, _, _ in here])
+        ld = sp.Mul(*(hi - lo + 1 for _, lo, hi in second))
+        return pre, [], (label, offset, ld, False)
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """A factor that reads its indices ``f`` and ``s`` only as ``t = f + sign·s`` (a
+    convolution's ``X[b, c, p + q - 1, ...]``: ``f = p``, ``s = q``), ``f`` leading its group
+    of the factor's matrix axes and ``s`` in the other group.  Filled over ``t`` (``P + Q - 1``
+    values, not ``P·Q``), the factor's matrix for one value of ``s`` is the buffer read from
+    ``sign·s`` steps of ``t`` on, with the same leading dimension; so one GEMM per ``s``
+    replaces one GEMM over a ``Q`` times larger copy.  ``expr`` and ``conds`` are the factor's
+    value and conditions in ``t``."""
+
+    side: str  # "a": the left factor, "b": the right
+    s: Limit
+    f: Limit
+    sign: int
+    t: sp.Symbol
+    t_range: tuple[sp.Expr, sp.Expr]
+    expr: sp.Expr
+    conds: tuple[sp.Basic, ...]
+
+
+@dataclass(frozen=True)
+class _ProductFirst:
+    """The other order for a fold whose ``s`` is summed (a convolution's input gradient,
+    ``Σ_{o,q,r} W[o, c, q, r]·G[b, o, y - q + 1, x - r + 1]``): the folded factor is one
+    tensor read whose every index is an outer index, a summed index (``plain``: ``o``) or a
+    shifted index expression (``shifts``, over the tensor's whole ``axes``); the product
+    with the other factor over ``plain`` comes first, as one GEMM per outer value into
+    ``T[rows, shifted, axes]`` (``shifted``: the other summed indices, ``q, r``), and the
+    result is ``Σ_shifted T[rows, shifted, shifts]`` (col2im).  Its GEMM has ``rows·shifted``
+    rows, where the fold's have ``rows``: it wins when ``rows`` is small against ``plain``."""
+
+    read: sp.Indexed  # the tensor read, the shifted index expressions replaced by axes' indices
+    left: sp.Indexed
+    plain: tuple[Limit, ...]
+    shifted: tuple[Limit, ...]
+    shifts: tuple[sp.Expr, ...]
+    axes: tuple[Limit, ...]
+
+
+def _product_first(g: MaterializedGemm) -> _ProductFirst | None:
+    """The :class:`_ProductFirst` plan of ``g``, or None when its shape is not that."""
+    fold = g.fold
+    if fold is None or fold.side != "b" or g.acc or g.into is not None:
+        return None
+    summed = {v: (v, lo, hi) for v, lo, hi in g.summed}
+    if fold.s[0] not in summed or g.left.plain() is None:
+        return None
+    read, left = g.right.expr, g.left.plain()
+    if not isinstance(read, sp.Indexed) or read.base.is_integer or left is None:
+        return None
+    outer = {v for v, _, _ in g.outer}
+    cols = {v for v, _, _ in g.cols}
+    plain, shifts, axes = [], [], []
+    for n, i in enumerate(read.indices):
+        if i in outer:
+            continue
+        if i in summed:
+            plain.append(summed[i])
+        elif i.free_symbols & cols and not i.free_symbols - cols - set(summed):
+            u = sp.Symbol(f"{g.name}_u{n}", integer=True)
+            shifts.append(i)
+            axes.append((u, sp.S.Zero, read.base.shape[n] - 1))
+        else:
+            return None
+    used = {v for v, _, _ in plain}
+    shifted = [lim for lim in g.summed if lim[0] not in used]
+    in_shifts = set().union(*(e.free_symbols for e in shifts)) if shifts else set()
+    if not shifted or any(v in in_shifts for v in used) or len(set(read.indices)) != len(
+            read.indices) or not {v for v, _, _ in shifted} <= in_shifts:
+        return None
+    if set(left.indices) - outer - {v for v, _, _ in (*g.rows, *g.summed)}:
+        return None
+    at_u = iter(u for u, _, _ in axes)
+    flat = read.base[tuple(next(at_u) if i in shifts else i for i in read.indices)]
+    return _ProductFirst(flat, left, tuple(plain), tuple(shifted), tuple(shifts), tuple(axes))
+
+
+def _offset(axes: tuple[Limit, ...], fixed: list[sp.Symbol]) -> sp.Expr:
+    """The flat offset, in a C-contiguous array over ``axes``, of the block where the
+    indices ``fixed`` (leading axes) take their current values."""
+    total = sp.S.Zero
+    for n, (v, lo, _) in enumerate(axes):
+        if v in fixed:
+            total += (v - lo) * sp.Mul(*(h - lw + 1 for _, lw, h in axes[n + 1:]))
+    return total
+
+
+def _find_fold(g: MaterializedGemm) -> _Fold | None:
+    """The first fold of :class:`_Fold` that ``g`` admits (factors in order right, left;
+    ``s`` summed then ``s`` a result index; sign + then −), or None."""
+    for side, f, other in (("b", g.right, g.left), ("a", g.left, g.right)):
+        if f.plain() is not None:
+            continue
+        free = g.cols if side == "b" else g.rows
+        pairs = [(s, free[0]) for s in g.summed if free]
+        pairs += [(s, g.summed[0]) for s in free if g.summed]
+        for (s, f_lim), sign in itertools.product(pairs, (1, -1)):
+            if s[0] in other.indices and other.plain() is None:
+                continue  # the other factor would need a copy per s
+            fold = _fold(g.name, side, f, s, f_lim, sign)
+            if fold is not None:
+                return fold
+    return None
+
+
+def _fold(name: str, side: str, f: _Factor, s: Limit, fl: Limit, sign: int) -> _Fold | None:
+    t = sp.Symbol(f"{name}_{side}_t", integer=True)
+    to_t = {fl[0]: t - sign * s[0]}
+    expr = sp.expand(f.expr.xreplace(to_t)) if f.expr.is_Add else f.expr.xreplace(to_t)
+    expr = expr.replace(lambda e: isinstance(e, sp.Indexed),
+                        lambda e: e.func(e.base, *(sp.expand(i) for i in e.indices)))
+    conds = []
+    for c in f.conds:
+        if not isinstance(c, sp.core.relational.Relational):
+            return None
+        c = c.func(sp.expand((c.lhs - c.rhs).xreplace(to_t)), 0)
+        if c is sp.false:
+            return None
+        if c is not sp.true:
+            conds.append(c)
+    if s[0] in expr.free_symbols or any(s[0] in c.free_symbols for c in conds):
+        return None
+    if fl[0] in expr.free_symbols or t not in expr.free_symbols:
+        return None
+    lo = fl[1] + s[1] if sign > 0 else fl[1] - s[2]
+    hi = fl[2] + s[2] if sign > 0 else fl[2] - s[1]
+    return _Fold(side, s, fl, sign, t, (lo, hi), expr, tuple(conds))
 
 
 def _fill_transposed(f: _Factor, first: tuple[Limit, ...], second: tuple[Limit, ...]) -> bool:
@@ -324,10 +712,13 @@ def plan(
     def lim(vs: list[sp.Symbol]) -> tuple[Limit, ...]:
         return tuple((v, *ranges[v]) for v in vs)
 
-    return MaterializedGemm(
+    gemm = MaterializedGemm(
         name, lim(outer), lim(rows), lim(cols), tuple(sum_order), left, right, dtype,
         tuple(acc), printer, integer,
     )
+    gemm.fold = _find_fold(gemm)
+    gemm.product_first = _product_first(gemm)
+    return gemm
 
 
 def _accumulated(limits: list[Limit], factors: tuple[_Factor, _Factor]) -> list[Limit]:

@@ -535,6 +535,28 @@ class _Lowerer:
             return rest.xreplace({read: sp.IndexedBase(a.target)[tuple(loop_vars)]})
         return expr
 
+    def _write_materialized_into(self, a: _Assignment, expr: sp.Expr) -> sp.Expr:
+        """Let a :class:`MaterializedGemm` read once, at this target's element and in its
+        layout, write into the target (a convolution's ``out[b, o, p, v] = _c0[b, o, p, v] +
+        c[o]``): no temporary as large as the output, no copy; the rest of ``expr`` (the
+        bias) is then applied to the target in place, element by element."""
+        if a.accumulate or a.index is not None or not a.loops:
+            return expr
+        loop_vars = tuple(v for v, _, _ in a.loops)
+        for gemm in self.gemms:
+            if not isinstance(gemm, MaterializedGemm) or gemm.uses != 1 or gemm.into is not None:
+                continue
+            reads = [r for r in expr.atoms(sp.Indexed) if str(r.base.label) == gemm.name]
+            if len(reads) != 1 or tuple(reads[0].indices) != loop_vars:
+                continue
+            if tuple(gemm.read().indices) != loop_vars:
+                continue  # stored in another layout (a fold's s leading)
+            if not all(is_zero(lo) for _, lo, _ in a.loops):
+                continue
+            gemm.into = a.target
+            return expr.xreplace({reads[0]: sp.IndexedBase(a.target)[loop_vars]})
+        return expr
+
     # -- reductions ------------------------------------------------------------------------
 
     def extract(
@@ -654,6 +676,7 @@ class _Lowerer:
         expr = self.extract(a.expr, loop_vars, reds, seen)
         stored = [self.extract(st.expr, loop_vars[: st.depth], reds, seen) for st in stores]
         expr = self._write_gemm_into(a, expr)
+        expr = self._write_materialized_into(a, expr)
         self._all = reds
         # Place each reduction: inside the reduction loop of the innermost enclosing reduction
         # it depends on, else at the output loop level of its deepest dependency.
