@@ -14,7 +14,7 @@ fingerprint (:func:`symgrad.runtime.cache.toolchain_fingerprint`).
 
 **Threads.**  BLAS runs single-threaded inside symgrad's kernels
 (:func:`symgrad.runtime.threads.limit_blas`); a large product is split by
-:func:`gemm_blocks` into blocks of :data:`BLOCK_ROWS` rows (or columns) of ``C`` — a partition
+:func:`gemm_blocks` into :data:`BLOCKS` blocks of rows (or columns) of ``C`` — a partition
 fixed by the sizes alone — each one ``gemm`` call: serially in a kernel's serial variant,
 spread over Numba's threads by :func:`gemm_blocks_par` in its parallel one.  Both compute every
 block the same way, so the product has the same bits on any number of threads.
@@ -93,55 +93,61 @@ def gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc):  # t
     )
 
 
-#: Rows (or columns) of ``C`` per block of a split product; a multiple of every BLAS kernel's
-#: register tile, and large enough that re-packing the other operand per block costs little.
-BLOCK_ROWS = 128
+#: A split product has this many blocks (of whole multiples of 64 rows, at least
+#: MIN_BLOCK_ROWS): each block re-packs the other operand, so every block more costs, and
+#: fewer blocks share out over fewer threads (see benchmarks/THREADS.md).
+BLOCKS = 4
+MIN_BLOCK_ROWS = 128
 
 
 @njit(cache=True)
 def _blocks(m, n, k):  # type: ignore[no-untyped-def]
-    """How :func:`gemm_blocks` splits an ``m × n`` product: (number of blocks, split the rows).
-
-    A product of fewer than two blocks' worth, or too little work for a thread, is one block."""
+    """How :func:`gemm_blocks` splits an ``m × n`` product: (blocks, split the rows, block
+    size).  The longer side of ``C`` is split; a product with too little work, or too short a
+    side to split, is one block.  A function of the sizes alone."""
     rows = m >= n
     long = m if rows else n
-    if long < 2 * BLOCK_ROWS or m * n * k < (1 << 22):
-        return 1, rows
-    return (long + BLOCK_ROWS - 1) // BLOCK_ROWS, rows
+    if long < 2 * MIN_BLOCK_ROWS or m * n * k < (1 << 22):
+        return 1, rows, long
+    size = max(MIN_BLOCK_ROWS, ((long + BLOCKS - 1) // BLOCKS + 63) // 64 * 64)
+    return (long + size - 1) // size, rows, size
 
 
 @njit(cache=True)
-def _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, nb, rows):  # type: ignore[no-untyped-def]
-    """Block ``i`` of ``nb`` of the product (all of it when ``nb`` is 1)."""
+def _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, nb, rows, size):  # type: ignore[no-untyped-def]
+    """Block ``i`` of ``nb`` (``size`` rows or columns each) of the product (all of it when
+    ``nb`` is 1)."""
     if nb == 1:
         gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc)
         return
-    lo = i * BLOCK_ROWS
+    lo = i * size
     if rows:  # rows lo.. of C: rows lo.. of op(A)
-        size = min(BLOCK_ROWS, m - lo)
+        part = min(size, m - lo)
         a_at = ao + (lo if ta else lo * lda)
-        gemm(ta, tb, size, n, k, alpha, a, a_at, lda, b, bo, ldb, beta, c, co + lo * ldc, ldc)
+        gemm(ta, tb, part, n, k, alpha, a, a_at, lda, b, bo, ldb, beta, c, co + lo * ldc, ldc)
     else:  # columns lo.. of C: columns lo.. of op(B)
-        size = min(BLOCK_ROWS, n - lo)
+        part = min(size, n - lo)
         b_at = bo + (lo * ldb if tb else lo)
-        gemm(ta, tb, m, size, k, alpha, a, ao, lda, b, b_at, ldb, beta, c, co + lo, ldc)
+        gemm(ta, tb, m, part, k, alpha, a, ao, lda, b, b_at, ldb, beta, c, co + lo, ldc)
 
 
 @njit(cache=True)
 def gemm_blocks(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc):  # type: ignore[no-untyped-def]
     """``gemm`` split into the blocks of :func:`_blocks`, one after another."""
-    nb, rows = _blocks(m, n, k)
+    nb, rows, size = _blocks(m, n, k)
     for i in range(nb):
-        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, nb, rows)
+        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, nb, rows,
+               size)
 
 
 @njit(cache=True, parallel=True)
 def gemm_blocks_par(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc):  # type: ignore[no-untyped-def]
     """``gemm`` split into the blocks of :func:`_blocks`, spread over Numba's threads: the same
     calls as :func:`gemm_blocks`, so the same result."""
-    nb, rows = _blocks(m, n, k)
+    nb, rows, size = _blocks(m, n, k)
     if nb == 1:
         gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc)
         return
     for i in prange(nb):
-        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, nb, rows)
+        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, nb, rows,
+               size)
