@@ -9,6 +9,11 @@ pieces whose boundaries depend on the sizes alone, never on the number of thread
 piece is computed as the serial variant computes it: a run on 1, 2 or 16 threads gives the same
 bits, and so does the serial variant.
 
+The pool is Numba's ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` names another (see the
+note at the import of numba below); like Numba's, the thread count is per calling thread, and
+two Python threads should not run parallel kernels at the same moment (the workqueue layer
+does not take concurrent launches).
+
 Which variant runs is decided per call from the size of the work (:func:`use_parallel`): a small
 op runs serially, where starting threads would cost more than it saves (a few microseconds).
 
@@ -58,6 +63,13 @@ def _from_env() -> int | None:
 
 import numba  # noqa: E402  (symgrad/__init__.py sized Numba's pool before this import)
 
+# Numba's OpenMP layer runs on GNU OpenMP, which torch loads too (under the same name): the two
+# then share one thread-count setting, and a thread count set for symgrad's kernels makes
+# torch's parallel regions run on as many threads (measured: torch's MLP step 70x slower on
+# one core).  The workqueue layer is Numba's own pool.  NUMBA_THREADING_LAYER chooses another.
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    numba.config.THREADING_LAYER = "workqueue"
+
 _configured = False
 
 
@@ -105,7 +117,9 @@ def configure() -> None:
     _configured = True
     limit_blas()
     wanted = _from_env()
-    numba.set_num_threads(min(wanted if wanted is not None else _affinity(), max_threads()))
+    default = min(wanted if wanted is not None else _affinity(), max_threads())
+    if default != numba.get_num_threads():  # Numba's pool starts only when asked to
+        numba.set_num_threads(default)
 
 
 def set_num_threads(n: int) -> None:
