@@ -22,9 +22,9 @@ Workloads (float32 unless stated, thread count fixed and reported, 1 by default)
 
 Every system gets ``threads`` threads (thread-pool settings) on as many cores (the process's CPU
 affinity); symgrad's through :func:`symgrad.set_num_threads` (one pool for its loops and its
-GEMMs, the BLAS they call single-threaded).  Timings are medians of repeats after warm-up, the candidates of one size interleaved
-so drift hits them alike (W1 times a block of consecutive steps per turn, as a training loop
-runs them); ratios are to torch eager measured in the same run.
+GEMMs, the BLAS they call single-threaded).  Timings are medians of repeats after warm-up, the
+candidates of one size interleaved so drift hits them alike (W1 times a block of consecutive
+steps per turn, as a training loop runs them); ratios are to torch eager measured in the same run.
 """
 
 from __future__ import annotations

@@ -68,14 +68,14 @@ import numba  # noqa: E402  (symgrad/__init__.py sized Numba's pool before this 
 # torch's parallel regions run on as many threads (measured: torch's MLP step 70x slower on
 # one core).  The workqueue layer is Numba's own pool.  NUMBA_THREADING_LAYER chooses another.
 if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "workqueue"
+    numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
 
 _configured = False
 
 
 def max_threads() -> int:
     """The most threads this process can use (Numba's pool size, ``NUMBA_NUM_THREADS``)."""
-    return int(numba.config.NUMBA_NUM_THREADS)
+    return int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
 
 
 def _check(n: object) -> int:
@@ -97,7 +97,7 @@ def limit_blas() -> None:
     (``np.dot`` in Python) is left as it is."""
     try:
         import scipy
-        import scipy.linalg.cython_blas  # noqa: F401  (loads the library, as Numba would)
+        import scipy.linalg.cython_blas  # loads the library, as Numba would
         from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - both are dependencies
         return
