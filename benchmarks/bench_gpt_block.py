@@ -14,13 +14,14 @@ backward pass (every parameter's gradient) and an AdamW update (lr 1e-4), float3
 * **torch eager** — nanoGPT's ``Block`` (:class:`symgrad.torch.gpt.GPTBlockTwin`,
   ``scaled_dot_product_attention(is_causal=True)``), ``torch.optim.AdamW``;
 * **symgrad compiled, plain softmax (cost reference)** — not the block: the compiled step with
-  the softmax over all keys in place of ``causal_softmax``, the cost a causal softmax lowered
-  in O(T²) would have (today's ``causal_softmax`` kernels are O(T³), see :func:`candidates`).
+  the softmax over all keys in place of ``causal_softmax`` (the causal one does about half its
+  arithmetic, the plain one none of its index tests).
 
 For each thread count the process is pinned to that many cores and every pool set to it
-(OpenBLAS through threadpoolctl — the BLAS Numba's ``np.dot`` calls —, torch's intra-op pool,
-Numba's pool); medians of interleaved repeats after warm-up, ratios to torch eager of the same
-thread count.  The last full run is in ``benchmarks/RESULTS-gpt.md``.
+(torch's intra-op pool, symgrad's through ``symgrad.set_num_threads`` — the BLAS its kernels
+call stays single-threaded, symgrad splits the GEMMs itself); medians of interleaved repeats
+after warm-up, ratios to torch eager of the same thread count.  The last full run is in
+``benchmarks/RESULTS-gpt.md``.
 """
 
 from __future__ import annotations
@@ -91,9 +92,8 @@ def candidates(batch: int, tokens: int) -> dict[str, Any]:
         t_opt.step()
 
     # A cost reference, not the block: the same step with a plain (non-causal) softmax in
-    # place of causal_softmax, whose kernels currently loop over the key axis once per score
-    # (O(T³): the lowering guards the row's sums with the causal condition, which names the
-    # score's own key index, so they are not hoisted out of the key loop).
+    # place of causal_softmax (before the lowering kept a row's sums out of the key loop, the
+    # causal kernels were O(T³) and this showed what an O(T²) one would cost).
     plain = _block()
     plain._built = {**plain._op, "causal_softmax": _builtin_softmax()}
     reference = compile_step(plain, nn.MSELoss(), optim.AdamW(plain.parameters(), lr=LR))
@@ -138,12 +138,13 @@ def parts(batch: int, tokens: int, repeats: int) -> list[dict[str, Any]]:
 
 
 def run(batch: int, tokens: int, repeats: int) -> dict[str, Any]:
-    import numba
     import scipy.linalg.cython_blas  # noqa: F401  # the BLAS Numba calls, loaded for threadpoolctl
     import torch
     from threadpoolctl import threadpool_limits
 
+    import symgrad as sg
     from symgrad.bench import interleaved, machine, versions
+    from symgrad.runtime.threads import limit_blas
 
     info = machine()
     cores = sorted(os.sched_getaffinity(0))
@@ -160,8 +161,8 @@ def run(batch: int, tokens: int, repeats: int) -> dict[str, Any]:
             continue
         os.sched_setaffinity(0, cores[:threads])
         torch.set_num_threads(threads)
-        numba.set_num_threads(threads)
-        with threadpool_limits(threads):
+        with threadpool_limits(threads), sg.num_threads(threads):
+            limit_blas()  # symgrad's BLAS on one thread per call (threadpool_limits raised it)
             timings = interleaved(cands, repeats, warmup=2)
             if threads == 1:
                 op_rows = parts(batch, tokens, repeats)

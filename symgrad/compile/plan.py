@@ -46,45 +46,38 @@ _NJIT_PARALLEL = "@njit(cache=True, error_model='numpy', parallel=True)"
 #: function), while the calls cost microseconds against a step of milliseconds.
 WHOLE_STEP_OPS = 16
 
+def _both_variants(signature: str, body: list[str]) -> list[str]:
+    """An elementwise function of the step (``name(args)``, ``body`` its element loops) and its
+    parallel variant ``name_par``: the same loops over elements as ``prange`` loops."""
+    threaded = [line.replace("for i in range(", "for i in prange(") for line in body]
+    name, args = signature.split("(", 1)
+    return [
+        _NJIT, f"def {signature}:", *body, f"{_PAD}return None", "", "",
+        _NJIT_PARALLEL, f"def {name}_par({args}:", *threaded, f"{_PAD}return None", "", "",
+    ]  # fmt: skip
+
+
 #: The loops of a step besides its ops' kernels, each a small compiled function.
-_STEP_HELPERS = f"""{_NJIT}
-def _sg_mean(x):
-    total = 0.0
-    for i in range(x.size):
-        total += x[i]
-    return total / x.size
-
-
-{_NJIT}
-def _sg_fill_reciprocal_size(g):
-    for i in range(g.size):
-        g[i] = 1.0 / g.size
-
-
-{_NJIT}
-def _sg_multiply(out, g, partial):
-    for i in range(g.size):
-        out[i] = g[i] * partial[i]
-
-
-{_NJIT}
-def _sg_add_into(total, part):
-    for i in range(total.size):
-        total[i] += part[i]
-
-
-{_NJIT_PARALLEL}
-def _sg_multiply_par(out, g, partial):
-    for i in prange(g.size):
-        out[i] = g[i] * partial[i]
-
-
-{_NJIT_PARALLEL}
-def _sg_add_into_par(total, part):
-    for i in prange(total.size):
-        total[i] += part[i]
-
-"""
+_STEP_HELPERS = "\n".join([
+    _NJIT,
+    "def _sg_mean(x):",
+    f"{_PAD}total = 0.0",
+    f"{_PAD}for i in range(x.size):",
+    f"{_PAD}{_PAD}total += x[i]",
+    f"{_PAD}return total / x.size",
+    "",
+    "",
+    _NJIT,
+    "def _sg_fill_reciprocal_size(g):",
+    f"{_PAD}for i in range(g.size):",
+    f"{_PAD}{_PAD}g[i] = 1.0 / g.size",
+    "",
+    "",
+    *_both_variants("_sg_multiply(out, g, partial)", [
+        f"{_PAD}for i in range(g.size):", f"{_PAD}{_PAD}out[i] = g[i] * partial[i]"]),
+    *_both_variants("_sg_add_into(total, part)", [
+        f"{_PAD}for i in range(total.size):", f"{_PAD}{_PAD}total[i] += part[i]"]),
+])  # fmt: skip
 #: The step's own functions with a parallel variant (``<name>_par``, elementwise: the same
 #: results); the step's parallel variant calls those.
 _THREADED_HELPERS = ("_sg_multiply", "_sg_add_into", "_update_param", "_clip_apply")
@@ -568,17 +561,6 @@ def _update_lines(
     )  # fmt: skip
     one += _both_variants(f"_update_param({', '.join(names[a] for a in arguments)})", body)
     return lines, one, set(loops.helpers)
-
-
-def _both_variants(signature: str, body: list[str]) -> list[str]:
-    """An elementwise function of the step (``name(args)``, ``body`` its element loops) and its
-    parallel variant ``name_par``: the same loops over elements as ``prange`` loops."""
-    threaded = [line.replace("for i in range(", "for i in prange(") for line in body]
-    name, args = signature.split("(", 1)
-    return [
-        _NJIT, f"def {signature}:", *body, f"{_PAD}return None", "", "",
-        _NJIT_PARALLEL, f"def {name}_par({args}:", *threaded, f"{_PAD}return None", "", "",
-    ]  # fmt: skip
 
 
 def _flattened(name: str, keep: int, rank: int) -> str:

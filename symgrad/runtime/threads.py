@@ -29,10 +29,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numba  # symgrad/__init__.py sized Numba's pool before numba was first imported
+
 from ..errors import OptionError
 
-#: Elements of output (or multiply-adds of a GEMM, divided by the inner length) below which a
-#: kernel runs its serial variant: below this, starting the pool costs more than it saves.
+#: Elements of a call's largest array below which a kernel runs its serial variant: below
+#: this, starting the pool costs more than it saves.
 PARALLEL_MIN_WORK = 1 << 15
 
 _ENV = "SYMGRAD_NUM_THREADS"
@@ -60,8 +62,6 @@ def _from_env() -> int | None:
         raise OptionError(f"{_ENV}={text!r} must be at least 1")
     return value
 
-
-import numba  # noqa: E402  (symgrad/__init__.py sized Numba's pool before this import)
 
 # Numba's OpenMP layer runs on GNU OpenMP, which torch loads too (under the same name): the two
 # then share one thread-count setting, and a thread count set for symgrad's kernels makes
