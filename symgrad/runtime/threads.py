@@ -17,6 +17,14 @@ does not take concurrent launches).
 Which variant runs is decided per call from the size of the work (:func:`use_parallel`): a small
 op runs serially, where starting threads would cost more than it saves (a few microseconds).
 
+**Opt in.**  The pool runs symgrad's kernels once :func:`set_num_threads` (or
+:func:`num_threads`) is called or ``SYMGRAD_NUM_THREADS`` is set.  Until then every kernel runs
+its serial variant and the BLAS they call keeps its own threads, as before the pool existed:
+measured on this 2-core machine, the main job's epochs took 1.35× torch's time on the pool and
+0.98× without it (the pool's GEMMs are split into blocks that each re-pack an operand, where
+OpenBLAS's own threads share one packing) — see benchmarks/RESULTS-threads.md.  Results are
+the same bits on any number of threads of the pool; BLAS's own threading gives no such promise.
+
 The thread count: :func:`set_num_threads`, else the environment variable
 ``SYMGRAD_NUM_THREADS``, else the cores this process may run on (its CPU affinity).  Numba's
 pool cannot grow past ``NUMBA_NUM_THREADS`` once started: a larger ``SYMGRAD_NUM_THREADS`` raises
@@ -71,6 +79,7 @@ if not os.environ.get("NUMBA_THREADING_LAYER"):
     numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
 
 _configured = False
+_pool = False  # symgrad's pool in use: asked for by SYMGRAD_NUM_THREADS or set_num_threads
 
 
 def max_threads() -> int:
@@ -109,17 +118,24 @@ def limit_blas() -> None:
 
 
 def configure() -> None:
-    """Apply the default thread count (once per process): ``SYMGRAD_NUM_THREADS`` or the cores
-    this process may run on, capped at the pool's size."""
+    """Read ``SYMGRAD_NUM_THREADS`` (once per process): when it is set, symgrad's pool runs
+    the kernels on that many threads (capped at the pool's size) from the start."""
     global _configured
     if _configured:
         return
     _configured = True
-    limit_blas()
     wanted = _from_env()
-    default = min(wanted if wanted is not None else _affinity(), max_threads())
-    if default != numba.get_num_threads():  # Numba's pool starts only when asked to
-        numba.set_num_threads(default)
+    if wanted is not None:
+        _use_pool(min(wanted, max_threads()))
+
+
+def _use_pool(n: int) -> None:
+    """From now on: kernels on symgrad's pool of ``n`` threads, BLAS single-threaded in them."""
+    global _pool
+    if not _pool:
+        limit_blas()
+        _pool = True
+    numba.set_num_threads(n)
 
 
 def set_num_threads(n: int) -> None:
@@ -128,7 +144,7 @@ def set_num_threads(n: int) -> None:
     Results do not depend on ``n``: the same bits on 1 thread as on many.
     """
     configure()
-    numba.set_num_threads(_check(n))
+    _use_pool(_check(n))
 
 
 def get_num_threads() -> int:
@@ -155,4 +171,4 @@ def use_parallel(work: int) -> bool:
     if work < PARALLEL_MIN_WORK:
         return False
     configure()
-    return int(numba.get_num_threads()) > 1
+    return _pool and int(numba.get_num_threads()) > 1
