@@ -20,13 +20,15 @@ op runs serially, where starting threads would cost more than it saves (a few mi
 **Opt in.**  The pool runs symgrad's kernels once :func:`set_num_threads` (or
 :func:`num_threads`) is called or ``SYMGRAD_NUM_THREADS`` is set.  Until then every kernel runs
 its serial variant and the BLAS they call keeps its own threads, as before the pool existed:
-measured on this 2-core machine, the main job's epochs took 1.35× torch's time on the pool and
-0.98× without it (the pool's GEMMs are split into blocks that each re-pack an operand, where
-OpenBLAS's own threads share one packing) — see benchmarks/RESULTS-threads.md.  Results are
+measured on this 2-core machine, the main job's epochs took 1.35× torch's time on the pool
+and 1.10× without it, one run each (the pool's GEMMs are split into blocks that each re-pack
+an operand, where OpenBLAS's own threads share one packing) — see
+benchmarks/RESULTS-threads.md.  Results are
 the same bits on any number of threads of the pool; BLAS's own threading gives no such promise.
 
 The thread count: :func:`set_num_threads`, else the environment variable
-``SYMGRAD_NUM_THREADS``, else the cores this process may run on (its CPU affinity).  Numba's
+``SYMGRAD_NUM_THREADS``; before either, :func:`get_num_threads` reports Numba's default (the
+machine's cores).  Numba's
 pool cannot grow past ``NUMBA_NUM_THREADS`` once started: a larger ``SYMGRAD_NUM_THREADS`` raises
 that limit when it is set before symgrad is imported.
 """
@@ -46,13 +48,6 @@ from ..errors import OptionError
 PARALLEL_MIN_WORK = 1 << 15
 
 _ENV = "SYMGRAD_NUM_THREADS"
-
-
-def _affinity() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _from_env() -> int | None:
