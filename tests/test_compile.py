@@ -206,6 +206,51 @@ def test_the_step_keeps_the_models_output():
         assert not np.allclose(model(x), expected)  # the parameters moved after it
 
 
+def _pool_bases(step) -> dict[int, np.ndarray]:
+    """The distinct arrays that the buffers of every shape a step keeps are views of."""
+    bases = {}
+    for binding in step._bindings.values():
+        for a in [*binding.args, *binding.flats, *(g for _, g in binding.grads)]:
+            if isinstance(a, np.ndarray) and a.base is not None:
+                while a.base is not None:
+                    a = a.base
+                bases[id(a)] = a
+    return bases
+
+
+@pytest.mark.parametrize("kept", [64, 2])
+def test_a_step_over_many_shapes_holds_one_set_of_buffers(kept, monkeypatch):
+    """Batches of many sizes (padded sequences of many lengths): the step's buffers are views
+    of one pool no larger than the largest shape's buffers — not a set per shape — and every
+    loss, gradient and parameter equals, bit for bit, what a fresh step (buffers of its own,
+    zeros) computes from the same state; with few shapes kept, a shape dropped and traced
+    again computes the same too."""
+    import symgrad.compile.step as step_module
+
+    monkeypatch.setattr(step_module, "SHAPES_KEPT", kept)
+    a, b = _mlp(), _mlp()
+    step = compile_step(a, nn.CrossEntropyLoss(), optim.AdamW(a.parameters(), lr=1e-2))
+    opt_b = optim.AdamW(b.parameters(), lr=1e-2)  # its state carries across the fresh steps
+    rng = np.random.default_rng(3)
+    sizes = [7, 16, 3, 30, 16, 1, 24, 7, 30, 11, 2, 19, 3, 24]
+    largest = 0
+    for batch in sizes:
+        x, y = rng.normal(size=(batch, 6)), rng.integers(0, 3, batch)
+        fresh = compile_step(b, nn.CrossEntropyLoss(), opt_b)
+        want = fresh(x, y)
+        assert step(x, y) == want
+        np.testing.assert_array_equal(step.output, fresh.output)
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            np.testing.assert_array_equal(pa.grad, pb.grad)
+            np.testing.assert_array_equal(pa.data, pb.data)
+        largest = max(largest, fresh.memory()["held"])
+        assert step.memory()["held"] == fresh.memory()["held"]
+        # what every kept shape's buffers view: the pool, at most the largest shape's bytes
+        held = sum(base.nbytes for base in _pool_bases(step).values())
+        assert held <= step.memory()["pool"] <= largest
+    assert len(step._bindings) == min(kept, len(set(sizes)))
+
+
 def test_freezing_a_layer_after_a_step_takes_effect():
     model = _mlp()
     step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1))

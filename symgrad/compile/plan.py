@@ -15,7 +15,8 @@ What the step does, decided from the graph alone:
 
 The generated function depends on the graph's structure, not its shapes: every size is read
 from an array (``X.shape[1]``, ``X.size``), so one compiled step serves every batch shape, and
-the buffers are sized per binding (:class:`Buffer` shapes follow the traced shapes).  The source
+the buffers are sized per binding (:class:`Buffer` shapes follow the traced shapes), as views of
+one :class:`BufferPool` that every shape's binding shares.  The source
 is plain text assembled here — no SymPy: the kernels' own modules say what their arguments are
 (``DIMS``, ``RESIDUALS``, ``SAVE_PARTIALS``).
 """
@@ -118,6 +119,7 @@ class StepPlan:
     forward_only: list[int] = field(default_factory=list)  # nodes without a backward pass
     saving: list[int] = field(default_factory=list)  # nodes that save values for their VJP
     whole: bool = True  # one compiled function (at most WHOLE_STEP_OPS ops), else a driver
+    _layout: Layout | None = field(default=None, repr=False, compare=False)
 
     def source(self, key: str, rule: UpdateRule | None, clip: str | None) -> str:
         """The module text: ``forward_backward(*args) -> loss`` (the loss and every trained
@@ -200,49 +202,153 @@ class StepPlan:
         """The bytes of all buffers, were none to share memory."""
         return sum(b.nbytes for b in self.buffers.values())
 
-    def allocate(self) -> tuple[dict[str, np.ndarray], int, list[np.ndarray]]:
-        """Arrays for the buffers, the bytes they take, and the flat gradient buffers.
+    def layout(self) -> Layout:
+        """Where the buffers live (computed once per plan).
 
         Buffers whose lives do not overlap share memory (each a contiguous view at the start of
-        a shared block; the largest fitting free block, else a new one).  The ``ones`` buffer
+        a shared block; the smallest fitting free block, else a new one).  The ``ones`` buffer
         is constant across calls and shares with nothing.  Neither do the trained parameters'
         gradients: they are consecutive views of one flat buffer per dtype, the last
         parameter's first (reverse layer order: the order in which a data-parallel all-reduce
-        sends them, in buckets that are slices of the flat buffer, without copies).  The bytes
-        count every block, the flat buffers and ``ones``."""
-        arrays: dict[str, np.ndarray] = {}
-        flats: list[np.ndarray] = []
+        sends them, in buckets that are slices of the flat buffer, without copies)."""
+        if self._layout is not None:
+            return self._layout
+        places: dict[str, tuple[str, int, int]] = {}
+        flats: list[tuple[np.dtype, int]] = []
         order = [self.buffers[self.grads[n]] for n in sorted(self.grads, reverse=True)]
         for dtype in dict.fromkeys(b.dtype for b in order):
-            same = [b for b in order if b.dtype == dtype]
-            flat = np.zeros(sum(_size(b) for b in same), dtype)
-            flats.append(flat)
             offset = 0
-            for buf in same:
-                arrays[buf.name] = flat[offset : offset + _size(buf)].reshape(buf.shape)
+            for buf in (b for b in order if b.dtype == dtype):
+                places[buf.name] = ("flat", len(flats), offset)
                 offset += _size(buf)
-        blocks: list[list[Any]] = []  # [storage, free from this operation on]
+            flats.append((dtype, offset))
+        blocks: list[list[Any]] = []  # [dtype, elements, free from this operation on]
+        ones = 0
         for buf in sorted(self.buffers.values(), key=lambda b: (b.first, b.name)):
-            if buf.name in arrays:  # a gradient, in its flat buffer
+            if buf.name in places:  # a gradient, in its flat buffer
+                continue
+            if buf.role == "ones":
+                places[buf.name] = ("ones", 0, 0)
+                ones += buf.nbytes
                 continue
             size = max(1, _size(buf))
-            if buf.role == "ones":
-                arrays[buf.name] = np.ones(buf.shape, buf.dtype)
-                continue
             free = [
-                b for b in blocks
-                if b[1] < buf.first and b[0].dtype == buf.dtype and b[0].size >= size
+                k for k, b in enumerate(blocks)
+                if b[2] < buf.first and b[0] == buf.dtype and b[1] >= size
             ]  # fmt: skip
             if free:
-                block = min(free, key=lambda b: b[0].size)
+                k = min(free, key=lambda k: blocks[k][1])
             else:
-                block = [np.zeros(size, buf.dtype), 0]
-                blocks.append(block)
-            block[1] = buf.last
-            arrays[buf.name] = block[0][:size].reshape(buf.shape)
-        held = sum(b[0].nbytes for b in blocks) + sum(f.nbytes for f in flats)
-        held += sum(a.nbytes for n, a in arrays.items() if self.buffers[n].role == "ones")
-        return arrays, int(held), flats
+                k = len(blocks)
+                blocks.append([buf.dtype, size, 0])
+            blocks[k][2] = buf.last
+            places[buf.name] = ("block", k, 0)
+        self._layout = Layout(tuple((d, n) for d, n, _ in blocks), tuple(flats), places, ones)
+        return self._layout
+
+    def allocate(
+        self, pool: BufferPool | None = None
+    ) -> tuple[dict[str, np.ndarray], int, list[np.ndarray]]:
+        """Arrays for the buffers (views of ``pool``'s memory; without one, of memory of their
+        own), the bytes they take, and the flat gradient buffers.  The bytes count every block
+        of :meth:`layout`, the flat buffers and ``ones``."""
+        layout = self.layout()
+        blocks, flats = (pool or BufferPool()).take(layout)
+        arrays: dict[str, np.ndarray] = {}
+        for name, (where, k, offset) in layout.places.items():
+            buf = self.buffers[name]
+            if where == "ones":
+                arrays[name] = np.ones(buf.shape, buf.dtype)
+                continue
+            storage = blocks[k] if where == "block" else flats[k]
+            arrays[name] = storage[offset : offset + _size(buf)].reshape(buf.shape)
+        return arrays, layout.nbytes, flats
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a plan's buffers live: ``blocks`` the shared blocks and ``flats`` the gradients'
+    flat buffers (each a dtype and a number of elements); ``places`` each buffer's home,
+    ``("block", k, 0)``, ``("flat", k, offset)`` or ``("ones", 0, 0)``; ``ones`` the bytes of
+    the ``ones`` buffers."""
+
+    blocks: tuple[tuple[np.dtype, int], ...]
+    flats: tuple[tuple[np.dtype, int], ...]
+    places: dict[str, tuple[str, int, int]]
+    ones: int
+
+    @property
+    def nbytes(self) -> int:
+        parts = [*self.blocks, *self.flats]
+        return sum(n * np.dtype(d).itemsize for d, n in parts) + self.ones
+
+
+class BufferPool:
+    """The memory behind the buffers of steps that never run at once: the bindings of one
+    compiled step, one per input shape.  No buffer's content outlives its step (each is
+    written before it is read), so every shape's blocks can be views of the same arrays.
+
+    :meth:`take` pairs a layout's blocks with the pool's arrays of their dtype by rank (the
+    largest block with the largest array, ...) and replaces an array that is too small: the
+    pool holds, per rank, the largest block any shape has needed — for shapes of one
+    structure, about the largest shape's bytes, however many shapes there are.  ``generation``
+    counts the replacements: views taken before one may hold memory the pool let go.
+    """
+
+    def __init__(self) -> None:
+        self._blocks: dict[np.dtype, list[np.ndarray]] = {}  # per dtype, largest first
+        self._flats: dict[np.dtype, np.ndarray] = {}
+        self.generation = 0
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [*self._flats.values(), *(a for v in self._blocks.values() for a in v)]
+        return sum(a.nbytes for a in arrays)
+
+    def _ranked(self, layout: Layout) -> dict[np.dtype, list[int]]:
+        """Per dtype, the layout's blocks largest first (ties in order)."""
+        ranked: dict[np.dtype, list[int]] = {}
+        for k, (dtype, _) in enumerate(layout.blocks):
+            ranked.setdefault(dtype, []).append(k)
+        for ks in ranked.values():
+            ks.sort(key=lambda k: -layout.blocks[k][1])
+        return ranked
+
+    def fits(self, layout: Layout) -> bool:
+        """Whether :meth:`take` would find room for ``layout`` without replacing an array."""
+        for dtype, n in layout.flats:
+            if dtype not in self._flats or self._flats[dtype].size < n:
+                return False
+        for dtype, ks in self._ranked(layout).items():
+            have = self._blocks.get(dtype, [])
+            if len(have) < len(ks):
+                return False
+            if any(have[rank].size < layout.blocks[k][1] for rank, k in enumerate(ks)):
+                return False
+        return True
+
+    def take(self, layout: Layout) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Storage for ``layout``: an array of at least each block's size (the same array for
+        no two of its blocks), and each flat buffer (exactly its size, a view)."""
+        blocks: list[np.ndarray] = [np.empty(0)] * len(layout.blocks)
+        for dtype, ks in self._ranked(layout).items():
+            have = self._blocks.setdefault(dtype, [])
+            for rank, k in enumerate(ks):
+                need = layout.blocks[k][1]
+                if rank == len(have):
+                    have.append(np.zeros(need, dtype))
+                    self.generation += 1
+                elif have[rank].size < need:  # stays largest first: need ≤ the rank before's
+                    have[rank] = np.zeros(need, dtype)
+                    self.generation += 1
+                blocks[k] = have[rank]
+        flats = []
+        for dtype, n in layout.flats:
+            if dtype not in self._flats or self._flats[dtype].size < n:
+                self._flats[dtype] = np.zeros(n, dtype)
+                self.generation += 1
+            flats.append(self._flats[dtype][:n])
+        return blocks, flats
 
 
 def _size(buf: Buffer) -> int:

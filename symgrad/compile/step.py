@@ -7,7 +7,11 @@ trace`, nothing computed) and planned (:func:`~symgrad.compile.plan.plan_step`);
 module is looked up in the kernel cache by a key hashing the graph's structure, which
 parameters train, the optimizer's update rule and the kind of clipping — and generated (the one
 time SymPy is needed) only when it is not there.  Every later shape of the same structure reuses
-that module with buffers of its own, allocated once.
+that module, and the same memory: every shape's buffers are views of one
+:class:`~symgrad.compile.plan.BufferPool` (only one step runs at a time, and no buffer's content
+outlives its step), which grows to the largest shape seen — a run over batches padded to many
+lengths holds about one step's buffers, not one set per length.  The traced graphs and plans of
+the last :data:`SHAPES_KEPT` shapes are kept (an older shape is traced again when it returns).
 
 The optimizer's hyperparameters are arguments, read from its parameter groups on every call
 (a scheduler never recompiles the step), and its state lives in ``optimizer.state`` as in the
@@ -27,8 +31,9 @@ raise :class:`~symgrad.errors.UnsupportedStepError`; ``fit`` then trains through
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,30 +46,45 @@ from ..runtime.tensor import TensorOp
 from ..runtime.threads import use_parallel
 from ..symbolic.update import UpdateRule
 from .graph import Graph, Ref, trace
-from .plan import StepPlan, needs_grad, plan_step, wanted
+from .plan import BufferPool, StepPlan, needs_grad, plan_step, wanted
+
+#: How many input shapes a compiled step keeps the traced graph and plan of (least recently
+#: used dropped first).  Their buffers share one pool whatever the number: this bounds only
+#: the bookkeeping (and a shape seen again after more than this many others is traced again).
+SHAPES_KEPT = 64
 
 
 @dataclass
 class _Binding:
-    """One input-shape signature: the traced graph, its plan, and the argument list."""
+    """One input-shape signature: the traced graph, its plan, and the argument list.  The
+    buffers (``args`` at the positions of ``buffers``, ``grads``, ``flats``) are views of the
+    step's pool, placed before a call when the pool changed since (``generation``)."""
 
     graph: Graph
     plan: StepPlan
     args: list[Any]
     slots: list[tuple[int, str, int | str]]  # (position, kind, index) of per-call arguments
+    buffers: list[tuple[int, str]]  # (position, buffer name) of the buffer arguments
     held: int  # bytes of the step's buffers (shared where their lives do not overlap)
-    grads: list[tuple[Parameter, np.ndarray]]  # each trained parameter and its gradient buffer
     gathers: list[tuple[TensorOp, list[int]]]  # ops reading integer inputs: their arg slots
     output: int | None  # the argument holding the model's output (the loss's input)
-    flats: list[np.ndarray]  # the gradients' flat buffers, one per dtype
     work: int  # elements of the largest buffer: whether the step runs its parallel variant
+    grads: list[tuple[Parameter, np.ndarray]] = field(default_factory=list)  # param, gradient
+    flats: list[np.ndarray] = field(default_factory=list)  # the gradients' flat buffers
+    generation: int = -1  # the pool's generation the views were taken in (-1: none held)
+
+    def release(self) -> None:
+        """Drop the views of the pool (so that memory the pool replaced can be freed)."""
+        for position, _ in self.buffers:
+            self.args[position] = None
+        self.grads, self.flats, self.generation = [], [], -1
 
 
 class CompiledStep:
     """A compiled training step; ``step(*inputs, target)`` → the batch's mean loss.
 
-    ``memory()`` reports, for the last shape run, the bytes its buffers hold and the bytes they
-    would without sharing.
+    ``memory()`` reports, for the last shape run, the bytes its buffers take and the bytes
+    they would without sharing, and the bytes of the pool every shape's buffers are views of.
     """
 
     def __init__(
@@ -96,7 +116,8 @@ class CompiledStep:
         self._module: Any = None
         self._key: str | None = None
         self._variants: dict[str, Any] = {}  # op key + wanted inputs → the op derived so
-        self._bindings: dict[tuple, _Binding] = {}
+        self._bindings: OrderedDict[tuple, _Binding] = OrderedDict()  # least recent first
+        self._pool = BufferPool()
         self._flags: tuple[bool, ...] = ()
         self._last: _Binding | None = None
         self._grad_norm = np.full(1, np.nan)
@@ -145,18 +166,18 @@ class CompiledStep:
         if key != self._key:
             self._module = self._load(plan, key)
             self._key = key
-        buffers, held, flats = plan.allocate()
         args: list[Any] = []
         slots = []
+        buffers = []
         for position, (_, kind, index) in enumerate(plan.args):
-            if kind == "buffer":
-                args.append(buffers[str(index)])
-            elif kind == "const":
+            if kind == "const":
                 args.append(graph.consts[int(index)])
+                continue
+            args.append(None)
+            if kind == "buffer":
+                buffers.append((position, str(index)))
             else:
-                args.append(None)
                 slots.append((position, kind, index))
-        grads = [(graph.params[n], buffers[name]) for n, name in sorted(plan.grads.items())]
         where = {name: k for k, (name, _, _) in enumerate(plan.args)}
         gathers = [
             (node.op, [where[_arg_name(a)] for a in node.args])
@@ -165,7 +186,24 @@ class CompiledStep:
         ]
         output = where[_arg_name(keep[0])] if keep else None
         work = max((b.nbytes // b.dtype.itemsize for b in plan.buffers.values()), default=0)
-        return _Binding(graph, plan, args, slots, held, grads, gathers, output, flats, work)
+        held = plan.layout().nbytes
+        return _Binding(graph, plan, args, slots, buffers, held, gathers, output, work)
+
+    def _place(self, binding: _Binding) -> None:
+        """Point ``binding``'s buffer arguments at the pool's memory.  Were the pool to grow,
+        every other binding first lets go of its views: the arrays replaced are freed at once
+        (a step over ever longer batches holds one pool, not one per length)."""
+        layout = binding.plan.layout()
+        if not self._pool.fits(layout):
+            for other in self._bindings.values():
+                other.release()
+        arrays, _, flats = binding.plan.allocate(self._pool)
+        for position, name in binding.buffers:
+            binding.args[position] = arrays[name]
+        graph, plan = binding.graph, binding.plan
+        binding.grads = [(graph.params[n], arrays[name]) for n, name in sorted(plan.grads.items())]
+        binding.flats = flats
+        binding.generation = self._pool.generation
 
     def _load(self, plan: StepPlan, key: str) -> Any:
         """The step's module: from the cache, else generated (with SymPy) and cached.  The
@@ -180,10 +218,14 @@ class CompiledStep:
     # -- running -----------------------------------------------------------------------------
 
     def memory(self) -> dict[str, int]:
-        """``{"held": bytes, "unshared": bytes}`` of the buffers of the last shape run."""
+        """``{"held": bytes, "unshared": bytes, "pool": bytes}``: the bytes the buffers of the
+        last shape run take (shared where their lives do not overlap) and would take without
+        sharing, and the bytes of the pool that every shape's buffers are views of (what the
+        step holds: about the largest shape's ``held``, however many shapes it has run)."""
+        pool = self._pool.nbytes
         if self._last is None:
-            return {"held": 0, "unshared": 0}
-        return {"held": self._last.held, "unshared": self._last.plan.total_bytes()}
+            return {"held": 0, "unshared": 0, "pool": pool}
+        return {"held": self._last.held, "unshared": self._last.plan.total_bytes(), "pool": pool}
 
     @property
     def output(self) -> np.ndarray | None:
@@ -221,6 +263,12 @@ class CompiledStep:
         binding = self._bindings.get(signature)
         if binding is None:
             binding = self._bindings[signature] = self._bind(given)
+            while len(self._bindings) > SHAPES_KEPT:
+                self._bindings.popitem(last=False)[1].release()
+        else:
+            self._bindings.move_to_end(signature)
+        if binding.generation != self._pool.generation:  # views of memory the pool replaced
+            self._place(binding)
         self._last = binding
         graph, args = binding.graph, binding.args
         for position, kind, index in binding.slots:
