@@ -51,6 +51,8 @@ def test_the_thread_count_is_honoured_and_restored():
 
 
 def test_the_default_is_the_affinity_or_the_environment():
+    """Without a setting: the cores the process may run on (not the machine's: run pinned to
+    one core, it counts one); SYMGRAD_NUM_THREADS sets it, a bad value is an error."""
     code = "import symgrad as sg, os; print(sg.get_num_threads(), len(os.sched_getaffinity(0)))"
     env = {k: v for k, v in os.environ.items() if k not in ("SYMGRAD_NUM_THREADS",
                                                                "NUMBA_NUM_THREADS")}
@@ -58,6 +60,11 @@ def test_the_default_is_the_affinity_or_the_environment():
     got, cores = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                 text=True, check=True).stdout.split()
     assert got == cores
+    one = min(os.sched_getaffinity(0))
+    pinned = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, {one})).stdout.split()
+    assert pinned == ["1", "1"]
     env["SYMGRAD_NUM_THREADS"] = "3"  # more than this machine may have: the pool grows
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
@@ -67,27 +74,51 @@ def test_the_default_is_the_affinity_or_the_environment():
     assert bad.returncode != 0 and "SYMGRAD_NUM_THREADS='many'" in bad.stderr
 
 
+# (m, n, k): pieces of rows (the last one short), of columns, of the sum over k (a weight
+# gradient's shape: a long sum, a small C), and a product too small to split.
+_SPLITS = [(300, 160, 100), (160, 300, 100), (96, 80, 700), (30, 20, 10)]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("ta", [False, True])
 @pytest.mark.parametrize("tb", [False, True])
-def test_split_products_are_the_same_serially_and_in_parallel(dtype, ta, tb):
+@pytest.mark.parametrize("m, n, k", _SPLITS)
+def test_split_products_are_the_same_serially_and_in_parallel(dtype, ta, tb, m, n, k):
+    """Each split is a product in pieces (on a view inside a wider C, added to what C held):
+    right, and the same bits serially and on 1 or 2 threads."""
     rng = np.random.default_rng(1)
-    m, n, k = 300, 260, 70  # three blocks of rows, the last one short
     a = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
     b = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
-    want = (a.T if ta else a) @ (b.T if tb else b)
+    start = rng.standard_normal((m + 1, n + 3)).astype(dtype)
+    alpha, beta = 0.5, 1.0
+    want = start.astype(np.float64)
+    want[1:, 2 : 2 + n] = alpha * ((a.T if ta else a) @ (b.T if tb else b)) + beta * want[1:, 2:-1]
     got = []
     for f in (gemm, gemm_blocks, gemm_blocks_par):
         for count in (1, 2):
-            c = np.full((m, n), np.nan, dtype)
+            c = start.copy()
             with sg.num_threads(min(count, threads.max_threads())):
-                f(ta, tb, m, n, k, 1.0, a, 0, a.shape[1], b, 0, b.shape[1], 0.0, c, 0, n)
+                f(ta, tb, m, n, k, alpha, a, 0, a.shape[1], b, 0, b.shape[1], beta, c, n + 5, n + 3)
             got.append(c)
     tol = 1e-4 if dtype == np.float32 else 1e-12
     for c in got:
         np.testing.assert_allclose(c, want, rtol=tol, atol=tol)
     for c in got[3:]:  # every split product: the same bits on any number of threads
         np.testing.assert_array_equal(c, got[2])
+
+
+def test_the_split_depends_on_the_sizes_alone():
+    """Rows for a tall product, columns for a wide one, the sum for a long one with a small C
+    (a weight gradient), pieces even to ALIGN, none below MIN_SPLIT_WORK."""
+    from symgrad.runtime.blas import _COLUMNS, _ROWS, _TERMS, _WHOLE, ALIGN, _blocks
+
+    assert _blocks(2048, 1536, 384) == (_ROWS, 4, 512)
+    assert _blocks(2048, 384, 1536)[0] == _ROWS  # a partial C would cost more than re-packing
+    assert _blocks(384, 2048, 384)[0] == _COLUMNS
+    assert _blocks(384, 384, 2048) == (_TERMS, 4, 512)
+    how, pieces, size = _blocks(848, 384, 384)
+    assert (how, pieces) == (_ROWS, 4) and size % ALIGN == 0 and (pieces - 1) * size < 848
+    assert _blocks(64, 64, 64)[0] == _WHOLE
 
 
 def test_large_work_runs_the_parallel_variants(parallel_everywhere):

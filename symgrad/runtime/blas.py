@@ -12,12 +12,14 @@ it (``beta`` = 1), scaled by ``alpha`` (attention's ``1/√d``).
 like any other).  Generated kernels import it; this module's source is part of the toolchain
 fingerprint (:func:`symgrad.runtime.cache.toolchain_fingerprint`).
 
-**Threads.**  BLAS runs single-threaded inside symgrad's kernels
-(:func:`symgrad.runtime.threads.limit_blas`); a large product is split by
-:func:`gemm_blocks` into :data:`BLOCKS` blocks of rows (or columns) of ``C`` — a partition
-fixed by the sizes alone — each one ``gemm`` call: serially in a kernel's serial variant,
-spread over Numba's threads by :func:`gemm_blocks_par` in its parallel one.  Both compute every
-block the same way, so the product has the same bits on any number of threads.
+**Threads.**  BLAS runs single-threaded inside symgrad's kernels when symgrad's pool runs them
+(:func:`symgrad.runtime.threads.limit_blas`); a large product is split by :func:`gemm_blocks`
+into at most :data:`BLOCKS` pieces — of the rows of ``C``, of its columns, or of the sum over
+``k`` (partial products added up in piece order), whichever side is longest — a partition fixed
+by the sizes alone, each piece one ``gemm`` call: serially in a kernel's serial variant, spread
+over Numba's threads by :func:`gemm_blocks_par` in its parallel one.  Both compute every piece
+the same way and add partial products in the same order, so the product has the same bits on
+any number of threads.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from numba import njit, prange, types
 
 from .threads import configure
 
-configure()  # before any kernel calls BLAS: single-threaded BLAS, the thread count set
+configure()  # before any kernel calls BLAS: SYMGRAD_NUM_THREADS read (the pool, BLAS on one thread)
 
 # int numba_xxgemm(char kind, char transa, char transb, intp m, intp n, intp k, void *alpha,
 #                  void *a, intp lda, void *b, intp ldb, void *beta, void *c, intp ldc):
@@ -93,61 +95,112 @@ def gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc):  # t
     )
 
 
-#: A split product has this many blocks (of whole multiples of 64 rows, at least
-#: MIN_BLOCK_ROWS): each block re-packs the other operand, so every block more costs, and
-#: fewer blocks share out over fewer threads (see benchmarks/THREADS.md).
+#: A large product is split into this many pieces (or fewer, when a side is short): pieces
+#: whose boundaries depend on the sizes alone, so that any number of threads computes the same
+#: bits; see benchmarks/RESULTS-threads.md for the arithmetic at 16 and 64 cores.
 BLOCKS = 4
-MIN_BLOCK_ROWS = 128
+#: A piece spans a multiple of ALIGN rows, columns or terms, and at least MIN_PIECE of them.
+ALIGN = 16
+MIN_PIECE = 64
+#: Products of fewer multiply-adds than this are never split.
+MIN_SPLIT_WORK = 1 << 22
+
+_WHOLE, _ROWS, _COLUMNS, _TERMS = 0, 1, 2, 3
 
 
 @njit(cache=True)
 def _blocks(m, n, k):  # type: ignore[no-untyped-def]
-    """How :func:`gemm_blocks` splits an ``m × n`` product: (blocks, split the rows, block
-    size).  The longer side of ``C`` is split; a product with too little work, or too short a
-    side to split, is one block.  A function of the sizes alone."""
-    rows = m >= n
-    long = m if rows else n
-    if long < 2 * MIN_BLOCK_ROWS or m * n * k < (1 << 22):
-        return 1, rows, long
-    size = max(MIN_BLOCK_ROWS, ((long + BLOCKS - 1) // BLOCKS + 63) // 64 * 64)
-    return (long + size - 1) // size, rows, size
+    """How :func:`gemm_blocks` splits an ``m × n`` product with ``k`` terms: ``(how, pieces,
+    size)``.  ``how`` is ``_ROWS`` or ``_COLUMNS`` (pieces of ``C``) or ``_TERMS`` (pieces of
+    the sum over ``k``, each a product of its own, added up in piece order).  Each split costs
+    extra memory traffic: every piece of rows re-packs all of ``op(B)`` (``k·n`` numbers), every
+    piece of columns all of ``op(A)`` (``m·k``), every piece of terms but the first writes a
+    partial ``C`` that is read back and added (``m·n``, weighed 3×: measured, a partial costs
+    more than a packing).  The cheapest split with pieces of at least :data:`MIN_PIECE` is
+    taken: a weight gradient (``k`` the batch, ``C`` small) splits its sum, a layer's forward
+    its rows.  Pieces are as even as :data:`ALIGN` allows.  A function of the sizes alone."""
+    if m * n * k < MIN_SPLIT_WORK:
+        return _WHOLE, 1, max(m, 1)
+    how, cost, long = _WHOLE, 0, 0
+    for option in (_ROWS, _COLUMNS, _TERMS):
+        side = m if option == _ROWS else n if option == _COLUMNS else k
+        extra = k * n if option == _ROWS else m * k if option == _COLUMNS else 3 * m * n
+        if side >= 2 * MIN_PIECE and (how == _WHOLE or extra < cost):
+            how, cost, long = option, extra, side
+    if how == _WHOLE:
+        return _WHOLE, 1, max(m, 1)
+    size = max(MIN_PIECE, ((long + BLOCKS - 1) // BLOCKS + ALIGN - 1) // ALIGN * ALIGN)
+    return how, (long + size - 1) // size, size
 
 
 @njit(cache=True)
-def _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, nb, rows, size):  # type: ignore[no-untyped-def]
-    """Block ``i`` of ``nb`` (``size`` rows or columns each) of the product (all of it when
-    ``nb`` is 1)."""
-    if nb == 1:
-        gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc)
-        return
+def _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, how, size,
+           partial):  # type: ignore[no-untyped-def]
+    """Piece ``i`` of the product split as :func:`_blocks` says (all of it for ``_WHOLE``).
+    A piece of terms other than the first writes its partial product to ``partial[i - 1]``."""
     lo = i * size
-    if rows:  # rows lo.. of C: rows lo.. of op(A)
+    if how == _WHOLE:
+        gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc)
+    elif how == _ROWS:  # rows lo.. of C: rows lo.. of op(A)
         part = min(size, m - lo)
         a_at = ao + (lo if ta else lo * lda)
         gemm(ta, tb, part, n, k, alpha, a, a_at, lda, b, bo, ldb, beta, c, co + lo * ldc, ldc)
-    else:  # columns lo.. of C: columns lo.. of op(B)
+    elif how == _COLUMNS:  # columns lo.. of C: columns lo.. of op(B)
         part = min(size, n - lo)
         b_at = bo + (lo * ldb if tb else lo)
         gemm(ta, tb, m, part, k, alpha, a, ao, lda, b, b_at, ldb, beta, c, co + lo, ldc)
+    else:  # terms lo.. of the sum: columns lo.. of op(A), rows lo.. of op(B)
+        part = min(size, k - lo)
+        a_at = ao + (lo * lda if ta else lo)
+        b_at = bo + (lo if tb else lo * ldb)
+        if i == 0:
+            gemm(ta, tb, m, n, part, alpha, a, a_at, lda, b, b_at, ldb, beta, c, co, ldc)
+        else:
+            gemm(ta, tb, m, n, part, alpha, a, a_at, lda, b, b_at, ldb, 0.0, partial[i - 1], 0, n)
+
+
+@njit(cache=True)
+def _add_row(c, co, ldc, n, partial, row):  # type: ignore[no-untyped-def]
+    """``C[row] += partial[0][row]``, then ``+= partial[1][row]``, … (piece order)."""
+    cf = c.reshape(c.size)
+    at = co + row * ldc
+    for p in range(partial.shape[0]):
+        for j in range(n):
+            cf[at + j] += partial[p, row, j]
+
+
+@njit(cache=True)
+def _partials(how, pieces, m, n, c):  # type: ignore[no-untyped-def]
+    """Room for the partial products of a split sum (none for other splits)."""
+    return np.empty((pieces - 1 if how == _TERMS else 0, m, n), c.dtype)
 
 
 @njit(cache=True)
 def gemm_blocks(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc):  # type: ignore[no-untyped-def]
-    """``gemm`` split into the blocks of :func:`_blocks`, one after another."""
-    nb, rows, size = _blocks(m, n, k)
-    for i in range(nb):
-        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, nb, rows,
-               size)
+    """``gemm`` split into the pieces of :func:`_blocks`, one after another."""
+    how, pieces, size = _blocks(m, n, k)
+    partial = _partials(how, pieces, m, n, c)
+    for i in range(pieces):
+        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, how, size,
+               partial)
+    if partial.shape[0]:
+        for row in range(m):
+            _add_row(c, co, ldc, n, partial, row)
 
 
 @njit(cache=True, parallel=True)
 def gemm_blocks_par(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc):  # type: ignore[no-untyped-def]
-    """``gemm`` split into the blocks of :func:`_blocks`, spread over Numba's threads: the same
-    calls as :func:`gemm_blocks`, so the same result."""
-    nb, rows, size = _blocks(m, n, k)
-    if nb == 1:
+    """``gemm`` split into the pieces of :func:`_blocks`, spread over Numba's threads: the same
+    calls (and the same additions of partial products) as :func:`gemm_blocks`, so the same
+    result."""
+    how, pieces, size = _blocks(m, n, k)
+    if how == _WHOLE:
         gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc)
         return
-    for i in prange(nb):
-        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, nb, rows,
-               size)
+    partial = _partials(how, pieces, m, n, c)
+    for i in prange(pieces):
+        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, how, size,
+               partial)
+    if partial.shape[0]:
+        for row in prange(m):
+            _add_row(c, co, ldc, n, partial, row)

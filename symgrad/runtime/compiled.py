@@ -107,27 +107,26 @@ class CompiledOp(Generic[D]):
 
     def _kernel(self, function: str, dtype: np.dtype) -> Callable[..., Any]:
         """The compiled ``function`` (``"forward"``, ``"vjp"``...) for ``dtype`` data."""
-        found = self._kernels.get((function, dtype))
-        if found is None:
-            found = getattr(self.module, kernel_name(function, dtype))
-            self._kernels[function, dtype] = found
+        found = self._lookup(function, dtype)
+        if found is None:  # the module lacks it: the same AttributeError as reading it
+            return getattr(self.module, kernel_name(function, dtype))  # type: ignore[no-any-return]
         return found
 
-    def _has(self, function: str, dtype: np.dtype) -> bool:
-        """Whether the module has ``function``'s kernel for ``dtype`` data."""
-        if (function, dtype) not in self._kernels:
+    def _lookup(self, function: str, dtype: np.dtype) -> Callable[..., Any] | None:
+        """``function``'s kernel for ``dtype`` data, or None when the module has none."""
+        found = self._kernels.get((function, dtype))
+        if found is None:
             found = getattr(self.module, kernel_name(function, dtype), None)
-            if found is None:
-                return False
-            self._kernels[function, dtype] = found
-        return True
+            if found is not None:
+                self._kernels[function, dtype] = found
+        return found
 
     def _run(self, function: str, dtype: np.dtype, *args: Any) -> Any:
         """Call ``function``'s kernel for ``dtype`` data with ``args``: its parallel variant
         (``function_par``, the same result) when the largest array is large enough to share
         out over the threads (:func:`~symgrad.runtime.threads.use_parallel`)."""
         largest = max((a.size for a in args if isinstance(a, np.ndarray)), default=0)
-        if use_parallel(largest) and self._has(function + "_par", dtype):
+        if use_parallel(largest) and self._lookup(function + "_par", dtype) is not None:
             function += "_par"
         try:
             kernel = self._kernels.get((function, dtype))
