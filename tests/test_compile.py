@@ -264,6 +264,38 @@ def test_freezing_a_layer_after_a_step_takes_effect():
     assert not np.array_equal(model.state_dict()["2.weight"], frozen)
 
 
+def test_freezing_the_top_layer_keeps_its_last_gradient():
+    """The gradients are views of the step's pool; a layer frozen after a step keeps the
+    gradient it had (as torch keeps ``.grad``), not the memory's next tenant."""
+    model = _mlp()
+    step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1))
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(4, 6)), rng.integers(0, 3, 4)
+    step(x, y)
+    top = model[4].weight
+    kept = top.grad.copy()
+    model[4].requires_grad_(False)
+    for _ in range(2):
+        step(rng.normal(size=(5, 6)), rng.integers(0, 3, 5))
+    np.testing.assert_array_equal(top.grad, kept)
+
+
+def test_a_failed_step_leaves_the_last_output():
+    """A step that raises (a label out of range) reports nothing of its shape: ``output`` is
+    still the last step's (its buffer shares the pool with the failed shape's)."""
+    model = _mlp()
+    step = compile_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1))
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
+    step(b, rng.integers(0, 3, 3))
+    step(a, rng.integers(0, 3, 4))
+    before = step.output.copy()
+    with pytest.raises(SymgradError):
+        step(b, np.array([0, 1, 7]))  # label 7 of 3 classes
+    assert step.output.shape == before.shape
+    np.testing.assert_array_equal(step.output, before)
+
+
 _WARM_SCRIPT = """
 import sys, json
 from pathlib import Path

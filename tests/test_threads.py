@@ -109,7 +109,8 @@ def test_split_products_are_the_same_serially_and_in_parallel(dtype, ta, tb, m, 
 
 def test_the_split_depends_on_the_sizes_alone():
     """Rows for a tall product, columns for a wide one, the sum for a long one with a small C
-    (a weight gradient), pieces even to ALIGN, none below MIN_SPLIT_WORK."""
+    (a weight gradient); pieces a multiple of ALIGN but the last, none tiny; no split below
+    MIN_SPLIT_WORK."""
     from symgrad.runtime.blas import _COLUMNS, _ROWS, _TERMS, _WHOLE, ALIGN, _blocks
 
     assert _blocks(2048, 1536, 384) == (_ROWS, 4, 512)
@@ -119,6 +120,10 @@ def test_the_split_depends_on_the_sizes_alone():
     how, pieces, size = _blocks(848, 384, 384)
     assert (how, pieces) == (_ROWS, 4) and size % ALIGN == 0 and (pieces - 1) * size < 848
     assert _blocks(64, 64, 64)[0] == _WHOLE
+    for side in range(300, 1500, 7):  # the last piece is never shorter than the others
+        how, pieces, size = _blocks(side, 120, 120)  # only the rows are long enough
+        assert how == _ROWS and 2 <= pieces <= 4 and size % ALIGN == 0
+        assert size <= side - (pieces - 1) * size < size + pieces * ALIGN
 
 
 def test_large_work_runs_the_parallel_variants(parallel_everywhere):

@@ -257,6 +257,9 @@ class CompiledStep:
                 )
         flags = tuple(p.requires_grad for p in self._params)
         if flags != self._flags:  # freezing or unfreezing changes what the step computes
+            for p, trained in zip(self._params, self._flags, strict=False):  # () at first
+                if trained and not p.requires_grad and p.grad is not None:
+                    p.grad = p.grad.copy()  # its place in the pool goes to other gradients
             self._bindings.clear()
             self._flags = flags
         signature = tuple((a.shape, a.dtype.str) for a in given)
@@ -269,7 +272,6 @@ class CompiledStep:
             self._bindings.move_to_end(signature)
         if binding.generation != self._pool.generation:  # views of memory the pool replaced
             self._place(binding)
-        self._last = binding
         graph, args = binding.graph, binding.args
         for position, kind, index in binding.slots:
             if kind == "input":
@@ -298,6 +300,7 @@ class CompiledStep:
             for step_undo in undo:
                 self.optimizer.undo_prepare(step_undo)
             raise
+        self._last = binding  # only a step that ran: its output and memory are reported
         for p, g in binding.grads:
             p.grad = g
         return loss

@@ -118,7 +118,9 @@ def _blocks(m, n, k):  # type: ignore[no-untyped-def]
     partial ``C`` that is read back and added (``m·n``, weighed 3×: measured, a partial costs
     more than a packing).  The cheapest split with pieces of at least :data:`MIN_PIECE` is
     taken: a weight gradient (``k`` the batch, ``C`` small) splits its sum, a layer's forward
-    its rows.  Pieces are as even as :data:`ALIGN` allows.  A function of the sizes alone."""
+    its rows.  ``pieces - 1`` pieces of ``size`` (a multiple of :data:`ALIGN`), the last one
+    the rest: as even as ALIGN allows, none shorter than :data:`MIN_PIECE`.  A function of the
+    sizes alone."""
     if m * n * k < MIN_SPLIT_WORK:
         return _WHOLE, 1, max(m, 1)
     how, cost, long = _WHOLE, 0, 0
@@ -129,28 +131,29 @@ def _blocks(m, n, k):  # type: ignore[no-untyped-def]
             how, cost, long = option, extra, side
     if how == _WHOLE:
         return _WHOLE, 1, max(m, 1)
-    size = max(MIN_PIECE, ((long + BLOCKS - 1) // BLOCKS + ALIGN - 1) // ALIGN * ALIGN)
-    return how, (long + size - 1) // size, size
+    pieces = min(BLOCKS, long // MIN_PIECE)
+    return how, pieces, long // pieces // ALIGN * ALIGN  # the last piece takes the rest
 
 
 @njit(cache=True)
-def _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, how, size,
-           partial):  # type: ignore[no-untyped-def]
+def _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, how, pieces,
+           size, partial):  # type: ignore[no-untyped-def]
     """Piece ``i`` of the product split as :func:`_blocks` says (all of it for ``_WHOLE``).
     A piece of terms other than the first writes its partial product to ``partial[i - 1]``."""
     lo = i * size
+    last = i == pieces - 1
     if how == _WHOLE:
         gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc)
     elif how == _ROWS:  # rows lo.. of C: rows lo.. of op(A)
-        part = min(size, m - lo)
+        part = m - lo if last else size
         a_at = ao + (lo if ta else lo * lda)
         gemm(ta, tb, part, n, k, alpha, a, a_at, lda, b, bo, ldb, beta, c, co + lo * ldc, ldc)
     elif how == _COLUMNS:  # columns lo.. of C: columns lo.. of op(B)
-        part = min(size, n - lo)
+        part = n - lo if last else size
         b_at = bo + (lo * ldb if tb else lo)
         gemm(ta, tb, m, part, k, alpha, a, ao, lda, b, b_at, ldb, beta, c, co + lo, ldc)
     else:  # terms lo.. of the sum: columns lo.. of op(A), rows lo.. of op(B)
-        part = min(size, k - lo)
+        part = k - lo if last else size
         a_at = ao + (lo * lda if ta else lo)
         b_at = bo + (lo if tb else lo * ldb)
         if i == 0:
@@ -181,8 +184,8 @@ def gemm_blocks(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc
     how, pieces, size = _blocks(m, n, k)
     partial = _partials(how, pieces, m, n, c)
     for i in range(pieces):
-        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, how, size,
-               partial)
+        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, how, pieces,
+               size, partial)
     if partial.shape[0]:
         for row in range(m):
             _add_row(c, co, ldc, n, partial, row)
@@ -199,8 +202,8 @@ def gemm_blocks_par(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co,
         return
     partial = _partials(how, pieces, m, n, c)
     for i in prange(pieces):
-        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, how, size,
-               partial)
+        _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, how, pieces,
+               size, partial)
     if partial.shape[0]:
         for row in prange(m):
             _add_row(c, co, ldc, n, partial, row)

@@ -27,7 +27,8 @@ benchmarks/RESULTS-threads.md.  Results are
 the same bits on any number of threads of the pool; BLAS's own threading gives no such promise.
 
 The thread count: :func:`set_num_threads`, else the environment variable
-``SYMGRAD_NUM_THREADS``; before either, the cores the process may run on (its CPU affinity).
+``SYMGRAD_NUM_THREADS``; before either, Numba's default: the cores the process may run on (its
+CPU affinity).
 Numba's pool cannot grow past ``NUMBA_NUM_THREADS`` once started: a larger
 ``SYMGRAD_NUM_THREADS`` raises that limit when it is set before symgrad is imported.
 """
@@ -121,8 +122,6 @@ def configure() -> None:
     wanted = _from_env()
     if wanted is not None:
         _use_pool(min(wanted, max_threads()))
-    else:  # the cores this process may run on (Numba's default counts the machine's)
-        numba.set_num_threads(max(1, min(len(os.sched_getaffinity(0)), max_threads())))
 
 
 def _use_pool(n: int) -> None:
