@@ -33,10 +33,11 @@ the target (a plain write indexed by that loop's index: rows) is a ``prange`` lo
 buffers of the reductions inside it are allocated inside it (each thread its own); a sum over
 rows (a bias gradient) runs over blocks of :data:`COLUMNS` columns, each block summing its
 columns over every row in row order; a batched GEMM's outermost batch loop is a ``prange`` loop
-of single-threaded BLAS calls; a single product is split into fixed blocks of rows
-(:func:`symgrad.runtime.blas.gemm_blocks`, serially in the serial variant).  Every element is
-computed by the same operations in the same order in both variants, so they give the same bits
-on any number of threads (:mod:`symgrad.runtime.threads` chooses one per call by size).
+of single-threaded BLAS calls; a single product is split into pieces fixed by its sizes (rows,
+columns or its sum: :func:`symgrad.runtime.blas.gemm_blocks`, serially in the serial variant).
+Every element is computed by the same operations in the same order in both variants, so they
+give the same bits on any number of threads (:mod:`symgrad.runtime.threads` chooses one per
+call by size).
 """
 
 from __future__ import annotations
@@ -317,7 +318,7 @@ class _Gemm:
             _int(c.offset(indices)),
             _int(c.ld),
         ]
-        call = "_gemm" if self.batch else _GEMM  # one product: split into blocks of rows
+        call = "_gemm" if self.batch else _GEMM  # one product: split into pieces (blas.py)
         lines.append(f"{pad}{call}({', '.join(args)})")
         return lines
 
