@@ -288,6 +288,7 @@ class CompiledStep:
         undo = self._prepare(binding)
         module = self._module
         threaded = use_parallel(binding.work)
+        previous, self._last = self._last, binding  # grad_hook's flat_gradients() reads it
         try:
             if self.grad_hook is None:
                 loss = float((module.step_par if threaded else module.step)(*args))
@@ -297,10 +298,10 @@ class CompiledStep:
                 self.grad_hook([g for _, g in binding.grads])
                 (module.update_par if threaded else module.update)(*args)
         except BaseException:
+            self._last = previous  # output and memory() report only a step that ran
             for step_undo in undo:
                 self.optimizer.undo_prepare(step_undo)
             raise
-        self._last = binding  # only a step that ran: its output and memory are reported
         for p, g in binding.grads:
             p.grad = g
         return loss
