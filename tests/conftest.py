@@ -1,4 +1,5 @@
-"""Shared test set-up: hypothesis profiles (deterministic in CI), torch's global state."""
+"""Shared test set-up: hypothesis profiles (deterministic in CI), torch's global state, the
+number of pytest-xdist workers."""
 
 import os
 from collections.abc import Iterator
@@ -12,6 +13,23 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=30, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+#: Memory one test worker may need at its peak (the MiniLM tests load the pretrained encoder
+#: and its twin; measured ≈ 2 GB), for ``-n auto``.
+WORKER_BYTES = 3 << 30
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (the default, see pyproject.toml): one worker per core this process may run
+    on, no more than the machine's memory holds.  The workers share compiled kernels through
+    the disk cache (written atomically: two workers compiling one kernel both succeed)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        memory = WORKER_BYTES
+    return max(1, min(cores or 1, memory // WORKER_BYTES))
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ from symgrad.compile import compile_step
 
 
 def test_a_tiny_run_reports_every_system_with_ratios_to_torch(tmp_path, torch_state) -> None:
-    result = bench.run(w1_sizes=[(4, 8)], w2_size=1000, w3=False, with_compile=False)
+    result = bench.run(
+        w1_sizes=[(4, 8)], w2_size=1000, w3=False, with_compile=False, workloads=("W1", "W2")
+    )
     rows = result["rows"]
     w1 = {r["system"]: r for r in rows if r["workload"] == "W1 train step"}
     w2 = {r["system"]: r for r in rows if r["workload"] == "W2 sigmoid+BCE"}
@@ -32,6 +34,24 @@ def test_a_tiny_run_reports_every_system_with_ratios_to_torch(tmp_path, torch_st
     report = bench.format_markdown(result, "symgrad bench --quick")
     assert "`symgrad bench --quick`" in report
     assert report.count("\n| W1 train step | B=4 H=8 |") == len(w1)
+
+
+def test_a_tiny_w4_run_reports_the_layer_and_each_part(torch_state) -> None:
+    """W4 at B=2, T=8 (the layer keeps MiniLM's size): the whole-layer systems and every part,
+    each with its torch row; a run of the workloads named only."""
+    result = bench.run(w4_size=(2, 8), w3=False, with_compile=False, workloads=("W4",))
+    rows = result["rows"]
+    assert {r["workload"].split()[0] for r in rows} == {"W4"}
+    assert {r["size"] for r in rows} == {"B=2 T=8"}
+    layer = {r["system"] for r in rows if r["workload"] == "W4 BERT layer"}
+    assert {"symgrad compiled", "symgrad tape", "torch eager"} <= layer
+    parts = {r["workload"] for r in rows} - {"W4 BERT layer"}
+    assert len(parts) == 5
+    for part in parts:
+        systems = {r["system"]: r for r in rows if r["workload"] == part}
+        assert set(systems) == {"symgrad", "torch eager"}
+        assert systems["torch eager"]["ratio_to_torch"] == 1.0
+        assert systems["symgrad"]["median_ms"] > 0
 
 
 def test_the_numpy_baseline_takes_the_same_step_as_symgrad() -> None:
