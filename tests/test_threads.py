@@ -107,6 +107,43 @@ def test_split_products_are_the_same_serially_and_in_parallel(dtype, ta, tb, m, 
         np.testing.assert_array_equal(c, got[2])
 
 
+def test_the_kernels_see_the_blas_thread_count():
+    """``blas_threads()`` is what BLAS itself reports, and follows a limit set from Python."""
+    from threadpoolctl import threadpool_limits
+
+    from symgrad.runtime.blas import blas_threads
+    from symgrad.runtime.threads import kernel_blas
+
+    (lib,) = kernel_blas()
+    assert blas_threads() == lib.num_threads
+    with threadpool_limits(1):
+        assert blas_threads() == 1
+    if lib.num_threads > 1:
+        with threadpool_limits(2):
+            assert blas_threads() == 2
+
+
+@pytest.mark.parametrize("m, n, k", _SPLITS[:3])
+def test_blas_with_threads_of_its_own_gets_the_product_whole(m, n, k):
+    """Pool off, BLAS threaded (the default): one call, the bits of ``gemm``; BLAS on one
+    thread (the pool): the pieces, the bits of ``gemm_blocks_par``."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    out = {}
+    runs = (("whole", gemm, 2), ("blocks", gemm_blocks, 2), ("blocks", gemm_blocks, 1),
+            ("par", gemm_blocks_par, 1))
+    for name, f, count in runs:
+        c = np.zeros((m, n))
+        with threadpool_limits(count):
+            f(False, False, m, n, k, 1.0, a, 0, k, b, 0, n, 0.0, c, 0, n)
+        out[name, count] = c
+    np.testing.assert_array_equal(out["blocks", 1], out["par", 1])
+    np.testing.assert_array_equal(out["blocks", 2], out["whole", 2])
+    np.testing.assert_allclose(out["blocks", 2], a @ b, rtol=1e-12, atol=1e-12)
+
+
 def test_the_split_depends_on_the_sizes_alone():
     """Rows for a tall product, columns for a wide one, the sum for a long one with a small C
     (a weight gradient); pieces a multiple of ALIGN but the last, none tiny; no split below

@@ -20,14 +20,27 @@ by the sizes alone, each piece one ``gemm`` call: serially in a kernel's serial 
 over Numba's threads by :func:`gemm_blocks_par` in its parallel one.  Both compute every piece
 the same way and add partial products in the same order, so the product has the same bits on
 any number of threads.
+
+When the BLAS has threads of its own — symgrad's pool off, the default — :func:`gemm_blocks`
+makes one call instead: BLAS's threads then share one packing of each operand, where pieces
+re-pack one per piece (with OpenBLAS's 2 threads, a BERT layer's products took 1.08–1.16× as
+long in pieces; benchmarks/RESULTS-mainjob.md).  Its bits then depend on BLAS's thread count,
+as BLAS's own threading always makes them; on the pool (BLAS on one thread) they never do.
+The kernels ask BLAS for its thread count on every call (``symgrad_blas_threads``, a symbol
+bound at import to SciPy's OpenBLAS ``openblas_get_num_threads``, found by name like
+``numba_xxgemm``, so cached kernels stay valid in a new process).
 """
 
 from __future__ import annotations
 
+import ctypes
+import itertools
+
 import numpy as np
+from llvmlite import binding
 from numba import njit, prange, types
 
-from .threads import configure
+from .threads import configure, kernel_blas
 
 configure()  # before any kernel calls BLAS: SYMGRAD_NUM_THREADS read (the pool, BLAS on one thread)
 
@@ -55,6 +68,31 @@ _xxgemm = types.ExternalFunction(
 )
 
 _N, _T = 110, 116  # ord("n"), ord("t")
+
+_ONE_THREAD = ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 1)  # a BLAS without the query: one thread
+
+
+def _thread_count_address() -> int:
+    """The address of the kernels' BLAS's ``openblas_get_num_threads`` (with the prefix and
+    suffix its build gives it); of a function answering 1 for another BLAS."""
+    for lib in kernel_blas():
+        dll = ctypes.CDLL(lib.filepath)
+        for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
+            found = getattr(dll, f"{prefix}openblas_get_num_threads{suffix}", None)
+            if found is not None:
+                return int(ctypes.cast(found, ctypes.c_void_p).value or 0)
+    return int(ctypes.cast(_ONE_THREAD, ctypes.c_void_p).value or 0)
+
+
+binding.add_symbol("symgrad_blas_threads", _thread_count_address())
+#: int symgrad_blas_threads(void): the number of threads BLAS runs a call on.
+_blas_threads = types.ExternalFunction("symgrad_blas_threads", types.intc())
+
+
+@njit(cache=True)
+def blas_threads():  # type: ignore[no-untyped-def]
+    """The number of threads the kernels' BLAS runs a call on (as a kernel sees it)."""
+    return _blas_threads()
 
 
 @njit(cache=True)
@@ -180,8 +218,12 @@ def _partials(how, pieces, m, n, c):  # type: ignore[no-untyped-def]
 
 @njit(cache=True)
 def gemm_blocks(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc):  # type: ignore[no-untyped-def]
-    """``gemm`` split into the pieces of :func:`_blocks`, one after another."""
+    """``gemm`` split into the pieces of :func:`_blocks`, one after another — or one call when
+    BLAS runs on threads of its own (they split it better)."""
     how, pieces, size = _blocks(m, n, k)
+    if how == _WHOLE or _blas_threads() > 1:
+        gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc)
+        return
     partial = _partials(how, pieces, m, n, c)
     for i in range(pieces):
         _block(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, i, how, pieces,

@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numba  # symgrad/__init__.py sized Numba's pool before numba was first imported
 
@@ -95,21 +96,29 @@ def _check(n: object) -> int:
     return n
 
 
-def limit_blas() -> None:
-    """Run the BLAS that generated kernels call (SciPy's OpenBLAS, through Numba) on one thread
-    per call: symgrad's kernels split GEMMs over Numba's threads themselves.  NumPy's own BLAS
-    (``np.dot`` in Python) is left as it is."""
+def kernel_blas() -> list[Any]:
+    """threadpoolctl's controllers of the BLAS that generated kernels call (SciPy's OpenBLAS,
+    through Numba's ``numba_xxgemm``; loaded here if it was not yet), usually one."""
     try:
         import scipy
-        import scipy.linalg.cython_blas  # loads the library, as Numba would
+        import scipy.linalg.cython_blas  # (loads the library, as Numba would)
         from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - both are dependencies
-        return
-    root = os.path.dirname(os.path.dirname(scipy.__file__))
-    controller = ThreadpoolController()
-    for lib in controller.lib_controllers:
-        if lib.user_api == "blas" and lib.filepath.startswith(os.path.join(root, "scipy")):
-            lib.set_num_threads(1)
+        return []
+    root = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy")
+    return [
+        lib
+        for lib in ThreadpoolController().lib_controllers
+        if lib.user_api == "blas" and lib.filepath.startswith(root)
+    ]
+
+
+def limit_blas() -> None:
+    """Run the BLAS that generated kernels call on one thread per call: symgrad's kernels split
+    GEMMs over Numba's threads themselves.  NumPy's own BLAS (``np.dot`` in Python) is left as
+    it is."""
+    for lib in kernel_blas():
+        lib.set_num_threads(1)
 
 
 def configure() -> None:
