@@ -305,6 +305,56 @@ def test_row_statistics_inside_a_sum_over_rows_are_filled_once():
     _check_brute_force(der, {"B": 1, "S": 2, "N": 3})
 
 
+def _filled_arrays(source: str, function: str) -> list[list[str]]:
+    """The loops filling each ``_mN`` array of ``function``, one list per statement of the
+    function (a gradient's loop nest), every generated name (loop variables, temporaries,
+    arrays) replaced by its order of first appearance."""
+    body = source.split(f"def {function}(")[1].split("\n\n\n")[0].splitlines()[1:]
+    nests: list[list[str]] = []
+    for n, line in enumerate(body):
+        if re.match(r"    \S", line):
+            nests.append([])
+        found = re.match(r"(\s*)(_m\d+) = np\.empty", line)
+        if not found:
+            continue
+        indent, name = found.groups()
+        block = [line.strip()]
+        for later in body[n + 1 :]:
+            block.append(later[len(indent) :])
+            if re.match(rf"\s*{name}\[.*\] = ", later):
+                break
+        nests[-1].append(_renumbered("\n".join(block)))
+    return nests
+
+
+def _renumbered(text: str) -> str:
+    """``text`` with every generated name replaced by its order of first appearance."""
+    seen: dict[str, str] = {}
+    return re.sub(
+        r"\b_(?:s_\w+|[rmh]\d+\w*)\b", lambda m: seen.setdefault(m[0], f"_n{len(seen)}"), text
+    )
+
+
+def test_a_row_statistic_the_gradient_needs_in_several_terms_is_filled_once():
+    # softmax(Q·Kᵀ/√D)·V as a textbook writes it: the stabilized derivation repeats the row of
+    # scores (in its max and in its sum of exponentials) with new dummy indices in every term
+    # of each gradient; the lowering fills one array per distinct row and reads it everywhere
+    Q, K_, V = (sp.IndexedBase(n, shape=(B, S, D)) for n in ("Q", "K", "V"))
+    e = sp.Symbol("e", integer=True)
+
+    def weight(tt: sp.Symbol) -> sp.Expr:
+        return sp.exp(sp.Sum(Q[b, s, e] * K_[b, tt, e], (e, 0, D - 1)) / sp.sqrt(D))
+
+    expr = sp.Sum(weight(t) * V[b, t, i], (t, 0, S - 1)) / sp.Sum(weight(u), (u, 0, S - 1))
+    spec = tensor_spec(expr, (b, s, i), [Q, K_, V], "attention_filled_once")
+    source = emit_tensor(derive_tensor(spec), spec.key).text
+    for function in ("forward", "vjp"):
+        nests = _filled_arrays(source, function)
+        assert any(nests), source
+        for blocks in nests:  # one gradient's loop nest: each array it fills is different
+            assert len(set(blocks)) == len(blocks), "\n\n".join(blocks)
+
+
 # -- the condition helpers ------------------------------------------------------------------
 
 

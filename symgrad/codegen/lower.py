@@ -9,7 +9,10 @@ An *assignment* ``target[free...] = expr`` becomes a loop nest over the free ind
 * every other ``Sum`` / ``ReduceMax`` becomes an accumulator loop, **hoisted** to the outermost
   place where all the indices it depends on are bound — layer norm's mean and variance are
   computed once per row, not once per element, so it stays O(B·N);
-* identical reductions (equal up to the name of their summation index) are computed once.
+* identical reductions (equal up to the name of their summation index) are computed once, and
+  so are identical arrays of a reduction's values over enclosing reductions' indices (the
+  stabilized VJP of softmax(Q·Kᵀ)·V repeats the row of scores, with new dummy indices, in
+  every term: one array per row, read by all).
 
 **Dtypes.**  A function is lowered once and printed twice: for float64 data (``forward``,
 ``vjp``) and for float32 data (``forward_f32``, ``vjp_f32``), whose arithmetic is float32
@@ -684,6 +687,18 @@ class _Lowerer:
         level = {v: n + 1 for n, (v, _, _) in enumerate(a.loops)}
         by_var = {r.var: r for r in reds}
         placed: dict[int, list[_Reduction | list[str]]] = {n: [] for n in range(len(a.loops) + 1)}
+        # What is computed where, by structure: a reduction equal to one placed before at the
+        # same level up to the names of its loop variables (the derivation writes the same sum
+        # with new dummy indices in every term that needs it) is read from that one.
+        known: dict[tuple, sp.Expr] = {}
+
+        def replace(temp: sp.Symbol, value: sp.Expr) -> None:
+            nonlocal expr, stored
+            for other in reds:
+                other.body = other.body.xreplace({temp: value})
+            expr = expr.xreplace({temp: value})
+            stored = [s.xreplace({temp: value}) for s in stored]
+
         for r in reds:  # post-order: dependencies come first
             inner = sorted((by_var[v] for v in r.deps if v in by_var), key=reds.index)
             at = max((level[v] for v in r.deps if v in level), default=0)
@@ -692,16 +707,29 @@ class _Lowerer:
                 # index (a row's max and sum inside a sum over rows): compute it once for every
                 # value of them, at the loop level of its last output index, instead of once
                 # per output element — the sum over rows stays linear in the row length.
+                hosts = [h.var for h in inner]
+                ranges = self._host_ranges(hosts)
+                key = (at, *_structure(r, hosts, list(ranges.values())))
+                if key in known:
+                    # the same array, read at this reduction's indices
+                    first = known[key]
+                    assert isinstance(first, sp.Indexed)
+                    replace(r.temp, first.base[tuple(v - lo for v, (lo, _) in ranges.items())])
+                    continue
                 filled: list[str] = []
-                array = self._materialize(r, [h.var for h in inner], filled)
-                for other in reds:
-                    other.body = other.body.xreplace({r.temp: array})
-                expr = expr.xreplace({r.temp: array})
+                array = self._materialize(r, ranges, filled)
+                known[key] = array
+                replace(r.temp, array)
                 placed[at].append(filled)
             elif inner:
                 # the enclosing reduction whose loop variable this one depends on
                 inner[0].children.append(r)
             else:
+                key = (at, *_structure(r, [], []))
+                if key in known:
+                    replace(r.temp, known[key])
+                    continue
+                known[key] = r.temp
                 placed[at].append(r)
 
         index = a.index if a.index is not None else tuple(loop_vars)
@@ -921,13 +949,20 @@ class _Lowerer:
         bounds = {s for h in hosts for s in h.lo.free_symbols | h.hi.free_symbols}
         return not bounds & reduction_vars and all(level.get(s, 0) <= at for s in bounds)
 
-    def _materialize(self, r: _Reduction, hosts: list[sp.Symbol], lines: list[str]) -> sp.Expr:
-        """Emit loops computing ``r`` for every value of ``hosts`` into an array; return a read."""
+    def _host_ranges(self, hosts: list[sp.Symbol]) -> dict[sp.Symbol, tuple[sp.Expr, sp.Expr]]:
+        """The range of each of ``hosts``, loop variables of enclosing reductions."""
         ranges = {}
         for v in hosts:
             for other in self._all:
                 if other.var == v:
                     ranges[v] = (other.lo, other.hi)
+        return ranges
+
+    def _materialize(
+        self, r: _Reduction, ranges: dict[sp.Symbol, tuple[sp.Expr, sp.Expr]], lines: list[str]
+    ) -> sp.Indexed:
+        """Emit loops computing ``r`` for every value of the loop variables ``ranges`` gives
+        into an array; return a read."""
         name = f"_m{self.n_mat}"
         self.n_mat += 1
         shape = ", ".join(_int(hi - lo + 1) for lo, hi in ranges.values())
@@ -1004,6 +1039,33 @@ class _Lowerer:
             f"{pad}        {into[1]}",
             f"{pad}{total} = {tree[0]}",
         ]
+
+
+def _structure(
+    r: _Reduction, hosts: list[sp.Symbol], ranges: list[tuple[sp.Expr, sp.Expr]]
+) -> tuple[tuple[sp.Basic, ...], ...]:
+    """``r`` (with the reductions nested in it) as a function of ``hosts`` over ``ranges``, up
+    to the names of its own loop variables and temporaries: reductions of equal structure
+    compute equal values at equal values of their hosts and of every other free symbol."""
+    names: dict[sp.Basic, sp.Basic] = {
+        h: sp.Symbol(f"_host{n}", integer=True) for n, h in enumerate(hosts)
+    }
+    parts: list[tuple[sp.Basic, ...]] = [
+        (lo.xreplace(names), hi.xreplace(names)) for lo, hi in ranges
+    ]
+
+    def walk(red: _Reduction) -> None:
+        names[red.var] = sp.Symbol(f"_var{len(names)}", integer=True)
+        for child in red.children:  # computed inside red's loop, before its body
+            walk(child)
+        parts.append(
+            (sp.Symbol(red.kind), red.lo.xreplace(names), red.hi.xreplace(names),
+             red.body.xreplace(names))
+        )
+        names[red.temp] = sp.Symbol(f"_temp{len(names)}", real=True)
+
+    walk(r)
+    return tuple(parts)
 
 
 def _split_factor(
