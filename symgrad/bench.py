@@ -3,7 +3,9 @@
 Workloads (float32 unless stated, thread count fixed and reported, 1 by default):
 
 * **W1** — one SGD training step of a 64→H→H→10 tanh MLP with softmax cross-entropy at
-  (B, H) = (32, 128), (256, 512), (1024, 2048): symgrad's compiled step, symgrad layer by layer,
+  (B, H) = (32, 128), (256, 512), (1024, 2048): symgrad's compiled step, the same step through
+  :func:`symgrad.train.fit` (an epoch of :data:`FIT_STEPS` shuffled batches per call, reported
+  per step: checks, batching and the step's lookup included), symgrad layer by layer,
   torch eager, ``torch.compile`` of a functional step (``fullgraph=True``), JAX ``jit`` when JAX
   is installed, and a NumPy step written by hand (the peer baseline the issue asks for; it is
   a benchmark reference, not a code path of symgrad).
@@ -48,6 +50,8 @@ W1_QUICK = [(32, 128), (256, 512)]
 W4_SIZE = (32, 64)  # sequences, tokens
 WORKLOADS = ("W1", "W2", "W3", "W4")
 LR = 0.01
+#: Steps (batches) of one ``fit`` call in W1's "symgrad fit" row, whose time is per step.
+FIT_STEPS = 16
 
 
 def _cores() -> int:
@@ -104,13 +108,18 @@ def versions() -> dict[str, str]:
 
 
 def interleaved(
-    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, block: int = 1
+    candidates: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 2,
+    block: int = 1,
+    steps: dict[str, int] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Median and minimum seconds of each candidate, run round-robin after ``warmup`` calls.
 
-    Each turn of a candidate is ``block`` calls in a row, timed together (seconds per call):
+    Each turn of a candidate is ``block`` steps in a row, timed together (seconds per step):
     consecutive steps as in a training loop, with the caches holding that candidate's data
-    rather than the previous candidate's.
+    rather than the previous candidate's.  A candidate named in ``steps`` takes that many
+    steps per call (a ``fit`` epoch): its turn is ``block / steps`` calls (at least one).
     """
     for fn in candidates.values():
         for _ in range(warmup):
@@ -118,10 +127,12 @@ def interleaved(
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
+            per_call = (steps or {}).get(name, 1)
+            calls = max(1, block // per_call)
             start = time.perf_counter()
-            for _ in range(block):
+            for _ in range(calls):
                 fn()
-            times[name].append((time.perf_counter() - start) / block)
+            times[name].append((time.perf_counter() - start) / (calls * per_call))
     return {
         name: {"median_s": statistics.median(ts), "min_s": min(ts), "repeats": len(ts)}
         for name, ts in times.items()
@@ -151,6 +162,7 @@ def _w1_candidates(batch: int, hidden: int, with_compile: bool) -> dict[str, Cal
     from . import nn, optim
     from .compile import compile_step
     from .torch import to_torch
+    from .train import fit
 
     rng = np.random.default_rng(0)
     dt = np.float32
@@ -185,8 +197,16 @@ def _w1_candidates(batch: int, hidden: int, with_compile: bool) -> dict[str, Cal
         tloss(twin(tx), ty).backward()
         topt.step()
 
+    fitted = mlp()
+    fit_opt = optim.SGD(fitted.parameters(), lr=LR)
+    xs, ys = np.concatenate([x] * FIT_STEPS), np.concatenate([y] * FIT_STEPS)
+
+    def through_fit() -> None:
+        fit(fitted, nn.CrossEntropyLoss(), fit_opt, xs, ys, epochs=1, batch_size=batch)
+
     candidates: dict[str, Callable[[], object]] = {
         "symgrad compiled": lambda: ours(x, y),
+        "symgrad fit": through_fit,
         "symgrad layers": layer_by_layer,
         "torch eager": torch_eager,
         "numpy by hand": _numpy_step(mlp(), x, y)[0],
@@ -510,7 +530,9 @@ def _rows(
             repeats = max(15, min(100, int(5e8 / work)))
             block = max(1, min(20, int(1e7 / work)))  # 20 steps a turn at B=32, H=128
             cands = _w1_candidates(batch, hidden, with_compile and not quick)
-            timings = interleaved(cands, repeats, warmup=3, block=block)
+            timings = interleaved(
+                cands, repeats, warmup=3, block=block, steps={"symgrad fit": FIT_STEPS}
+            )
             add("W1 train step", f"B={batch} H={hidden}", timings)
         n = w2_size if w2_size is not None else (1_000_000 if quick else 10_000_000)
         if "W2" in workloads:

@@ -18,7 +18,8 @@ def test_a_tiny_run_reports_every_system_with_ratios_to_torch(tmp_path, torch_st
     rows = result["rows"]
     w1 = {r["system"]: r for r in rows if r["workload"] == "W1 train step"}
     w2 = {r["system"]: r for r in rows if r["workload"] == "W2 sigmoid+BCE"}
-    assert {"symgrad compiled", "symgrad layers", "torch eager", "numpy by hand"} <= set(w1)
+    assert {"symgrad compiled", "symgrad fit", "symgrad layers", "torch eager",
+            "numpy by hand"} <= set(w1)  # fmt: skip
     assert set(w2) == {"symgrad", "torch eager", "numpy", "bandwidth floor"}
     for table in (w1, w2):
         assert table["torch eager"]["ratio_to_torch"] == 1.0
@@ -34,6 +35,21 @@ def test_a_tiny_run_reports_every_system_with_ratios_to_torch(tmp_path, torch_st
     report = bench.format_markdown(result, "symgrad bench --quick")
     assert "`symgrad bench --quick`" in report
     assert report.count("\n| W1 train step | B=4 H=8 |") == len(w1)
+
+
+def test_a_candidate_taking_several_steps_a_call_is_timed_per_step() -> None:
+    calls = {"one": 0, "epoch": 0}
+
+    def count(name: str):
+        return lambda: calls.__setitem__(name, calls[name] + 1)
+
+    found = bench.interleaved(
+        {"one": count("one"), "epoch": count("epoch")}, repeats=3, warmup=0, block=8,
+        steps={"epoch": 4},
+    )  # fmt: skip
+    # a turn is 8 steps of each: 8 calls of the one-step candidate, 2 of the 4-step one
+    assert calls == {"one": 24, "epoch": 6}
+    assert found["epoch"]["repeats"] == found["one"]["repeats"] == 3
 
 
 def test_a_tiny_w4_run_reports_the_layer_and_each_part(torch_state) -> None:
