@@ -218,9 +218,9 @@ def _loop_depth(node: ast.AST) -> int:
     """The deepest nesting of ``for`` loops over a dim under ``node``.
 
     A vectorised reduction runs over its range in blocks (``for _r0_q in range(0, N, 256)``);
-    the loops inside a block — over the block's elements (``range(_r0_q, _r0_q + _r0_m)``) and
-    over the lanes (``range(8)``, ``range(0, _r0_n, 8)``) — are bounded by constants and do
-    not count: the block loop and its element loop together traverse the range once.  Nor do
+    the loop over a block's elements (``range(_r0_q, _r0_q + _r0_m)``) is bounded by a
+    constant and does not count: the block loop and it together traverse the range once (the
+    lanes are the helpers' loops, ``range(8)`` in them).  Nor do
     the columns of one block of a sum over rows (``range(64 * _kb0, min(...))``): the loop over
     the blocks and that one traverse the columns once."""
     inner = max((_loop_depth(c) for c in ast.iter_child_nodes(node)), default=0)
