@@ -340,8 +340,10 @@ def check_fit_options(
     clip_grad_value: float | None = None,
 ) -> None:
     """The checks :func:`fit` makes before training: the data, the schedule, the scheduler,
-    clipping, the checkpoint's path, and one forward pass over all of ``x`` (a wrong feature
-    count or label fails here, not mid-run)."""
+    clipping, the checkpoint's path, and the model and the loss on the data (a wrong feature
+    count or label fails here, not mid-run): for floating-point ``x`` one batch through the
+    model and the loss on all of ``y``, for integer ``x`` (ids) all of ``x`` through the
+    model."""
     check_data(x, y)
     if batch_size < 1 or epochs < 0:
         raise SymgradError(f"need batch_size ≥ 1 and epochs ≥ 0, got {batch_size}, {epochs}")
@@ -359,6 +361,16 @@ def check_fit_options(
     if checkpoint is not None:
         check_checkpoint_path(checkpoint)
     body, objective = fuse(model, loss) if fuse_loss else (model, loss)
+    if x.dtype.kind == "f":
+        # Floating-point rows can fail the model only by their shape or dtype, the same for
+        # every row: one batch through the model, and the loss (every label or target) on its
+        # outputs repeated to all rows — not an epoch's forward before the first step.
+        rows = x[: max(1, min(batch_size, len(x)))]
+        out = body(rows)
+        if np.ndim(out) >= 1 and len(out) == len(rows):
+            objective.value_and_grad(np.resize(out, (len(x), *np.shape(out)[1:])), y)
+            return
+    # integer rows (token ids) may fail on any row: all of them through the model
     objective.value_and_grad(body(x), y)
 
 

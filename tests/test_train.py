@@ -12,7 +12,7 @@ from symgrad.cli import main
 from symgrad.errors import StepFallbackWarning, SymgradError, UnsupportedStepError
 from symgrad.tasks import finetune
 from symgrad.tasks.digits import few_shot_split, load_mnist_8x8, to_sklearn_8x8
-from symgrad.train import DataError, batch_order, fit
+from symgrad.train import DataError, batch_order, check_fit_options, fit
 
 
 def _model(seed, dtype=np.float64):
@@ -276,3 +276,20 @@ def test_finetune_cli_writes_report_and_png(tmp_path, capsys):
     assert "agreement with torch within 1e-09: yes" in printed
     assert "held-out scikit-learn digits (never trained on)" in printed
     assert "mean ± standard deviation over 2 seeds" in printed
+
+
+def test_the_check_before_training_runs_one_batch_through_the_model_and_every_label(
+    monkeypatch,
+):
+    # floating-point rows fail the model only by their shape: one batch through it, not an
+    # epoch's forward; the loss still sees every label
+    model, (x, y) = _model(3), _data(40)
+    seen: list[int] = []
+    first, forward = model[0], model[0].forward
+    monkeypatch.setattr(first, "forward", lambda rows: (seen.append(len(rows)), forward(rows))[1])
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    check_fit_options(model, nn.CrossEntropyLoss(), opt, x, y, epochs=1, batch_size=16)
+    assert seen == [16]
+    y[-1] = 7  # in a row the model did not see
+    with pytest.raises(Exception, match="labels must lie"):
+        check_fit_options(model, nn.CrossEntropyLoss(), opt, x, y, epochs=1, batch_size=16)
