@@ -307,12 +307,13 @@ def test_row_statistics_inside_a_sum_over_rows_are_filled_once():
 
 def _filled_arrays(source: str, function: str) -> list[list[str]]:
     """The loops filling each ``_mN`` array of ``function``, one list per statement of the
-    function (a gradient's loop nest), every generated name (loop variables, temporaries,
-    arrays) replaced by its order of first appearance."""
+    function or per gradient in a loop shared by several (a gradient's loop nest), every
+    generated name (loop variables, temporaries, arrays) replaced by its order of first
+    appearance."""
     body = source.split(f"def {function}(")[1].split("\n\n\n")[0].splitlines()[1:]
     nests: list[list[str]] = []
     for n, line in enumerate(body):
-        if re.match(r"    \S", line):
+        if re.match(r"    \S|        s_\w+ = s_\w+$", line):  # a nest, or a gradient joining one
             nests.append([])
         found = re.match(r"(\s*)(_m\d+) = np\.empty", line)
         if not found:
@@ -353,6 +354,60 @@ def test_a_row_statistic_the_gradient_needs_in_several_terms_is_filled_once():
         assert any(nests), source
         for blocks in nests:  # one gradient's loop nest: each array it fills is different
             assert len(set(blocks)) == len(blocks), "\n\n".join(blocks)
+
+
+def _body(source: str, function: str) -> str:
+    return source.split(f"def {function}(")[1].split("\n\n\n")[0]
+
+
+def test_a_row_sum_whose_terms_the_output_repeats_keeps_them_in_the_output_row():
+    # softmax: each output element is a term of its row's sum over 1/the sum: the forward
+    # writes the terms into the output row while summing them and scales them there, one exp
+    # per element; a causal softmax's sum (u ≤ s) does not cover the row and computes its own
+    X = sp.IndexedBase("X", shape=(B, S, S))
+
+    def softmax(keep: sp.Basic, name: str) -> str:
+        def term(v: sp.Symbol) -> sp.Expr:
+            return sp.Piecewise((sp.exp(X[b, s, v]), keep.subs(t, v)), (0, True))
+
+        expr = term(t) / sp.Sum(term(u), (u, 0, S - 1))
+        spec = tensor_spec(expr, (b, s, t), [X], name)
+        return emit_tensor(derive_tensor(spec), spec.key).text
+
+    source = softmax(sp.true, "softmax_kept")
+    for function in ("forward", "forward_f32", "forward_par"):
+        body = _body(source, function)
+        assert len(re.findall(r"\b_sg_exp(_f32)?\(", body)) == 1, body
+        assert re.search(r"_sg_lanes_add\(\w+, out\[s_b, s_s, \w+:\]", body), body
+    causal = _body(softmax(t <= s, "causal_softmax_kept"), "forward")
+    assert len(re.findall(r"\b_sg_exp\(", causal)) == 2, causal
+    assert not re.search(r"_sg_lanes_add\(\w+, out\[", causal), causal
+
+
+def test_a_sum_over_rows_runs_over_whole_rows_serially_and_column_blocks_in_parallel():
+    # the bias gradient Σ_b g[b, i]: in order of rows in both variants (the same bits); the
+    # parallel variant over blocks of columns (one per thread), the serial one over whole rows
+    X, c = sp.IndexedBase("X", shape=(B, N)), sp.IndexedBase("c", shape=(N,))
+    spec = tensor_spec(X[b, i] * c[i], (b, i), [X, c], "bias_sum_blocks")
+    source = emit_tensor(derive_tensor(spec), spec.key).text
+    serial, parallel = _body(source, "vjp"), _body(source, "vjp_par")
+    assert "_kb" not in serial and "prange" not in serial, serial
+    assert re.search(r"for _kb\d+ in prange\(", parallel), parallel
+
+
+def test_the_gradients_of_one_op_over_the_same_rows_run_in_one_loop_serially():
+    # centring and scaling, (X[b, i] - mean_b(X))·w[i]: the gradient of X is written row by
+    # row, that of w sums over the rows; the serial VJP reads each row once for both (one loop
+    # over b), the parallel one keeps them apart (w's sum runs over blocks of columns there)
+    X, w = sp.IndexedBase("X", shape=(B, N)), sp.IndexedBase("w", shape=(N,))
+    centred = X[b, i] - sp.Sum(X[b, j], (j, 0, N - 1)) / N
+    spec = tensor_spec(centred * w[i], (b, i), [X, w], "centre_scale_fused")
+    source = emit_tensor(derive_tensor(spec), spec.key).text
+    serial, parallel = _body(source, "vjp"), _body(source, "vjp_par")
+    rows = re.findall(r"^    for (\w+) in range\(0, s_B\):", serial, re.M)
+    assert len(rows) == 1, serial
+    assert re.search(rf"^        \w+ = {rows[0]}$", serial, re.M), serial  # w's sum joins it
+    assert len(re.findall(r"^    for \w+ in prange\(", parallel, re.M)) == 2, parallel
 
 
 # -- the condition helpers ------------------------------------------------------------------

@@ -12,7 +12,10 @@ An *assignment* ``target[free...] = expr`` becomes a loop nest over the free ind
 * identical reductions (equal up to the name of their summation index) are computed once, and
   so are identical arrays of a reduction's values over enclosing reductions' indices (the
   stabilized VJP of softmax(Q·Kᵀ)·V repeats the row of scores, with new dummy indices, in
-  every term: one array per row, read by all).
+  every term: one array per row, read by all);
+* a row's sum whose terms the output repeats (softmax: ``exp(x_t - m) / Σ_u exp(x_u - m)``)
+  writes them into the output's row as it adds them, and the output reads them back
+  (:meth:`_Lowerer._kept`): one ``exp`` per element.
 
 **Dtypes.**  A function is lowered once and printed twice: for float64 data (``forward``,
 ``vjp``) and for float32 data (``forward_f32``, ``vjp_f32``), whose arithmetic is float32
@@ -36,9 +39,10 @@ parallel variant the outermost loop of an assignment whose iterations write disj
 the target (a plain write indexed by that loop's index: rows) is a ``prange`` loop, and the
 buffers of the reductions inside it are allocated inside it (each thread its own); a sum over
 rows (a bias gradient) runs over blocks of :data:`COLUMNS` columns, each block summing its
-columns over every row in row order; a batched GEMM's outermost batch loop is a ``prange`` loop
-of single-threaded BLAS calls; a single product is split into pieces fixed by its sizes (rows,
-columns or its sum: :func:`symgrad.runtime.blas.gemm_blocks`, serially in the serial variant).
+columns over every row in row order (the serial variant sums whole rows, in the same order);
+a batched GEMM's outermost batch loop is a ``prange`` loop of single-threaded BLAS calls; a
+single product is split into pieces fixed by its sizes (rows, columns or its sum:
+:func:`symgrad.runtime.blas.gemm_blocks`, serially in the serial variant).
 Every element is computed by the same operations in the same order in both variants, so they
 give the same bits on any number of threads (:mod:`symgrad.runtime.threads` chooses one per
 call by size).
@@ -49,6 +53,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -83,6 +88,8 @@ _RANGE = "\u27e6range\u27e7"
 _GEMM = "\u27e6gemm\u27e7"
 _SERIAL_ONLY = "\u27e6serial\u27e7"
 _PARALLEL_ONLY = "\u27e6parallel\u27e7"
+# The outermost loop of an assignment's nest (what _fused merges with the next nest's).
+_OUTER = "\u27e6outer\u27e7"
 
 
 class _IndexPrinter(NumbaPrinter):
@@ -140,15 +147,124 @@ def _render(lines: list[str], pieces: list[sp.Expr | tuple[str, str]], dtype: st
     return [_PIECE.sub(fill, line) for line in lines]
 
 
-def _variant(lines: list[str], parallel: bool) -> list[str]:
-    """The serial or the parallel variant of lowered ``lines`` (see the module doc)."""
+def _variant(lines: list[str], parallel: bool, outer: bool = False) -> list[str]:
+    """The serial or the parallel variant of lowered ``lines`` (see the module doc); ``outer``:
+    with the marks of the assignments' outermost loops left in."""
     drop, keep = (_SERIAL_ONLY, _PARALLEL_ONLY) if parallel else (_PARALLEL_ONLY, _SERIAL_ONLY)
     loop, gemm = ("prange", "_gemm_blocks_par") if parallel else ("range", "_gemm_blocks")
-    return [
+    resolved = [
         line.replace(keep, "").replace(_RANGE, loop).replace(_GEMM, gemm)
         for line in lines
         if drop not in line
     ]
+    return resolved if outer else [line.replace(_OUTER, "") for line in resolved]
+
+
+@dataclass
+class _Nest:
+    """An assignment's lowered lines, cut around its outermost loop (serial variant)."""
+
+    target: str
+    rows: bool  # the loop runs over the target's rows, each iteration writing its own row
+    lines: list[str]  # as lowered, marks unresolved
+    pre: list[str]
+    header: str  # "for <var> in range(lo, hi):"
+    var: str
+    body: list[str]
+    post: list[str]
+
+
+def _nest(a: _Assignment, lines: list[str], indent: int) -> _Nest | None:
+    """The lines lowered from ``a``, cut around its one outermost loop; None without one."""
+    serial = _variant(lines, False, outer=True)
+    pad = " " * indent
+    heads = [n for n, line in enumerate(serial) if _OUTER in line and re.match(rf"{pad}\S", line)]
+    if len(heads) != 1:
+        return None
+    start = heads[0]
+    header = serial[start].replace(_OUTER, "")
+    found = re.match(rf"{pad}for (\w+) in range\(", header)
+    if found is None:
+        return None
+    end = start + 1
+    while end < len(serial) and not re.match(rf"{pad}\S", serial[end]):
+        end += 1
+    strip = [line.replace(_OUTER, "") for line in serial]
+    # a plain write of the target indexed by the loops, the outermost one its rows (not a sum
+    # over rows into the target, nor a scatter-add)
+    rows = not a.accumulate and a.index is None and bool(a.loops) and str(a.loops[0][0]) == found[1]
+    return _Nest(a.target, rows, lines, strip[:start], header, found[1],
+                 strip[start + 1 : end], strip[end:])
+
+
+def _fusable(group: list[_Nest], later: _Nest, text: Callable[[list[str]], str]) -> bool:
+    """Whether ``later`` can run inside the loop of ``group`` (the same rows, one pass): its
+    loop runs over the same range; it reads what the group writes only in the same row, and
+    only where that is final inside the loop; nothing before its loop reads it; the group
+    reads nothing it writes.  ``text`` gives lines with their expressions printed."""
+    first = group[0]
+    if later.header.replace(later.var, first.var, 1) != first.header:
+        return False
+    if re.search(rf"\b{first.var}\b", text(later.pre + later.body + later.post)):
+        return False
+    for nest in group:
+        if re.search(rf"\b{later.target}\b", text(nest.pre + nest.body + nest.post)):
+            return False
+        if re.search(rf"\b{nest.target}\b", text(later.pre)):
+            return False
+        rows = re.findall(rf"\b{nest.target}\[([^,\]]+)", text(later.body + later.post))
+        if rows and not (nest.rows and all(r.strip() == later.var for r in rows)):
+            return False
+    return True
+
+
+def _fused(
+    nests: list[tuple[_Assignment, list[str]]],
+    indent: int,
+    pieces: list[sp.Expr | tuple[str, str]],
+) -> list[str]:
+    """The lowered nests of one function, consecutive nests over the same rows merged into
+    one loop in the serial variant (layer norm's gradients: the rows of ``X``, ``R`` and the
+    output's gradient are read once, from cache, for all of them, not once per gradient).
+
+    Each element is computed by the same operations in the same order as in its own nest, and
+    every sum over the rows still adds them in row order: the same bits.  The parallel variant
+    keeps the nests apart (a sum over rows runs there over blocks of columns)."""
+    out: list[str] = []
+    group: list[_Nest] = []
+
+    def text(lines: list[str]) -> str:
+        def fill(match: re.Match[str]) -> str:
+            piece = pieces[int(match.group(1))]
+            return piece[0] if isinstance(piece, tuple) else str(piece)
+
+        return _PIECE.sub(fill, "\n".join(lines))
+
+    def flush() -> None:
+        if len(group) > 1:
+            merged = [line for n in group for line in n.pre]
+            merged.append(group[0].header)
+            merged += [line for n in group for line in n.body]
+            merged += [line for n in group for line in n.post]
+            out.extend(_SERIAL_ONLY + line for line in merged)
+            out.extend(_PARALLEL_ONLY + line for n in group for line in n.lines)
+        else:
+            out.extend(line for n in group for line in n.lines)
+        group.clear()
+
+    for a, lines in nests:
+        nest = _nest(a, lines, indent)
+        if nest is None:
+            flush()
+            out.extend(lines)
+            continue
+        if group and not _fusable(group, nest, text):
+            flush()
+        if group:  # the nest's loop variable is the group's
+            nest.body.insert(0, f"{' ' * (indent + 4)}{nest.var} = {group[0].var}")
+        group.append(nest)
+    flush()
+    return out
 
 
 @dataclass
@@ -161,6 +277,9 @@ class _Reduction:
     body: sp.Expr
     deps: frozenset[sp.Symbol]
     children: list[_Reduction] = field(default_factory=list)
+    #: (target, indices before the summed one): each term is also written to ``target`` at
+    #: (indices..., var), where the output loop reads it back (see ``_Lowerer._kept``)
+    keep: tuple[str, tuple[sp.Symbol, ...]] | None = None
 
 
 @dataclass
@@ -734,6 +853,7 @@ class _Lowerer:
                 placed[at].append(r)
 
         index = a.index if a.index is not None else tuple(loop_vars)
+        expr = self._kept(a, expr, placed, index)
         pad = " " * indent
 
         def emit(items: list[_Reduction | list[str]]) -> list[str]:
@@ -783,7 +903,8 @@ class _Lowerer:
             if n < len(a.loops):
                 var, lo, hi = a.loops[n]
                 loop = _RANGE if n == 0 and parallel else "range"
-                lines.append(f"{pad}for {var} in {loop}({_int(lo)}, {_int(hi + 1)}):")
+                mark = _OUTER if n == 0 else ""
+                lines.append(f"{pad}for {var} in {loop}({_int(lo)}, {_int(hi + 1)}):{mark}")
                 pad += "    "
                 if loop == _RANGE:
                     row_start, pad_row = len(lines), pad
@@ -792,6 +913,44 @@ class _Lowerer:
         op = "+=" if a.accumulate else "="
         lines.append(f"{pad}{a.target}[{idx}] {op} {self.piece(expr)}")
         return per_row(lines)
+
+    def _kept(
+        self,
+        a: _Assignment,
+        expr: sp.Expr,
+        placed: dict[int, list[_Reduction | list[str]]],
+        index: tuple[sp.Symbol, ...],
+    ) -> sp.Expr:
+        """``expr`` reading back from the target the terms of a row's sum that it repeats.
+
+        Softmax's output ``exp(x_t - m)/Σ_u exp(x_u - m)`` computes each term of the row's sum
+        again; when a sum placed just outside the innermost loop, over that loop's range, has a
+        term with a function call that ``expr`` contains at the innermost index, the sum writes
+        its terms into the target's row as it adds them (the row is the output's, written
+        right after) and ``expr`` reads them there: one ``exp`` per element instead of two.
+        The same operations on the same values: the same bits.  Only for a plain write of
+        every element of the target that reads nothing of the target.
+        """
+        loop_vars = tuple(v for v, _, _ in a.loops)
+        if a.accumulate or not loop_vars or index != loop_vars:
+            return expr
+        reads = {str(x.base.label) for x in expr.atoms(sp.Indexed)}
+        for red in self._all:
+            reads |= {str(x.base.label) for x in red.body.atoms(sp.Indexed)}
+        if a.target in reads:
+            return expr
+        var, lo, hi = a.loops[-1]
+        for r in placed[len(a.loops) - 1]:
+            if not isinstance(r, _Reduction) or r.kind != "sum" or r.children:
+                continue
+            if (r.lo, r.hi) != (lo, hi) or not r.body.atoms(sp.Function):
+                continue
+            term = r.body.xreplace({r.var: var})
+            if not expr.has(term):
+                continue
+            r.keep = (a.target, loop_vars[:-1])
+            return expr.xreplace({term: sp.IndexedBase(a.target)[loop_vars]})
+        return expr
 
     def _hoist(
         self,
@@ -898,8 +1057,11 @@ class _Lowerer:
         total, coeff = found
         loop_vars = [v for v, _, _ in a.loops]
         outer = set(loop_vars)
-        if coeff.has(sp.Sum, ReduceMax) or (self._contraction(total, loop_vars) is not None):
+        if coeff.has(sp.Sum, ReduceMax):
             return None
+        pair = self._contraction(total, loop_vars)
+        if pair is not None and (pair.free_a or pair.free_b or not pair.batch):
+            return None  # a GEMM (one dot product per column, Σ_b g·x, is summed here)
         if plan(total, a.loops, self._dims(), "_", str, str) is not None:
             return None  # a GEMM of computed factors (a kink's weight gradient)
         if any((lo.free_symbols | hi.free_symbols) & outer for _, lo, hi in total.limits):
@@ -922,23 +1084,27 @@ class _Lowerer:
         # loops over axes before the summed one stay outside it (a batch axis: b, s, then t)
         n_out = _leading_loops(body, {v for v, _, _ in total.limits}, loop_vars)
         loops = a.loops[:n_out] + sum_loops + a.loops[n_out:]
-        disjoint = False
+        whole = _Assignment(acc, loops, body, accumulate=True, index=index)
+        summed = self.assignment(whole, indent)
         if n_out == 0 and not body.has(sp.Sum, ReduceMax):
-            # blocks of COLUMNS columns, outermost: each block sums its columns over every row,
-            # in row order as before (the same bits); different blocks run on different threads
+            # The parallel variant: blocks of COLUMNS columns, outermost; each block sums its
+            # columns over every row, in row order as the serial variant does (the same bits);
+            # different blocks run on different threads.  The serial variant keeps whole rows:
+            # a block's short inner loop over rows far apart ran 8x slower (a bias gradient).
             var, lo, hi = a.loops[-1]
             block = sp.Symbol(f"_kb{self.n_acc}", integer=True, nonnegative=True)
             start = lo + COLUMNS * block
             count = sp.floor((hi - lo + COLUMNS) / COLUMNS)
             columns = (var, start, sp.Min(hi, start + COLUMNS - 1))
             loops = ((block, sp.S.Zero, count - 1), *sum_loops, *a.loops[:-1], columns)
-            disjoint = True
-        lines += self.assignment(
-            _Assignment(acc, loops, body, accumulate=True, index=index, disjoint=disjoint), indent
-        )
-        lines += self.assignment(
-            _Assignment(a.target, a.loops, coeff * sp.IndexedBase(acc)[index]), indent
-        )
+            blocked = self.assignment(
+                _Assignment(acc, loops, body, accumulate=True, index=index, disjoint=True), indent
+            )
+            summed = [_SERIAL_ONLY + line for line in summed]
+            summed += [_PARALLEL_ONLY + line for line in blocked]
+        lines += summed
+        finish = _Assignment(a.target, a.loops, coeff * sp.IndexedBase(acc)[index])
+        lines += [line.replace(_OUTER, "") for line in self.assignment(finish, indent)]
         return lines
 
     def _bounded_by(
@@ -994,7 +1160,10 @@ class _Lowerer:
         ]
         for child in r.children:
             lines += self._reduction(child, pad + "    ")
-        if r.kind == "sum":
+        if r.kind == "sum" and r.keep is not None:
+            kept = _kept_at(r, str(r.var))
+            lines += [f"{pad}    {kept} = {body}", f"{pad}    {total} += {kept}", f"{pad}{cast}"]
+        elif r.kind == "sum":
             lines += [f"{pad}    {total} += {body}", f"{pad}{cast}"]
         else:
             lines.append(f"{pad}    {total} = max({total}, {body})")
@@ -1009,10 +1178,12 @@ class _Lowerer:
         n = str(r.temp)
         buf, acc, q, m = (f"{n}_{x}" for x in ("buf", "acc", "q", "m"))
         lanes_type = "np.float64" if r.kind == "sum" else self._dtype()
-        self.allocations += [
-            f"{buf} = np.empty({BLOCK}, {self._dtype()})",
-            f"{acc} = np.empty({LANES}, {lanes_type})",
-        ]
+        self.allocations.append(f"{acc} = np.empty({LANES}, {lanes_type})")
+        if r.keep is None:
+            self.allocations.append(f"{buf} = np.empty({BLOCK}, {self._dtype()})")
+            write, block = f"{buf}[{r.var} - {q}]", buf
+        else:  # the block's values go to the target's row (``_kept``), added from there
+            write, block = _kept_at(r, str(r.var)), _kept_at(r, f"{q}:")
         lo, end = _int(r.lo), _int(r.hi + 1)
         into, tree = ("_sg_lanes_add", "_sg_lanes_sum") if r.kind == "sum" else (
             "_sg_lanes_max", "_sg_lanes_top"
@@ -1022,10 +1193,17 @@ class _Lowerer:
             f"{pad}for {q} in range({lo}, {end}, {BLOCK}):",
             f"{pad}    {m} = min({BLOCK}, {end} - {q})",
             f"{pad}    for {r.var} in range({q}, {q} + {m}):",
-            f"{pad}        {buf}[{r.var} - {q}] = {body}",
-            f"{pad}    {into}({acc}, {buf}, {m})",
+            f"{pad}        {write} = {body}",
+            f"{pad}    {into}({acc}, {block}, {m})",
             f"{pad}{total} = {tree}({acc})",
         ]
+
+
+def _kept_at(r: _Reduction, last: str) -> str:
+    """The element (or, ``last`` a slice, the row) of the target that ``r`` keeps its terms in."""
+    assert r.keep is not None
+    target, outer = r.keep
+    return f"{target}[{', '.join([*(_int(v) for v in outer), last])}]"
 
 
 def _tree(join: str) -> str:
@@ -1237,9 +1415,11 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
         ``stores`` are written from inside the last assignment."""
         nonlocal uses_blas
         lowerer = _Lowerer(op, shapes)
-        body: list[str] = []
-        for n, a in enumerate(assignments):
-            body += lowerer.assignment(a, 4, stores if n == len(assignments) - 1 else ())
+        nests = [
+            (a, lowerer.assignment(a, 4, stores if n == len(assignments) - 1 else ()))
+            for n, a in enumerate(assignments)
+        ]
+        body = _fused(nests, 4, lowerer.pieces)
         prelude = ["    " + line for g in lowerer.gemms for line in g.statement()]
         prelude += ["    " + line for line in lowerer.allocations]
         uses_blas = uses_blas or bool(lowerer.gemms)

@@ -67,6 +67,24 @@ _xxgemm = types.ExternalFunction(
     ),
 )
 
+# int numba_xxgemv(char kind, char trans, intp m, intp n, void *alpha, void *a, intp lda,
+#                  void *x, void *beta, void *y): Fortran sgemv/dgemv, x and y contiguous.
+_xxgemv = types.ExternalFunction(
+    "numba_xxgemv",
+    types.intc(
+        types.char,
+        types.char,
+        types.intp,
+        types.intp,
+        types.voidptr,
+        types.voidptr,
+        types.intp,
+        types.voidptr,
+        types.voidptr,
+        types.voidptr,
+    ),
+)
+
 _N, _T = 110, 116  # ord("n"), ord("t")
 
 _ONE_THREAD = ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 1)  # a BLAS without the query: one thread
@@ -114,6 +132,17 @@ def gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc):  # t
     af = a.reshape(a.size)[ao:]
     bf = b.reshape(b.size)[bo:]
     cf = c.reshape(c.size)[co:]
+    if k > 0 and m == 1 and (not ta or lda == 1):
+        # C's row = op(A)'s row (contiguous) times op(B); column-major BLAS sees B stored
+        # row-major as its transpose: y = B'·x when B is op(B) as stored, y = (B')'·x else.
+        _xxgemv(kind, _T if tb else _N, k if tb else n, n if tb else k, scale[0:].ctypes,
+                bf.ctypes, max(ldb, 1), af.ctypes, scale[1:].ctypes, cf.ctypes)
+        return
+    if k > 0 and n == 1 and (ldc == 1 or m == 1) and (tb or ldb == 1):
+        # C's column (contiguous) = op(A) times op(B)'s column (contiguous), likewise.
+        _xxgemv(kind, _N if ta else _T, m if ta else k, k if ta else m, scale[0:].ctypes,
+                af.ctypes, max(lda, 1), bf.ctypes, scale[1:].ctypes, cf.ctypes)
+        return
     # Column-major BLAS sees each row-major matrix as its transpose: C' = op(B)' op(A)'.
     _xxgemm(
         kind,
