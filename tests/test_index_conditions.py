@@ -11,6 +11,7 @@ the condition-to-bounds moves made of it.  The lowering is read as source text
 
 from __future__ import annotations
 
+import ast
 import itertools
 import re
 
@@ -354,6 +355,21 @@ def test_a_row_statistic_the_gradient_needs_in_several_terms_is_filled_once():
         assert any(nests), source
         for blocks in nests:  # one gradient's loop nest: each array it fills is different
             assert len(set(blocks)) == len(blocks), "\n\n".join(blocks)
+    # in the parallel variants every thread fills its arrays with buffers of its own: each
+    # buffer a loop run by prange uses is allocated inside that loop (was: the arrays' sums
+    # shared one buffer across the threads)
+    for function in ("forward_par", "vjp_par"):
+        tree = ast.parse(source.split(f"def {function}(")[1].split("\n\n\n")[0].join(
+            ["def f(", "\n"]))
+        loops = [n for n in ast.walk(tree) if isinstance(n, ast.For)
+                 and ast.unparse(n.iter).startswith("prange(")]
+        assert loops, function
+        for loop in loops:
+            used = {n.id for n in ast.walk(loop) if isinstance(n, ast.Name)
+                    and re.fullmatch(r"_r\d+_(buf|acc)", n.id)}
+            mine = {t.id for n in ast.walk(loop) if isinstance(n, ast.Assign)
+                    for t in n.targets if isinstance(t, ast.Name) and t.id in used}
+            assert used <= mine, (function, sorted(used - mine))
 
 
 def _body(source: str, function: str) -> str:

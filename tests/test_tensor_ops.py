@@ -116,6 +116,48 @@ def test_row_wise_cosine_similarity_written_with_index_sum():
     )
 
 
+def test_gradients_sharing_one_loop_over_rows_match_torch():
+    # a scaled lookup, out[b, s, j] = E[ids[b, s], j]·c[b, s] + X[b, s, j]: E's gradient is a
+    # scatter-add over the rows (b, s), c's a sum along each row, X's the output's gradient
+    # itself; the serial VJP runs them in one loop over b (and layer norm's four, with a copy
+    # of one gradient read back in the same row) — each as in its own loop
+    ids = sp.IndexedBase("ids", shape=(B, S), integer=True)
+    E, c = sp.IndexedBase("E", shape=(M, N)), sp.IndexedBase("c", shape=(B, S))
+    Xs = sp.IndexedBase("Xs", shape=(B, S, N))
+    op = sg.tensor_op(
+        E[ids[b, s], j] * c[b, s] + Xs[b, s, j], out=(b, s, j), inputs=[ids, E, c, Xs],
+        name="scaled_lookup_fused",
+    )
+    vjp = op.source.split("def vjp(")[1].split("\n\n\n")[0]
+    assert len(re.findall(r"^    for \w+ in range\(0, s_B\):", vjp, re.M)) == 1, vjp
+    rng = np.random.default_rng(4)
+    table = rng.normal(size=(5, 3))
+    index = rng.integers(0, 5, size=(4, 2))
+    scale, x = rng.normal(size=(4, 2)), rng.normal(size=(4, 2, 3))
+    g = rng.normal(size=(4, 2, 3))
+    grads = op.vjp(index, table, scale, x, g)
+    leaves = [torch.tensor(a, requires_grad=True) for a in (table, scale, x)]
+    out = leaves[0][torch.tensor(index)] * leaves[1][..., None] + leaves[2]
+    out.backward(torch.tensor(g))
+    assert _rel(op(index, table, scale, x), out.detach().numpy()) < 1e-14
+    assert grads[0] is None
+    for got, leaf in zip(grads[1:], leaves, strict=True):
+        assert _rel(got, leaf.grad.numpy()) < 1e-13
+    norm = sg.builtin("add_layer_norm", eps=1e-5)
+    vjp = norm.source.split("def vjp_saved(")[1].split("\n\n\n")[0]
+    assert len(re.findall(r"^    for \w+ in range\(0, s_B\):", vjp, re.M)) == 1, vjp
+    arrays = [rng.normal(size=(6, 5)), rng.normal(size=(6, 5)), rng.normal(size=5),
+              rng.normal(size=5)]
+    value, saved = norm.forward_saved(*arrays)
+    g2 = rng.normal(size=(6, 5))
+    leaves = [torch.tensor(a, requires_grad=True) for a in arrays]
+    ref = torch.nn.functional.layer_norm(leaves[0] + leaves[1], (5,), leaves[2], leaves[3], 1e-5)
+    ref.backward(torch.tensor(g2))
+    assert _rel(value, ref.detach().numpy()) < 1e-12
+    for got, leaf in zip(norm.vjp(*arrays, g2, saved=saved), leaves, strict=True):
+        assert _rel(got, leaf.grad.numpy()) < 1e-12
+
+
 def test_index_sum_is_the_explicit_sum():
     explicit = sg.tensor_op(
         sp.Sum(w[j] * X[b, j], (j, 0, N - 1)), out=(b,), inputs=[X, w], name="weighted_row_sum"

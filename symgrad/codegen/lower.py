@@ -283,6 +283,16 @@ class _Reduction:
 
 
 @dataclass
+class _Fill:
+    """An array of a reduction's values over enclosing reductions' indices (``_materialize``)."""
+
+    name: str
+    r: _Reduction
+    ranges: dict[sp.Symbol, tuple[sp.Expr, sp.Expr]]
+    read: sp.Indexed  # the array read at the reduction's indices
+
+
+@dataclass
 class _Assignment:
     target: str
     loops: tuple[tuple[sp.Symbol, sp.Expr, sp.Expr], ...]  # (index, lo, hi)
@@ -806,7 +816,7 @@ class _Lowerer:
         # it depends on, else at the output loop level of its deepest dependency.
         level = {v: n + 1 for n, (v, _, _) in enumerate(a.loops)}
         by_var = {r.var: r for r in reds}
-        placed: dict[int, list[_Reduction | list[str]]] = {n: [] for n in range(len(a.loops) + 1)}
+        placed: dict[int, list[_Reduction | _Fill]] = {n: [] for n in range(len(a.loops) + 1)}
         # What is computed where, by structure: a reduction equal to one placed before at the
         # same level up to the names of its loop variables (the derivation writes the same sum
         # with new dummy indices in every term that needs it) is read from that one.
@@ -836,11 +846,10 @@ class _Lowerer:
                     assert isinstance(first, sp.Indexed)
                     replace(r.temp, first.base[tuple(v - lo for v, (lo, _) in ranges.items())])
                     continue
-                filled: list[str] = []
-                array = self._materialize(r, ranges, filled)
-                known[key] = array
-                replace(r.temp, array)
-                placed[at].append(filled)
+                fill = self._materialize(r, ranges)
+                known[key] = fill.read
+                replace(r.temp, fill.read)
+                placed[at].append(fill)
             elif inner:
                 # the enclosing reduction whose loop variable this one depends on
                 inner[0].children.append(r)
@@ -856,13 +865,15 @@ class _Lowerer:
         expr = self._kept(a, expr, placed, index)
         pad = " " * indent
 
-        def emit(items: list[_Reduction | list[str]]) -> list[str]:
+        def emit(items: list[_Reduction | _Fill]) -> list[str]:
+            # lowered here, not when placed: the buffers of the reductions inside a loop that
+            # runs in parallel are allocated in that loop (per_row), one per thread
             out: list[str] = []
             for item in items:
                 if isinstance(item, _Reduction):
                     out += self._reduction(item, pad)
                 else:
-                    out += [pad + line for line in item]
+                    out += [pad + line for line in self._fill(item)]
             return out
 
         wrote = not a.accumulate and index and expr == sp.IndexedBase(a.target)[index]
@@ -918,7 +929,7 @@ class _Lowerer:
         self,
         a: _Assignment,
         expr: sp.Expr,
-        placed: dict[int, list[_Reduction | list[str]]],
+        placed: dict[int, list[_Reduction | _Fill]],
         index: tuple[sp.Symbol, ...],
     ) -> sp.Expr:
         """``expr`` reading back from the target the terms of a row's sum that it repeats.
@@ -1126,22 +1137,27 @@ class _Lowerer:
         return ranges
 
     def _materialize(
-        self, r: _Reduction, ranges: dict[sp.Symbol, tuple[sp.Expr, sp.Expr]], lines: list[str]
-    ) -> sp.Indexed:
-        """Emit loops computing ``r`` for every value of the loop variables ``ranges`` gives
-        into an array; return a read."""
+        self, r: _Reduction, ranges: dict[sp.Symbol, tuple[sp.Expr, sp.Expr]]
+    ) -> _Fill:
+        """An array of ``r``'s values for every value of the loop variables ``ranges`` gives
+        (filled where it is placed, :meth:`_fill`) and its read."""
         name = f"_m{self.n_mat}"
         self.n_mat += 1
-        shape = ", ".join(_int(hi - lo + 1) for lo, hi in ranges.values())
-        lines.append(f"{name} = np.empty(({shape},), {self._dtype()})")
+        idx = tuple(v - lo for v, (lo, _) in ranges.items())
+        return _Fill(name, r, ranges, sp.IndexedBase(name)[idx])
+
+    def _fill(self, fill: _Fill) -> list[str]:
+        """The loops filling ``fill``'s array."""
+        shape = ", ".join(_int(hi - lo + 1) for lo, hi in fill.ranges.values())
+        lines = [f"{fill.name} = np.empty(({shape},), {self._dtype()})"]
         pad = ""
-        for v, (lo, hi) in ranges.items():
+        for v, (lo, hi) in fill.ranges.items():
             lines.append(f"{pad}for {v} in range({_int(lo)}, {_int(hi + 1)}):")
             pad += "    "
-        lines += self._reduction(r, pad)
-        idx = tuple(v - lo for v, (lo, _) in ranges.items())
-        lines.append(f"{pad}{name}[{', '.join(_int(i) for i in idx)}] = {r.temp}")
-        return sp.IndexedBase(name)[idx]
+        lines += self._reduction(fill.r, pad)
+        index = ", ".join(_int(i) for i in fill.read.indices)
+        lines.append(f"{pad}{fill.name}[{index}] = {fill.r.temp}")
+        return lines
 
     def _reduction(self, r: _Reduction, pad: str) -> list[str]:
         """Lines computing ``r.temp``: blocked and vectorised when its body allows (see the

@@ -44,46 +44,16 @@ from .threads import configure, kernel_blas
 
 configure()  # before any kernel calls BLAS: SYMGRAD_NUM_THREADS read (the pool, BLAS on one thread)
 
+_C, _I, _P = types.char, types.intp, types.voidptr  # char, intp, void * (the helpers' C types)
 # int numba_xxgemm(char kind, char transa, char transb, intp m, intp n, intp k, void *alpha,
 #                  void *a, intp lda, void *b, intp ldb, void *beta, void *c, intp ldc):
 # Fortran (column-major) dgemm/sgemm of SciPy's BLAS.
 _xxgemm = types.ExternalFunction(
-    "numba_xxgemm",
-    types.intc(
-        types.char,
-        types.char,
-        types.char,
-        types.intp,
-        types.intp,
-        types.intp,
-        types.voidptr,
-        types.voidptr,
-        types.intp,
-        types.voidptr,
-        types.intp,
-        types.voidptr,
-        types.voidptr,
-        types.intp,
-    ),
+    "numba_xxgemm", types.intc(_C, _C, _C, _I, _I, _I, _P, _P, _I, _P, _I, _P, _P, _I)
 )
-
 # int numba_xxgemv(char kind, char trans, intp m, intp n, void *alpha, void *a, intp lda,
 #                  void *x, void *beta, void *y): Fortran sgemv/dgemv, x and y contiguous.
-_xxgemv = types.ExternalFunction(
-    "numba_xxgemv",
-    types.intc(
-        types.char,
-        types.char,
-        types.intp,
-        types.intp,
-        types.voidptr,
-        types.voidptr,
-        types.intp,
-        types.voidptr,
-        types.voidptr,
-        types.voidptr,
-    ),
-)
+_xxgemv = types.ExternalFunction("numba_xxgemv", types.intc(_C, _C, _I, _I, _P, _P, _I, _P, _P, _P))
 
 _N, _T = 110, 116  # ord("n"), ord("t")
 
