@@ -4,8 +4,10 @@ An *assignment* ``target[free...] = expr`` becomes a loop nest over the free ind
 ``expr``:
 
 * a ``Sum`` over ``j`` of a product of two tensors whose other indices are all loop indices is a
-  **contraction**: it is computed once, before the loops, as one GEMM (``np.dot`` of the two
-  tensors transposed/reshaped to ``(P, J)`` and ``(J, Q)``) and read back by index;
+  **contraction**: it is computed once, before the loops, as one BLAS product on strided
+  views of the two tensors (:func:`symgrad.runtime.blas.gemm`: transposes as flags, a
+  matrix-vector product when one side is a vector; a copy only where no leading dimension
+  describes an operand) and read back by index;
 * every other ``Sum`` / ``ReduceMax`` becomes an accumulator loop, **hoisted** to the outermost
   place where all the indices it depends on are bound — layer norm's mean and variance are
   computed once per row, not once per element, so it stays O(B·N);
@@ -15,7 +17,9 @@ An *assignment* ``target[free...] = expr`` becomes a loop nest over the free ind
   every term: one array per row, read by all);
 * a row's sum whose terms the output repeats (softmax: ``exp(x_t - m) / Σ_u exp(x_u - m)``)
   writes them into the output's row as it adds them, and the output reads them back
-  (:meth:`_Lowerer._kept`): one ``exp`` per element.
+  (:meth:`_Lowerer._kept`): one ``exp`` per element;
+* consecutive loop nests over the same rows (an op's gradients: layer norm's four) run as one
+  loop in the serial variant (:func:`_fused`), each row read once for all of them.
 
 **Dtypes.**  A function is lowered once and printed twice: for float64 data (``forward``,
 ``vjp``) and for float32 data (``forward_f32``, ``vjp_f32``), whose arithmetic is float32
