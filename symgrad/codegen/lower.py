@@ -42,10 +42,9 @@ parallel (``forward_par``, ``parallel=True``), where there is something to share
 parallel variant the outermost loop of an assignment whose iterations write disjoint parts of
 the target (a plain write indexed by that loop's index: rows) is a ``prange`` loop, and the
 buffers of the reductions inside it are allocated inside it (each thread its own); a sum over
-rows (a bias gradient) runs over blocks of :data:`COLUMNS` columns, each block summing its
-columns over every row in row order (the serial variant sums whole rows, in the same order);
-a batched GEMM's outermost batch loop is a ``prange`` loop of single-threaded BLAS calls; a
-single product is split into pieces fixed by its sizes (rows, columns or its sum:
+rows (a bias gradient) runs serially in both, whole rows in row order; a batched GEMM's
+outermost batch loop is a ``prange`` loop of single-threaded BLAS calls; a single product is
+split into pieces fixed by its sizes (rows, columns or its sum:
 :func:`symgrad.runtime.blas.gemm_blocks`, serially in the serial variant).
 Every element is computed by the same operations in the same order in both variants, so they
 give the same bits on any number of threads (:mod:`symgrad.runtime.threads` chooses one per
@@ -81,8 +80,6 @@ BLOCK = 256
 #: Partial sums (or maxima) of a vectorised reduction: element j of the range goes to lane
 #: j % LANES.
 LANES = 8
-#: Columns per block of a sum over rows (a bias gradient): blocks run on different threads.
-COLUMNS = 64
 _PIECE = re.compile("\u27ea(\\d+)\u27eb")  # ⟪n⟫, a placeholder of _Lowerer.piece
 # Marks in the lowered text, resolved per variant by _variant: a loop over rows that the
 # parallel variant runs as ``prange``, a GEMM split into blocks (serially, or over the
@@ -303,9 +300,6 @@ class _Assignment:
     expr: sp.Expr
     accumulate: bool = False
     index: tuple[sp.Symbol, ...] | None = None  # the target's subscript; default: all loops
-    #: the outermost loop writes disjoint parts of the target (set where the lowering knows it
-    #: of an accumulation); by default: when it is a plain write and that loop indexes it
-    disjoint: bool = False
 
 
 def _stride(shape: tuple[sp.Expr, ...], axis: int) -> sp.Expr:
@@ -890,7 +884,7 @@ class _Lowerer:
         lines: list[str] = []
         # Rows of the target written by different iterations of the outermost loop are
         # different rows: that loop may run in parallel, each iteration on its own buffers.
-        parallel = a.disjoint or (not a.accumulate and bool(a.loops) and a.loops[0][0] in index)
+        parallel = not a.accumulate and bool(a.loops) and a.loops[0][0] in index
         first_allocation = len(self.allocations)
         row_start = -1
 
@@ -1099,27 +1093,18 @@ class _Lowerer:
         # loops over axes before the summed one stay outside it (a batch axis: b, s, then t)
         n_out = _leading_loops(body, {v for v, _, _ in total.limits}, loop_vars)
         loops = a.loops[:n_out] + sum_loops + a.loops[n_out:]
+        # Row order, whole rows, in both variants: the parallel one ran blocks of 64 columns on
+        # the threads, each block walking every row — 8x slower than one thread's whole rows
+        # (a bias gradient of 2048 x 384: 0.62 against 0.08 ms), slower on 2 threads than the
+        # serial sum.  Rows summed in parallel would change the order of the additions.
         whole = _Assignment(acc, loops, body, accumulate=True, index=index)
-        summed = self.assignment(whole, indent)
-        if n_out == 0 and not body.has(sp.Sum, ReduceMax):
-            # The parallel variant: blocks of COLUMNS columns, outermost; each block sums its
-            # columns over every row, in row order as the serial variant does (the same bits);
-            # different blocks run on different threads.  The serial variant keeps whole rows:
-            # a block's short inner loop over rows far apart ran 8x slower (a bias gradient).
-            var, lo, hi = a.loops[-1]
-            block = sp.Symbol(f"_kb{self.n_acc}", integer=True, nonnegative=True)
-            start = lo + COLUMNS * block
-            count = sp.floor((hi - lo + COLUMNS) / COLUMNS)
-            columns = (var, start, sp.Min(hi, start + COLUMNS - 1))
-            loops = ((block, sp.S.Zero, count - 1), *sum_loops, *a.loops[:-1], columns)
-            blocked = self.assignment(
-                _Assignment(acc, loops, body, accumulate=True, index=index, disjoint=True), indent
-            )
-            summed = [_SERIAL_ONLY + line for line in summed]
-            summed += [_PARALLEL_ONLY + line for line in blocked]
-        lines += summed
+        lines += self.assignment(whole, indent)
+        # the target from the sums: one row, serially too (threads started for it cost more)
         finish = _Assignment(a.target, a.loops, coeff * sp.IndexedBase(acc)[index])
-        lines += [line.replace(_OUTER, "") for line in self.assignment(finish, indent)]
+        lines += [
+            line.replace(_OUTER, "").replace(_RANGE, "range")
+            for line in self.assignment(finish, indent)
+        ]
         return lines
 
     def _bounded_by(
