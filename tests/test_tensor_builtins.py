@@ -8,6 +8,9 @@ roundoff is 6e-8 and the kernels' row sums and GEMMs accumulate a few dozen roun
 
 from __future__ import annotations
 
+import ast
+import re
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -313,3 +316,22 @@ def test_add_layer_norm_with_berts_eps(dtype):
     _assert_close(op(*cast), ref.detach().numpy(), RTOL[dtype], "add_layer_norm eps=1e-12")
     for got, leaf, label in zip(op.vjp(*cast, g), leaves, "XRwb", strict=True):
         _assert_close(got, leaf.grad.numpy(), RTOL[dtype], f"add_layer_norm grad_{label}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parallel_variants_give_each_thread_its_own_buffers(name):
+    """A loop the parallel variant runs with prange reads and writes only the reduction
+    buffers it allocates itself: one shared across the threads (an array filled per row whose
+    sums' buffers were allocated once, outside the loop: masked_mean_pool's VJP) is a race."""
+    tree = ast.parse(sg.builtin(name).source)
+    for function in tree.body:
+        if not (isinstance(function, ast.FunctionDef) and "_par" in function.name):
+            continue
+        for loop in ast.walk(function):
+            if not (isinstance(loop, ast.For) and ast.unparse(loop.iter).startswith("prange(")):
+                continue
+            used = {n.id for n in ast.walk(loop)
+                    if isinstance(n, ast.Name) and re.fullmatch(r"_r\d+_(buf|acc)", n.id)}
+            mine = {t.id for n in ast.walk(loop) if isinstance(n, ast.Assign)
+                    for t in n.targets if isinstance(t, ast.Name)}
+            assert used <= mine, (function.name, sorted(used - mine))
