@@ -368,7 +368,8 @@ def check_fit_options(
         rows = x[: max(1, min(batch_size, len(x)))]
         out = body(rows)
         if np.ndim(out) >= 1 and len(out) == len(rows):
-            objective.value_and_grad(np.resize(out, (len(x), *np.shape(out)[1:])), y)
+            whole = out if len(rows) == len(x) else np.resize(out, (len(x), *np.shape(out)[1:]))
+            objective.value_and_grad(whole, y)
             return
     # integer rows (token ids) may fail on any row: all of them through the model
     objective.value_and_grad(body(x), y)
