@@ -230,7 +230,7 @@ def _fused(
 
     Each element is computed by the same operations in the same order as in its own nest, and
     every sum over the rows still adds them in row order: the same bits.  The parallel variant
-    keeps the nests apart (a sum over rows runs there over blocks of columns)."""
+    keeps the nests apart (each nest's rows run on the threads, one nest after another)."""
     out: list[str] = []
     group: list[_Nest] = []
 
