@@ -21,7 +21,6 @@ import sympy as sp
 import torch
 
 import symgrad as sg
-from symgrad.codegen.lower import LANES
 
 torch.set_default_dtype(torch.float64)
 
@@ -262,18 +261,11 @@ def _loop_depth(node: ast.AST) -> int:
     A vectorised reduction runs over its range in blocks (``for _r0_q in range(0, N, 256)``);
     the loop over a block's elements (``range(_r0_q, _r0_q + _r0_m)``) is bounded by a
     constant and does not count: the block loop and it together traverse the range once (the
-    lanes are the helpers' loops, ``range(8)`` in them).  Nor do
-    the columns of one block of a sum over rows (``range(64 * _kb0, min(...))``): the loop over
-    the blocks and that one traverse the columns once."""
+    lanes are the helpers' loops, outside the kernel functions)."""
     inner = max((_loop_depth(c) for c in ast.iter_child_nodes(node)), default=0)
     if not isinstance(node, ast.For):
         return inner
-    bounds = ast.unparse(node.iter)
-    within_block = (
-        bounds == f"range({LANES})"
-        or re.search(r"_r\d+_[qmn]\b", bounds)
-        or re.search(r"\b_kb\d+\b", bounds)
-    )
+    within_block = re.search(r"_r\d+_[qm]\b", ast.unparse(node.iter))
     return inner if within_block else inner + 1
 
 
