@@ -8,8 +8,8 @@ lengths (each padded to its longest message, as the task pads them), and times o
 side on each (the median of R after a warm-up that also compiles).  ``--kernels`` then times every
 kernel the compiled step calls, once per length (a step of more than ``WHOLE_STEP_OPS`` ops is a
 Python driver over the kernels, so their calls can be wrapped).  symgrad's kernels and torch both
-run on ``--threads`` threads (symgrad's kernels serially, OpenBLAS with that many threads, unless
-``SYMGRAD_NUM_THREADS`` turns symgrad's pool on).  Prints the machine and the command.
+run on ``--threads`` threads (symgrad's pool, the BLAS in its kernels
+single-threaded).  Prints the machine and the command.
 """
 
 from __future__ import annotations
@@ -47,11 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from threadpoolctl import threadpool_limits
 
+    from symgrad.runtime import threads
     from symgrad.tasks import minilm
     from symgrad.train import batch_order
 
     torch.set_num_threads(opts.threads)
     threadpool_limits(opts.threads)
+    threads.set_num_threads(opts.threads)
+    threads.limit_blas()  # the BLAS in symgrad's kernels on one thread (the limit above raised it)
     print(f"python {' '.join(sys.argv)}")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.2f}; {opts.threads} thread(s), level {opts.level}")

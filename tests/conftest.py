@@ -7,6 +7,11 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
+# Each pytest-xdist worker gets one core's worth of symgrad's pool (there is a worker per core):
+# kernels run serially unless a test sets the threads (tests/test_threads.py does).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("SYMGRAD_NUM_THREADS", "1")
+
 settings.register_profile(
     "ci", derandomize=True, max_examples=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -74,6 +74,74 @@ def test_the_default_is_the_affinity_or_the_environment():
     assert bad.returncode != 0 and "SYMGRAD_NUM_THREADS='many'" in bad.stderr
 
 
+def _tbb_is_a_dependency() -> bool:
+    """pyproject.toml's marker for the ``tbb`` dependency."""
+    import platform
+
+    return sys.platform.startswith("linux") and platform.machine() == "x86_64"
+
+
+def test_the_pool_runs_on_tbb_where_it_is_installed():
+    """A fresh process without NUMBA_THREADING_LAYER: symgrad's parallel kernels run on
+    Numba's TBB layer (its library found in the wheel's directory, which the loader does not
+    search), which starts a parallel loop in microseconds."""
+    if not _tbb_is_a_dependency():
+        pytest.skip("tbb is a dependency on Linux x86_64 only")
+    code = (
+        "import numba, numpy as np, symgrad as sg\n"
+        "from symgrad.runtime.blas import gemm_blocks_par\n"
+        "sg.set_num_threads(2)\n"
+        "a = np.ones((256, 256)); c = np.zeros((256, 256))\n"
+        "gemm_blocks_par(False, False, 256, 256, 256, 1.0, a, 0, 256, a, 0, 256, 0.0, c, 0,"
+        " 256)\n"
+        "print(numba.threading_layer(), c[0, 0])\n"
+    )
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_THREADING_LAYER", "LD_LIBRARY_PATH")}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["tbb", "256.0"]
+
+
+def test_without_tbb_the_pool_is_numbas_workqueue(monkeypatch):
+    """No TBB library, or a library without TBB's version function: the workqueue layer."""
+    monkeypatch.setattr(threads, "_tbb_candidates", lambda: iter(["/nonexistent/libtbb.so.12"]))
+    assert threads._load_tbb() is False
+    monkeypatch.setattr(threads, "_tbb_candidates", lambda: iter(["libc.so.6"]))
+    assert threads._load_tbb() is False
+    assert threads._choose_layer(False) == "workqueue"
+    assert threads._choose_layer(True) == "tbb"
+
+
+def test_two_python_threads_may_run_parallel_kernels_at_once():
+    """TBB takes concurrent launches: each Python thread's products are right (and the bits
+    of the serial pieces)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numba
+
+    if numba.config.THREADING_LAYER != "tbb":
+        pytest.skip("the workqueue layer does not take concurrent launches")
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((300, 200)), rng.standard_normal((200, 160))
+    want = np.zeros((300, 160))
+    with sg.num_threads(1):  # the pool on: BLAS on one thread, the pieces one after another
+        gemm_blocks(False, False, 300, 160, 200, 1.0, a, 0, 200, b, 0, 160, 0.0, want, 0, 160)
+
+    def product(_: int) -> np.ndarray:
+        c = np.zeros((300, 160))
+        with sg.num_threads(min(2, threads.max_threads())):
+            for _ in range(20):
+                gemm_blocks_par(False, False, 300, 160, 200, 1.0, a, 0, 200, b, 0, 160, 0.0,
+                                c, 0, 160)
+        return c
+
+    with ThreadPoolExecutor(4) as pool:
+        for c in pool.map(product, range(8)):
+            np.testing.assert_array_equal(c, want)
+
+
 # (m, n, k): pieces of rows (the last one short), of columns, of the sum over k (a weight
 # gradient's shape: a long sum, a small C), and a product too small to split.
 _SPLITS = [(300, 160, 100), (160, 300, 100), (96, 80, 700), (30, 20, 10)]
@@ -125,8 +193,9 @@ def test_the_kernels_see_the_blas_thread_count():
 
 @pytest.mark.parametrize("m, n, k", _SPLITS[:3])
 def test_blas_with_threads_of_its_own_gets_the_product_whole(m, n, k):
-    """Pool off, BLAS threaded (the default): one call, the bits of ``gemm``; BLAS on one
-    thread (the pool): the pieces, the bits of ``gemm_blocks_par``."""
+    """BLAS threaded (a limit set from outside, e.g. threadpoolctl): one call, the bits of
+    ``gemm``; BLAS on one thread (the pool's setting): the pieces, the bits of
+    ``gemm_blocks_par``."""
     from threadpoolctl import threadpool_limits
 
     from symgrad.runtime.blas import blas_threads

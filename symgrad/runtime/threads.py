@@ -9,22 +9,23 @@ pieces whose boundaries depend on the sizes alone, never on the number of thread
 piece is computed as the serial variant computes it: a run on 1, 2 or 16 threads gives the same
 bits, and so does the serial variant.
 
-The pool is Numba's ``workqueue`` layer unless ``NUMBA_THREADING_LAYER`` names another (see the
-note at the import of numba below); like Numba's, the thread count is per calling thread, and
-two Python threads should not run parallel kernels at the same moment (the workqueue layer
-does not take concurrent launches).
+The pool is Numba's TBB layer (the ``tbb`` wheel, a dependency on Linux) and Numba's
+``workqueue`` layer where TBB does not load, unless ``NUMBA_THREADING_LAYER`` names another
+(:func:`_choose_layer` says why).  Like Numba's, the thread count is per calling thread; on
+the workqueue layer two Python threads should not run parallel kernels at the same moment (it
+does not take concurrent launches; TBB does).
 
 Which variant runs is decided per call from the size of the work (:func:`use_parallel`): a small
 op runs serially, where starting threads would cost more than it saves (a few microseconds).
 
-**Opt in.**  The pool runs symgrad's kernels once :func:`set_num_threads` (or
-:func:`num_threads`) is called or ``SYMGRAD_NUM_THREADS`` is set.  Until then every kernel runs
-its serial variant and the BLAS they call keeps its own threads, as before the pool existed:
-measured on this 2-core machine, the main job's epochs took 1.35× torch's time on the pool
-and 1.10× without it, one run each (the pool's GEMMs are split into blocks that each re-pack
-an operand, where OpenBLAS's own threads share one packing) — see
-benchmarks/RESULTS-threads.md.  Results are
-the same bits on any number of threads of the pool; BLAS's own threading gives no such promise.
+**On by default.**  From the first kernel on, symgrad's kernels run on the pool with as many
+threads as the process may use (unless :func:`set_num_threads` or ``SYMGRAD_NUM_THREADS`` says
+otherwise), and the BLAS they call runs on one thread per call.  The pool used to be opt-in,
+and the default left OpenBLAS its own threads for the GEMMs — nondeterministic, and on
+the workqueue layer the faster of the two on the main job (1.10× torch's epoch against 1.35×).
+On Numba's TBB layer the pool is the faster (measured in benchmarks/RESULTS-threads.md), and
+it gives the same bits on any number of threads.  ``SYMGRAD_NUM_THREADS=1`` runs every kernel
+serially.
 
 The thread count: :func:`set_num_threads`, else the environment variable
 ``SYMGRAD_NUM_THREADS``; before either, Numba's default: the cores the process may run on (its
@@ -35,7 +36,10 @@ Numba's pool cannot grow past ``NUMBA_NUM_THREADS`` once started: a larger
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -67,15 +71,66 @@ def _from_env() -> int | None:
     return value
 
 
-# Numba's OpenMP layer runs on GNU OpenMP, which torch loads too (under the same name): the two
-# then share one thread-count setting, and a thread count set for symgrad's kernels makes
-# torch's parallel regions run on as many threads (measured: torch's MLP step 70x slower on
-# one core).  The workqueue layer is Numba's own pool.  NUMBA_THREADING_LAYER chooses another.
+#: The oldest TBB Numba's layer takes (``TBB_INTERFACE_VERSION``, 2021 update 6).
+_TBB_INTERFACE = 12060
+_TBB_LIBRARY = "libtbb.so.12"
+
+
+def _tbb_candidates() -> Iterator[str]:
+    """Where the TBB library may be: the loader's own path first (conda, ``LD_LIBRARY_PATH``),
+    then the files of the ``tbb`` wheel, which pip puts in ``<prefix>/lib`` — a directory the
+    loader does not search."""
+    yield _TBB_LIBRARY
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        yield os.path.join(prefix, "lib", _TBB_LIBRARY)
+    try:
+        files = importlib.metadata.files("tbb") or []
+    except importlib.metadata.PackageNotFoundError:
+        return
+    for file in files:
+        if file.name == _TBB_LIBRARY:
+            yield str(file.locate())
+
+
+def _load_tbb() -> bool:
+    """Load TBB (once, globally, so that Numba's TBB layer links to it) and say whether Numba's
+    TBB layer can run on it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    for path in _tbb_candidates():
+        try:
+            library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            version = library.TBB_runtime_interface_version
+        except (OSError, AttributeError):
+            continue
+        version.restype = ctypes.c_int
+        if version() < _TBB_INTERFACE:
+            return False
+        try:
+            import numba.np.ufunc.tbbpool  # noqa: F401  # links to the library loaded above
+        except ImportError:
+            return False
+        return True
+    return False
+
+
+def _choose_layer(tbb: bool) -> str:
+    """Numba's TBB layer when it loaded (``tbb``), else Numba's workqueue.  Measured on this 2-core
+    machine: a parallel loop costs 2.6 µs to start on TBB, 130–225 µs on the workqueue (whose
+    workers sleep between loops and the calling thread only waits) — at hundreds of loops per
+    step that was most of what the second core gained.  Numba's OpenMP layer starts as fast but
+    runs on GNU OpenMP, which torch loads too (under the same name): the two then share one
+    thread-count setting, and a thread count set for symgrad's kernels makes torch's parallel
+    regions run on as many threads (measured: torch's MLP step 70x slower on one core)."""
+    return "tbb" if tbb else "workqueue"
+
+
+_TBB = _load_tbb()  # also when NUMBA_THREADING_LAYER names it (or "safe"): Numba finds it then
 if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
+    numba.config.THREADING_LAYER = _choose_layer(_TBB)  # type: ignore[attr-defined]
 
 _configured = False
-_pool = False  # symgrad's pool in use: asked for by SYMGRAD_NUM_THREADS or set_num_threads
+_pool = False  # the pool started (configure): BLAS limited to one thread in the kernels
 
 
 def max_threads() -> int:
@@ -122,15 +177,15 @@ def limit_blas() -> None:
 
 
 def configure() -> None:
-    """Read ``SYMGRAD_NUM_THREADS`` (once per process): when it is set, symgrad's pool runs
-    the kernels on that many threads (capped at the pool's size) from the start."""
+    """Start symgrad's pool (once per process): kernels on ``SYMGRAD_NUM_THREADS`` threads
+    (capped at the pool's size), or on every core the process may use; BLAS on one thread in
+    them."""
     global _configured
     if _configured:
         return
     _configured = True
     wanted = _from_env()
-    if wanted is not None:
-        _use_pool(min(wanted, max_threads()))
+    _use_pool(int(numba.get_num_threads()) if wanted is None else min(wanted, max_threads()))
 
 
 def _use_pool(n: int) -> None:
@@ -175,4 +230,4 @@ def use_parallel(work: int) -> bool:
     if work < PARALLEL_MIN_WORK:
         return False
     configure()
-    return _pool and int(numba.get_num_threads()) > 1
+    return int(numba.get_num_threads()) > 1

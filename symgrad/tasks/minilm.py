@@ -71,6 +71,7 @@ from ..compile import CompiledStep, compile_step
 from ..errors import OptionError
 from ..nn.bert import BertConfig, BertEncoder, SequenceClassifier
 from ..nn.tape import Tape
+from ..runtime.threads import num_threads
 from ..train import batch_order
 from .finetune import loss_rel_diff, param_rel_diff
 from .progress import SILENT, Console
@@ -594,10 +595,13 @@ def run(cfg: MinilmConfig, console: Console = SILENT, world: Any = None) -> dict
     n_check = min(cfg.check_batch, len(train.labels))
     check: dict[str, Any] = {}
     if main:
+        # on one thread: these float64 kernels run once here, and the serial variants compile
+        # far faster (from a cold cache the check took 108 s on 2 threads, 32 s on one); the
+        # results are the same bits on any number of threads
         with console.phase(
             f"float64 check: {n_check} messages through both encoders, the gradient of every "
             f"trained tensor compared (a cold kernel cache compiles symgrad's kernels here)"
-        ):
+        ), num_threads(1):
             check = agreement_check(cfg.level, train.subset(np.arange(n_check)), cfg.seed)
     with console.phase(
         f"loading all-MiniLM-L6-v2 into symgrad's encoder and the Hugging Face twin ({cfg.dtype})"
