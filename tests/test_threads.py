@@ -104,6 +104,34 @@ def test_the_pool_runs_on_tbb_where_it_is_installed():
     assert out == ["tbb", "256.0"]
 
 
+@pytest.mark.parametrize("layer", ["workqueue", "tbb"])
+def test_the_pool_starts_by_default_only_on_a_threadsafe_layer(layer):
+    """On TBB the kernels run on the pool unasked (the BLAS in them on one thread); on the
+    workqueue layer, which aborts on launches from two Python threads at once, the pool waits
+    to be asked for, as before; SYMGRAD_NUM_THREADS asks for it on any layer."""
+    if layer == "tbb" and not _tbb_is_a_dependency():
+        pytest.skip("tbb is a dependency on Linux x86_64 only")
+    code = (
+        "from symgrad.runtime import threads\n"
+        "from symgrad.runtime.blas import blas_threads\n"
+        "threads.configure()\n"
+        "print(threads.pool_by_default(), threads.use_parallel(1 << 20), blas_threads())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SYMGRAD_NUM_THREADS"}
+    env.update(PYTHONPATH=str(ROOT), NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS="2",
+               OPENBLAS_NUM_THREADS="2")
+
+    def run(**extra: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", code], env={**env, **extra},
+                              capture_output=True, text=True, check=True).stdout.split()
+
+    by_default = layer == "tbb"
+    got = run()
+    assert got[:2] == [str(by_default), str(by_default)]
+    assert (got[2] == "1") if by_default else True  # BLAS single-threaded under the pool
+    assert run(SYMGRAD_NUM_THREADS="2")[1:] == ["True", "1"]
+
+
 def test_without_tbb_the_pool_is_numbas_workqueue(monkeypatch):
     """No TBB library, or a library without TBB's version function: the workqueue layer."""
     monkeypatch.setattr(threads, "_tbb_candidates", lambda: iter(["/nonexistent/libtbb.so.12"]))

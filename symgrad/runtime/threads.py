@@ -18,14 +18,14 @@ does not take concurrent launches; TBB does).
 Which variant runs is decided per call from the size of the work (:func:`use_parallel`): a small
 op runs serially, where starting threads would cost more than it saves (a few microseconds).
 
-**On by default.**  From the first kernel on, symgrad's kernels run on the pool with as many
-threads as the process may use (unless :func:`set_num_threads` or ``SYMGRAD_NUM_THREADS`` says
-otherwise), and the BLAS they call runs on one thread per call.  The pool used to be opt-in,
-and the default left OpenBLAS its own threads for the GEMMs — nondeterministic, and on
-the workqueue layer the faster of the two on the main job (1.10× torch's epoch against 1.35×).
-On Numba's TBB layer the pool is the faster (measured in benchmarks/RESULTS-threads.md), and
-it gives the same bits on any number of threads.  ``SYMGRAD_NUM_THREADS=1`` runs every kernel
-serially.
+**On by default** (on TBB, :func:`pool_by_default`).  From the first kernel on, symgrad's
+kernels run on the pool with as many threads as the process may use (unless
+:func:`set_num_threads` or ``SYMGRAD_NUM_THREADS`` says otherwise), and the BLAS they call runs
+on one thread per call; ``SYMGRAD_NUM_THREADS=1`` runs every kernel serially.  The pool used to
+be opt-in, the default leaving OpenBLAS its own threads for the GEMMs — nondeterministic, and
+on the workqueue layer the faster of the two on the main job (1.10× torch's epoch against
+1.35×).  On Numba's TBB layer the pool is the faster (benchmarks/RESULTS-threads.md), and it
+gives the same bits on any number of threads.
 
 The thread count: :func:`set_num_threads`, else the environment variable
 ``SYMGRAD_NUM_THREADS``; before either, Numba's default: the cores the process may run on (its
@@ -130,7 +130,7 @@ if not os.environ.get("NUMBA_THREADING_LAYER"):
     numba.config.THREADING_LAYER = _choose_layer(_TBB)  # type: ignore[attr-defined]
 
 _configured = False
-_pool = False  # the pool started (configure): BLAS limited to one thread in the kernels
+_pool = False  # the pool started (configure, set_num_threads): BLAS on one thread in kernels
 
 
 def max_threads() -> int:
@@ -176,16 +176,29 @@ def limit_blas() -> None:
         lib.set_num_threads(1)
 
 
+def pool_by_default() -> bool:
+    """Whether the pool starts without being asked for: on a layer that takes launches from
+    several Python threads at once (TBB, OpenMP).  On Numba's workqueue layer (TBB did not
+    load, or ``NUMBA_THREADING_LAYER=workqueue``) two Python threads launching parallel kernels
+    at once abort the process: there the pool stays opt-in, and kernels run serially with the
+    BLAS's own threads until :func:`set_num_threads` or ``SYMGRAD_NUM_THREADS`` asks for it."""
+    layer = str(numba.config.THREADING_LAYER)  # type: ignore[attr-defined]
+    return layer not in ("workqueue", "default")
+
+
 def configure() -> None:
     """Start symgrad's pool (once per process): kernels on ``SYMGRAD_NUM_THREADS`` threads
-    (capped at the pool's size), or on every core the process may use; BLAS on one thread in
-    them."""
+    (capped at the pool's size), or on every core the process may use
+    (:func:`pool_by_default`); BLAS on one thread in them."""
     global _configured
     if _configured:
         return
     _configured = True
     wanted = _from_env()
-    _use_pool(int(numba.get_num_threads()) if wanted is None else min(wanted, max_threads()))
+    if wanted is not None:
+        _use_pool(min(wanted, max_threads()))
+    elif pool_by_default():
+        _use_pool(int(numba.get_num_threads()))
 
 
 def _use_pool(n: int) -> None:
@@ -230,4 +243,4 @@ def use_parallel(work: int) -> bool:
     if work < PARALLEL_MIN_WORK:
         return False
     configure()
-    return int(numba.get_num_threads()) > 1
+    return _pool and int(numba.get_num_threads()) > 1
