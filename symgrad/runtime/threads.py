@@ -37,6 +37,7 @@ Numba's pool cannot grow past ``NUMBA_NUM_THREADS`` once started: a larger
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.metadata
 import os
 import sys
@@ -151,21 +152,24 @@ def _check(n: object) -> int:
     return n
 
 
-def kernel_blas() -> list[Any]:
+@functools.cache
+def kernel_blas() -> tuple[Any, ...]:
     """threadpoolctl's controllers of the BLAS that generated kernels call (SciPy's OpenBLAS,
-    through Numba's ``numba_xxgemm``; loaded here if it was not yet), usually one."""
+    through Numba's ``numba_xxgemm``; loaded here if it was not yet), usually one.  Found once
+    (scanning the loaded libraries is the slow part); a controller reads and sets the library's
+    thread count live."""
     try:
         import scipy
         import scipy.linalg.cython_blas  # (loads the library, as Numba would)
         from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - both are dependencies
-        return []
+        return ()
     root = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy")
-    return [
+    return tuple(
         lib
         for lib in ThreadpoolController().lib_controllers
         if lib.user_api == "blas" and lib.filepath.startswith(root)
-    ]
+    )
 
 
 def limit_blas() -> None:
