@@ -112,6 +112,12 @@ class StepFallbackWarning(UserWarning):
     the message) and trains op by op instead; ``fit(..., compiled=True)`` makes it an error."""
 
 
+class ThreadPoolWarning(UserWarning):
+    """symgrad's thread pool stays off by default (kernels serial, the BLAS with its own
+    threads): Numba's TBB layer did not load or another layer runs, or the kernels' BLAS was not
+    found — the message says which and how to fix it."""
+
+
 class OptionError(SymgradError, ValueError):
     """A command or task option has a value outside its range (or does not apply)."""
 

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,31 @@ def _tbb_is_a_dependency() -> bool:
     return sys.platform.startswith("linux") and platform.machine() == "x86_64"
 
 
+def _fresh(code: str, **env_vars: str | None) -> subprocess.CompletedProcess[str]:
+    """``code`` run in a fresh Python, symgrad importable; ``env_vars`` set (None: unset) over
+    an environment without the thread settings of the test run."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_THREADING_LAYER", "SYMGRAD_NUM_THREADS", "LD_LIBRARY_PATH")}
+    env.update(PYTHONPATH=str(ROOT), NUMBA_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")
+    for name, value in env_vars.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], env=env,
+                          capture_output=True, text=True, check=True)
+
+
+_STATE = (
+    "from symgrad.runtime import threads\n"
+    "from symgrad.runtime.blas import blas_threads\n"
+    "threads.configure()\n"
+    "import numba\n"
+    "print(numba.threading_layer(), threads.pool_by_default(), "
+    "threads.use_parallel(1 << 20), blas_threads())\n"
+)
+
+
 def test_the_pool_runs_on_tbb_where_it_is_installed():
     """A fresh process without NUMBA_THREADING_LAYER: symgrad's parallel kernels run on
     Numba's TBB layer (its library found in the wheel's directory, which the loader does not
@@ -96,50 +122,87 @@ def test_the_pool_runs_on_tbb_where_it_is_installed():
         " 256)\n"
         "print(numba.threading_layer(), c[0, 0])\n"
     )
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NUMBA_THREADING_LAYER", "LD_LIBRARY_PATH")}
-    env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, check=True).stdout.split()
-    assert out == ["tbb", "256.0"]
+    assert _fresh(code).stdout.split() == ["tbb", "256.0"]
 
 
-@pytest.mark.parametrize("layer", ["workqueue", "tbb"])
-def test_the_pool_starts_by_default_only_on_a_threadsafe_layer(layer):
-    """On TBB the kernels run on the pool unasked (the BLAS in them on one thread); on the
-    workqueue layer, which aborts on launches from two Python threads at once, the pool waits
-    to be asked for, as before; SYMGRAD_NUM_THREADS asks for it on any layer."""
-    if layer == "tbb" and not _tbb_is_a_dependency():
+@pytest.mark.parametrize("layer", [None, "tbb", "workqueue"])
+def test_the_pool_starts_by_default_only_on_tbb(layer):
+    """By default (no layer named) and on TBB the kernels run on the pool unasked, the BLAS in
+    them on one thread; on the workqueue layer, which aborts on launches from two Python
+    threads at once, the pool waits to be asked for and the BLAS keeps its threads, as before;
+    SYMGRAD_NUM_THREADS asks for the pool on any layer."""
+    if layer != "workqueue" and not _tbb_is_a_dependency():
         pytest.skip("tbb is a dependency on Linux x86_64 only")
+    got = _fresh(_STATE, NUMBA_THREADING_LAYER=layer)
+    on = layer != "workqueue"
+    assert got.stdout.split() == [layer or "tbb", str(on), str(on), "1" if on else "2"]
+    assert "ThreadPoolWarning" not in got.stderr  # a layer named is the caller's choice
+    asked = _fresh(_STATE, NUMBA_THREADING_LAYER=layer, SYMGRAD_NUM_THREADS="2")
+    assert asked.stdout.split()[2:] == ["True", "1"]
+
+
+def test_without_tbb_the_pool_stays_off_and_says_why():
+    """Numba's TBB layer not importable (as without the wheel): the workqueue layer, kernels
+    serial, the BLAS with its own threads, and a ThreadPoolWarning naming the cause."""
+    if not _tbb_is_a_dependency():
+        pytest.skip("the warning is given where tbb is a dependency")
+    code = "import sys; sys.modules['numba.np.ufunc.tbbpool'] = None\n" + _STATE
+    got = _fresh(code)
+    assert got.stdout.split() == ["workqueue", "False", "False", "2"]
+    assert "ThreadPoolWarning" in got.stderr and "TBB layer does not import" in got.stderr
+
+
+def test_a_layer_numba_started_before_symgrad_is_kept_and_the_pool_stays_off():
+    """A parallel function run before symgrad is imported fixes Numba's layer (here OpenMP or
+    the workqueue: TBB's library is not on the loader's path yet); symgrad does not pretend it
+    is TBB: the pool stays off, with a warning."""
+    if not _tbb_is_a_dependency():
+        pytest.skip("the warning is given where tbb is a dependency")
+    code = (
+        "import numba, numpy as np\n"
+        "@numba.njit(parallel=True)\n"
+        "def f(a):\n"
+        "    for i in numba.prange(a.size):\n"
+        "        a[i] += 1.0\n"
+        "f(np.zeros(10))\n"
+    ) + _STATE
+    got = _fresh(code)
+    layer, *rest = got.stdout.split()
+    assert layer != "tbb" and rest == ["False", "False", "2"]
+    assert "ThreadPoolWarning" in got.stderr and f"Numba runs its {layer} layer" in got.stderr
+
+
+def test_a_pool_started_for_a_block_stops_after_it():
+    """On the workqueue layer (pool opt-in), ``with num_threads(1):`` turns the pool on for
+    the block only: after it, kernels are serial again and the BLAS has its threads back."""
     code = (
         "from symgrad.runtime import threads\n"
         "from symgrad.runtime.blas import blas_threads\n"
-        "threads.configure()\n"
-        "print(threads.pool_by_default(), threads.use_parallel(1 << 20), blas_threads())\n"
+        "def state():\n"
+        "    return [threads._pool, blas_threads()]\n"
+        "before = state()\n"
+        "with threads.num_threads(1):\n"
+        "    inside = state()\n"
+        "print(before, inside, state())\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "SYMGRAD_NUM_THREADS"}
-    env.update(PYTHONPATH=str(ROOT), NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS="2",
-               OPENBLAS_NUM_THREADS="2")
-
-    def run(**extra: str) -> list[str]:
-        return subprocess.run([sys.executable, "-c", code], env={**env, **extra},
-                              capture_output=True, text=True, check=True).stdout.split()
-
-    by_default = layer == "tbb"
-    got = run()
-    assert got[:2] == [str(by_default), str(by_default)]
-    assert (got[2] == "1") if by_default else True  # BLAS single-threaded under the pool
-    assert run(SYMGRAD_NUM_THREADS="2")[1:] == ["True", "1"]
+    got = _fresh(code, NUMBA_THREADING_LAYER="workqueue").stdout.strip()
+    assert got == "[False, 2] [True, 1] [False, 2]"
 
 
-def test_without_tbb_the_pool_is_numbas_workqueue(monkeypatch):
-    """No TBB library, or a library without TBB's version function: the workqueue layer."""
+def test_tbb_too_old_or_missing_is_reported(monkeypatch):
+    """The loader's answers: no library anywhere, a library without TBB's version function, a
+    TBB older than Numba's layer takes (Ubuntu 22.04's 2021.5)."""
     monkeypatch.setattr(threads, "_tbb_candidates", lambda: iter(["/nonexistent/libtbb.so.12"]))
-    assert threads._load_tbb() is False
+    assert "no libtbb.so.12 was found" in threads._load_tbb()
     monkeypatch.setattr(threads, "_tbb_candidates", lambda: iter(["libc.so.6"]))
-    assert threads._load_tbb() is False
-    assert threads._choose_layer(False) == "workqueue"
-    assert threads._choose_layer(True) == "tbb"
+    assert "no libtbb.so.12 was found" in threads._load_tbb()
+
+    def version() -> int:
+        return 12050
+
+    fake = types.SimpleNamespace(TBB_runtime_interface_version=version)
+    monkeypatch.setattr(threads.ctypes, "CDLL", lambda path, mode=0: fake)
+    assert "interface version 12050" in threads._load_tbb()
 
 
 def test_two_python_threads_may_run_parallel_kernels_at_once():
@@ -147,9 +210,7 @@ def test_two_python_threads_may_run_parallel_kernels_at_once():
     of the serial pieces)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import numba
-
-    if numba.config.THREADING_LAYER != "tbb":
+    if threads._running_layer() != "tbb":
         pytest.skip("the workqueue layer does not take concurrent launches")
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((300, 200)), rng.standard_normal((200, 160))

@@ -9,17 +9,17 @@ pieces whose boundaries depend on the sizes alone, never on the number of thread
 piece is computed as the serial variant computes it: a run on 1, 2 or 16 threads gives the same
 bits, and so does the serial variant.
 
-The pool is Numba's TBB layer (the ``tbb`` wheel, a dependency on Linux) and Numba's
+The pool is Numba's TBB layer (the ``tbb`` wheel, a dependency on Linux x86_64) and Numba's
 ``workqueue`` layer where TBB does not load, unless ``NUMBA_THREADING_LAYER`` names another
-(:func:`_choose_layer` says why).  Like Numba's, the thread count is per calling thread; on
-the workqueue layer two Python threads should not run parallel kernels at the same moment (it
-does not take concurrent launches; TBB does).
+(the comment at ``_load_tbb()``'s call says why).  Like Numba's, the thread count is per
+calling thread; on the workqueue layer two Python threads should not run parallel kernels at
+the same moment (it does not take concurrent launches; TBB does).
 
 Which variant runs is decided per call from the size of the work (:func:`use_parallel`): a small
 op runs serially, where starting threads would cost more than it saves (a few microseconds).
 
-**On by default** (on TBB, :func:`pool_by_default`).  From the first kernel on, symgrad's
-kernels run on the pool with as many threads as the process may use (unless
+**On by default** (on TBB, :func:`pool_by_default`; elsewhere opt-in).  From the first kernel
+on, symgrad's kernels run on the pool with as many threads as the process may use (unless
 :func:`set_num_threads` or ``SYMGRAD_NUM_THREADS`` says otherwise), and the BLAS they call runs
 on one thread per call; ``SYMGRAD_NUM_THREADS=1`` runs every kernel serially.  The pool used to
 be opt-in, the default leaving OpenBLAS its own threads for the GEMMs — nondeterministic, and
@@ -40,14 +40,16 @@ import ctypes
 import functools
 import importlib.metadata
 import os
+import platform
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numba  # symgrad/__init__.py sized Numba's pool before numba was first imported
 
-from ..errors import OptionError
+from ..errors import OptionError, ThreadPoolWarning
 
 #: Elements of a call's largest array below which a kernel runs its serial variant: below
 #: this, starting the pool costs more than it saves.
@@ -75,29 +77,32 @@ def _from_env() -> int | None:
 #: The oldest TBB Numba's layer takes (``TBB_INTERFACE_VERSION``, 2021 update 6).
 _TBB_INTERFACE = 12060
 _TBB_LIBRARY = "libtbb.so.12"
+#: pyproject.toml's marker for the ``tbb`` dependency.
+_TBB_IS_A_DEPENDENCY = sys.platform.startswith("linux") and platform.machine() == "x86_64"
 
 
 def _tbb_candidates() -> Iterator[str]:
-    """Where the TBB library may be: the loader's own path first (conda, ``LD_LIBRARY_PATH``),
-    then the files of the ``tbb`` wheel, which pip puts in ``<prefix>/lib`` — a directory the
-    loader does not search."""
-    yield _TBB_LIBRARY
+    """Where the TBB library may be: the ``tbb`` wheel's file first (pip puts it in
+    ``<prefix>/lib``, a directory the loader does not search), the loader's own path (conda,
+    ``LD_LIBRARY_PATH``) last — a system's older TBB loaded first (Ubuntu 22.04's is 2021.5,
+    too old for Numba) would stand for ``libtbb.so.12`` from then on."""
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
         yield os.path.join(prefix, "lib", _TBB_LIBRARY)
     try:
         files = importlib.metadata.files("tbb") or []
     except importlib.metadata.PackageNotFoundError:
-        return
+        files = []
     for file in files:
         if file.name == _TBB_LIBRARY:
             yield str(file.locate())
+    yield _TBB_LIBRARY
 
 
-def _load_tbb() -> bool:
-    """Load TBB (once, globally, so that Numba's TBB layer links to it) and say whether Numba's
-    TBB layer can run on it."""
+def _load_tbb() -> str | None:
+    """Load TBB (globally, so that Numba's TBB layer links to it): ``None`` when Numba's TBB
+    layer can run on it, else why not."""
     if not sys.platform.startswith("linux"):
-        return False
+        return "symgrad looks for TBB on Linux only"
     for path in _tbb_candidates():
         try:
             library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
@@ -105,30 +110,29 @@ def _load_tbb() -> bool:
         except (OSError, AttributeError):
             continue
         version.restype = ctypes.c_int
-        if version() < _TBB_INTERFACE:
-            return False
+        found = int(version())
+        if found < _TBB_INTERFACE:
+            return (f"{path} is TBB interface version {found}; Numba's TBB layer needs "
+                    f"{_TBB_INTERFACE} or later (pip install 'tbb>=2021.6')")
         try:
             import numba.np.ufunc.tbbpool  # noqa: F401  # links to the library loaded above
-        except ImportError:
-            return False
-        return True
-    return False
+        except ImportError as error:
+            return f"Numba's TBB layer does not import ({error})"
+        return None
+    return f"no {_TBB_LIBRARY} was found (pip install 'tbb>=2021.6')"
 
 
-def _choose_layer(tbb: bool) -> str:
-    """Numba's TBB layer when it loaded (``tbb``), else Numba's workqueue.  Measured on this 2-core
-    machine: a parallel loop costs 2.6 µs to start on TBB, 130–225 µs on the workqueue (whose
-    workers sleep between loops and the calling thread only waits) — at hundreds of loops per
-    step that was most of what the second core gained.  Numba's OpenMP layer starts as fast but
-    runs on GNU OpenMP, which torch loads too (under the same name): the two then share one
-    thread-count setting, and a thread count set for symgrad's kernels makes torch's parallel
-    regions run on as many threads (measured: torch's MLP step 70x slower on one core)."""
-    return "tbb" if tbb else "workqueue"
-
-
-_TBB = _load_tbb()  # also when NUMBA_THREADING_LAYER names it (or "safe"): Numba finds it then
-if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = _choose_layer(_TBB)  # type: ignore[attr-defined]
+# Numba's TBB layer when it loads, else its workqueue layer — unless NUMBA_THREADING_LAYER or
+# the caller's code chose one.  A parallel loop costs ~3 µs to start on TBB and 110–226 µs on
+# the workqueue (whose workers sleep between loops and the calling thread only waits) — at
+# hundreds of loops per step that was most of what the second core gained.  Numba's OpenMP
+# layer starts as fast but runs on GNU OpenMP, which torch loads too (under the same name):
+# the two then share one thread-count setting, and a thread count set for symgrad's kernels
+# makes torch's parallel regions run on as many threads (measured: torch's MLP step 70x slower
+# on one core).  TBB is loaded in any case: a layer asked for by name ("tbb", "safe") finds it.
+_TBB_PROBLEM = _load_tbb()
+if str(numba.config.THREADING_LAYER) == "default":  # type: ignore[attr-defined]
+    numba.config.THREADING_LAYER = "workqueue" if _TBB_PROBLEM else "tbb"  # type: ignore[attr-defined]
 
 _configured = False
 _pool = False  # the pool started (configure, set_num_threads): BLAS on one thread in kernels
@@ -174,26 +178,55 @@ def kernel_blas() -> tuple[Any, ...]:
 
 def limit_blas() -> None:
     """Run the BLAS that generated kernels call on one thread per call: symgrad's kernels split
-    GEMMs over Numba's threads themselves.  NumPy's own BLAS (``np.dot`` in Python) is left as
-    it is."""
+    GEMMs over Numba's threads themselves.  That BLAS is SciPy's OpenBLAS: the process's
+    ``scipy.linalg`` calls run on one thread too while the pool is on (threadpoolctl's
+    ``threadpool_limits`` gives them threads for a block).  NumPy's own BLAS (``np.dot`` in
+    Python) is left as it is."""
     for lib in kernel_blas():
         lib.set_num_threads(1)
 
 
+def _running_layer() -> str | None:
+    """The threading layer Numba runs (starting it, as the first parallel kernel would); None
+    when the layer asked for does not load."""
+    try:
+        numba.get_num_threads()
+        return str(numba.threading_layer())
+    except ValueError:  # e.g. NUMBA_THREADING_LAYER=tbb without TBB
+        return None
+
+
+def _why_no_pool() -> str | None:
+    """Why the pool does not start by default (None: it does).  It starts on Numba's TBB layer,
+    which takes launches from several Python threads at once — the workqueue layer aborts the
+    process then, and the OpenMP layer shares its thread count with torch's — and when the BLAS
+    the kernels call is found (to run it on one thread: a pool of threads each calling a
+    threaded BLAS would oversubscribe the cores)."""
+    layer = _running_layer()
+    if layer is None:
+        return "the threading layer NUMBA_THREADING_LAYER names does not load"
+    if layer != "tbb":
+        if _TBB_PROBLEM is not None:
+            return f"Numba runs its {layer} layer: {_TBB_PROBLEM}"
+        return (f"Numba runs its {layer} layer (NUMBA_THREADING_LAYER, or chosen by a parallel "
+                "function run before symgrad was imported)")
+    if not kernel_blas():
+        return "the BLAS symgrad's kernels call (SciPy's OpenBLAS) was not found"
+    return None
+
+
 def pool_by_default() -> bool:
-    """Whether the pool starts without being asked for: on a layer that takes launches from
-    several Python threads at once (TBB, OpenMP).  On Numba's workqueue layer (TBB did not
-    load, or ``NUMBA_THREADING_LAYER=workqueue``) two Python threads launching parallel kernels
-    at once abort the process: there the pool stays opt-in, and kernels run serially with the
-    BLAS's own threads until :func:`set_num_threads` or ``SYMGRAD_NUM_THREADS`` asks for it."""
-    layer = str(numba.config.THREADING_LAYER)  # type: ignore[attr-defined]
-    return layer not in ("workqueue", "default")
+    """Whether symgrad's pool starts without being asked for (see :func:`_why_no_pool`).
+    Otherwise kernels run serially, the BLAS with its own threads, until
+    :func:`set_num_threads` or ``SYMGRAD_NUM_THREADS`` asks for the pool."""
+    return _why_no_pool() is None
 
 
 def configure() -> None:
     """Start symgrad's pool (once per process): kernels on ``SYMGRAD_NUM_THREADS`` threads
     (capped at the pool's size), or on every core the process may use
-    (:func:`pool_by_default`); BLAS on one thread in them."""
+    (:func:`pool_by_default`; a :class:`~symgrad.errors.ThreadPoolWarning` says why not where
+    the ``tbb`` wheel is a dependency); BLAS on one thread in them."""
     global _configured
     if _configured:
         return
@@ -201,8 +234,17 @@ def configure() -> None:
     wanted = _from_env()
     if wanted is not None:
         _use_pool(min(wanted, max_threads()))
-    elif pool_by_default():
+        return
+    why = _why_no_pool()
+    if why is None:
         _use_pool(int(numba.get_num_threads()))
+    elif _TBB_IS_A_DEPENDENCY and os.environ.get("NUMBA_THREADING_LAYER") is None:
+        warnings.warn(
+            f"symgrad's thread pool is off: {why}. Kernels run serially (the BLAS with its own "
+            "threads); SYMGRAD_NUM_THREADS=n or symgrad.set_num_threads(n) starts the pool.",
+            ThreadPoolWarning,
+            stacklevel=2,
+        )
 
 
 def _use_pool(n: int) -> None:
@@ -232,13 +274,21 @@ def get_num_threads() -> int:
 @contextmanager
 def num_threads(n: int) -> Iterator[None]:
     """``with num_threads(n):`` kernels run on ``n`` threads inside, the setting is restored
-    after (also when the block raises)."""
+    after (also when the block raises) — and a pool started only for the block stops again
+    (kernels serial, the BLAS's thread count as it was)."""
+    global _pool
     before = get_num_threads()
+    started = not _pool
+    blas = [lib.num_threads for lib in kernel_blas()] if started else []
     set_num_threads(n)
     try:
         yield
     finally:
         numba.set_num_threads(before)
+        if started:
+            for lib, count in zip(kernel_blas(), blas, strict=True):
+                lib.set_num_threads(count)
+            _pool = False
 
 
 def use_parallel(work: int) -> bool:
