@@ -99,12 +99,20 @@ def _fresh(code: str, **env_vars: str | None) -> subprocess.CompletedProcess[str
 
 _STATE = (
     "from symgrad.runtime import threads\n"
-    "from symgrad.runtime.blas import blas_threads\n"
-    "threads.configure()\n"
+    "from symgrad.runtime.blas import blas_threads\n"  # (this import starts the pool or not)
     "import numba\n"
     "print(numba.threading_layer(), threads.pool_by_default(), "
     "threads.use_parallel(1 << 20), blas_threads())\n"
 )
+
+
+def _blas_threads_unlimited() -> str:
+    """The kernels' BLAS's thread count in a fresh process before symgrad limits it
+    (OPENBLAS_NUM_THREADS=2 as :func:`_fresh` sets it, capped at the cores it may use)."""
+    code = ("from threadpoolctl import threadpool_info\n"
+            "import scipy.linalg.cython_blas\n"
+            "print(max(i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'))")
+    return _fresh(code).stdout.strip()
 
 
 def test_the_pool_runs_on_tbb_where_it_is_installed():
@@ -135,7 +143,8 @@ def test_the_pool_starts_by_default_only_on_tbb(layer):
         pytest.skip("tbb is a dependency on Linux x86_64 only")
     got = _fresh(_STATE, NUMBA_THREADING_LAYER=layer)
     on = layer != "workqueue"
-    assert got.stdout.split() == [layer or "tbb", str(on), str(on), "1" if on else "2"]
+    own = _blas_threads_unlimited()
+    assert got.stdout.split() == [layer or "tbb", str(on), str(on), "1" if on else own]
     assert "ThreadPoolWarning" not in got.stderr  # a layer named is the caller's choice
     asked = _fresh(_STATE, NUMBA_THREADING_LAYER=layer, SYMGRAD_NUM_THREADS="2")
     assert asked.stdout.split()[2:] == ["True", "1"]
@@ -148,18 +157,19 @@ def test_without_tbb_the_pool_stays_off_and_says_why():
         pytest.skip("the warning is given where tbb is a dependency")
     code = "import sys; sys.modules['numba.np.ufunc.tbbpool'] = None\n" + _STATE
     got = _fresh(code)
-    assert got.stdout.split() == ["workqueue", "False", "False", "2"]
+    assert got.stdout.split() == ["workqueue", "False", "False", _blas_threads_unlimited()]
     assert "ThreadPoolWarning" in got.stderr and "TBB layer does not import" in got.stderr
 
 
 def test_a_layer_numba_started_before_symgrad_is_kept_and_the_pool_stays_off():
-    """A parallel function run before symgrad is imported fixes Numba's layer (here OpenMP or
-    the workqueue: TBB's library is not on the loader's path yet); symgrad does not pretend it
-    is TBB: the pool stays off, with a warning."""
+    """A parallel function run before symgrad's first kernel fixes Numba's layer (here the
+    workqueue, chosen in the caller's code); symgrad does not pretend it is TBB: the pool stays
+    off, with a warning naming the layer."""
     if not _tbb_is_a_dependency():
         pytest.skip("the warning is given where tbb is a dependency")
     code = (
         "import numba, numpy as np\n"
+        "numba.config.THREADING_LAYER = 'workqueue'\n"
         "@numba.njit(parallel=True)\n"
         "def f(a):\n"
         "    for i in numba.prange(a.size):\n"
@@ -167,26 +177,30 @@ def test_a_layer_numba_started_before_symgrad_is_kept_and_the_pool_stays_off():
         "f(np.zeros(10))\n"
     ) + _STATE
     got = _fresh(code)
-    layer, *rest = got.stdout.split()
-    assert layer != "tbb" and rest == ["False", "False", "2"]
-    assert "ThreadPoolWarning" in got.stderr and f"Numba runs its {layer} layer" in got.stderr
+    assert got.stdout.split() == ["workqueue", "False", "False", _blas_threads_unlimited()]
+    assert "ThreadPoolWarning" in got.stderr and "Numba runs its workqueue layer" in got.stderr
 
 
-def test_a_pool_started_for_a_block_stops_after_it():
-    """On the workqueue layer (pool opt-in), ``with num_threads(1):`` turns the pool on for
-    the block only: after it, kernels are serial again and the BLAS has its threads back."""
+@pytest.mark.parametrize("layer", ["workqueue", "tbb"])
+def test_serial_runs_the_serial_variants_and_leaves_the_pool_as_it_is(layer):
+    """``with serial():`` no parallel variant inside, the thread count back after; the pool
+    neither started (workqueue: opt-in) nor stopped (TBB: on) by it."""
+    if layer == "tbb" and not _tbb_is_a_dependency():
+        pytest.skip("tbb is a dependency on Linux x86_64 only")
     code = (
         "from symgrad.runtime import threads\n"
         "from symgrad.runtime.blas import blas_threads\n"
         "def state():\n"
-        "    return [threads._pool, blas_threads()]\n"
+        "    return [threads._pool, threads.use_parallel(1 << 20), blas_threads()]\n"
         "before = state()\n"
-        "with threads.num_threads(1):\n"
+        "with threads.serial():\n"
         "    inside = state()\n"
         "print(before, inside, state())\n"
     )
-    got = _fresh(code, NUMBA_THREADING_LAYER="workqueue").stdout.strip()
-    assert got == "[False, 2] [True, 1] [False, 2]"
+    on = layer == "tbb"
+    blas = 1 if on else int(_blas_threads_unlimited())
+    want = f"[{on}, {on}, {blas}] [{on}, False, {blas}] [{on}, {on}, {blas}]"
+    assert _fresh(code, NUMBA_THREADING_LAYER=layer).stdout.strip() == want
 
 
 def test_tbb_too_old_or_missing_is_reported(monkeypatch):

@@ -111,7 +111,7 @@ def _load_tbb() -> str | None:
             continue
         version.restype = ctypes.c_int
         found = int(version())
-        if found < _TBB_INTERFACE:
+        if found < _TBB_INTERFACE:  # loaded now, it stands for libtbb.so.12: no other will do
             return (f"{path} is TBB interface version {found}; Numba's TBB layer needs "
                     f"{_TBB_INTERFACE} or later (pip install 'tbb>=2021.6')")
         try:
@@ -208,8 +208,8 @@ def _why_no_pool() -> str | None:
     if layer != "tbb":
         if _TBB_PROBLEM is not None:
             return f"Numba runs its {layer} layer: {_TBB_PROBLEM}"
-        return (f"Numba runs its {layer} layer (NUMBA_THREADING_LAYER, or chosen by a parallel "
-                "function run before symgrad was imported)")
+        return (f"Numba runs its {layer} layer (chosen by a parallel function run before "
+                "symgrad's first kernel, or by Numba's configuration)")
     if not kernel_blas():
         return "the BLAS symgrad's kernels call (SciPy's OpenBLAS) was not found"
     return None
@@ -273,22 +273,28 @@ def get_num_threads() -> int:
 
 @contextmanager
 def num_threads(n: int) -> Iterator[None]:
-    """``with num_threads(n):`` kernels run on ``n`` threads inside, the setting is restored
-    after (also when the block raises) — and a pool started only for the block stops again
-    (kernels serial, the BLAS's thread count as it was)."""
-    global _pool
+    """``with num_threads(n):`` kernels run on ``n`` threads inside, the calling thread's
+    setting is restored after (also when the block raises).  Like :func:`set_num_threads` it
+    starts symgrad's pool for the process if it was off (:func:`serial` does not)."""
     before = get_num_threads()
-    started = not _pool
-    blas = [lib.num_threads for lib in kernel_blas()] if started else []
     set_num_threads(n)
     try:
         yield
     finally:
         numba.set_num_threads(before)
-        if started:
-            for lib, count in zip(kernel_blas(), blas, strict=True):
-                lib.set_num_threads(count)
-            _pool = False
+
+
+@contextmanager
+def serial() -> Iterator[None]:
+    """``with serial():`` the calling thread's kernels run their serial variants inside (the
+    same bits as on any number of threads), the pool left as it is — on or off."""
+    configure()
+    before = int(numba.get_num_threads())
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def use_parallel(work: int) -> bool:

@@ -71,7 +71,7 @@ from ..compile import CompiledStep, compile_step
 from ..errors import OptionError
 from ..nn.bert import BertConfig, BertEncoder, SequenceClassifier
 from ..nn.tape import Tape
-from ..runtime.threads import num_threads
+from ..runtime.threads import serial
 from ..train import batch_order
 from .finetune import loss_rel_diff, param_rel_diff
 from .progress import SILENT, Console
@@ -601,7 +601,7 @@ def run(cfg: MinilmConfig, console: Console = SILENT, world: Any = None) -> dict
         with console.phase(
             f"float64 check: {n_check} messages through both encoders, the gradient of every "
             f"trained tensor compared (a cold kernel cache compiles symgrad's kernels here)"
-        ), num_threads(1):
+        ), serial():
             check = agreement_check(cfg.level, train.subset(np.arange(n_check)), cfg.seed)
     with console.phase(
         f"loading all-MiniLM-L6-v2 into symgrad's encoder and the Hugging Face twin ({cfg.dtype})"
