@@ -75,13 +75,6 @@ def test_the_default_is_the_affinity_or_the_environment():
     assert bad.returncode != 0 and "SYMGRAD_NUM_THREADS='many'" in bad.stderr
 
 
-def _tbb_is_a_dependency() -> bool:
-    """pyproject.toml's marker for the ``tbb`` dependency."""
-    import platform
-
-    return sys.platform.startswith("linux") and platform.machine() == "x86_64"
-
-
 def _fresh(code: str, **env_vars: str | None) -> subprocess.CompletedProcess[str]:
     """``code`` run in a fresh Python, symgrad importable; ``env_vars`` set (None: unset) over
     an environment without the thread settings of the test run."""
@@ -119,7 +112,7 @@ def test_the_pool_runs_on_tbb_where_it_is_installed():
     """A fresh process without NUMBA_THREADING_LAYER: symgrad's parallel kernels run on
     Numba's TBB layer (its library found in the wheel's directory, which the loader does not
     search), which starts a parallel loop in microseconds."""
-    if not _tbb_is_a_dependency():
+    if not threads._TBB_IS_A_DEPENDENCY:
         pytest.skip("tbb is a dependency on Linux x86_64 only")
     code = (
         "import numba, numpy as np, symgrad as sg\n"
@@ -139,7 +132,7 @@ def test_the_pool_starts_by_default_only_on_tbb(layer):
     them on one thread; on the workqueue layer, which aborts on launches from two Python
     threads at once, the pool waits to be asked for and the BLAS keeps its threads, as before;
     SYMGRAD_NUM_THREADS asks for the pool on any layer."""
-    if layer != "workqueue" and not _tbb_is_a_dependency():
+    if layer != "workqueue" and not threads._TBB_IS_A_DEPENDENCY:
         pytest.skip("tbb is a dependency on Linux x86_64 only")
     got = _fresh(_STATE, NUMBA_THREADING_LAYER=layer)
     on = layer != "workqueue"
@@ -153,7 +146,7 @@ def test_the_pool_starts_by_default_only_on_tbb(layer):
 def test_without_tbb_the_pool_stays_off_and_says_why():
     """Numba's TBB layer not importable (as without the wheel): the workqueue layer, kernels
     serial, the BLAS with its own threads, and a ThreadPoolWarning naming the cause."""
-    if not _tbb_is_a_dependency():
+    if not threads._TBB_IS_A_DEPENDENCY:
         pytest.skip("the warning is given where tbb is a dependency")
     code = "import sys; sys.modules['numba.np.ufunc.tbbpool'] = None\n" + _STATE
     got = _fresh(code)
@@ -165,7 +158,7 @@ def test_a_layer_numba_started_before_symgrad_is_kept_and_the_pool_stays_off():
     """A parallel function run before symgrad's first kernel fixes Numba's layer (here the
     workqueue, chosen in the caller's code); symgrad does not pretend it is TBB: the pool stays
     off, with a warning naming the layer."""
-    if not _tbb_is_a_dependency():
+    if not threads._TBB_IS_A_DEPENDENCY:
         pytest.skip("the warning is given where tbb is a dependency")
     code = (
         "import numba, numpy as np\n"
@@ -185,7 +178,7 @@ def test_a_layer_numba_started_before_symgrad_is_kept_and_the_pool_stays_off():
 def test_serial_runs_the_serial_variants_and_leaves_the_pool_as_it_is(layer):
     """``with serial():`` no parallel variant inside, the thread count back after; the pool
     neither started (workqueue: opt-in) nor stopped (TBB: on) by it."""
-    if layer == "tbb" and not _tbb_is_a_dependency():
+    if layer == "tbb" and not threads._TBB_IS_A_DEPENDENCY:
         pytest.skip("tbb is a dependency on Linux x86_64 only")
     code = (
         "from symgrad.runtime import threads\n"

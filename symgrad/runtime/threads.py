@@ -272,12 +272,11 @@ def get_num_threads() -> int:
 
 
 @contextmanager
-def num_threads(n: int) -> Iterator[None]:
-    """``with num_threads(n):`` kernels run on ``n`` threads inside, the calling thread's
-    setting is restored after (also when the block raises).  Like :func:`set_num_threads` it
-    starts symgrad's pool for the process if it was off (:func:`serial` does not)."""
-    before = get_num_threads()
-    set_num_threads(n)
+def _calling_thread(n: int) -> Iterator[None]:
+    """Numba's thread count of the calling thread ``n`` inside, as it was after (also when
+    the block raises)."""
+    before = int(numba.get_num_threads())
+    numba.set_num_threads(n)
     try:
         yield
     finally:
@@ -285,16 +284,23 @@ def num_threads(n: int) -> Iterator[None]:
 
 
 @contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """``with num_threads(n):`` kernels run on ``n`` threads inside, the calling thread's
+    setting is restored after (also when the block raises).  Like :func:`set_num_threads` it
+    starts symgrad's pool for the process if it was off (:func:`serial` does not)."""
+    configure()
+    with _calling_thread(_check(n)):
+        _use_pool(n)
+        yield
+
+
+@contextmanager
 def serial() -> Iterator[None]:
     """``with serial():`` the calling thread's kernels run their serial variants inside (the
     same bits as on any number of threads), the pool left as it is — on or off."""
     configure()
-    before = int(numba.get_num_threads())
-    numba.set_num_threads(1)
-    try:
+    with _calling_thread(1):
         yield
-    finally:
-        numba.set_num_threads(before)
 
 
 def use_parallel(work: int) -> bool:
