@@ -400,23 +400,26 @@ def test_a_row_sum_whose_terms_the_output_repeats_keeps_them_in_the_output_row()
     assert not re.search(r"_sg_lanes_add\(\w+, out\[", causal), causal
 
 
-def test_a_sum_over_rows_runs_over_whole_rows_in_row_order_in_both_variants():
+def test_a_sum_over_rows_runs_over_whole_rows_in_chunks_in_both_variants():
     # the scale's gradient Σ_b g[b, i]·X[b, i]: rows in order, whole (blocks of columns, each
-    # walking every row, were 8x slower on one thread and slower on two than one)
+    # walking every row, were 8x slower on one thread and slower on two than one), each into
+    # its chunk's partial sums: one pass serially, the chunks on the threads in parallel
     X, c = sp.IndexedBase("X", shape=(B, N)), sp.IndexedBase("c", shape=(N,))
     spec = tensor_spec(X[b, i] * c[i], (b, i), [X, c], "bias_sum_rows")
     source = emit_tensor(derive_tensor(spec), spec.key).text
     serial, parallel = _body(source, "vjp"), _body(source, "vjp_par")
     assert "prange" not in serial and "_kb" not in serial, serial  # (one loop with X's gradient)
-    assert re.search(r"for \w+ in range\(0, s_N\):\n\s+_a\d+\[\w+\] \+=", serial), serial
-    rows = r"for \w+ in range\(0, s_B\):\n\s+for \w+ in range\(0, s_N\):\n\s+_a\d+\["
-    assert "_kb" not in parallel and re.search(rows, parallel), parallel
+    assert re.search(r"for \w+ in range\(0, s_N\):\n\s+_a\d+\[_a\d+_c, \w+\] \+=", serial), serial
+    chunks = (r"for (\w+) in prange\(0, \w+_n\):\n\s+for \w+ in range\(0 \+ \1\*\w+_size, "
+              r"min\(s_B, .*\):\n")
+    assert "_kb" not in parallel and re.search(chunks, parallel), parallel
+    assert "prange(0, s_B)" not in parallel, parallel  # X's gradient runs in the same chunks
 
 
-def test_the_gradients_of_one_op_over_the_same_rows_run_in_one_loop_serially():
+def test_the_gradients_of_one_op_over_the_same_rows_run_in_one_loop():
     # centring and scaling, (X[b, i] - mean_b(X))·w[i]: the gradient of X is written row by
-    # row, that of w sums over the rows; the serial VJP reads each row once for both (one loop
-    # over b), the parallel one keeps them apart (X's rows run on the threads there)
+    # row, that of w sums over the rows; the VJP reads each row once for both: one loop over b
+    # serially, one loop over chunks of rows (each running its rows) in parallel
     X, w = sp.IndexedBase("X", shape=(B, N)), sp.IndexedBase("w", shape=(N,))
     centred = X[b, i] - sp.Sum(X[b, j], (j, 0, N - 1)) / N
     spec = tensor_spec(centred * w[i], (b, i), [X, w], "centre_scale_fused")
@@ -425,7 +428,9 @@ def test_the_gradients_of_one_op_over_the_same_rows_run_in_one_loop_serially():
     rows = re.findall(r"^    for (\w+) in range\(0, s_B\):", serial, re.M)
     assert len(rows) == 1, serial
     assert re.search(rf"^        \w+ = {rows[0]}$", serial, re.M), serial  # w's sum joins it
-    assert len(re.findall(r"^    for \w+ in p?range\(0, s_B\):", parallel, re.M)) == 2, parallel
+    assert len(re.findall(r"^    for \w+ in prange\(", parallel, re.M)) == 1, parallel
+    assert re.search(r"^        for (\w+) in range\(.*\n(.*\n)*^            \w+ = \1$",
+                     parallel, re.M), parallel  # the same loop body, inside the chunk loop
 
 
 # -- the condition helpers ------------------------------------------------------------------

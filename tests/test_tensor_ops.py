@@ -261,11 +261,13 @@ def _loop_depth(node: ast.AST) -> int:
     A vectorised reduction runs over its range in blocks (``for _r0_q in range(0, N, 256)``);
     the loop over a block's elements (``range(_r0_q, _r0_q + _r0_m)``) is bounded by a
     constant and does not count: the block loop and it together traverse the range once (the
-    lanes are the helpers' loops, outside the kernel functions)."""
+    lanes are the helpers' loops, outside the kernel functions).  Likewise the loop over the
+    rows of one chunk of rows (``range(_g0_q*_g0_size, ...)``, inside the loop over the
+    chunks)."""
     inner = max((_loop_depth(c) for c in ast.iter_child_nodes(node)), default=0)
     if not isinstance(node, ast.For):
         return inner
-    within_block = re.search(r"_r\d+_[qm]\b", ast.unparse(node.iter))
+    within_block = re.search(r"_r\d+_[qm]\b|_[ga]\d+_q\b", ast.unparse(node.iter))
     return inner if within_block else inner + 1
 
 
@@ -288,11 +290,15 @@ def test_linear_lowers_to_gemms_not_triple_loops():
     assert _calls(functions["vjp_par"], "_gemm_blocks_par") == 2
     assert _loop_depth(forward) <= 2 and _loop_depth(vjp) <= 2
     # the bias gradient Σ_b grad_Y[b, i] runs over whole rows in order (the dim B, mangled),
-    # in both variants (the same additions in the same order: the same bits)
-    for function in (vjp, functions["vjp_par"]):
-        (rows,) = [n for n in function.body
-                   if isinstance(n, ast.For) and "grad_out" in ast.unparse(n)]
-        assert ast.unparse(rows.iter) == "range(0, s_B)"
+    # into one partial sum per chunk of rows: serially one pass over the rows, in parallel the
+    # chunks on the threads (the same additions in the same order: the same bits)
+    (rows,) = [n for n in vjp.body if isinstance(n, ast.For) and "grad_out" in ast.unparse(n)]
+    assert ast.unparse(rows.iter) == "range(0, s_B)"
+    (chunks,) = [n for n in functions["vjp_par"].body
+                 if isinstance(n, ast.For) and "grad_out" in ast.unparse(n)]
+    assert re.fullmatch(r"prange\(0, _a\d+_n\)", ast.unparse(chunks.iter))
+    (rows,) = [n for n in chunks.body if isinstance(n, ast.For)]
+    assert re.match(r"range\(_a\d+_q \* _a\d+_size, min\(s_B", ast.unparse(rows.iter))
 
 
 @pytest.mark.parametrize(

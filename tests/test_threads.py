@@ -348,6 +348,57 @@ def test_large_work_runs_the_parallel_variants(parallel_everywhere):
         np.testing.assert_array_equal(parallel, serial)
 
 
+
+@pytest.mark.parametrize("rows", [1, 200, 5000])
+def test_sums_over_rows_run_in_chunks_with_the_same_bits_on_any_threads(
+    parallel_everywhere, rows
+):
+    """A bias's gradient and layer norm's weight gradient sum the rows in chunks (the chunks on
+    the threads in the parallel variant, one pass in the serial one): the same bits either way
+    — one chunk, a short last chunk (200 rows), more rows than MAX_CHUNKS chunks of ROW_CHUNK
+    (5000) — and the float64 sum's value.  (float32 here; float64 on 1, 2 and 3 threads in
+    the test below.)"""
+    dtype = np.float32
+    from symgrad.codegen.lower import MAX_CHUNKS, ROW_CHUNK
+
+    if rows > 1000:
+        assert rows > ROW_CHUNK * MAX_CHUNKS  # chunks of more than ROW_CHUNK rows
+    rng = np.random.default_rng(rows)
+    n = 8 if rows > 1000 else 48
+    x, r, g = (rng.standard_normal((rows, n)).astype(dtype) for _ in range(3))
+    w, b = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+    wl, gl = rng.standard_normal((5, n)).astype(dtype), rng.standard_normal((rows, 5)).astype(dtype)
+    aln, lin = sg.builtin("add_layer_norm"), sg.builtin("linear")
+
+    def gradients() -> list[np.ndarray]:
+        return [*aln.vjp(x, r, w, b, g), *lin.vjp(x, wl, b[:5], gl)]
+
+    with sg.num_threads(1):
+        serial = gradients()
+    tol = 1e-5
+    np.testing.assert_allclose(serial[3], g.astype(np.float64).sum(axis=0), rtol=tol, atol=tol)
+    np.testing.assert_allclose(serial[6], gl.astype(np.float64).sum(axis=0), rtol=tol, atol=tol)
+    if threads.max_threads() > 1:
+        with sg.num_threads(2):
+            parallel = gradients()
+        assert ("vjp_par", np.dtype(dtype)) in aln._kernels
+        for one, two in zip(serial, parallel, strict=True):
+            np.testing.assert_array_equal(one, two)
+
+
+def test_the_gradients_of_a_layer_norm_run_in_one_loop_on_the_threads():
+    """Layer norm's gradients (input, weight, bias) share one loop over the rows in the
+    parallel variant too: chunks of rows on the threads, each row read once for all three."""
+    import ast
+
+    tree = ast.parse(sg.builtin("add_layer_norm").source)
+    for function in tree.body:
+        if isinstance(function, ast.FunctionDef) and function.name.startswith("vjp") and (
+            function.name.endswith("_par")
+        ):
+            loops = [ast.unparse(n.iter) for n in function.body if isinstance(n, ast.For)]
+            assert sum(loop.startswith("prange(") for loop in loops) == 1, (function.name, loops)
+
 # One script, run on 1, 2 and 3 threads: ops on the tape, elementwise ops, a compiled step
 # (a whole-function step and a driver step), and a training run through fit; it prints a
 # hash of every result.
@@ -373,20 +424,20 @@ def put(name, *arrays):
 
 rng = np.random.default_rng(0)
 for dt in (np.float32, np.float64):
-    x = rng.standard_normal((37, 300)).astype(dt)
-    r = rng.standard_normal((37, 300)).astype(dt)
+    x = rng.standard_normal((150, 300)).astype(dt)
+    r = rng.standard_normal((150, 300)).astype(dt)
     w, b = rng.standard_normal(300).astype(dt), rng.standard_normal(300).astype(dt)
-    g = rng.standard_normal((37, 300)).astype(dt)
+    g = rng.standard_normal((150, 300)).astype(dt)
     aln = sg.builtin("add_layer_norm")
     put(f"add_layer_norm {dt.__name__}", aln(x, r, w, b), *aln.vjp(x, r, w, b, g))
     gelu = sg.builtin("gelu")
     put(f"gelu {dt.__name__}", gelu(x), *gelu.vjp(x, g))
     lin = sg.builtin("linear")
     wl = rng.standard_normal((290, 300)).astype(dt)
-    gl = rng.standard_normal((37, 290)).astype(dt)
+    gl = rng.standard_normal((150, 290)).astype(dt)
     put(f"linear {dt.__name__}", lin(x, wl, b[:290]), *lin.vjp(x, wl, b[:290], gl))
     ce = sg.builtin("bce_with_logits")
-    y = (rng.random((37, 300)) > 0.5).astype(dt)
+    y = (rng.random((150, 300)) > 0.5).astype(dt)
     value, grads = ce.value_and_vjp(x, y, reduction="mean")
     put(f"bce mean {dt.__name__}", value, *[q for q in grads if q is not None])
 

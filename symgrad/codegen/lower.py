@@ -18,8 +18,12 @@ An *assignment* ``target[free...] = expr`` becomes a loop nest over the free ind
 * a row's sum whose terms the output repeats (softmax: ``exp(x_t - m) / Σ_u exp(x_u - m)``)
   writes them into the output's row as it adds them, and the output reads them back
   (:meth:`_Lowerer._kept`): one ``exp`` per element;
+* a sum over the rows (a bias's gradient, layer norm's weight gradient) adds chunks of
+  consecutive rows, each chunk in row order into partial sums of its own, then the chunks'
+  partial sums in chunk order (:meth:`_Lowerer._chunked`; the chunks depend on the number of
+  rows alone: at least :data:`ROW_CHUNK` rows, at most :data:`MAX_CHUNKS` chunks);
 * consecutive loop nests over the same rows (an op's gradients: layer norm's four) run as one
-  loop in the serial variant (:func:`_fused`), each row read once for all of them.
+  loop (:func:`_fused`), each row read once for all of them.
 
 **Dtypes.**  A function is lowered once and printed twice: for float64 data (``forward``,
 ``vjp``) and for float32 data (``forward_f32``, ``vjp_f32``), whose arithmetic is float32
@@ -42,7 +46,10 @@ parallel (``forward_par``, ``parallel=True``), where there is something to share
 parallel variant the outermost loop of an assignment whose iterations write disjoint parts of
 the target (a plain write indexed by that loop's index: rows) is a ``prange`` loop, and the
 buffers of the reductions inside it are allocated inside it (each thread its own); a sum over
-rows (a bias gradient) runs serially in both, whole rows in row order; a batched GEMM's
+rows runs its chunks on the threads (the serial variant makes one pass over the rows, adding
+each into its chunk's partial sums); a fused loop over rows runs in the same chunks on the
+threads where each of its nests writes its own rows or sums them in chunks
+(:func:`_in_chunks`); a batched GEMM's
 outermost batch loop is a ``prange`` loop of single-threaded BLAS calls; a single product is
 split into pieces fixed by its sizes (rows, columns or its sum:
 :func:`symgrad.runtime.blas.gemm_blocks`, serially in the serial variant).
@@ -80,6 +87,10 @@ BLOCK = 256
 #: Partial sums (or maxima) of a vectorised reduction: element j of the range goes to lane
 #: j % LANES.
 LANES = 8
+#: A sum over rows (a bias's gradient) adds chunks of at least ROW_CHUNK consecutive rows
+#: each into partial sums of its own, at most MAX_CHUNKS of them (``_Lowerer._chunked``).
+ROW_CHUNK = 64
+MAX_CHUNKS = 64
 _PIECE = re.compile("\u27ea(\\d+)\u27eb")  # ⟪n⟫, a placeholder of _Lowerer.piece
 # Marks in the lowered text, resolved per variant by _variant: a loop over rows that the
 # parallel variant runs as ``prange``, a GEMM split into blocks (serially, or over the
@@ -167,6 +178,7 @@ class _Nest:
 
     target: str
     rows: bool  # the loop runs over the target's rows, each iteration writing its own row
+    chunked: bool  # a sum over the rows into partial sums per chunk of rows (_Lowerer._chunked)
     lines: list[str]  # as lowered, marks unresolved
     pre: list[str]
     header: str  # "for <var> in range(lo, hi):"
@@ -175,7 +187,7 @@ class _Nest:
     post: list[str]
 
 
-def _nest(a: _Assignment, lines: list[str], indent: int) -> _Nest | None:
+def _nest(a: _Assignment, lines: list[str], indent: int, chunked: set[str]) -> _Nest | None:
     """The lines lowered from ``a``, cut around its one outermost loop; None without one."""
     serial = _variant(lines, False, outer=True)
     pad = " " * indent
@@ -194,7 +206,7 @@ def _nest(a: _Assignment, lines: list[str], indent: int) -> _Nest | None:
     # a plain write of the target indexed by the loops, the outermost one its rows (not a sum
     # over rows into the target, nor a scatter-add)
     rows = not a.accumulate and a.index is None and bool(a.loops) and str(a.loops[0][0]) == found[1]
-    return _Nest(a.target, rows, lines, strip[:start], header, found[1],
+    return _Nest(a.target, rows, a.target in chunked, lines, strip[:start], header, found[1],
                  strip[start + 1 : end], strip[end:])
 
 
@@ -219,18 +231,76 @@ def _fusable(group: list[_Nest], later: _Nest, text: Callable[[list[str]], str])
     return True
 
 
+def _split_args(text: str) -> list[str]:
+    """The comma-separated arguments of a call's ``text`` (between its parentheses)."""
+    args, depth, start = [], 0, 0
+    for n, ch in enumerate(text):
+        depth += (ch in "([") - (ch in ")]")
+        if ch == "," and depth == 0:
+            args.append(text[start:n].strip())
+            start = n + 1
+    return [*args, text[start:].strip()]
+
+
+def _in_chunks(
+    group: list[_Nest], indent: int, allocations: list[str], text: Callable[[list[str]], str],
+    name: str,
+) -> list[str] | None:
+    """The parallel variant of a fused ``group`` (see :func:`_fused`): its loop over the rows
+    cut into the chunks of :func:`_Lowerer._chunked`, the chunks on the threads, each running
+    the group's bodies row by row as the serial variant does — when every nest writes its own
+    rows or adds a row into its chunk's partial sums (then no two chunks write the same
+    element).  The scratch buffers the bodies use are allocated per chunk (per thread), not
+    per row (a layer norm's forward allocated six per row: 12,288 small allocations a call
+    for 2,048 rows); so is a single loop over rows that uses any."""
+    if not all(n.rows or n.chunked for n in group):
+        return None
+    first = group[0]
+    found = re.fullmatch(rf"\s*for {first.var} in range\((.*)\):", first.header)
+    if found is None:
+        return None
+    lo, end = _split_args(found[1])
+    body = [line for n in group for line in n.body]
+    used = text(body)
+    scratch = [
+        line.replace(_SERIAL_ONLY, "")
+        for line in allocations
+        if re.search(rf"\b{re.escape(line.replace(_SERIAL_ONLY, '').split(' = ')[0])}\b", used)
+    ]
+    if len(group) == 1 and not scratch:
+        return None  # one loop over rows, nothing allocated per row: prange as it is
+    pad = " " * indent
+    size, count, q = f"{name}_size", f"{name}_n", f"{name}_q"
+    start = f"{lo} + {q}*{size}"
+    return [
+        *(line for n in group for line in n.pre),
+        f"{pad}{size}, {count} = _sg_chunk_rows({end} - ({lo}))",
+        f"{pad}for {q} in {_RANGE}(0, {count}):",
+        *(f"{pad}    {line}" for line in scratch),
+        f"{pad}    for {first.var} in range({start}, min({end}, {start} + {size})):",
+        *("    " + line for line in body),
+        *(line for n in group for line in n.post),
+    ]
+
+
 def _fused(
     nests: list[tuple[_Assignment, list[str]]],
     indent: int,
     pieces: list[sp.Expr | tuple[str, str]],
+    allocations: list[str],
+    chunked: set[str],
 ) -> list[str]:
     """The lowered nests of one function, consecutive nests over the same rows merged into
-    one loop in the serial variant (layer norm's gradients: the rows of ``X``, ``R`` and the
-    output's gradient are read once, from cache, for all of them, not once per gradient).
+    one loop (layer norm's gradients: the rows of ``X``, ``R`` and the output's gradient are
+    read once, from cache, for all of them, not once per gradient).
 
     Each element is computed by the same operations in the same order as in its own nest, and
-    every sum over the rows still adds them in row order: the same bits.  The parallel variant
-    keeps the nests apart (each nest's rows run on the threads, one nest after another)."""
+    every sum over the rows adds them in the same chunks, each in row order: the same bits.
+    The parallel variant runs the merged loop in chunks of rows on the threads
+    (:func:`_in_chunks`) where every nest writes its own rows or sums into per-chunk partial
+    sums; otherwise it keeps the nests apart (each nest's rows on the threads, one nest after
+    another).  ``allocations``: the function's scratch buffers; ``chunked``: the targets of
+    the sums over rows made by :meth:`_Lowerer._chunked`."""
     out: list[str] = []
     group: list[_Nest] = []
 
@@ -242,19 +312,24 @@ def _fused(
         return _PIECE.sub(fill, "\n".join(lines))
 
     def flush() -> None:
-        if len(group) > 1:
+        together = None
+        if len(group) > 1 or (group and group[0].rows):
+            together = _in_chunks(group, indent, allocations, text, f"_g{len(out)}")
+        if len(group) > 1 or together is not None:
             merged = [line for n in group for line in n.pre]
             merged.append(group[0].header)
             merged += [line for n in group for line in n.body]
             merged += [line for n in group for line in n.post]
             out.extend(_SERIAL_ONLY + line for line in merged)
-            out.extend(_PARALLEL_ONLY + line for n in group for line in n.lines)
+            if together is None:
+                together = [line for n in group for line in n.lines]
+            out.extend(_PARALLEL_ONLY + line for line in together)
         else:
             out.extend(line for n in group for line in n.lines)
         group.clear()
 
     for a, lines in nests:
-        nest = _nest(a, lines, indent)
+        nest = _nest(a, lines, indent, chunked)
         if nest is None:
             flush()
             out.extend(lines)
@@ -300,6 +375,9 @@ class _Assignment:
     expr: sp.Expr
     accumulate: bool = False
     index: tuple[sp.Symbol, ...] | None = None  # the target's subscript; default: all loops
+    #: an accumulation whose outermost loop's iterations add into their own parts of the
+    #: target (a row chunk's partial sums, ``_Lowerer._chunked``): that loop may run in parallel
+    own_parts: bool = False
 
 
 def _stride(shape: tuple[sp.Expr, ...], axis: int) -> sp.Expr:
@@ -491,6 +569,8 @@ class _Lowerer:
         self.allocations: list[str] = []
         #: float64 accumulator arrays (read rounded to float32 in a float32 function)
         self.wide: set[str] = set()
+        #: targets of the sums over rows made in chunks (_chunked), for _fused
+        self.chunked: set[str] = set()
 
     def piece(self, value: sp.Expr | tuple[str, str]) -> str:
         """A placeholder for an expression (printed per dtype, with the vectorisable helpers
@@ -884,7 +964,7 @@ class _Lowerer:
         lines: list[str] = []
         # Rows of the target written by different iterations of the outermost loop are
         # different rows: that loop may run in parallel, each iteration on its own buffers.
-        parallel = not a.accumulate and bool(a.loops) and a.loops[0][0] in index
+        parallel = (not a.accumulate or a.own_parts) and bool(a.loops) and a.loops[0][0] in index
         first_allocation = len(self.allocations)
         row_start = -1
 
@@ -1057,8 +1137,10 @@ class _Lowerer:
 
         The bias gradient ``Σ_b grad_out[b, k]`` read column by column strides through memory
         (one cache miss per element); with ``b`` outermost the rows are read in order and
-        accumulated into a float64 array.  Done only when that reads rows in order and no
-        reduction inside depends on ``k`` (it would be recomputed for every ``b``).
+        accumulated into float64 partial sums, one row of them per chunk of rows
+        (:meth:`_chunked`), or per element of a batch axis before the summed one.  Done only
+        when that reads rows in order and no reduction inside depends on ``k`` (it would be
+        recomputed for every ``b``).
         """
         found = _one_sum(a)
         if found is None:
@@ -1088,24 +1170,71 @@ class _Lowerer:
         shape = ", ".join(_int(hi - lo + 1) for _, lo, hi in a.loops)
         index = tuple(v - lo for v, lo, _ in a.loops)
         self.wide.add(acc)  # accumulated in float64 for float32 data too
-        lines = [f"{' ' * indent}{acc} = np.zeros(({shape},))"]
         sum_loops = tuple(reversed(_memory_order(total)))  # outermost first, rows in order
         # loops over axes before the summed one stay outside it (a batch axis: b, s, then t)
         n_out = _leading_loops(body, {v for v, _, _ in total.limits}, loop_vars)
-        loops = a.loops[:n_out] + sum_loops + a.loops[n_out:]
-        # Row order, whole rows, in both variants: the parallel one ran blocks of 64 columns on
-        # the threads, each block walking every row — 8x slower than one thread's whole rows
-        # (a bias gradient of 2048 x 384: 0.62 against 0.08 ms), slower on 2 threads than the
-        # serial sum.  Rows summed in parallel would change the order of the additions.
-        whole = _Assignment(acc, loops, body, accumulate=True, index=index)
-        lines += self.assignment(whole, indent)
+        if n_out:  # each iteration of the batch loop sums into its own elements
+            loops = a.loops[:n_out] + sum_loops + a.loops[n_out:]
+            whole = _Assignment(acc, loops, body, accumulate=True, index=index, own_parts=True)
+            lines = [f"{' ' * indent}{acc} = np.zeros(({shape},))"]
+            lines += self.assignment(whole, indent)
+            read = sp.IndexedBase(acc)[index]
+        else:
+            lines = self._chunked(acc, shape, sum_loops + a.loops, body, index, indent)
+            self.chunked.add(a.target)
+            read = sp.IndexedBase(acc)[(0, *index)]
         # the target from the sums: one row, serially too (threads started for it cost more)
-        finish = _Assignment(a.target, a.loops, coeff * sp.IndexedBase(acc)[index])
+        finish = _Assignment(a.target, a.loops, coeff * read)
         lines += [
             line.replace(_OUTER, "").replace(_RANGE, "range")
             for line in self.assignment(finish, indent)
         ]
         return lines
+
+    def _chunked(
+        self,
+        acc: str,
+        shape: str,
+        loops: tuple[tuple[sp.Symbol, sp.Expr, sp.Expr], ...],
+        body: sp.Expr,
+        index: tuple[sp.Expr, ...],
+        indent: int,
+    ) -> list[str]:
+        """``acc[0, index] = Σ body`` over ``loops[0]`` (the rows, outermost) and the other
+        summation loops, in chunks of consecutive rows: each chunk's rows are added in row
+        order into the chunk's own partial sums ``acc[q, index]``, then the chunks' partial
+        sums into ``acc[0, index]`` in chunk order.  The chunks (:func:`_chunk_rows`) depend
+        on the number of rows alone.  Serial variant: one pass over the rows (which
+        :func:`_fused` can merge with the op's other row loops); parallel variant: the chunks
+        on the threads.  The same additions in the same order, so the same bits."""
+        (row, lo, hi), rest = loops[0], loops[1:]
+        pad = " " * indent
+        size, count = f"{acc}_size", f"{acc}_n"
+        q = sp.Symbol(f"{acc}_q", integer=True)
+        lines = [
+            f"{pad}{size}, {count} = _sg_chunk_rows({_int(hi - lo + 1)})",
+            f"{pad}{acc} = np.zeros(({count}, {shape}))",
+        ]
+        chunk = sp.Symbol(f"{acc}_c", integer=True)  # the row's chunk, once per row
+        serial = _Assignment(acc, loops, body, accumulate=True, index=(chunk, *index))
+        by_row = self.assignment(serial, indent)
+        head = next(n for n, line in enumerate(by_row) if _OUTER in line)  # the rows' loop
+        by_row.insert(head + 1, f"{pad}    {chunk} = ({_int(row - lo)}) // {size}")
+        start = lo + q * sp.Symbol(size)
+        chunks = ((q, sp.S.Zero, sp.Symbol(count) - 1),
+                  (row, start, sp.Min(hi, start + sp.Symbol(size) - 1)))
+        parallel = _Assignment(acc, chunks + rest, body, accumulate=True, index=(q, *index),
+                               own_parts=True)
+        lines += [_SERIAL_ONLY + line for line in by_row]
+        lines += [_PARALLEL_ONLY + line for line in self.assignment(parallel, indent)]
+        flat, e = f"{acc}_f", f"{acc}_e"
+        return [
+            *lines,
+            f"{pad}{flat} = {acc}.reshape(({count}, -1))",
+            f"{pad}for {q} in range(1, {count}):",
+            f"{pad}    for {e} in range({flat}.shape[1]):",
+            f"{pad}        {flat}[0, {e}] += {flat}[{q}, {e}]",
+        ]
 
     def _bounded_by(
         self, hosts: list[_Reduction], level: dict[sp.Symbol, int], at: int
@@ -1237,8 +1366,16 @@ _LANE_DECORATOR = "@njit(cache=True, error_model='numpy')"
 #: the start value, a block's buffer added (or maxed) into them, and the lanes' fixed tree.
 #: Small functions that LLVM inlines into each kernel; as calls they keep Numba's own passes
 #: (whose time grows faster than a function's length) from seeing these loops once for every
-#: reduction of a kernel — the textbook attention's VJP compiled 2.5× faster.
+#: reduction of a kernel — the textbook attention's VJP compiled 2.5× faster.  Also the
+#: chunks of a sum over rows (``_sg_chunk_rows``: rows per chunk and chunks, from the number of
+#: rows alone).
 LANE_SOURCE: dict[str, str] = {
+    "_sg_chunk_rows": f"""\
+{_LANE_DECORATOR}
+def _sg_chunk_rows(rows):
+    size = max({ROW_CHUNK}, (rows + {MAX_CHUNKS - 1}) // {MAX_CHUNKS})
+    return size, max(1, (rows + size - 1) // size)
+""",
     "_sg_lanes_fill": f"""\
 {_LANE_DECORATOR}
 def _sg_lanes_fill(acc, value):
@@ -1424,7 +1561,7 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
             (a, lowerer.assignment(a, 4, stores if n == len(assignments) - 1 else ()))
             for n, a in enumerate(assignments)
         ]
-        body = _fused(nests, 4, lowerer.pieces)
+        body = _fused(nests, 4, lowerer.pieces, lowerer.allocations, lowerer.chunked)
         prelude = ["    " + line for g in lowerer.gemms for line in g.statement()]
         prelude += ["    " + line for line in lowerer.allocations]
         uses_blas = uses_blas or bool(lowerer.gemms)
