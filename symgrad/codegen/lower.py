@@ -88,8 +88,10 @@ BLOCK = 256
 #: j % LANES.
 LANES = 8
 #: A sum over rows (a bias's gradient) adds chunks of at least ROW_CHUNK consecutive rows
-#: each into partial sums of its own, at most MAX_CHUNKS of them (``_Lowerer._chunked``).
-ROW_CHUNK = 64
+#: each into partial sums of its own, at most MAX_CHUNKS of them (``_Lowerer._chunked``); a
+#: loop over rows without such sums runs in at most MAX_CHUNKS chunks of any length
+#: (``_in_chunks``: its buffers allocated once per chunk).
+ROW_CHUNK = 8
 MAX_CHUNKS = 64
 _PIECE = re.compile("\u27ea(\\d+)\u27eb")  # ⟪n⟫, a placeholder of _Lowerer.piece
 # Marks in the lowered text, resolved per variant by _variant: a loop over rows that the
@@ -270,11 +272,14 @@ def _in_chunks(
     if len(group) == 1 and not scratch:
         return None  # one loop over rows, nothing allocated per row: prange as it is
     pad = " " * indent
+    # with sums over the rows, their chunks (the bits depend on them); else any chunks — a
+    # batch of 32 rows (a masked softmax's (b, h, s) loops) in 32 chunks, not one
+    least = ROW_CHUNK if any(n.chunked for n in group) else 1
     size, count, q = f"{name}_size", f"{name}_n", f"{name}_q"
     start = f"{lo} + {q}*{size}"
     return [
         *(line for n in group for line in n.pre),
-        f"{pad}{size}, {count} = _sg_chunk_rows({end} - ({lo}))",
+        f"{pad}{size}, {count} = _sg_chunk_rows({end} - ({lo}), {least})",
         f"{pad}for {q} in {_RANGE}(0, {count}):",
         *(f"{pad}    {line}" for line in scratch),
         f"{pad}    for {first.var} in range({start}, min({end}, {start} + {size})):",
@@ -1212,7 +1217,7 @@ class _Lowerer:
         size, count = f"{acc}_size", f"{acc}_n"
         q = sp.Symbol(f"{acc}_q", integer=True)
         lines = [
-            f"{pad}{size}, {count} = _sg_chunk_rows({_int(hi - lo + 1)})",
+            f"{pad}{size}, {count} = _sg_chunk_rows({_int(hi - lo + 1)}, {ROW_CHUNK})",
             f"{pad}{acc} = np.zeros(({count}, {shape}))",
         ]
         chunk = sp.Symbol(f"{acc}_c", integer=True)  # the row's chunk, once per row
@@ -1372,8 +1377,8 @@ _LANE_DECORATOR = "@njit(cache=True, error_model='numpy')"
 LANE_SOURCE: dict[str, str] = {
     "_sg_chunk_rows": f"""\
 {_LANE_DECORATOR}
-def _sg_chunk_rows(rows):
-    size = max({ROW_CHUNK}, (rows + {MAX_CHUNKS - 1}) // {MAX_CHUNKS})
+def _sg_chunk_rows(rows, least):
+    size = max(least, (rows + {MAX_CHUNKS - 1}) // {MAX_CHUNKS})
     return size, max(1, (rows + size - 1) // size)
 """,
     "_sg_lanes_fill": f"""\
