@@ -399,6 +399,18 @@ def test_the_gradients_of_a_layer_norm_run_in_one_loop_on_the_threads():
             loops = [ast.unparse(n.iter) for n in function.body if isinstance(n, ast.For)]
             assert sum(loop.startswith("prange(") for loop in loops) == 1, (function.name, loops)
 
+
+def test_a_loop_over_few_rows_without_sums_is_not_cut_into_fewer_chunks():
+    """A masked softmax's loop runs over the batch (32 rows of (h, s) work each, in W4): in
+    chunks for its buffers' sake, but of any length (``least`` 1), so that 32 rows stay 32
+    chunks for the threads — the chunks of at least ROW_CHUNK rows are for sums over rows."""
+    import ast
+
+    tree = ast.parse(sg.builtin("masked_softmax").source)
+    calls = [ast.unparse(node) for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and ast.unparse(node.func) == "_sg_chunk_rows"]
+    assert calls and all(call.endswith(", 1)") for call in calls), calls
+
 # One script, run on 1, 2 and 3 threads: ops on the tape, elementwise ops, a compiled step
 # (a whole-function step and a driver step), and a training run through fit; it prints a
 # hash of every result.
