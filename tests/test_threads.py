@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -410,6 +411,37 @@ def test_a_loop_over_few_rows_without_sums_is_not_cut_into_fewer_chunks():
     calls = [ast.unparse(node) for node in ast.walk(tree)
              if isinstance(node, ast.Call) and ast.unparse(node.func) == "_sg_chunk_rows"]
     assert calls and all(call.endswith(", 1)") for call in calls), calls
+
+
+def test_a_sum_over_an_inner_axis_per_batch_element_runs_its_batch_on_the_threads(
+    parallel_everywhere,
+):
+    """``grad_c[b, k] = Σ_t g[b, t, k]·X[b, t, k]`` (a per-example scale): each batch element
+    sums into its own elements, so the batch loop runs on the threads — the same bits as
+    serially, and the float64 sum's value."""
+    import sympy as sp
+
+    B, T, K = sp.symbols("B T K", integer=True, positive=True)
+    b, t, k = sp.symbols("b t k", integer=True)
+    X, c = sp.IndexedBase("X", shape=(B, T, K)), sp.IndexedBase("c", shape=(B, K))
+    op = sg.tensor_op(X[b, t, k] * c[b, k], out=(b, t, k), inputs=[X, c], name="batch_scale")
+    par = op.source[op.source.index("def vjp_par("):]
+    par = par[: par.index("return None")]
+    # the sum (with X's gradient, over the same batch rows) inside the one loop on the threads
+    assert par.count("prange(") == 1, par
+    assert re.search(r"prange\(.*\n(.*\n)*?\s+_a\d+\[\w+, \w+\] \+=", par), par
+    rng = np.random.default_rng(2)
+    x, g = rng.standard_normal((6, 70, 5)), rng.standard_normal((6, 70, 5))
+    scale = rng.standard_normal((6, 5))
+    with sg.num_threads(1):
+        serial = op.vjp(x, scale, g)
+    np.testing.assert_allclose(serial[1], (g * x).sum(axis=1), rtol=1e-12, atol=1e-12)
+    if threads.max_threads() > 1:
+        with sg.num_threads(2):
+            parallel = op.vjp(x, scale, g)
+        assert ("vjp_par", np.dtype(np.float64)) in op._kernels
+        for one, two in zip(serial, parallel, strict=True):
+            np.testing.assert_array_equal(one, two)
 
 # One script, run on 1, 2 and 3 threads: ops on the tape, elementwise ops, a compiled step
 # (a whole-function step and a driver step), and a training run through fit; it prints a
