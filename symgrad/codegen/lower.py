@@ -180,7 +180,9 @@ class _Nest:
 
     target: str
     rows: bool  # the loop runs over the target's rows, each iteration writing its own row
-    chunked: bool  # a sum over the rows into partial sums per chunk of rows (_Lowerer._chunked)
+    #: a sum over the rows into partial sums per chunk of rows (_Lowerer._chunked): the name
+    #: of its partial sums' array (its chunks are ``<name>_size`` rows, ``<name>_n`` of them)
+    chunked: str | None
     lines: list[str]  # as lowered, marks unresolved
     pre: list[str]
     header: str  # "for <var> in range(lo, hi):"
@@ -189,7 +191,7 @@ class _Nest:
     post: list[str]
 
 
-def _nest(a: _Assignment, lines: list[str], indent: int, chunked: set[str]) -> _Nest | None:
+def _nest(a: _Assignment, lines: list[str], indent: int, chunked: dict[str, str]) -> _Nest | None:
     """The lines lowered from ``a``, cut around its one outermost loop; None without one."""
     serial = _variant(lines, False, outer=True)
     pad = " " * indent
@@ -208,7 +210,7 @@ def _nest(a: _Assignment, lines: list[str], indent: int, chunked: set[str]) -> _
     # a plain write of the target indexed by the loops, the outermost one its rows (not a sum
     # over rows into the target, nor a scatter-add)
     rows = not a.accumulate and a.index is None and bool(a.loops) and str(a.loops[0][0]) == found[1]
-    return _Nest(a.target, rows, a.target in chunked, lines, strip[:start], header, found[1],
+    return _Nest(a.target, rows, chunked.get(a.target), lines, strip[:start], header, found[1],
                  strip[start + 1 : end], strip[end:])
 
 
@@ -249,7 +251,8 @@ def _in_chunks(
     name: str,
 ) -> list[str] | None:
     """The parallel variant of a fused ``group`` (see :func:`_fused`): its loop over the rows
-    cut into the chunks of :func:`_Lowerer._chunked`, the chunks on the threads, each running
+    cut into chunks — those of its sums over rows (:meth:`_Lowerer._chunked`) if it has any,
+    else chunks of any length (at most MAX_CHUNKS) — the chunks on the threads, each running
     the group's bodies row by row as the serial variant does — when every nest writes its own
     rows or adds a row into its chunk's partial sums (then no two chunks write the same
     element).  The scratch buffers the bodies use are allocated per chunk (per thread), not
@@ -272,14 +275,17 @@ def _in_chunks(
     if len(group) == 1 and not scratch:
         return None  # one loop over rows, nothing allocated per row: prange as it is
     pad = " " * indent
-    # with sums over the rows, their chunks (the bits depend on them); else any chunks — a
-    # batch of 32 rows (a masked softmax's (b, h, s) loops) in 32 chunks, not one
-    least = ROW_CHUNK if any(n.chunked for n in group) else 1
-    size, count, q = f"{name}_size", f"{name}_n", f"{name}_q"
+    pre = [line for n in group for line in n.pre]
+    q = f"{name}_q"
+    sums = [n.chunked for n in group if n.chunked]
+    if sums:  # the sums' chunks, computed in their ``pre`` (all of the same rows: one header)
+        size, count = f"{sums[0]}_size", f"{sums[0]}_n"
+    else:  # any chunks: a batch of 32 rows (a masked softmax's (b, h, s) loops) in 32, not 1
+        size, count = f"{name}_size", f"{name}_n"
+        pre.append(f"{pad}{size}, {count} = _sg_chunk_rows({end} - ({lo}), 1)")
     start = f"{lo} + {q}*{size}"
     return [
-        *(line for n in group for line in n.pre),
-        f"{pad}{size}, {count} = _sg_chunk_rows({end} - ({lo}), {least})",
+        *pre,
         f"{pad}for {q} in {_RANGE}(0, {count}):",
         *(f"{pad}    {line}" for line in scratch),
         f"{pad}    for {first.var} in range({start}, min({end}, {start} + {size})):",
@@ -293,7 +299,7 @@ def _fused(
     indent: int,
     pieces: list[sp.Expr | tuple[str, str]],
     allocations: list[str],
-    chunked: set[str],
+    chunked: dict[str, str],
 ) -> list[str]:
     """The lowered nests of one function, consecutive nests over the same rows merged into
     one loop (layer norm's gradients: the rows of ``X``, ``R`` and the output's gradient are
@@ -574,8 +580,8 @@ class _Lowerer:
         self.allocations: list[str] = []
         #: float64 accumulator arrays (read rounded to float32 in a float32 function)
         self.wide: set[str] = set()
-        #: targets of the sums over rows made in chunks (_chunked), for _fused
-        self.chunked: set[str] = set()
+        #: target → partial sums' array of each sum over rows made in chunks (_chunked)
+        self.chunked: dict[str, str] = {}
 
     def piece(self, value: sp.Expr | tuple[str, str]) -> str:
         """A placeholder for an expression (printed per dtype, with the vectorisable helpers
@@ -1186,7 +1192,7 @@ class _Lowerer:
             read = sp.IndexedBase(acc)[index]
         else:
             lines = self._chunked(acc, shape, sum_loops + a.loops, body, index, indent)
-            self.chunked.add(a.target)
+            self.chunked[a.target] = acc
             read = sp.IndexedBase(acc)[(0, *index)]
         # the target from the sums: one row, serially too (threads started for it cost more)
         finish = _Assignment(a.target, a.loops, coeff * read)
@@ -1208,7 +1214,7 @@ class _Lowerer:
         """``acc[0, index] = Σ body`` over ``loops[0]`` (the rows, outermost) and the other
         summation loops, in chunks of consecutive rows: each chunk's rows are added in row
         order into the chunk's own partial sums ``acc[q, index]``, then the chunks' partial
-        sums into ``acc[0, index]`` in chunk order.  The chunks (:func:`_chunk_rows`) depend
+        sums into ``acc[0, index]`` in chunk order.  The chunks (``_sg_chunk_rows``) depend
         on the number of rows alone.  Serial variant: one pass over the rows (which
         :func:`_fused` can merge with the op's other row loops); parallel variant: the chunks
         on the threads.  The same additions in the same order, so the same bits."""
