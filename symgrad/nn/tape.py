@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArgumentError, ShapeError
+from ..runtime.pool import empty
 from .modules import Parameter
 
 
@@ -203,10 +204,17 @@ class Tape:
                 if isinstance(a, Parameter):
                     a.accumulate(ga)
                 elif id(a) in cotangents:
-                    cotangents[id(a)] = cotangents[id(a)] + ga
+                    cotangents[id(a)] = _add(cotangents[id(a)], ga)
                 else:
                     cotangents[id(a)] = ga
         return tuple(cotangents.get(id(a)) for a in wrt)
+
+
+def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a + b`` into memory from the op outputs' pool (:mod:`symgrad.runtime.pool`)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return a + b
+    return np.add(a, b, out=empty(a.shape, a.dtype))
 
 
 def _axis(arrays: list[Any], axis: int, what: str, new: bool) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import ArgumentError, DTypeError, ShapeError
 from .compiled import CompiledOp, Saved
+from .pool import empty
 
 if TYPE_CHECKING:  # the symbolic stages import SymPy; running kernels does not need it
     from ..symbolic.derive import Derivation
@@ -183,7 +184,7 @@ class ElementwiseOp(CompiledOp["Derivation"]):
         """Forward: ``f`` applied element by element; inputs broadcast, output of their dtype."""
         checked, shape, dtype = self._inputs(arrays)
         flat = self._flat(checked, shape)
-        out = np.empty(flat[0].shape, dtype=dtype)
+        out = empty(flat[0].shape, dtype)
         self._run("forward", dtype, *flat, out)
         return out.reshape(shape)
 
@@ -196,7 +197,7 @@ class ElementwiseOp(CompiledOp["Derivation"]):
         checked, shape, dtype = self._inputs(arrays)
         flat = self._flat(checked, shape)
         partials = self._gradients(flat[0].shape, dtype)
-        out = np.empty(flat[0].shape, dtype=dtype)
+        out = empty(flat[0].shape, dtype)
         self._run("value_and_vjp", dtype, *flat, np.ones(1, dtype=dtype), 0, out, *partials)
         return out.reshape(shape), Saved(out, tuple(partials))
 
@@ -214,7 +215,7 @@ class ElementwiseOp(CompiledOp["Derivation"]):
         checked, shape, dtype = self._inputs(tuple(arrays))
         if saved is not None:
             g, _ = self._cotangent(grad_output, shape, dtype)
-            grads = [np.multiply(g, partial) for partial in saved.arrays]
+            grads = [np.multiply(g, p, out=empty(p.shape, dtype)) for p in saved.arrays]
             return self._shaped(grads, checked, shape)
         flat = self._flat(checked, shape)
         g, step = self._cotangent(grad_output, shape, dtype)
@@ -236,7 +237,7 @@ class ElementwiseOp(CompiledOp["Derivation"]):
         grads = self._gradients(flat[0].shape, dtype)
         if reduction == "none":
             g, step = self._cotangent(grad_output, shape, dtype)
-            out = np.empty(flat[0].shape, dtype=dtype)
+            out = empty(flat[0].shape, dtype)
             self._run("value_and_vjp", dtype, *flat, g, step, out, *grads)
             value = out.reshape(shape)
         elif reduction in ("sum", "mean"):
@@ -259,7 +260,7 @@ class ElementwiseOp(CompiledOp["Derivation"]):
 
     def _gradients(self, size: tuple[int, ...], dtype: np.dtype) -> list[np.ndarray]:
         """Empty flat gradient arrays, one per input in the op's ``wrt``."""
-        return [np.empty(size, dtype=dtype) for _ in self._wrt]
+        return [empty(size, dtype) for _ in self._wrt]
 
     def _shaped(
         self, grads: list[np.ndarray], checked: list[np.ndarray], shape: tuple[int, ...]

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import ArgumentError, DTypeError, IndexRangeError, ShapeError
 from .compiled import CompiledOp, Saved
 from .elementwise import _as_float_array
+from .pool import empty
 
 if TYPE_CHECKING:  # building a plan or a spec needs SymPy; running a stored op does not
     import sympy as sp
@@ -438,7 +439,7 @@ class TensorOp(CompiledOp["TensorDerivation"]):
             dtype, dims, shape, _ = found
         else:
             arrays, dtype, dims, shape = self._bound(arrays, found)
-        out = np.empty(shape if shape else (1,), dtype)
+        out = empty(shape if shape else (1,), dtype)
         self._run("forward", dtype, *arrays, *dims, out)
         return out.reshape(self._unflatten(shape, lead)) if shape else out.reshape(())
 
@@ -452,10 +453,8 @@ class TensorOp(CompiledOp["TensorDerivation"]):
             return self(*arrays), None
         flat, lead = self._flatten_batch(arrays)
         checked, dtype, dims, shape = self._bound(flat, self._plan.fast(flat))
-        out = np.empty(shape if shape else (1,), dtype=dtype)
-        residuals = tuple(
-            np.empty(tuple(shape[k] for k in axes), dtype=dtype) for axes in layout
-        )
+        out = empty(shape if shape else (1,), dtype)
+        residuals = tuple(empty(tuple(shape[k] for k in axes), dtype) for axes in layout)
         self._run("forward_saved", dtype, *checked, *dims, out, *residuals)
         shown = out.reshape(self._unflatten(shape, lead)) if shape else out.reshape(())
         return shown, Saved(out, residuals)
@@ -488,7 +487,7 @@ class TensorOp(CompiledOp["TensorDerivation"]):
         # a scalar cotangent is passed as a scalar of the data's dtype (a Python float would
         # turn the float32 kernel's arithmetic into float64)
         g_arg: Any = dtype.type(g) if not shape else np.ascontiguousarray(g, dtype=dtype)
-        grads = [np.empty(checked[n].shape, dtype=dtype) for n in self._wrt]
+        grads = [empty(checked[n].shape, dtype) for n in self._wrt]
         if saved is not None:
             self._run("vjp_saved", dtype, *checked, *dims, saved.out, *saved.arrays, g_arg, *grads)
         else:
