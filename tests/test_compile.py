@@ -329,10 +329,36 @@ def _run_fresh(cache, script, *argv):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _seeded(cache):
+    """A cache directory holding the suite's shared cache's op kernels and records, but no
+    step module: a cold process generates its step (and imports SymPy for it) without
+    compiling every op's kernels again (links; a writer replaces files, never edits them)."""
+    import os
+    import shutil
+
+    from symgrad.runtime.cache import cache_dir
+
+    shared = cache_dir()
+    for source in shared.rglob("*"):
+        if source.is_dir() or source.name.startswith((".", "training_step_")):
+            continue
+        target = cache / source.relative_to(shared)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            try:
+                shutil.copy2(source, target)
+            except OSError:  # removed meanwhile by another worker: compiled again if needed
+                pass
+    return cache
+
+
 def test_a_warm_start_loads_the_step_without_sympy(tmp_path):
     """A fresh process finds the step's module (and its ops) in the cache, imports no SymPy,
     and computes exactly what the cold process computed; another learning rate is the same
     module (an argument); a damaged module is generated again."""
+    _seeded(tmp_path)
     cold = _run_fresh(tmp_path, _WARM_SCRIPT, 0.1)
     assert cold["sympy"]  # derived and emitted
     warm = _run_fresh(tmp_path, _WARM_SCRIPT, 0.1)
@@ -504,6 +530,7 @@ print(json.dumps({"losses": losses, "sympy": "sympy" in sys.modules}))
 def test_a_warm_start_loads_a_bert_step_without_sympy(tmp_path):
     """The transformer's compiled step, found again by a fresh process: its ops through their
     op records, the step's module by its structure key; no SymPy, the same losses."""
+    _seeded(tmp_path)
     cold = _run_fresh(tmp_path, _WARM_BERT)
     warm = _run_fresh(tmp_path, _WARM_BERT)
     assert cold["sympy"] and not warm["sympy"]

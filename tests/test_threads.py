@@ -459,8 +459,6 @@ for dt in (np.float32, np.float64):
     g = rng.standard_normal((150, 300)).astype(dt)
     aln = sg.builtin("add_layer_norm")
     put(f"add_layer_norm {dt.__name__}", aln(x, r, w, b), *aln.vjp(x, r, w, b, g))
-    gelu = sg.builtin("gelu")
-    put(f"gelu {dt.__name__}", gelu(x), *gelu.vjp(x, g))
     lin = sg.builtin("linear")
     wl = rng.standard_normal((290, 300)).astype(dt)
     gl = rng.standard_normal((150, 290)).astype(dt)
@@ -469,13 +467,16 @@ for dt in (np.float32, np.float64):
     w8, b8, w38 = w[:8].copy(), b[:8].copy(), wl[:3, :8].copy()
     put(f"sums over 5003 rows {dt.__name__}", *aln.vjp(xs, xs, w8, b8, gs),
         *lin.vjp(xs, w38, b8[:3].copy(), gs[:, :3].copy()))
-    ce = sg.builtin("bce_with_logits")
-    y = (rng.random((150, 300)) > 0.5).astype(dt)
-    value, grads = ce.value_and_vjp(x, y, reduction="mean")
-    put(f"bce mean {dt.__name__}", value, *[q for q in grads if q is not None])
+    if dt == np.float32:  # elementwise ops: one dtype (both dtypes are one lowering)
+        gelu = sg.builtin("gelu")
+        put(f"gelu {dt.__name__}", gelu(x), *gelu.vjp(x, g))
+        ce = sg.builtin("bce_with_logits")
+        y = (rng.random((150, 300)) > 0.5).astype(dt)
+        value, grads = ce.value_and_vjp(x, y, reduction="mean")
+        put(f"bce mean {dt.__name__}", value, *[q for q in grads if q is not None])
 
 config = BertConfig(vocab_size=40, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-                    num_hidden_layers=2, max_position_embeddings=12)
+                    num_hidden_layers=1, max_position_embeddings=12)
 encoder = BertEncoder(config, np.float32)
 for p in encoder.parameters():
     p.data[...] = rng.normal(size=p.data.shape) * 0.2
@@ -522,6 +523,6 @@ def test_results_are_the_same_bits_on_1_2_and_3_threads(tmp_path):
     script.write_text(_WORKLOAD)  # once: a running process may still be reading it
     runs = {count: _start(script, count) for count in (1, 2)}
     one, two = _digest(runs[1], 1), _digest(runs[2], 2)
-    assert len(one) == 12
+    assert len(one) == 10
     assert two == one, "2 threads differ from 1"
     assert _digest(_start(script, 3), 3) == one, "3 threads differ from 1"
