@@ -333,6 +333,7 @@ def _seeded(cache):
     """A cache directory holding the suite's shared cache's op kernels and records, but no
     step module: a cold process generates its step (and imports SymPy for it) without
     compiling every op's kernels again (links; a writer replaces files, never edits them)."""
+    import contextlib
     import os
     import shutil
 
@@ -347,10 +348,9 @@ def _seeded(cache):
         try:
             os.link(source, target)
         except OSError:
-            try:
+            # a file removed meanwhile by another worker is compiled again if needed
+            with contextlib.suppress(OSError):
                 shutil.copy2(source, target)
-            except OSError:  # removed meanwhile by another worker: compiled again if needed
-                pass
     return cache
 
 

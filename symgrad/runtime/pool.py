@@ -63,12 +63,27 @@ def _size_class(nbytes: int) -> int:
     return -(-nbytes // step) * step
 
 
+def _count_unused() -> int | None:
+    """What ``sys.getrefcount`` says of a buffer only its bucket holds, seen from a loop over
+    the bucket as :meth:`BufferPool.empty` sees it (3 on CPython 3.11: the list, the loop's
+    variable, the call's argument; an interpreter may count borrowed references otherwise);
+    ``None`` — never reuse — when one more reference would not change the count."""
+    bucket = [np.empty(1, np.uint8)]
+    for buffer in bucket:
+        unused = sys.getrefcount(buffer)
+    held = bucket[0][:]  # a view holds its base
+    for buffer in bucket:
+        if sys.getrefcount(buffer) != unused + 1:
+            return None
+    del held
+    return unused
+
+
 class BufferPool:
     """Buffers of a few sizes, each given out as one array at a time."""
 
-    #: references to a buffer when only the pool holds it: its bucket's list, the loop's
-    #: variable, ``sys.getrefcount``'s argument
-    _UNUSED = 3
+    #: references to a buffer when only the pool holds it
+    _UNUSED = _count_unused()
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
