@@ -119,7 +119,9 @@ def test_set_limit_and_release(monkeypatch: pytest.MonkeyPatch) -> None:
     del unused
     assert sg.release_buffers() == _size_class(BIG[0] * BIG[1] * 4)
     assert kept.base is not None and pool_module.pool().held == _size_class(kept.nbytes)
-    for bad in (-1, 1.5, True, "1"):
+    assert sg.set_buffer_pool_limit(np.int64(1 << 20)) == 1 << 30  # any whole number
+    assert sg.buffer_pool_limit() == 1 << 20
+    for bad in (-1, 1.5, True, "1", None):
         with pytest.raises(OptionError, match="whole number of bytes"):
             pool_module.set_buffer_pool_limit(bad)  # type: ignore[arg-type]
 

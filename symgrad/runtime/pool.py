@@ -25,6 +25,7 @@ pages the process has touched already.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import sys
 import threading
@@ -164,15 +165,19 @@ def buffer_pool_limit() -> int:
 def set_buffer_pool_limit(nbytes: int) -> int:
     """Keep at most ``nbytes`` for reuse (0: allocate every array afresh); return the previous
     limit.  Unused buffers past the new limit are dropped now."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+    try:
+        limit = operator.index(nbytes) if not isinstance(nbytes, bool) else -1
+    except TypeError:
+        limit = -1
+    if limit < 0:
         raise OptionError(
             f"set_buffer_pool_limit: give a whole number of bytes ≥ 0, got {nbytes!r}"
         )
     shared = pool()
     with shared._lock:
-        previous, shared.limit = shared.limit, nbytes
-        if shared._held > nbytes:
-            shared._drop(shared._held - nbytes)
+        previous, shared.limit = shared.limit, limit
+        if shared._held > limit:
+            shared._drop(shared._held - limit)
     return previous
 
 
