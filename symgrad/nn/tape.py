@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArgumentError, ShapeError
-from ..runtime.pool import empty
+from ..runtime.output_pool import empty
 from .modules import Parameter
 
 
@@ -211,7 +211,7 @@ class Tape:
 
 
 def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a + b`` into memory from the op outputs' pool (:mod:`symgrad.runtime.pool`)."""
+    """``a + b`` into memory from the op outputs' pool (:mod:`symgrad.runtime.output_pool`)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return a + b
     return np.add(a, b, out=empty(a.shape, a.dtype))

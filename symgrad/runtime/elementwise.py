@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import ArgumentError, DTypeError, ShapeError
 from .compiled import CompiledOp, Saved
-from .pool import empty
+from .output_pool import empty
 
 if TYPE_CHECKING:  # the symbolic stages import SymPy; running kernels does not need it
     from ..symbolic.derive import Derivation

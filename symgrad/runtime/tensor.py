@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import ArgumentError, DTypeError, IndexRangeError, ShapeError
 from .compiled import CompiledOp, Saved
 from .elementwise import _as_float_array
-from .pool import empty
+from .output_pool import empty
 
 if TYPE_CHECKING:  # building a plan or a spec needs SymPy; running a stored op does not
     import sympy as sp

@@ -13,13 +13,16 @@ pages the process has touched already.
   reference to that buffer, and a buffer is given out again only when the pool's own references
   are the only ones left (its reference count).  Results do not depend on the pool: a kernel
   writes every element of the arrays it is given, as it does for ``np.empty``'s.
-* **Bounded.**  The pool holds at most :func:`buffer_pool_limit` bytes
-  (``SYMGRAD_BUFFER_POOL_MB``, default 1024; 0 turns it off); past that it drops buffers no one
+* **Bounded.**  The pool holds at most :func:`output_pool_limit` bytes
+  (``SYMGRAD_OUTPUT_POOL_MB``, default 1024; 0 turns it off); past that it drops buffers no one
   uses, and when none are left to drop the arrays come from ``np.empty`` as before.
-  :func:`release_buffers` drops every unused buffer now.  Arrays under 64 KiB are not pooled:
+  :func:`release_output_pool` drops every unused buffer now.  Arrays under 64 KiB are not pooled:
   the C library's heap serves them without faults.
 * Buffers come in sizes of four steps per power of two (at most 25 % more than asked for), so a
   batch of another length reuses the memory of the last one when it is not longer by a step.
+
+The compiled step does not use it: it plans its buffers itself, in one arena
+(:class:`symgrad.compile.plan.BufferPool`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from ..errors import OptionError
 #: Arrays smaller than this are not pooled.
 MIN_BYTES = 1 << 16
 
-_ENV = "SYMGRAD_BUFFER_POOL_MB"
+_ENV = "SYMGRAD_OUTPUT_POOL_MB"
 _DEFAULT_MB = 1024
 
 
@@ -66,7 +69,7 @@ def _size_class(nbytes: int) -> int:
 
 def _count_unused() -> int | None:
     """What ``sys.getrefcount`` says of a buffer only its bucket holds, seen from a loop over
-    the bucket as :meth:`BufferPool.empty` sees it (3 on CPython 3.11: the list, the loop's
+    the bucket as :meth:`OutputPool.empty` sees it (3 on CPython 3.11: the list, the loop's
     variable, the call's argument; an interpreter may count borrowed references otherwise);
     ``None`` — never reuse — when one more reference would not change the count."""
     bucket = [np.empty(1, np.uint8)]
@@ -80,7 +83,7 @@ def _count_unused() -> int | None:
     return unused
 
 
-class BufferPool:
+class OutputPool:
     """Buffers of a few sizes, each given out as one array at a time."""
 
     #: references to a buffer when only the pool holds it
@@ -141,14 +144,14 @@ class BufferPool:
         return dropped
 
 
-_POOL: BufferPool | None = None
+_POOL: OutputPool | None = None
 
 
-def pool() -> BufferPool:
-    """The process's pool (its limit read from ``SYMGRAD_BUFFER_POOL_MB`` on first use)."""
+def pool() -> OutputPool:
+    """The process's pool (its limit read from ``SYMGRAD_OUTPUT_POOL_MB`` on first use)."""
     global _POOL
     if _POOL is None:
-        _POOL = BufferPool(_limit_from_env())
+        _POOL = OutputPool(_limit_from_env())
     return _POOL
 
 
@@ -157,12 +160,12 @@ def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return (_POOL or pool()).empty(shape, dtype)
 
 
-def buffer_pool_limit() -> int:
+def output_pool_limit() -> int:
     """The most bytes symgrad keeps for reusing op outputs' memory."""
     return pool().limit
 
 
-def set_buffer_pool_limit(nbytes: int) -> int:
+def set_output_pool_limit(nbytes: int) -> int:
     """Keep at most ``nbytes`` for reuse (0: allocate every array afresh); return the previous
     limit.  Unused buffers past the new limit are dropped now."""
     try:
@@ -171,7 +174,7 @@ def set_buffer_pool_limit(nbytes: int) -> int:
         limit = -1
     if limit < 0:
         raise OptionError(
-            f"set_buffer_pool_limit: give a whole number of bytes ≥ 0, got {nbytes!r}"
+            f"set_output_pool_limit: give a whole number of bytes ≥ 0, got {nbytes!r}"
         )
     shared = pool()
     with shared._lock:
@@ -181,7 +184,7 @@ def set_buffer_pool_limit(nbytes: int) -> int:
     return previous
 
 
-def release_buffers() -> int:
+def release_output_pool() -> int:
     """Drop every buffer no array uses (the memory goes back to the C library); return the
     bytes dropped."""
     return pool().release()

@@ -9,8 +9,8 @@ import pytest
 import symgrad as sg
 from symgrad.errors import OptionError, SymgradError
 from symgrad.nn import Linear, Parameter, Tape
-from symgrad.runtime import pool as pool_module
-from symgrad.runtime.pool import MIN_BYTES, BufferPool, _size_class
+from symgrad.runtime import output_pool as pool_module
+from symgrad.runtime.output_pool import MIN_BYTES, OutputPool, _size_class
 
 BIG = (256, 128)  # 128 KiB of float32, 256 KiB of float64: pooled
 
@@ -27,7 +27,7 @@ def test_size_classes_cover_the_request_with_at_most_a_quarter_more() -> None:
 
 
 def test_memory_is_reused_once_nothing_refers_to_it() -> None:
-    p = BufferPool(1 << 30)
+    p = OutputPool(1 << 30)
     a = p.empty(BIG, np.float32)
     first = _address(a)
     b = p.empty(BIG, np.float32)
@@ -56,7 +56,7 @@ def test_memory_is_reused_once_nothing_refers_to_it() -> None:
     ids=["reshape", "slice", "memoryview", "transpose", "list", "frombuffer"],
 )
 def test_memory_referred_to_by_anything_is_not_reused(keep) -> None:  # type: ignore[no-untyped-def]
-    p = BufferPool(1 << 30)
+    p = OutputPool(1 << 30)
     a = p.empty(BIG, np.float32)
     a[...] = 7.0
     held = keep(a)
@@ -72,7 +72,7 @@ def test_memory_referred_to_by_anything_is_not_reused(keep) -> None:  # type: ig
 
 def test_a_torch_tensor_keeps_the_memory() -> None:
     torch = pytest.importorskip("torch")
-    p = BufferPool(1 << 30)
+    p = OutputPool(1 << 30)
     a = p.empty(BIG, np.float32)
     a[...] = 3.0
     t = torch.from_numpy(a)
@@ -83,16 +83,16 @@ def test_a_torch_tensor_keeps_the_memory() -> None:
 
 
 def test_small_arrays_and_a_zero_limit_are_not_pooled() -> None:
-    p = BufferPool(1 << 30)
+    p = OutputPool(1 << 30)
     small = p.empty((MIN_BYTES // 8 - 1,), np.float64)
     assert small.base is None and p.held == 0
-    off = BufferPool(0)
+    off = OutputPool(0)
     assert off.empty(BIG, np.float32).base is None and off.held == 0
 
 
 def test_the_limit_drops_unused_buffers_then_falls_back_to_fresh_arrays() -> None:
     size = _size_class(BIG[0] * BIG[1] * 4)
-    p = BufferPool(2 * size)
+    p = OutputPool(2 * size)
     a, b = p.empty(BIG, np.float32), p.empty(BIG, np.float32)
     c = p.empty(BIG, np.float32)  # over the limit, both buffers in use: a fresh array
     assert c.base is None and p.held == 2 * size
@@ -105,38 +105,38 @@ def test_the_limit_drops_unused_buffers_then_falls_back_to_fresh_arrays() -> Non
 
 
 def test_set_limit_and_release(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pool_module, "_POOL", BufferPool(1 << 30))
+    monkeypatch.setattr(pool_module, "_POOL", OutputPool(1 << 30))
     a = pool_module.empty(BIG, np.float32)
     assert a.base is not None
     del a
-    assert sg.buffer_pool_limit() == 1 << 30
-    previous = sg.set_buffer_pool_limit(0)  # drops the unused buffer now
+    assert sg.output_pool_limit() == 1 << 30
+    previous = sg.set_output_pool_limit(0)  # drops the unused buffer now
     assert previous == 1 << 30 and pool_module.pool().held == 0
     assert pool_module.empty(BIG, np.float32).base is None
-    pool_module.set_buffer_pool_limit(1 << 30)
+    pool_module.set_output_pool_limit(1 << 30)
     kept = pool_module.empty(BIG, np.float32)
     unused = pool_module.empty(BIG, np.float32)
     del unused
-    assert sg.release_buffers() == _size_class(BIG[0] * BIG[1] * 4)
+    assert sg.release_output_pool() == _size_class(BIG[0] * BIG[1] * 4)
     assert kept.base is not None and pool_module.pool().held == _size_class(kept.nbytes)
-    assert sg.set_buffer_pool_limit(np.int64(1 << 20)) == 1 << 30  # any whole number
-    assert sg.buffer_pool_limit() == 1 << 20
+    assert sg.set_output_pool_limit(np.int64(1 << 20)) == 1 << 30  # any whole number
+    assert sg.output_pool_limit() == 1 << 20
     for bad in (-1, 1.5, True, "1", None):
         with pytest.raises(OptionError, match="whole number of bytes"):
-            pool_module.set_buffer_pool_limit(bad)  # type: ignore[arg-type]
+            pool_module.set_output_pool_limit(bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("text", ["lots", "-3", "nan", "inf"])
 def test_a_bad_environment_value_is_named(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
-    monkeypatch.setenv("SYMGRAD_BUFFER_POOL_MB", text)
-    with pytest.raises(SymgradError, match="SYMGRAD_BUFFER_POOL_MB"):
+    monkeypatch.setenv("SYMGRAD_OUTPUT_POOL_MB", text)
+    with pytest.raises(SymgradError, match="SYMGRAD_OUTPUT_POOL_MB"):
         pool_module._limit_from_env()
 
 
 def test_the_environment_sets_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SYMGRAD_BUFFER_POOL_MB", "0.5")
+    monkeypatch.setenv("SYMGRAD_OUTPUT_POOL_MB", "0.5")
     assert pool_module._limit_from_env() == 1 << 19
-    monkeypatch.delenv("SYMGRAD_BUFFER_POOL_MB")
+    monkeypatch.delenv("SYMGRAD_OUTPUT_POOL_MB")
     assert pool_module._limit_from_env() == 1024 << 20
 
 
@@ -165,9 +165,9 @@ def _tape_step(dtype: type) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_results_do_not_depend_on_the_pool(monkeypatch: pytest.MonkeyPatch, dtype: type) -> None:
-    monkeypatch.setattr(pool_module, "_POOL", BufferPool(0))
+    monkeypatch.setattr(pool_module, "_POOL", OutputPool(0))
     fresh = _tape_step(dtype)
-    shared = BufferPool(1 << 30)
+    shared = OutputPool(1 << 30)
     monkeypatch.setattr(pool_module, "_POOL", shared)
     pooled = _tape_step(dtype)
     assert shared.held > 0, "the tape's arrays did not come from the pool"

@@ -1,10 +1,10 @@
 """The op outputs' memory pool on W4's step recorded on a Tape: time, page faults, system time.
 
-    python benchmarks/bench_buffer_pool.py [--rounds 4] [--steps 10] [--threads 1]
+    python benchmarks/bench_output_pool.py [--rounds 4] [--steps 10] [--threads 1]
 
 Each configuration runs in a process of its own (the pool's state and the C library's heap are
-per process): the Tape step with the pool (``SYMGRAD_BUFFER_POOL_MB`` default), without it
-(``SYMGRAD_BUFFER_POOL_MB=0``), and torch eager's step of the same layer, in turn, ``--rounds``
+per process): the Tape step with the pool (``SYMGRAD_OUTPUT_POOL_MB`` default), without it
+(``SYMGRAD_OUTPUT_POOL_MB=0``), and torch eager's step of the same layer, in turn, ``--rounds``
 times; each process times ``--steps`` steps after two warm-up steps.  Prints the medians over
 all steps of a configuration (wall ms, minor page faults, system CPU ms) and each one's ratio to
 torch's wall time.  Results: ``benchmarks/RESULTS-threads.md`` ("Op outputs' memory pool").
@@ -41,7 +41,7 @@ print(json.dumps(rows))
 
 CONFIGS = {
     "symgrad tape, pool": ("tape", {}),
-    "symgrad tape, no pool": ("tape", {"SYMGRAD_BUFFER_POOL_MB": "0"}),
+    "symgrad tape, no pool": ("tape", {"SYMGRAD_OUTPUT_POOL_MB": "0"}),
     "torch eager": ("torch", {}),
 }
 
