@@ -72,6 +72,8 @@ class _Binding:
     grads: list[tuple[Parameter, np.ndarray]] = field(default_factory=list)  # param, gradient
     flats: list[np.ndarray] = field(default_factory=list)  # the gradients' flat buffers
     generation: int = -1  # the pool's generation the views were taken in (-1: none held)
+    #: (position, kind, name) of the arguments ``_prepare`` fills (found on its first call)
+    prepared: list[tuple[int, str, str]] | None = None
 
     def release(self) -> None:
         """Drop the views of the pool (so that memory the pool replaced can be freed)."""
@@ -110,6 +112,7 @@ class CompiledStep:
                 f"{type(optimizer).__name__} has none (symgrad.optim's optimizers do)"
             )
         self.rule: UpdateRule = rule
+        self._width = max(len(rule.scalar_inputs), 1)  # columns of the update's scalar table
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
         self._clip = _clip_kind(clip_grad_norm, clip_grad_value)
         self.grad_hook = grad_hook
@@ -308,8 +311,10 @@ class CompiledStep:
 
     def _prepare(self, binding: _Binding) -> list[Any]:
         """Fill the optimizer's arguments: every group checked, each trained parameter's state
-        created or advanced (as the eager step does), its row of scalars written."""
-        opt, rule = self.optimizer, self.rule
+        created or advanced (as the eager step does), its row of scalars written.  Run before
+        every step: a small model's step is tens of µs, so the table is built as one list and
+        converted once, and the per-call arguments it fills are found once per binding."""
+        opt = self.optimizer
         groups = opt.param_groups
         hyper = []
         for index, group in enumerate(groups):
@@ -317,30 +322,41 @@ class CompiledStep:
             hyper.append(opt.hyperparameters(group))
         where = {id(p): k for k, g in enumerate(groups) for p in g["params"]}
         graph, plan, args = binding.graph, binding.plan, binding.args
-        rows = len(plan.updates)
-        width = len(rule.scalar_inputs)
-        table = np.zeros((max(rows, 1), max(width, 1)))
+        width = self._width
+        rows: list[list[float]] = []
         states: dict[str, np.ndarray] = {}
         undo = []
-        for j, (n, names) in enumerate(plan.updates):
+        inactive: dict[tuple[int, np.dtype], np.ndarray] = {}  # zero-size, read by no one
+        for n, names in plan.updates:
             p = graph.params[n]
             values = hyper[where[id(p)]]
-            inactive = np.empty((0,) * p.data.ndim, p.data.dtype)
-            arrays, extra, step_undo = opt.prepare_update(p, values, inactive)
-            table[j, : len(values)] = values
-            table[j, len(values) : len(values) + len(extra)] = extra
+            shape = (p.data.ndim, p.data.dtype)
+            if shape not in inactive:
+                inactive[shape] = np.empty((0,) * shape[0], shape[1])
+            arrays, extra, step_undo = opt.prepare_update(p, values, inactive[shape])
+            row = [*values, *extra]
+            if len(row) > width:  # pragma: no cover - the rule's scalar_inputs say otherwise
+                raise AssertionError(f"{len(row)} scalars for an update of {width}")
+            rows.append(row + [0.0] * (width - len(row)))
             states.update(zip(names, arrays, strict=True))
             undo.append(step_undo)
-        for position, kind, _ in binding.slots:
+        table = np.array(rows, dtype=np.float64) if rows else np.zeros((1, width))
+        if binding.prepared is None:
+            binding.prepared = [
+                (position, kind, plan.args[position][0])
+                for position, kind, _ in binding.slots
+                if kind in ("state", "scalars", "max_norm", "clip_value", "grad_norm")
+            ]
+        for position, kind, name in binding.prepared:
             if kind == "state":
-                args[position] = states[plan.args[position][0]]
+                args[position] = states[name]
             elif kind == "scalars":
                 args[position] = table
             elif kind == "max_norm":
                 args[position] = float(self.clip_grad_norm)  # type: ignore[arg-type]
             elif kind == "clip_value":
                 args[position] = float(self.clip_grad_value)  # type: ignore[arg-type]
-            elif kind == "grad_norm":
+            else:
                 args[position] = self._grad_norm
         return undo
 

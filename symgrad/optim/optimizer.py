@@ -266,7 +266,10 @@ class Optimizer:
         the change back.  The eager step and the fused step both call this.
         """
         rule = self.rule
-        switches = _switches(rule)
+        cached = self.__dict__.get("_switch_cache")
+        if cached is None or cached[0] is not rule:  # once per rule: it runs before every step
+            cached = self.__dict__["_switch_cache"] = (rule, _switches(rule))
+        switches = cached[1]
         state = self.state.get(p)
         scalars: list[float] = []
         previous = None
