@@ -330,10 +330,10 @@ class CompiledStep:
         for n, names in plan.updates:
             p = graph.params[n]
             values = hyper[where[id(p)]]
-            shape = (p.data.ndim, p.data.dtype)
-            if shape not in inactive:
-                inactive[shape] = np.empty((0,) * shape[0], shape[1])
-            arrays, extra, step_undo = opt.prepare_update(p, values, inactive[shape])
+            rank_dtype = (p.data.ndim, p.data.dtype)
+            if rank_dtype not in inactive:
+                inactive[rank_dtype] = np.empty((0,) * p.data.ndim, p.data.dtype)
+            arrays, extra, step_undo = opt.prepare_update(p, values, inactive[rank_dtype])
             row = [*values, *extra]
             if len(row) > width:  # pragma: no cover - the rule's scalar_inputs say otherwise
                 raise AssertionError(f"{len(row)} scalars for an update of {width}")
