@@ -271,7 +271,9 @@ def fit(
             ``[-value, value]`` (:func:`~symgrad.nn.utils.clip_grad_value_`); one of the two.
         compiled: train through one compiled step per batch shape
             (:func:`symgrad.compile.compile_step`: forward, backward, clipping and update in
-            one generated function).  ``None`` (the default) compiles when the model, loss and
+            one generated function), kept with the model for the next call with the same
+            optimizer (:func:`symgrad.compile.step.fit_step`: an edited model is traced
+            again).  ``None`` (the default) compiles when the model, loss and
             optimizer can be compiled and otherwise trains op by op with a
             :class:`~symgrad.errors.StepFallbackWarning` naming why; ``True`` makes that an
             :class:`~symgrad.errors.UnsupportedStepError`; ``False`` trains op by op.  The two
@@ -283,18 +285,19 @@ def fit(
     :func:`symgrad.distributed.fit` (the same arguments).
     """
     x, y = np.asarray(x), np.asarray(y)
+    from .compile.step import fit_step
+
+    compiled_step = compile_or_fallback(
+        lambda: fit_step(model, loss, optimizer, clip_grad_norm=clip_grad_norm,
+                         clip_grad_value=clip_grad_value, fuse_loss=fuse_loss),
+        compiled,
+    )  # fmt: skip
     check_fit_options(model, loss, optimizer, x, y, epochs=epochs, batch_size=batch_size,
                       checkpoint=checkpoint, fuse_loss=fuse_loss, scheduler=scheduler,
                       scheduler_interval=scheduler_interval, clip_grad_norm=clip_grad_norm,
-                      clip_grad_value=clip_grad_value)  # fmt: skip
+                      clip_grad_value=clip_grad_value,
+                      output_form=_traced_output(compiled_step))  # fmt: skip
     body, objective = fuse(model, loss) if fuse_loss else (model, loss)
-    from .compile import compile_step
-
-    compiled_step = compile_or_fallback(
-        lambda: compile_step(model, loss, optimizer, clip_grad_norm=clip_grad_norm,
-                             clip_grad_value=clip_grad_value, fuse_loss=fuse_loss),
-        compiled,
-    )  # fmt: skip
 
     def on_batch(idx: np.ndarray) -> float:
         return float(compiled_step(x[idx], y[idx]))  # type: ignore[misc]
@@ -338,12 +341,16 @@ def check_fit_options(
     scheduler_interval: str = "step",
     clip_grad_norm: float | None = None,
     clip_grad_value: float | None = None,
+    output_form: Callable[[np.ndarray, np.ndarray], tuple[tuple[int, ...], Any] | None]
+    | None = None,
 ) -> None:
     """The checks :func:`fit` makes before training: the data, the schedule, the scheduler,
     clipping, the checkpoint's path, and the model and the loss on the data (a wrong feature
     count or label fails here, not mid-run): for floating-point ``x`` one batch through the
     model and the loss on all of ``y``, for integer ``x`` (ids) all of ``x`` through the
-    model."""
+    model.  ``output_form(rows, targets)``, if given, replaces the batch through the model:
+    the shape and dtype of the model's output on ``rows`` (a compiled step's
+    :meth:`~symgrad.compile.CompiledStep.output_form`: traced, not computed), or None."""
     check_data(x, y)
     if batch_size < 1 or epochs < 0:
         raise SymgradError(f"need batch_size ≥ 1 and epochs ≥ 0, got {batch_size}, {epochs}")
@@ -366,13 +373,34 @@ def check_fit_options(
         # every row: one batch through the model, and the loss (every label or target) on its
         # outputs repeated to all rows — not an epoch's forward before the first step.
         rows = x[: max(1, min(batch_size, len(x)))]
+        form = None if output_form is None else output_form(rows, y[: len(rows)])
+        if form is not None and len(form[0]) >= 1 and form[0][0] == len(rows):
+            objective.check(np.zeros((len(x), *form[0][1:]), form[1]), y)
+            return
         out = body(rows)
         if np.ndim(out) >= 1 and len(out) == len(rows):
             whole = out if len(rows) == len(x) else np.resize(out, (len(x), *np.shape(out)[1:]))
-            objective.value_and_grad(whole, y)
+            objective.check(whole, y)
             return
     # integer rows (token ids) may fail on any row: all of them through the model
-    objective.value_and_grad(body(x), y)
+    objective.check(body(x), y)
+
+
+def _traced_output(
+    step: Any,
+) -> Callable[[np.ndarray, np.ndarray], tuple[tuple[int, ...], Any] | None] | None:
+    """``check_fit_options``'s ``output_form`` from a compiled step (None without one): a
+    model the step cannot trace gives None (checked op by op; the first step says why)."""
+    if step is None:
+        return None
+
+    def form(rows: np.ndarray, targets: np.ndarray) -> tuple[tuple[int, ...], Any] | None:
+        try:
+            return step.output_form(rows, targets)  # type: ignore[no-any-return]
+        except UnsupportedStepError:
+            return None
+
+    return form
 
 
 def clip_gradients(

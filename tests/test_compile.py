@@ -264,6 +264,44 @@ def test_freezing_a_layer_after_a_step_takes_effect():
     assert not np.array_equal(model.state_dict()["2.weight"], frozen)
 
 
+def test_an_edited_model_is_traced_again():
+    """A layer replaced, parameters given arrays of other shapes, the optimizer given more
+    parameters: the step notices each before its next call, as the layer path would."""
+    a, b = _mlp(), _mlp()
+    step = compile_step(a, nn.CrossEntropyLoss(), optim.SGD(a[2:].parameters(), lr=0.1))
+    opt_b, ce = optim.SGD(b[2:].parameters(), lr=0.1), nn.CrossEntropyLoss()
+    rng = np.random.default_rng(11)
+
+    def steps() -> None:
+        for _ in range(2):
+            x, y = rng.normal(size=(6, 6)), rng.integers(0, 3, 6)
+            assert step(x, y) == pytest.approx(_layer_path_step(b, ce, opt_b, x, y), rel=1e-12)
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            np.testing.assert_allclose(pa.data, pb.data, rtol=1e-12, atol=1e-14)
+
+    steps()
+    # the bottom layer joins the optimizer: trained from now on
+    first = a[0].weight.data.copy()
+    step.optimizer.add_param_group({"params": a[0].parameters()})
+    opt_b.add_param_group({"params": b[0].parameters()})
+    steps()
+    assert not np.array_equal(a[0].weight.data, first)
+    # a hidden layer of 10, not 8: new layers, the optimizer given their parameters
+    for model, opt in ((a, step.optimizer), (b, opt_b)):
+        r = np.random.default_rng(5)
+        model[0] = nn.Linear(6, 10, dtype=np.float64, rng=r)
+        model[2] = nn.Linear(10, 8, dtype=np.float64, rng=r)
+        opt.add_param_group({"params": model[0].parameters() + model[2].parameters()})
+    steps()
+    assert a[0].weight.grad.shape == (10, 6)
+    # an activation replaced
+    a[1], b[1] = nn.ReLU(), nn.ReLU()
+    steps()
+    assert [n.op.name for n in next(reversed(step._bindings.values())).graph.nodes][:2] == [
+        "linear", "relu"
+    ]
+
+
 def test_freezing_the_top_layer_keeps_its_last_gradient():
     """The gradients are views of the step's pool; a layer frozen after a step keeps the
     gradient it had (as torch keeps ``.grad``), not the memory's next tenant."""

@@ -78,6 +78,56 @@ def test_fit_compiles_the_step_and_agrees_with_the_op_by_op_path(clip):
         assert not np.array_equal(v, _model(4).state_dict()[k])
 
 
+def test_fit_keeps_its_compiled_step_between_calls(monkeypatch):
+    """A second ``fit`` of the same model and optimizer neither traces nor plans again; an
+    edit of the model between calls is traced and trained as edited; a copy of the model
+    leaves the step behind; another optimizer gets a step of its own."""
+    import copy
+
+    import symgrad.compile.step as step_module
+    from symgrad.nn.modules import STEP_CACHE
+
+    traced = []
+
+    def counting(fn, arrays):
+        traced.append(tuple(a.shape for a in arrays))
+        return real(fn, arrays)
+
+    real = step_module.trace
+    monkeypatch.setattr(step_module, "trace", counting)
+    x, y = _data(48)
+    model, reference = _model(4), _model(4)
+    opt, ref_opt = (optim.AdamW(m.parameters(), lr=1e-2) for m in (model, reference))
+
+    def both() -> None:
+        got = fit(model, nn.CrossEntropyLoss(), opt, x, y, epochs=1, batch_size=16)
+        want = fit(reference, nn.CrossEntropyLoss(), ref_opt, x, y, epochs=1, batch_size=16,
+                   compiled=False)  # fmt: skip
+        np.testing.assert_allclose(got.step_losses, want.step_losses, rtol=1e-12)
+        for k, v in reference.state_dict().items():
+            np.testing.assert_allclose(model.state_dict()[k], v, rtol=1e-11, atol=1e-14)
+
+    both()
+    both()
+    assert traced == [((16, 5), (16,))]
+    kept = vars(model)[STEP_CACHE]
+    # edits: a layer replaced by an equal one (traced again, found unchanged), then eval mode
+    model[1], reference[1] = nn.Tanh(), nn.Tanh()
+    both()
+    model.eval()
+    reference.eval()
+    both()
+    both()
+    assert len(traced) == 3 and vars(model)[STEP_CACHE] is kept
+    assert len(kept._bindings) == 1
+    clone = copy.deepcopy(model)  # shares the ops, not the step
+    assert STEP_CACHE not in vars(clone) and clone[0].weight is not model[0].weight
+    np.testing.assert_array_equal(clone[0].weight.data, model[0].weight.data)
+    fit(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1), x, y, epochs=1,
+        batch_size=16)  # fmt: skip
+    assert vars(model)[STEP_CACHE] is not kept and len(traced) == 4
+
+
 def test_fit_falls_back_to_the_op_by_op_path_with_a_warning():
     class Opaque(nn.Module):  # no record: the step compiler cannot trace it
         def forward(self, x):

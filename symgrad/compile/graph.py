@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,8 @@ class Graph:
     params: list[Parameter]
     consts: list[np.ndarray]
     output: Ref
+    #: each parameter's shape and dtype when traced (its ``data`` may be replaced later)
+    forms: list[tuple[tuple[int, ...], np.dtype]] = field(default_factory=list)
 
     def structure(self) -> str:
         """A hash of everything the generated step depends on besides shapes: each node's op
@@ -64,14 +66,32 @@ class Graph:
         parts = [f"out:{self.output}"]
         for a in self.inputs:
             parts.append(f"in:{a.dtype.str}:{a.ndim}")
-        for p in self.params:
-            parts.append(f"param:{p.data.dtype.str}:{p.data.ndim}")
+        for shape, dtype in self.forms:
+            parts.append(f"param:{dtype.str}:{len(shape)}")
         for c in self.consts:
             parts.append(f"const:{c.dtype.str}:{c.ndim}")
         for node in self.nodes:
             args = ",".join(str(a) for a in node.args)
             parts.append(f"node:{op_key(node.op)}:{args}:{node.dtype.str}")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def same_as(self, other: Graph) -> bool:
+        """Whether ``other`` (a trace of the same forward on inputs of the same shapes) did
+        what this one did: the same ops on the same parameter objects of the same shapes,
+        outputs of the same shapes, constants of equal values — so a step planned for one
+        runs the other."""
+        return (
+            self.structure() == other.structure()
+            and [a.shape for a in self.inputs] == [a.shape for a in other.inputs]
+            and len(self.params) == len(other.params)
+            and all(p is q for p, q in zip(self.params, other.params, strict=True))
+            and self.forms == other.forms
+            and [n.shape for n in self.nodes] == [n.shape for n in other.nodes]
+            and all(
+                a.shape == b.shape and np.array_equal(a, b)
+                for a, b in zip(self.consts, other.consts, strict=True)
+            )
+        )
 
     def shapes(self) -> tuple:
         """The input shapes (the key of a traced graph's constants and buffer shapes)."""
@@ -90,6 +110,7 @@ def trace(fn: Callable[..., np.ndarray], inputs: Sequence[np.ndarray]) -> Graph:
     output = fn(tape, *inputs)
     refs: dict[int, Ref] = {id(a): Ref("input", n) for n, a in enumerate(inputs)}
     params: list[Parameter] = []
+    forms: list[tuple[tuple[int, ...], np.dtype]] = []
     consts: list[np.ndarray] = []
     nodes: list[Node] = []
     for record in tape._records:
@@ -100,6 +121,7 @@ def trace(fn: Callable[..., np.ndarray], inputs: Sequence[np.ndarray]) -> Graph:
                 if ref is None:
                     ref = refs[id(given)] = Ref("param", len(params))
                     params.append(given)
+                    forms.append((given.data.shape, given.data.dtype))
             else:
                 ref = refs.get(id(array))
                 if ref is None:
@@ -114,4 +136,4 @@ def trace(fn: Callable[..., np.ndarray], inputs: Sequence[np.ndarray]) -> Graph:
             "the traced forward must return the output of an op it recorded on the tape (the "
             "per-example losses), got an array computed outside the tape"
         )
-    return Graph(nodes, list(inputs), params, consts, found)
+    return Graph(nodes, list(inputs), params, consts, found, forms)

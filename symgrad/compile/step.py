@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import ShapeError, SymgradError, UnsupportedStepError
 from ..nn.losses import Loss, fuse
-from ..nn.modules import Module, Parameter
+from ..nn.modules import STEP_CACHE, Module, Parameter, edit_count, watch
 from ..runtime.cache import ensure_imported, module_path, verified_text, write_source
 from ..runtime.tensor import TensorOp
 from ..runtime.threads import use_parallel
@@ -62,6 +62,9 @@ class _Binding:
 
     graph: Graph
     plan: StepPlan
+    trained: set[int]  # the graph's parameters the step updates
+    owned: frozenset[int]  # ids of the optimizer's parameters when bound
+    edits: int  # the model's edit count when the graph was traced or found unchanged
     args: list[Any]
     slots: list[tuple[int, str, int | str]]  # (position, kind, index) of per-call arguments
     buffers: list[tuple[int, str]]  # (position, buffer name) of the buffer arguments
@@ -101,10 +104,8 @@ class CompiledStep:
         fuse_loss: bool = True,
     ) -> None:
         self.model, self.loss, self.optimizer = model, loss, optimizer
-        # a trailing activation joins an elementwise loss: one formula, differentiated as one
-        # (Sigmoid + BCELoss is computed as BCE on the logits, finite at any logit)
-        self._body, self._objective = fuse(model, loss) if fuse_loss else (model, loss)
-        self._params = model.parameters()  # their requires_grad flags are read on every call
+        self._fuse_loss = fuse_loss
+        self._refresh()
         rule = getattr(optimizer, "rule", None)
         if rule is None or not hasattr(optimizer, "prepare_update"):
             raise UnsupportedStepError(
@@ -126,6 +127,65 @@ class CompiledStep:
         self._grad_norm = np.full(1, np.nan)
 
     # -- tracing and planning ----------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        """Take the model as it is now: its modules watched (an edit of one is counted), the
+        loss fused again, the parameters listed again.  Run at first and after an edit."""
+        watch(self.model)
+        # a trailing activation joins an elementwise loss: one formula, differentiated as one
+        # (Sigmoid + BCELoss is computed as BCE on the logits, finite at any logit)
+        model, loss = self.model, self.loss
+        self._body, self._objective = fuse(model, loss) if self._fuse_loss else (model, loss)
+        self._params = model.parameters()  # their requires_grad flags are read on every call
+        self._seen = edit_count()
+
+    def _adopt_loss(self, loss: Loss, retrace: bool) -> None:
+        """Compute ``loss`` from now on: with ``retrace``, every shape is traced again (and
+        kept if nothing changed), as after an edit of the model."""
+        self.loss = loss
+        self._refresh()
+        if retrace:
+            for binding in self._bindings.values():
+                binding.edits = -1
+
+    def _owners(self) -> dict[int, int]:
+        """``{id(parameter): its group's index}`` over the optimizer's parameter groups."""
+        return {id(p): k for k, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+
+    def _stale(self, binding: _Binding, owners: dict[int, int]) -> bool:
+        """Whether ``binding`` may no longer be the model's step: a module was edited since it
+        was traced, the optimizer's parameters changed, or a parameter's array changed shape
+        or dtype."""
+        if binding.edits != self._seen or owners.keys() != binding.owned:
+            return True
+        graph = binding.graph
+        return any(
+            p.data.shape != shape or p.data.dtype != dtype
+            for p, (shape, dtype) in zip(graph.params, graph.forms, strict=True)
+        )
+
+    def _trace(self, given: tuple[np.ndarray, ...]) -> Graph:
+        """The graph of the model's forward on ``given``.  What the forward set on its own
+        modules meanwhile (ops built on first use) is not an edit; modules it built are
+        watched from now on."""
+        graph = trace(self._forward, given)
+        watch(self.model)
+        self._seen = edit_count()
+        return graph
+
+    def _retrace(self, binding: _Binding, given: tuple[np.ndarray, ...]) -> _Binding:
+        """``binding`` again if the model, traced as it is now, does what it did; else the
+        step of the model as it is now (every other shape's binding dropped: traced again
+        when it returns)."""
+        graph = self._trace(given)
+        if graph.same_as(binding.graph) and self._trained(graph) == binding.trained:
+            binding.edits, binding.owned = self._seen, frozenset(self._owners())
+            return binding
+        for other in self._bindings.values():
+            other.release()
+        self._bindings.clear()
+        self._last = None  # its arguments went with it
+        return self._bind(given, graph)
 
     def _forward(self, tape: Any, *arrays: np.ndarray) -> np.ndarray:
         *inputs, target = arrays
@@ -149,8 +209,9 @@ class CompiledStep:
             self._variants[key] = with_wrt(op, names)
         return self._variants[key]
 
-    def _bind(self, arrays: tuple[np.ndarray, ...]) -> _Binding:
-        graph = trace(self._forward, arrays)
+    def _bind(self, arrays: tuple[np.ndarray, ...], graph: Graph | None = None) -> _Binding:
+        if graph is None:
+            graph = self._trace(arrays)
         trained = self._trained(graph)
         if not trained:
             raise UnsupportedStepError("the model has no parameter the optimizer trains")
@@ -190,7 +251,11 @@ class CompiledStep:
         output = where[_arg_name(keep[0])] if keep else None
         work = max((b.nbytes // b.dtype.itemsize for b in plan.buffers.values()), default=0)
         held = plan.layout().nbytes
-        return _Binding(graph, plan, args, slots, buffers, held, gathers, output, work)
+        owned = frozenset(self._owners())
+        return _Binding(
+            graph, plan, trained, owned, self._seen, args, slots, buffers, held, gathers, output,
+            work,
+        )
 
     def _place(self, binding: _Binding) -> None:
         """Point ``binding``'s buffer arguments at the pool's memory.  Were the pool to grow,
@@ -246,18 +311,11 @@ class CompiledStep:
         ``clip_grad_norm``; NaN otherwise)."""
         return float(self._grad_norm[0])
 
-    def __call__(self, *arrays: Any) -> float:
-        """One training step on a batch: ``step(*inputs, target)`` → its mean loss; every
-        trained parameter's ``grad`` is set and the optimizer's update applied."""
-        if len(arrays) < 2:
-            raise UnsupportedStepError("a step takes the model's inputs and then the target")
-        given = tuple(np.ascontiguousarray(a) for a in arrays)
-        for k, a in enumerate(given):
-            if a.size == 0:
-                raise ShapeError(
-                    f"argument {k} of the step is empty (shape {a.shape}): a training step "
-                    "needs at least one example"
-                )
+    def _binding(self, given: tuple[np.ndarray, ...]) -> tuple[_Binding, dict[int, int]]:
+        """The binding of ``given``'s shapes (traced and planned if new, traced again if the
+        model may have changed since), and ``{id(parameter): group}`` of the optimizer."""
+        if edit_count() != self._seen:  # a module of the model was edited
+            self._refresh()
         flags = tuple(p.requires_grad for p in self._params)
         if flags != self._flags:  # freezing or unfreezing changes what the step computes
             for p, trained in zip(self._params, self._flags, strict=False):  # () at first
@@ -267,12 +325,34 @@ class CompiledStep:
             self._flags = flags
         signature = tuple((a.shape, a.dtype.str) for a in given)
         binding = self._bindings.get(signature)
-        if binding is None:
+        owners = self._owners()
+        if binding is not None and self._stale(binding, owners):
+            binding = self._bindings[signature] = self._retrace(binding, given)
+        elif binding is None:
             binding = self._bindings[signature] = self._bind(given)
             while len(self._bindings) > SHAPES_KEPT:
                 self._bindings.popitem(last=False)[1].release()
         else:
             self._bindings.move_to_end(signature)
+        return binding, owners
+
+    def output_form(self, *arrays: Any) -> tuple[tuple[int, ...], np.dtype]:
+        """The shape and dtype of the model's output (the loss's input) in a step on
+        ``arrays``, found by tracing: nothing is computed and no parameter changes, but the
+        errors the step would raise for the arrays' shapes and dtypes are raised.  The step
+        of these shapes is ready afterwards."""
+        binding, _ = self._binding(_batch(arrays))
+        graph = binding.graph
+        out = graph.nodes[graph.output.index].args[0]  # the model's output, or a step input
+        if out.kind == "node":
+            return graph.nodes[out.index].shape, graph.nodes[out.index].dtype
+        return graph.inputs[out.index].shape, graph.inputs[out.index].dtype
+
+    def __call__(self, *arrays: Any) -> float:
+        """One training step on a batch: ``step(*inputs, target)`` → its mean loss; every
+        trained parameter's ``grad`` is set and the optimizer's update applied."""
+        given = _batch(arrays)
+        binding, owners = self._binding(given)
         if binding.generation != self._pool.generation:  # views of memory the pool replaced
             self._place(binding)
         graph, args = binding.graph, binding.args
@@ -288,7 +368,7 @@ class CompiledStep:
             found = op._plan.fast(tuple(args[k] for k in positions))
             if found is not None and found[3]:
                 op._check_index_ranges(tuple(args[k] for k in positions), found[3])
-        undo = self._prepare(binding)
+        undo = self._prepare(binding, owners)
         module = self._module
         threaded = use_parallel(binding.work)
         previous, self._last = self._last, binding  # grad_hook's flat_gradients() reads it
@@ -309,7 +389,7 @@ class CompiledStep:
             p.grad = g
         return loss
 
-    def _prepare(self, binding: _Binding) -> list[Any]:
+    def _prepare(self, binding: _Binding, where: dict[int, int]) -> list[Any]:
         """Fill the optimizer's arguments: every group checked, each trained parameter's state
         created or advanced (as the eager step does), its row of scalars written.  Run before
         every step: a small model's step is tens of µs, so the table is built as one list and
@@ -320,7 +400,6 @@ class CompiledStep:
         for index, group in enumerate(groups):
             opt.check_group(group, index)
             hyper.append(opt.hyperparameters(group))
-        where = {id(p): k for k, g in enumerate(groups) for p in g["params"]}
         graph, plan, args = binding.graph, binding.plan, binding.args
         width = self._width
         rows: list[list[float]] = []
@@ -365,6 +444,20 @@ class CompiledStep:
         consecutive views of, the last trained parameter's gradient first; empty before the
         first step.  Changed in ``grad_hook``, they are what the update sees."""
         return [] if self._last is None else list(self._last.flats)
+
+
+def _batch(arrays: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
+    """A step's arguments as contiguous arrays; fewer than two, or an empty one, refused."""
+    if len(arrays) < 2:
+        raise UnsupportedStepError("a step takes the model's inputs and then the target")
+    given = tuple(np.ascontiguousarray(a) for a in arrays)
+    for k, a in enumerate(given):
+        if a.size == 0:
+            raise ShapeError(
+                f"argument {k} of the step is empty (shape {a.shape}): a training step "
+                "needs at least one example"
+            )
+    return given
 
 
 def _arg_name(ref: Ref) -> str:
@@ -426,3 +519,51 @@ def compile_step(
         fuse_loss=fuse_loss,
     )
 
+
+
+def fit_step(
+    model: Module,
+    loss: Loss,
+    optimizer: Any,
+    *,
+    clip_grad_norm: float | None = None,
+    clip_grad_value: float | None = None,
+    fuse_loss: bool = True,
+) -> CompiledStep:
+    """The compiled step :func:`symgrad.train.fit` trains ``model`` through: the one the
+    model's last ``fit`` used when it had the same optimizer, the same kind of clipping and
+    the same ``fuse_loss`` — its traced shapes and their plans reused, no tracing or planning
+    per call (the model and the loss traced again only if the model was edited since, or the
+    loss is another than a built-in one of the same structure) — else a new one, kept in
+    its place."""
+    clip = _clip_kind(clip_grad_norm, clip_grad_value)
+    kept = getattr(model, "__dict__", {}).get(STEP_CACHE)
+    if (
+        isinstance(kept, CompiledStep)
+        and kept.optimizer is optimizer
+        and kept._clip == clip
+        and kept._fuse_loss == fuse_loss
+        and kept.grad_hook is None
+    ):
+        kept.clip_grad_norm, kept.clip_grad_value = clip_grad_norm, clip_grad_value
+        if loss is not kept.loss:
+            kept._adopt_loss(loss, retrace=not _interchangeable(kept.loss, loss))
+        return kept
+    step = compile_step(
+        model, loss, optimizer, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
+        fuse_loss=fuse_loss,
+    )  # fmt: skip
+    if hasattr(model, "__dict__"):
+        model.__dict__[STEP_CACHE] = step  # not setattr: keeping a step is not an edit
+    return step
+
+
+def _interchangeable(kept: Loss, loss: Loss) -> bool:
+    """Whether two losses record the same ops with the same constants: built-in losses (whose
+    ``structure()`` says all they do) of the same structure.  Of any other two, the model and
+    the new loss are traced again."""
+    return (
+        type(kept) is type(loss)
+        and type(loss).__module__ == Loss.__module__
+        and kept.structure() == loss.structure()
+    )

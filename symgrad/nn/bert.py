@@ -214,7 +214,8 @@ class BertEncoder(Module):
         self.config = config
         self.dtype = _check_dtype(dtype)
         self.embeddings = BertEmbeddings(config, self.dtype)
-        self.layers = [BertLayer(config, self.dtype) for _ in range(config.num_hidden_layers)]
+        # a tuple: layers are replaced by assigning a new tuple, which a compiled step notices
+        self.layers = tuple(BertLayer(config, self.dtype) for _ in range(config.num_hidden_layers))
 
     def children(self) -> Iterator[tuple[str, Module]]:
         yield "embeddings", self.embeddings

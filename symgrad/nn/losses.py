@@ -32,6 +32,13 @@ class Loss:
     def __call__(self, input: np.ndarray, target: np.ndarray) -> float:
         return self.value_and_grad(input, target)[0]
 
+    def check(self, input: np.ndarray, target: np.ndarray) -> None:
+        """Raise what ``value_and_grad(input, target)`` would raise, computing no more than
+        needed (``fit`` checks every target before the first step).  By default it computes
+        the loss; a loss that can tell its errors from the arrays' shapes and values
+        overrides it."""
+        self.value_and_grad(input, target)
+
     def structure(self) -> str:
         """What determines this loss's generated code (a key part; no SymPy when built in)."""
         raise NotImplementedError
@@ -211,6 +218,13 @@ class CrossEntropyLoss(Loss):
                 f"found {sorted(set(bad.tolist()))[:5]}"
             )
         return logits, labels
+
+    def check(self, input: np.ndarray, target: np.ndarray) -> None:
+        """The shapes and every label's range checked; logits of a dtype the op does not
+        compute in get the op's own error (from one row)."""
+        logits, labels = self._check(input, target)
+        if logits.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            self.value_and_grad(logits[:1], labels[:1])
 
     def value_and_grad(self, input: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
         logits, labels = self._check(input, target)

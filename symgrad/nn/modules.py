@@ -10,6 +10,7 @@ so state dicts copy across.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,37 @@ if TYPE_CHECKING:
     from .tape import Tape
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+#: The modules compiled steps traced, by id (an entry goes with its module), and how many times
+#: one of them has been edited since the process started: see :func:`watch`.
+_WATCHED: weakref.WeakValueDictionary[int, Module] = weakref.WeakValueDictionary()
+_EDITS = [0]
+
+
+def watch(model: Module) -> None:
+    """Count the edits of ``model`` and of every module in it from now on (:func:`edit_count`):
+    an attribute set (a layer or parameter replaced, a setting changed, ``train()`` /
+    ``eval()``) or a ``Sequential`` item replaced.  A compiled step watches the model it
+    traced and traces it again after an edit (changes made in place inside an attribute, such
+    as a custom module's own list of layers, are not seen)."""
+    for module in model.modules():
+        _WATCHED[id(module)] = module
+
+
+def edit_count() -> int:
+    """How many times a watched module has been edited in this process (see :func:`watch`)."""
+    return _EDITS[0]
+
+
+def _edited(module: Module) -> None:
+    if id(module) in _WATCHED:
+        _EDITS[0] += 1
+
+
+#: The attribute under which :func:`symgrad.train.fit` keeps a model's compiled steps between
+#: calls (left out of copies and pickles).
+STEP_CACHE = "_fit_steps"
 
 
 class UnsupportedModuleError(UnsupportedStepError):
@@ -123,7 +155,30 @@ class Module:
     def __init__(self) -> None:
         self.training = True
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        _edited(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The module's attributes without the compiled steps ``fit`` keeps for it (a copy or
+        a pickle of a module compiles its own)."""
+        state = self.__dict__.copy()
+        state.pop(STEP_CACHE, None)
+        return state
+
     # -- structure -------------------------------------------------------------------------
+
+    def modules(self) -> Iterator[Module]:
+        """This module and every module in it, each once, parents first (as in torch)."""
+        seen: set[int] = set()
+        stack: list[Module] = [self]
+        while stack:
+            module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            yield module
+            stack.extend(reversed([child for _, child in module.children()]))
 
     def children(self) -> Iterator[tuple[str, Module]]:
         for name, value in vars(self).items():
@@ -531,7 +586,10 @@ class Sequential(Module):
         return self._modules[index]
 
     def __setitem__(self, index: int, module: Module) -> None:
+        if not isinstance(module, Module):
+            raise SymgradError(f"Sequential takes modules, got {module!r}")
         self._modules[index] = module
+        _edited(self)
 
     def __len__(self) -> int:
         return len(self._modules)

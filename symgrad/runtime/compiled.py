@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from ..codegen.dtypes import kernel_name
+from ..errors import SymgradError
 from .cache import ensure_imported, import_module, purge_compiled, verified_text, write_source
 from .threads import use_parallel
 
@@ -79,6 +80,26 @@ class CompiledOp(Generic[D]):
         self._recovered = False
         #: ``(name, params)`` of a built-in op (``symgrad.builtin`` sets it), else None
         self.origin: tuple[str, dict[str, Any]] | None = None
+        #: ``(function, arguments)`` making this op again in another process (pickling)
+        self.recipe: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
+
+    def __copy__(self) -> CompiledOp[D]:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledOp[D]:
+        """The op itself: an op is a compiled function, which copies of a module share (as
+        copies of a torch module share its functions)."""
+        return self
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        """Pickled as the way to make it again (its spec, or a built-in's name and
+        parameters): unpickled, it is found in the kernel cache or compiled."""
+        if self.recipe is None:
+            raise SymgradError(
+                f"op {self.name!r} cannot be pickled: it was not made by symgrad.elementwise, "
+                "symgrad.tensor_op or symgrad.builtin"
+            )
+        return self.recipe
 
     @property
     def source(self) -> str:
