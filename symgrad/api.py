@@ -81,22 +81,29 @@ def elementwise(
     >>> softsign.vjp(np.array([-1.0, 0.0, 3.0]), np.ones(3))[0]
     array([0.25  , 1.    , 0.0625])
     """
-    from .codegen.emit import emit_elementwise
-    from .codegen.printer import check_supported
     from .symbolic.spec import elementwise_spec
 
     spec = elementwise_spec(
         expr, inputs, name, constants, fastmath=fastmath, parallel=parallel, wrt=wrt
     )
+    return _elementwise_op(spec)
+
+
+def _elementwise_op(spec: OpSpec) -> ElementwiseOp:
+    """The op of an elementwise spec (the one already made, if any)."""
+    from .codegen.emit import emit_elementwise
+    from .codegen.printer import check_supported
+
     if spec.key in _OPS:
         return _OPS[spec.key]  # type: ignore[return-value]
     check_supported(spec.expr, spec.name)
 
     def emit(d: Derivation) -> str:
-        return emit_elementwise(d, spec.key, fastmath, parallel).text
+        return emit_elementwise(d, spec.key, spec.fastmath, spec.parallel).text
 
     path, derivation = _build(spec.name, spec.key, lambda: _derive_checked(spec), emit)
     op = ElementwiseOp(spec, path, lambda: _derive_checked(spec), derivation, emit)
+    op.recipe = (_elementwise_op, (spec,))  # how a pickled op is made again
     _OPS[spec.key] = op
     return op
 
@@ -200,6 +207,7 @@ def _tensor_op(spec: TensorSpec) -> TensorOp:
 
     path, derivation = _build(spec.name, spec.key, derive, emit)
     op = TensorOp(spec, path, derive, derivation, emit)
+    op.recipe = (_tensor_op, (spec,))  # how a pickled op is made again
     _OPS[spec.key] = op
     return op
 
@@ -237,8 +245,16 @@ def builtin(
         op = built()
         stored.save(request, op)
     op.origin = (name, dict(params))
+    op.recipe = (_builtin_op, (name, dict(params), chosen))  # made again by name, no SymPy
     _BUILTINS[request] = op
     return op
+
+
+def _builtin_op(
+    name: str, params: dict[str, Any], wrt: tuple[str, ...] | None
+) -> ElementwiseOp | TensorOp:
+    """``builtin(name, wrt=wrt, **params)``: what an unpickled built-in op is."""
+    return builtin(name, wrt=wrt, **params)
 
 
 def _built(

@@ -684,3 +684,21 @@ def test_cli_formula_injection_in_a_subprocess_runs_nothing(tmp_path):
                          timeout=300, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert not pwned.exists()
+
+
+def test_unpickled_arrays_whose_dtype_is_a_copy_compute_as_any_other():
+    """An unpickled array's dtype equals float64 (int64) but is not NumPy's own object; the
+    ops' fast identity checks miss it, and the checked path takes it (it raised an
+    AssertionError once)."""
+    import pickle
+
+    rng = np.random.default_rng(2)
+    x, w, b = rng.normal(size=(4, 3)), rng.normal(size=(5, 3)), rng.normal(size=5)
+    labels = np.array([0, 4, 2, 1])
+    copies = pickle.loads(pickle.dumps((x, w, b, labels)))
+    assert copies[0].dtype is not np.dtype(np.float64)
+    linear, ce = sg.builtin("linear"), nn.CrossEntropyLoss()
+    np.testing.assert_array_equal(linear(*copies[:3]), linear(x, w, b))
+    logits = linear(x, w, b)
+    assert ce.value_and_grad(logits, copies[3])[0] == ce.value_and_grad(logits, labels)[0]
+    np.testing.assert_array_equal(sg.builtin("tanh")(copies[0]), sg.builtin("tanh")(x))

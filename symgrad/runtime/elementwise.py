@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the symbolic stages import SymPy; running kernels does not 
     from ..symbolic.spec import OpSpec
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_INT64 = np.dtype(np.int64)
 Reduction = Literal["none", "sum", "mean"]
 
 
@@ -34,6 +35,17 @@ def _as_float_array(value: object, what: str) -> np.ndarray:
             f"{what} has dtype {array.dtype}; symgrad computes in float32 or float64: convert "
             f"it first, e.g. np.asarray(x, dtype=np.float64)"
         )
+    return canonical_dtype(array)
+
+
+def canonical_dtype(array: np.ndarray) -> np.ndarray:
+    """``array``, or a view of it with NumPy's own dtype object where it has an equal copy
+    (an unpickled array's dtype is one), which the ops' fast identity checks would miss."""
+    dtype = array.dtype
+    if dtype.isbuiltin != 1:  # not NumPy's own object: find it
+        for own in (*_FLOATS, _INT64):
+            if dtype == own:
+                return array.view(own)
     return array
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import ArgumentError, DTypeError, IndexRangeError, ShapeError
 from .compiled import CompiledOp, Saved
-from .elementwise import _as_float_array
+from .elementwise import _as_float_array, canonical_dtype
 from .output_pool import empty
 
 if TYPE_CHECKING:  # building a plan or a spec needs SymPy; running a stored op does not
@@ -40,7 +40,7 @@ def _as_index_array(value: object, what: str) -> np.ndarray:
             f"{what} is an integer tensor (token ids, labels) but has dtype {array.dtype}; "
             "give integers, e.g. np.asarray(ids, dtype=np.int64)"
         )
-    return array.astype(np.int64, copy=False)
+    return canonical_dtype(array.astype(np.int64, copy=False))
 
 
 def _local(k: int, axis: int) -> str:
