@@ -12,6 +12,10 @@ that module, and the same memory: every shape's buffers are views of one
 outlives its step), which grows to the largest shape seen — a run over batches padded to many
 lengths holds about one step's buffers, not one set per length.  The traced graphs and plans of
 the last :data:`SHAPES_KEPT` shapes are kept (an older shape is traced again when it returns).
+The step watches the model (:func:`symgrad.nn.modules.watch`): after an edit — a module's
+attribute set, a ``Sequential`` item replaced, ``train()``/``eval()`` — or when a parameter's
+array changed shape or dtype or the optimizer's parameters changed, a shape is traced again
+before it runs, and planned again only if the graph differs.
 
 The optimizer's hyperparameters are arguments, read from its parameter groups on every call
 (a scheduler never recompiles the step), and its state lives in ``optimizer.state`` as in the
@@ -518,7 +522,6 @@ def compile_step(
         grad_hook=grad_hook,
         fuse_loss=fuse_loss,
     )
-
 
 
 def fit_step(
