@@ -266,9 +266,10 @@ def fit(
             step (``scheduler_interval="step"``, as in BERT fine-tuning) or after every epoch
             (``"epoch"``; a ``ReduceLROnPlateau`` always, with the epoch's mean loss); saved in
             and restored from checkpoints.
-        clip_grad_norm, clip_grad_value: clip the gradients before each optimizer step to this
-            global 2-norm (:func:`symgrad.nn.utils.clip_grad_norm_`) or into
-            ``[-value, value]`` (:func:`~symgrad.nn.utils.clip_grad_value_`); one of the two.
+        clip_grad_norm, clip_grad_value: clip the gradients of the optimizer's parameters
+            before each optimizer step to this global 2-norm
+            (:func:`symgrad.nn.utils.clip_grad_norm_`) or into ``[-value, value]``
+            (:func:`~symgrad.nn.utils.clip_grad_value_`); one of the two.
         compiled: train through one compiled step per batch shape
             (:func:`symgrad.compile.compile_step`: forward, backward, clipping and update in
             one generated function), kept with the model for the next call with the same
@@ -305,7 +306,7 @@ def fit(
     def op_by_op(idx: np.ndarray) -> float:
         optimizer.zero_grad()
         value = backward_pass(body, objective, x[idx], y[idx])
-        clip_gradients(model.parameters(), clip_grad_norm, clip_grad_value)
+        clip_gradients(optimizer, clip_grad_norm, clip_grad_value)
         optimizer.step()
         return value
 
@@ -404,9 +405,12 @@ def _traced_output(
 
 
 def clip_gradients(
-    params: list[Any], clip_grad_norm: float | None, clip_grad_value: float | None
+    optimizer: Optimizer, clip_grad_norm: float | None, clip_grad_value: float | None
 ) -> None:
-    """Clip the gradients of ``params`` by global norm or by value, as :func:`fit` asks."""
+    """Clip the gradients ``optimizer`` is about to apply by global norm or by value, as
+    :func:`fit` asks (a parameter outside the optimizer counts in no norm: its gradient is
+    not applied, and not zeroed between steps either), as the compiled step clips."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     if clip_grad_norm is not None:
         clip_grad_norm_(params, clip_grad_norm)
     elif clip_grad_value is not None:

@@ -178,7 +178,7 @@ def main() -> None:
         for epoch in range(EPOCHS):
             for shard in dp.shards(epoch):
                 losses.append(dp.backward(shard, partial(_tape_step, model, x, y)))
-                clip_gradients(model.parameters(), options["clip_grad_norm"], None)
+                clip_gradients(opt, options["clip_grad_norm"], None)
                 opt.step()
                 options["scheduler"].step()
         # after the first step (which learns when each gradient is complete) every bucket

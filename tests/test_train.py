@@ -128,6 +128,47 @@ def test_fit_keeps_its_compiled_step_between_calls(monkeypatch):
     assert vars(model)[STEP_CACHE] is not kept and len(traced) == 4
 
 
+def test_fit_calls_in_sequence_agree_with_the_op_by_op_path():
+    """One model and optimizer through seven ``fit`` calls — another loss, clipping, a new
+    rate, a frozen layer, weights loaded, a layer replaced by one the optimizer does not
+    hold — trains as the op-by-op path does (clipping counts the optimizer's parameters
+    only, on both paths)."""
+    rng = np.random.default_rng(0)
+    x, labels, targets = rng.normal(size=(40, 5)), rng.integers(0, 3, 40), rng.normal(size=(40, 3))
+
+    def run(compiled):
+        model = _model(1)
+        opt = optim.Adam(model.parameters(), lr=1e-2)
+        losses = []
+
+        def call(loss, y, **options):
+            history = fit(model, loss, opt, x, y, epochs=1, batch_size=16, compiled=compiled,
+                          **options)  # fmt: skip
+            losses.extend(history.step_losses)
+
+        call(nn.CrossEntropyLoss(), labels)
+        call(nn.MSELoss(), targets)
+        call(nn.CrossEntropyLoss(), labels, clip_grad_norm=0.1)
+        opt.param_groups[0]["lr"] = 0.05
+        call(nn.CrossEntropyLoss(), labels, clip_grad_norm=0.1)
+        model[0].requires_grad_(False)
+        call(nn.CrossEntropyLoss(), labels, clip_grad_norm=0.1)
+        model[0].requires_grad_(True)
+        model.load_state_dict({k: v * 0.5 for k, v in model.state_dict().items()})
+        call(nn.CrossEntropyLoss(), labels, clip_grad_norm=0.1)
+        model[2] = nn.Linear(7, 3, dtype=np.float64, rng=np.random.default_rng(5))
+        call(nn.CrossEntropyLoss(), labels, clip_grad_norm=0.1)
+        return np.array(losses), model.state_dict()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every call compiled
+        (got, got_state), (want, want_state) = run(None), run(False)
+    assert len(got) == 21
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    for k, v in want_state.items():
+        np.testing.assert_allclose(got_state[k], v, rtol=1e-11, atol=1e-14)
+
+
 def test_fit_falls_back_to_the_op_by_op_path_with_a_warning():
     class Opaque(nn.Module):  # no record: the step compiler cannot trace it
         def forward(self, x):

@@ -293,7 +293,6 @@ def fit(
     if checkpoint is not None and dp.world.is_main:
         check_checkpoint_path(checkpoint)
     try:
-        params = model.parameters()
         body, objective = fuse(model, loss) if fuse_loss else (model, loss)
         run = compile_or_fallback(
             lambda: dp.compiled(loss, clip_grad_norm=clip_grad_norm,
@@ -309,7 +308,7 @@ def fit(
             value = dp.backward(
                 shard, lambda idx, weight: backward_pass(body, objective, x[idx], y[idx], weight)
             )
-            clip_gradients(params, clip_grad_norm, clip_grad_value)
+            clip_gradients(optimizer, clip_grad_norm, clip_grad_value)
             optimizer.step()
             return value
 
