@@ -427,7 +427,7 @@ def test_a_step_module_of_another_structure_is_not_trusted(tmp_path, monkeypatch
     (relu_step,) = tmp_path.glob("training_step_*.py")
     tanh = model(nn.Tanh)
     step = compile_step(tanh, nn.CrossEntropyLoss(), optim.SGD(tanh.parameters(), lr=0.1))
-    key = step._bind((xs, ys)) and step._key
+    key = step._bind((xs, ys), step._owners()) and step._key
     tanh_step = next(p for p in tmp_path.glob("training_step_*.py") if p != relu_step)
     tanh_step.write_text(relu_step.read_text())
     import sys

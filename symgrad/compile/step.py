@@ -177,27 +177,30 @@ class CompiledStep:
         self._seen = edit_count()
         return graph
 
-    def _retrace(self, binding: _Binding, given: tuple[np.ndarray, ...]) -> _Binding:
+    def _retrace(
+        self, binding: _Binding, given: tuple[np.ndarray, ...], owners: dict[int, int]
+    ) -> _Binding:
         """``binding`` again if the model, traced as it is now, does what it did; else the
         step of the model as it is now (every other shape's binding dropped: traced again
         when it returns)."""
         graph = self._trace(given)
-        if graph.same_as(binding.graph) and self._trained(graph) == binding.trained:
-            binding.edits, binding.owned = self._seen, frozenset(self._owners())
+        if graph.same_as(binding.graph) and self._trained(graph, owners) == binding.trained:
+            binding.edits, binding.owned = self._seen, frozenset(owners)
             return binding
         for other in self._bindings.values():
             other.release()
         self._bindings.clear()
         self._last = None  # its arguments went with it
-        return self._bind(given, graph)
+        return self._bind(given, owners, graph)
 
     def _forward(self, tape: Any, *arrays: np.ndarray) -> np.ndarray:
         *inputs, target = arrays
         return self._objective.record(tape, self._body.record(tape, *inputs), target)
 
-    def _trained(self, graph: Graph) -> set[int]:
-        owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        return {n for n, p in enumerate(graph.params) if p.requires_grad and id(p) in owned}
+    def _trained(self, graph: Graph, owners: dict[int, int]) -> set[int]:
+        """The graph's parameters the step updates: the optimizer's (``owners``, see
+        :meth:`_owners`) that require a gradient."""
+        return {n for n, p in enumerate(graph.params) if p.requires_grad and id(p) in owners}
 
     def _variant(self, graph: Graph, n: int, want: list[int]) -> Any:
         """Node ``n``'s op derived with gradients for the arguments ``want`` only."""
@@ -213,10 +216,12 @@ class CompiledStep:
             self._variants[key] = with_wrt(op, names)
         return self._variants[key]
 
-    def _bind(self, arrays: tuple[np.ndarray, ...], graph: Graph | None = None) -> _Binding:
+    def _bind(
+        self, arrays: tuple[np.ndarray, ...], owners: dict[int, int], graph: Graph | None = None
+    ) -> _Binding:
         if graph is None:
             graph = self._trace(arrays)
-        trained = self._trained(graph)
+        trained = self._trained(graph, owners)
         if not trained:
             raise UnsupportedStepError("the model has no parameter the optimizer trains")
         needs = needs_grad(graph, trained)
@@ -255,11 +260,10 @@ class CompiledStep:
         output = where[_arg_name(keep[0])] if keep else None
         work = max((b.nbytes // b.dtype.itemsize for b in plan.buffers.values()), default=0)
         held = plan.layout().nbytes
-        owned = frozenset(self._owners())
         return _Binding(
-            graph, plan, trained, owned, self._seen, args, slots, buffers, held, gathers, output,
-            work,
-        )
+            graph, plan, trained, frozenset(owners), self._seen, args, slots, buffers, held,
+            gathers, output, work,
+        )  # fmt: skip
 
     def _place(self, binding: _Binding) -> None:
         """Point ``binding``'s buffer arguments at the pool's memory.  Were the pool to grow,
@@ -331,9 +335,9 @@ class CompiledStep:
         binding = self._bindings.get(signature)
         owners = self._owners()
         if binding is not None and self._stale(binding, owners):
-            binding = self._bindings[signature] = self._retrace(binding, given)
+            binding = self._bindings[signature] = self._retrace(binding, given, owners)
         elif binding is None:
-            binding = self._bindings[signature] = self._bind(given)
+            binding = self._bindings[signature] = self._bind(given, owners)
             while len(self._bindings) > SHAPES_KEPT:
                 self._bindings.popitem(last=False)[1].release()
         else:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import DTypeError, ShapeError, SymgradError
 from ..runtime.elementwise import ElementwiseOp, mean
-from .modules import Elementwise, Module, Sequential, _builtin, _LazyBuiltin
+from .modules import _FLOATS, Elementwise, Module, Sequential, _builtin, _LazyBuiltin
 
 if TYPE_CHECKING:
     from .tape import Tape
@@ -223,7 +223,7 @@ class CrossEntropyLoss(Loss):
         """The shapes and every label's range checked; logits of a dtype the op does not
         compute in get the op's own error (from one row)."""
         logits, labels = self._check(input, target)
-        if logits.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        if logits.dtype not in _FLOATS:
             self.value_and_grad(logits[:1], labels[:1])
 
     def value_and_grad(self, input: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
