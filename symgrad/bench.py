@@ -447,15 +447,17 @@ def run(
     if unknown:
         raise ValueError(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
     # Every thread pool at `threads`: libraries loaded from here on read these at load time,
-    # XLA (JAX) reads its flags at import, and SciPy's OpenBLAS — the BLAS Numba calls — is
-    # loaded now so that threadpool_limits (which sees loaded libraries only) covers it.
+    # XLA (JAX) reads its flags at import, and the BLAS symgrad's kernels call is loaded now so
+    # that threadpool_limits (which sees loaded libraries only) covers it.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     multi = "true" if threads > 1 else "false"
     os.environ["XLA_FLAGS"] = (
         f"--xla_cpu_multi_thread_eigen={multi} intra_op_parallelism_threads={threads}"
     )
-    import scipy.linalg.cython_blas  # noqa: F401
+    from .runtime.threads import kernel_blas
+
+    kernel_blas()
     import torch
 
     info = machine()  # before the pinning below: the machine's cores, not the run's

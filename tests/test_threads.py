@@ -127,6 +127,56 @@ def test_the_pool_runs_on_tbb_where_it_is_installed():
     assert _fresh(code).stdout.split() == ["tbb", "256.0"]
 
 
+_BLAS_STATE = (
+    "import json, os\n"
+    "from threadpoolctl import threadpool_info\n"
+    "import numpy, scipy.linalg\n"
+    "from symgrad.runtime import blas, threads\n"
+    "own = threads.own_blas()\n"
+    "path = os.path.realpath(own._name) if own is not None else None\n"
+    "libs = {('own' if os.path.realpath(i['filepath']) == path else i['internal_api'] + ' ' "
+    "+ os.path.basename(i['filepath'])): i['num_threads'] for i in threadpool_info() "
+    "if i['user_api'] == 'blas'}\n"
+    "print(json.dumps([blas.KERNEL_BLAS, blas.blas_threads(), libs]))\n"
+)
+
+
+def test_the_kernels_call_their_own_blas_and_leave_numpys_and_scipys_alone():
+    """The kernels' BLAS is symgrad's own OpenBLAS (the scipy-openblas32 wheel): the pool runs
+    it on one thread, and NumPy's and SciPy's BLAS keep their threads."""
+    name, threads_in_kernels, libs = json.loads(
+        _fresh(_BLAS_STATE, SYMGRAD_NUM_THREADS="2").stdout)
+    assert name.startswith("symgrad's own OpenBLAS") and threads_in_kernels == 1
+    assert libs.pop("own") == 1
+    assert libs and set(libs.values()) == {2}, libs  # NumPy's, SciPy's: OPENBLAS_NUM_THREADS
+
+
+def test_without_its_own_blas_the_kernels_call_scipys():
+    """Without the scipy-openblas32 wheel the kernels call SciPy's BLAS through Numba's helpers
+    (the same CBLAS calls, made by functions compiled then): products of every form and both
+    precisions equal NumPy's, and the pool runs that BLAS on one thread."""
+    code = (
+        "import sys; sys.modules['scipy_openblas32'] = None\n" + _BLAS_STATE
+        + "import itertools, numpy as np\n"
+        "rng = np.random.default_rng(0)\n"
+        "for dtype, ta, tb, (m, n) in itertools.product((np.float32, np.float64), (0, 1), "
+        "(0, 1), ((5, 3), (1, 3), (5, 1))):\n"
+        "    a = rng.normal(size=(4, m) if ta else (m, 4)).astype(dtype)\n"
+        "    b = rng.normal(size=(n, 4) if tb else (4, n)).astype(dtype)\n"
+        "    c = np.ones((m, n), dtype)\n"
+        "    blas.gemm(bool(ta), bool(tb), m, n, 4, 0.5, a, 0, a.shape[1], b, 0, b.shape[1], 2.0,"
+        " c, 0, n)\n"
+        "    want = 0.5 * (a.T if ta else a).astype(float) @ (b.T if tb else b) + 2.0\n"
+        "    np.testing.assert_allclose(c, want, rtol=1e-5 if dtype == np.float32 else 1e-12)\n"
+        "print('products ok')\n"
+    )
+    out = _fresh(code, SYMGRAD_NUM_THREADS="2").stdout.splitlines()
+    name, threads_in_kernels, libs = json.loads(out[0])
+    assert name.startswith("SciPy's BLAS") and threads_in_kernels == 1
+    assert "own" not in libs and 1 in libs.values()  # SciPy's, limited for the pool
+    assert out[1] == "products ok"
+
+
 @pytest.mark.parametrize("layer", [None, "tbb", "workqueue"])
 def test_the_pool_starts_by_default_only_on_tbb(layer):
     """By default (no layer named) and on TBB the kernels run on the pool unasked, the BLAS in

@@ -7,10 +7,14 @@ pointer, a leading dimension and a transpose flag — so no operand is copied, t
 reshaped, and the product is written straight into its destination (``beta`` = 0), or added to
 it (``beta`` = 1), scaled by ``alpha`` (attention's ``1/√d``).
 
-``gemm`` calls the BLAS that NumPy's ``np.dot`` uses inside Numba (SciPy's, through Numba's
-``numba_xxgemm`` helper, resolved by symbol name so that kernels calling it are cached on disk
-like any other).  Generated kernels import it; this module's source is part of the toolchain
-fingerprint (:func:`symgrad.runtime.cache.toolchain_fingerprint`).
+``gemm`` calls symgrad's own OpenBLAS — the ``scipy-openblas32`` wheel, a dependency; a
+copy of its own, newer than SciPy's (a BERT layer's products 5–9 % faster) and run on one thread
+for the pool without changing NumPy's or SciPy's BLAS — through its CBLAS functions, bound by
+symbol name (``symgrad_sgemm`` …) when this module is imported, so that kernels calling them
+are cached on disk like any other.  Without the wheel the same symbols are functions compiled
+here that call SciPy's BLAS through Numba's ``numba_xxgemm`` helper.  Generated kernels import
+``gemm``; this module's source is part of the toolchain fingerprint
+(:func:`symgrad.runtime.cache.toolchain_fingerprint`).
 
 **Threads.**  BLAS runs single-threaded inside symgrad's kernels when symgrad's pool runs them
 (:func:`symgrad.runtime.threads.limit_blas`); a large product is split by :func:`gemm_blocks`
@@ -21,41 +25,122 @@ over Numba's threads by :func:`gemm_blocks_par` in its parallel one.  Both compu
 the same way and add partial products in the same order, so the product has the same bits on
 any number of threads.
 
-When the BLAS has threads of its own — symgrad's pool off, the default — :func:`gemm_blocks`
-makes one call instead: BLAS's threads then share one packing of each operand, where pieces
+When the BLAS has threads of its own — symgrad's pool off (e.g. on Numba's workqueue layer) —
+:func:`gemm_blocks` makes one call instead: BLAS's threads then share one packing of each
+operand, where pieces
 re-pack one per piece (with OpenBLAS's 2 threads, a BERT layer's products took 1.08–1.16× as
 long in pieces; benchmarks/RESULTS-mainjob.md).  Its bits then depend on BLAS's thread count,
 as BLAS's own threading always makes them; on the pool (BLAS on one thread) they never do.
 The kernels ask BLAS for its thread count on every call (``symgrad_blas_threads``, a symbol
-bound at import to SciPy's OpenBLAS ``openblas_get_num_threads``, found by name like
-``numba_xxgemm``, so cached kernels stay valid in a new process).
+bound at import to the kernels' OpenBLAS's ``openblas_get_num_threads``, so cached kernels
+stay valid in a new process).
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
+from typing import Any
 
 import numpy as np
 from llvmlite import binding
-from numba import njit, prange, types
+from numba import cfunc, njit, prange, types
 
-from .threads import configure, kernel_blas
+from .threads import configure, kernel_blas, own_blas
 
 configure()  # before any kernel calls BLAS: SYMGRAD_NUM_THREADS read (the pool, BLAS on one thread)
 
-_C, _I, _P = types.char, types.intp, types.voidptr  # char, intp, void * (the helpers' C types)
-# int numba_xxgemm(char kind, char transa, char transb, intp m, intp n, intp k, void *alpha,
-#                  void *a, intp lda, void *b, intp ldb, void *beta, void *c, intp ldc):
-# Fortran (column-major) dgemm/sgemm of SciPy's BLAS.
+_C, _I, _P, _I32 = types.char, types.intp, types.voidptr, types.int32  # the helpers' C types
+_F32, _F64 = types.float32, types.float64
+
+# The kernels' BLAS, column-major CBLAS by value, bound by symbol name at import (so cached
+# kernels stay valid in a new process):
+#   void symgrad_[sd]gemm(int order, int transa, int transb, int m, int n, int k, T alpha,
+#                         const T *a, int lda, const T *b, int ldb, T beta, T *c, int ldc)
+#   void symgrad_[sd]gemv(int order, int trans, int m, int n, T alpha, const T *a, int lda,
+#                         const T *x, int incx, T beta, T *y, int incy)
+# symgrad's own OpenBLAS's ``scipy_cblas_*`` (runtime.threads.own_blas), else the functions
+# below that call SciPy's BLAS through Numba's helpers.
+_GEMM_SIGS = {t: types.void(_I32, _I32, _I32, _I32, _I32, _I32, t, _P, _I32, _P, _I32, t, _P, _I32)
+              for t in (_F32, _F64)}
+_GEMV_SIGS = {t: types.void(_I32, _I32, _I32, _I32, t, _P, _I32, _P, _I32, t, _P, _I32)
+              for t in (_F32, _F64)}
+_sgemm = types.ExternalFunction("symgrad_sgemm", _GEMM_SIGS[_F32])
+_dgemm = types.ExternalFunction("symgrad_dgemm", _GEMM_SIGS[_F64])
+_sgemv = types.ExternalFunction("symgrad_sgemv", _GEMV_SIGS[_F32])
+_dgemv = types.ExternalFunction("symgrad_dgemv", _GEMV_SIGS[_F64])
+
+_COLUMN_MAJOR, _NO_TRANS, _TRANS = 102, 111, 112  # CBLAS's enums
+_INT_MAX = 2**31 - 1  # the BLAS's int
+
+# Numba's helpers (SciPy's BLAS, Fortran): int numba_xxgemm(char kind, char transa, char transb,
+# intp m, intp n, intp k, void *alpha, void *a, intp lda, void *b, intp ldb, void *beta, void *c,
+# intp ldc) and int numba_xxgemv(char kind, char trans, intp m, intp n, void *alpha, void *a,
+# intp lda, void *x, void *beta, void *y), x and y contiguous.
 _xxgemm = types.ExternalFunction(
     "numba_xxgemm", types.intc(_C, _C, _C, _I, _I, _I, _P, _P, _I, _P, _I, _P, _P, _I)
 )
-# int numba_xxgemv(char kind, char trans, intp m, intp n, void *alpha, void *a, intp lda,
-#                  void *x, void *beta, void *y): Fortran sgemv/dgemv, x and y contiguous.
 _xxgemv = types.ExternalFunction("numba_xxgemv", types.intc(_C, _C, _I, _I, _P, _P, _I, _P, _P, _P))
 
-_N, _T = 110, 116  # ord("n"), ord("t")
+_N, _T = 110, 116  # ord("n"), ord("t"): the Fortran flags
+
+
+@njit(cache=True)
+def _numba_gemm(kind, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):  # type: ignore[no-untyped-def]
+    """A column-major CBLAS gemm call made through ``numba_xxgemm``."""
+    scale = np.array((alpha, beta))
+    _xxgemm(kind, _T if ta == _TRANS else _N, _T if tb == _TRANS else _N, m, n, k,
+            scale[0:].ctypes, a, lda, b, ldb, scale[1:].ctypes, c, ldc)
+
+
+@njit(cache=True)
+def _numba_gemv(kind, trans, m, n, alpha, a, lda, x, beta, y):  # type: ignore[no-untyped-def]
+    """A column-major CBLAS gemv call (unit increments) made through ``numba_xxgemv``."""
+    scale = np.array((alpha, beta))
+    _xxgemv(kind, _T if trans == _TRANS else _N, m, n, scale[0:].ctypes, a, lda, x,
+            scale[1:].ctypes, y)
+
+
+def _sgemm_via_numba(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):  # type: ignore[no-untyped-def]
+    _numba_gemm(115, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+def _dgemm_via_numba(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):  # type: ignore[no-untyped-def]
+    _numba_gemm(100, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+def _sgemv_via_numba(order, trans, m, n, alpha, a, lda, x, incx, beta, y, incy):  # type: ignore[no-untyped-def]
+    _numba_gemv(115, trans, m, n, alpha, a, lda, x, beta, y)
+
+
+def _dgemv_via_numba(order, trans, m, n, alpha, a, lda, x, incx, beta, y, incy):  # type: ignore[no-untyped-def]
+    _numba_gemv(100, trans, m, n, alpha, a, lda, x, beta, y)
+
+
+def _address(function: Any) -> int:
+    return int(ctypes.cast(function, ctypes.c_void_p).value or 0)
+
+
+def _bind_blas() -> str:
+    """Bind the kernels' BLAS symbols; the name of the BLAS bound."""
+    own = own_blas()
+    if own is not None:
+        for name in ("sgemm", "dgemm", "sgemv", "dgemv"):
+            binding.add_symbol(f"symgrad_{name}", _address(getattr(own, f"scipy_cblas_{name}")))
+        return "symgrad's own OpenBLAS (scipy-openblas32)"
+    # (compiled only here, where they are needed; cached like the kernels)
+    for name, function, sig in (
+        ("sgemm", _sgemm_via_numba, _GEMM_SIGS[_F32]),
+        ("dgemm", _dgemm_via_numba, _GEMM_SIGS[_F64]),
+        ("sgemv", _sgemv_via_numba, _GEMV_SIGS[_F32]),
+        ("dgemv", _dgemv_via_numba, _GEMV_SIGS[_F64]),
+    ):
+        binding.add_symbol(f"symgrad_{name}", cfunc(sig, cache=True)(function).address)
+    return "SciPy's BLAS (through Numba's numba_xxgemm)"
+
+
+#: Which BLAS the kernels call.
+KERNEL_BLAS = _bind_blas()
 
 _ONE_THREAD = ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 1)  # a BLAS without the query: one thread
 
@@ -68,8 +153,8 @@ def _thread_count_address() -> int:
         for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
             found = getattr(dll, f"{prefix}openblas_get_num_threads{suffix}", None)
             if found is not None:
-                return int(ctypes.cast(found, ctypes.c_void_p).value or 0)
-    return int(ctypes.cast(_ONE_THREAD, ctypes.c_void_p).value or 0)
+                return _address(found)
+    return _address(_ONE_THREAD)
 
 
 binding.add_symbol("symgrad_blas_threads", _thread_count_address())
@@ -84,6 +169,28 @@ def blas_threads():  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
+def _xgemm(single, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):  # type: ignore[no-untyped-def]
+    """Column-major ``gemm`` of the kernels' BLAS, in ``a``'s precision (``single``: float32)."""
+    if single:
+        _sgemm(_COLUMN_MAJOR, ta, tb, np.int32(m), np.int32(n), np.int32(k), np.float32(alpha),
+               a, np.int32(lda), b, np.int32(ldb), np.float32(beta), c, np.int32(ldc))
+    else:
+        _dgemm(_COLUMN_MAJOR, ta, tb, np.int32(m), np.int32(n), np.int32(k), np.float64(alpha),
+               a, np.int32(lda), b, np.int32(ldb), np.float64(beta), c, np.int32(ldc))
+
+
+@njit(cache=True)
+def _xgemv(single, trans, m, n, alpha, a, lda, x, beta, y):  # type: ignore[no-untyped-def]
+    """Column-major ``gemv`` (unit increments) of the kernels' BLAS, likewise."""
+    if single:
+        _sgemv(_COLUMN_MAJOR, trans, np.int32(m), np.int32(n), np.float32(alpha), a,
+               np.int32(lda), x, 1, np.float32(beta), y, 1)
+    else:
+        _dgemv(_COLUMN_MAJOR, trans, np.int32(m), np.int32(n), np.float64(alpha), a,
+               np.int32(lda), x, 1, np.float64(beta), y, 1)
+
+
+@njit(cache=True)
 def gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc):  # type: ignore[no-untyped-def]
     """Row-major ``C = alpha·op(A)·op(B) + beta·C`` for an ``m × n`` matrix ``C``.
 
@@ -95,41 +202,26 @@ def gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc):  # t
     """
     if m == 0 or n == 0:
         return
-    kind = 115 if a.itemsize == 4 else 100  # "s" or "d"
-    scale = np.empty(2, a.dtype)
-    scale[0] = alpha
-    scale[1] = beta
+    if max(m, n, k, lda, ldb, ldc) > _INT_MAX:
+        raise ValueError("a matrix product's side or row stride exceeds BLAS's 32-bit int")
+    single = a.itemsize == 4
     af = a.reshape(a.size)[ao:]
     bf = b.reshape(b.size)[bo:]
     cf = c.reshape(c.size)[co:]
     if k > 0 and m == 1 and (not ta or lda == 1):
         # C's row = op(A)'s row (contiguous) times op(B); column-major BLAS sees B stored
         # row-major as its transpose: y = B'·x when B is op(B) as stored, y = (B')'·x else.
-        _xxgemv(kind, _T if tb else _N, k if tb else n, n if tb else k, scale[0:].ctypes,
-                bf.ctypes, max(ldb, 1), af.ctypes, scale[1:].ctypes, cf.ctypes)
+        _xgemv(single, _TRANS if tb else _NO_TRANS, k if tb else n, n if tb else k, alpha,
+               bf.ctypes, max(ldb, 1), af.ctypes, beta, cf.ctypes)
         return
     if k > 0 and n == 1 and (ldc == 1 or m == 1) and (tb or ldb == 1):
         # C's column (contiguous) = op(A) times op(B)'s column (contiguous), likewise.
-        _xxgemv(kind, _N if ta else _T, m if ta else k, k if ta else m, scale[0:].ctypes,
-                af.ctypes, max(lda, 1), bf.ctypes, scale[1:].ctypes, cf.ctypes)
+        _xgemv(single, _NO_TRANS if ta else _TRANS, m if ta else k, k if ta else m, alpha,
+               af.ctypes, max(lda, 1), bf.ctypes, beta, cf.ctypes)
         return
     # Column-major BLAS sees each row-major matrix as its transpose: C' = op(B)' op(A)'.
-    _xxgemm(
-        kind,
-        _T if tb else _N,
-        _T if ta else _N,
-        n,
-        m,
-        k,
-        scale[0:].ctypes,
-        bf.ctypes,
-        max(ldb, 1),
-        af.ctypes,
-        max(lda, 1),
-        scale[1:].ctypes,
-        cf.ctypes,
-        max(ldc, 1),
-    )
+    _xgemm(single, _TRANS if tb else _NO_TRANS, _TRANS if ta else _NO_TRANS, n, m, k, alpha,
+           bf.ctypes, max(ldb, 1), af.ctypes, max(lda, 1), beta, cf.ctypes, max(ldc, 1))
 
 
 #: A large product is split into this many pieces (or fewer, when a side is short): pieces

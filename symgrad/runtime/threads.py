@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import importlib.metadata
 import os
 import platform
@@ -156,17 +157,50 @@ def _check(n: object) -> int:
     return n
 
 
+#: The package that brings symgrad's own OpenBLAS (``scipy-openblas32``, a dependency).
+OWN_BLAS_PACKAGE = "scipy_openblas32"
+
+
+@functools.cache
+def own_blas() -> ctypes.CDLL | None:
+    """symgrad's own OpenBLAS, the BLAS generated kernels call (loaded here, locally: its
+    symbols stay out of the process's namespace), or None when the ``scipy-openblas32`` wheel is
+    not there — kernels then call SciPy's BLAS through Numba's ``numba_xxgemm``
+    (:mod:`symgrad.runtime.blas`).  A copy of its own, so that running it on one thread for the
+    pool changes no other library's BLAS (NumPy's, SciPy's); and a newer OpenBLAS than SciPy's
+    (its GEMMs 5–9 % faster on a BERT layer's products, benchmarks/RESULTS-threads.md)."""
+    try:
+        package = importlib.import_module(OWN_BLAS_PACKAGE)
+        path = os.path.join(package.get_lib_dir(), package.get_library(fullname=True))
+        library = ctypes.CDLL(path)
+        library.scipy_cblas_sgemm  # noqa: B018  # (the symbols the kernels bind)
+    except (ImportError, OSError, AttributeError, IndexError):
+        return None
+    return library
+
+
 @functools.cache
 def kernel_blas() -> tuple[Any, ...]:
-    """threadpoolctl's controllers of the BLAS that generated kernels call (SciPy's OpenBLAS,
-    through Numba's ``numba_xxgemm``; loaded here if it was not yet), usually one.  Found once
-    (scanning the loaded libraries is the slow part); a controller reads and sets the library's
-    thread count live."""
+    """threadpoolctl's controllers of the BLAS that generated kernels call (:func:`own_blas`,
+    else SciPy's OpenBLAS through Numba's ``numba_xxgemm``; loaded here if it was not yet),
+    usually one.  Found once (scanning the loaded libraries is the slow part); a controller
+    reads and sets the library's thread count live."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - a dependency
+        return ()
+    own = own_blas()
+    if own is not None:
+        path = os.path.realpath(str(own._name))
+        return tuple(
+            lib
+            for lib in ThreadpoolController().lib_controllers
+            if lib.user_api == "blas" and os.path.realpath(lib.filepath) == path
+        )
     try:
         import scipy
         import scipy.linalg.cython_blas  # (loads the library, as Numba would)
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - both are dependencies
+    except ImportError:  # pragma: no cover - a dependency
         return ()
     root = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy")
     return tuple(
@@ -178,10 +212,10 @@ def kernel_blas() -> tuple[Any, ...]:
 
 def limit_blas() -> None:
     """Run the BLAS that generated kernels call on one thread per call: symgrad's kernels split
-    GEMMs over Numba's threads themselves.  That BLAS is SciPy's OpenBLAS: the process's
-    ``scipy.linalg`` calls run on one thread too while the pool is on (threadpoolctl's
-    ``threadpool_limits`` gives them threads for a block).  NumPy's own BLAS (``np.dot`` in
-    Python) is left as it is."""
+    GEMMs over Numba's threads themselves.  That BLAS is symgrad's own copy of OpenBLAS
+    (:func:`own_blas`): NumPy's and SciPy's BLAS are left as they are.  (Without it, SciPy's
+    OpenBLAS: the process's ``scipy.linalg`` calls then run on one thread too while the pool is
+    on; threadpoolctl's ``threadpool_limits`` gives them threads for a block.)"""
     for lib in kernel_blas():
         lib.set_num_threads(1)
 
@@ -211,7 +245,7 @@ def _why_no_pool() -> str | None:
         return (f"Numba runs its {layer} layer (chosen by a parallel function run before "
                 "symgrad's first kernel, or by Numba's configuration)")
     if not kernel_blas():
-        return "the BLAS symgrad's kernels call (SciPy's OpenBLAS) was not found"
+        return "the BLAS symgrad's kernels call (its own OpenBLAS, or SciPy's) was not found"
     return None
 
 
