@@ -276,10 +276,50 @@ def _built(
     return elementwise(formula, inputs=entry.inputs, name=name, constants=constants, wrt=wrt)
 
 
+#: (op key, inputs named in wrt) → the op derived so: each variant derived once per process
+_WITH_WRT: dict[tuple[str, tuple[str, ...]], ElementwiseOp | TensorOp] = {}
+
+
 def with_wrt(op: ElementwiseOp | TensorOp, wrt: Iterable[str]) -> ElementwiseOp | TensorOp:
     """``op`` derived again with gradients for the inputs named ``wrt`` only (a built-in keeps
-    its parameters; a user op its formula, constants and options)."""
-    names = list(wrt)
+    its parameters; a user op its formula, constants and options); ``op`` itself when those
+    are its gradients already.  Each variant is derived once per process (and its kernels
+    cached on disk as any op's)."""
+    names = tuple(wrt)
+    if names == tuple(op.input_names[k] for k in op._wrt):
+        return op
+    key = (op.key, names)
+    found = _WITH_WRT.get(key)
+    if found is None:
+        found = _WITH_WRT[key] = _derived_with_wrt(op, list(names))
+    return found
+
+
+#: An op's VJP leaves out the gradients nobody reads (a model's first layer's input gradient)
+#: when the inputs they belong to hold at least this many elements together: the op is then
+#: derived again without them (:func:`with_wrt`, once per process, its kernels cached on disk).
+#: Below it, computing an unread gradient costs less than deriving and compiling a variant.
+SKIP_GRADIENT_MIN = 1 << 16
+
+
+def for_gradients(
+    op: ElementwiseOp | TensorOp, arrays: tuple[Any, ...], needed: list[bool]
+) -> ElementwiseOp | TensorOp:
+    """The op whose VJP gives the gradients of the inputs ``needed`` marks (``arrays`` as the
+    op is called): ``op``, or its variant without large unread gradients
+    (:data:`SKIP_GRADIENT_MIN`).  Either computes the needed gradients the same way up to
+    rounding (the same formulas, shared subexpressions computed once either way)."""
+    wrt = getattr(op, "_wrt", ())
+    skipped = [k for k in wrt if not needed[k]]
+    keep = [k for k in wrt if needed[k]]
+    if not skipped or not keep:
+        return op
+    if sum(int(getattr(arrays[k], "size", 1)) for k in skipped) < SKIP_GRADIENT_MIN:
+        return op
+    return with_wrt(op, [op.input_names[k] for k in keep])
+
+
+def _derived_with_wrt(op: ElementwiseOp | TensorOp, names: list[str]) -> ElementwiseOp | TensorOp:
     origin = getattr(op, "origin", None)
     if origin is not None:
         name, params = origin

@@ -59,3 +59,52 @@ def test_views_of_untracked_arrays_are_fine():
     out = tape.apply(sg.builtin("tanh"), data[:, :2])  # an input's view: no gradient wanted
     frozen = tape.apply(sg.builtin("tanh"), out.T)  # nothing trained below: no gradient lost
     assert frozen.shape == (2, 3)
+
+
+def _torch_linear_grads(x, w, b, g):
+    import torch
+
+    tw, tb = torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True)
+    tx = torch.tensor(x, requires_grad=True)
+    (tx @ tw.T + tb).backward(torch.tensor(g))
+    return tx.grad.numpy(), tw.grad.numpy(), tb.grad.numpy()
+
+
+def test_a_large_gradient_nobody_reads_is_left_out(monkeypatch):
+    """A network's first layer reads data: its VJP leaves the data's gradient out (the op
+    derived without it, for large data), on the tape and on the layer path, and the
+    parameters' gradients are torch's; asked for anyway (``backward(wrt=...)`` on an input
+    never watched), that gradient comes from the full op."""
+    from symgrad import api
+
+    monkeypatch.setattr(api, "SKIP_GRADIENT_MIN", 64)  # the test's data counts as large
+    rng = np.random.default_rng(3)
+    layer = nn.Linear(8, 5, dtype=np.float64)
+    x, g = rng.normal(size=(16, 8)), rng.normal(size=(16, 5))
+    want_x, want_w, want_b = _torch_linear_grads(x, layer.weight.data, layer.bias.data, g)
+
+    tape = Tape()
+    y = layer.record(tape, x)
+    (record,) = tape._records
+    assert record.op is not record.full and 0 not in record.op._wrt  # X's gradient left out
+    tape.backward(y, g)
+    np.testing.assert_allclose(layer.weight.grad, want_w, rtol=1e-12)
+    np.testing.assert_allclose(layer.bias.grad, want_b, rtol=1e-12)
+
+    layer.zero_grad()
+    out, ctx = layer.forward(x)
+    assert layer.backward(ctx, g, need_input_grad=False) is None
+    np.testing.assert_allclose(layer.weight.grad, want_w, rtol=1e-12)
+    np.testing.assert_allclose(layer.bias.grad, want_b, rtol=1e-12)
+
+    layer.zero_grad()
+    tape = Tape()
+    y = layer.record(tape, x)
+    (gx,) = tape.backward(y, g, wrt=(x,))  # x was not watched: the full op gives it
+    np.testing.assert_allclose(gx, want_x, rtol=1e-12)
+    np.testing.assert_allclose(layer.weight.grad, want_w, rtol=1e-12)
+
+    monkeypatch.setattr(api, "SKIP_GRADIENT_MIN", 10**9)  # small data: the op as it is
+    tape = Tape()
+    layer.record(tape, x)
+    assert tape._records[0].op is tape._records[0].full

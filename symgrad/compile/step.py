@@ -123,7 +123,6 @@ class CompiledStep:
         self.grad_hook = grad_hook
         self._module: Any = None
         self._key: str | None = None
-        self._variants: dict[str, Any] = {}  # op key + wanted inputs → the op derived so
         self._bindings: OrderedDict[tuple, _Binding] = OrderedDict()  # least recent first
         self._pool = BufferPool()
         self._flags: tuple[bool, ...] = ()
@@ -207,14 +206,7 @@ class CompiledStep:
         from ..api import with_wrt
 
         op = graph.nodes[n].op
-        names = [op.input_names[k] for k in want]
-        current = [op.input_names[k] for k in op._wrt]
-        if names == current:
-            return op
-        key = f"{op.key}:{','.join(names)}"
-        if key not in self._variants:
-            self._variants[key] = with_wrt(op, names)
-        return self._variants[key]
+        return with_wrt(op, [op.input_names[k] for k in want])
 
     def _bind(
         self, arrays: tuple[np.ndarray, ...], owners: dict[int, int], graph: Graph | None = None

@@ -69,6 +69,17 @@ def _builtin(name: str, **params: Any) -> Any:
     return builtin(name, **params)
 
 
+def _layer_vjp(op: Any, need_input_grad: bool, *arrays_and_grad: Any) -> tuple[Any, ...]:
+    """``op``'s VJP at a layer's input, its parameters and the output's gradient; without the
+    input's gradient when ``need_input_grad`` is false and the input is large
+    (:func:`symgrad.api.for_gradients`: a network's first layer)."""
+    from ..api import for_gradients
+
+    arrays = arrays_and_grad[:-1]
+    needed = [need_input_grad] + [True] * (len(arrays) - 1)
+    return tuple(for_gradients(op, arrays, needed).vjp(*arrays_and_grad))
+
+
 class _LazyBuiltin:
     """Mixin of a layer or loss backed by the built-in elementwise op ``op_name`` with the
     parameters ``_params``: the op is built on first use, and its structure (a key part of the
@@ -369,10 +380,12 @@ class Linear(Module):
     ) -> np.ndarray | None:
         x = ctx
         if self.bias is not None:
-            gx, gw, gb = self._op.vjp(x, self.weight.data, self.bias.data, grad_y)
+            gx, gw, gb = _layer_vjp(
+                self._op, need_input_grad, x, self.weight.data, self.bias.data, grad_y
+            )
             self.bias.accumulate(gb)
         else:
-            gx, gw = self._op.vjp(x, self.weight.data, grad_y)
+            gx, gw = _layer_vjp(self._op, need_input_grad, x, self.weight.data, grad_y)
         self.weight.accumulate(gw)
         return gx if need_input_grad else None
 
@@ -555,9 +568,10 @@ class LayerNorm(Module):
         self, ctx: Any, grad_y: np.ndarray, need_input_grad: bool = True
     ) -> np.ndarray | None:
         flat = ctx
-        gx, gw, gb = self._op.vjp(
-            flat, self.weight.data, self.bias.data, grad_y.reshape(flat.shape)
-        )
+        gx, gw, gb = _layer_vjp(
+            self._op, need_input_grad, flat, self.weight.data, self.bias.data,
+            grad_y.reshape(flat.shape),
+        )  # fmt: skip
         self.weight.accumulate(gw)
         self.bias.accumulate(gb)
         return gx.reshape(grad_y.shape) if need_input_grad else None

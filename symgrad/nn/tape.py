@@ -44,6 +44,7 @@ class _Record:
     arrays: tuple[np.ndarray, ...]  # what the op was called with
     output: np.ndarray
     saved: Any = None  # what op.forward_saved kept for the VJP, if it ran
+    full: Any = None  # the op as applied, when ``op`` is its variant without unread gradients
 
 
 class Tape:
@@ -87,10 +88,15 @@ class Tape:
                     "tape.stack), or give the op the recorded array itself — tensor ops take "
                     "any leading batch axes (see symgrad.tensor_op's batch)"
                 )
-        tracked = any(
+        needs = [
             a.requires_grad if isinstance(a, Parameter) else id(a) in self._tracked for a in args
-        )
-        saved = None
+        ]
+        tracked = any(needs)
+        full, saved = op, None
+        if tracked and self.execute:
+            from ..api import for_gradients
+
+            op = for_gradients(op, arrays, needs)  # without large gradients nothing reads
         if not self.execute:
             shape, dtype = op.output_shape(*arrays)
             output = np.empty(shape, dtype=dtype)
@@ -101,7 +107,7 @@ class Tape:
         if tracked:
             self._tracked.add(id(output))
             self._tracked_memory.add(id(_owner(output)))
-        self._records.append(_Record(op, args, arrays, output, saved))
+        self._records.append(_Record(op, args, arrays, output, saved, full))
         self._produced.add(id(output))
         return output
 
@@ -197,7 +203,12 @@ class Tape:
             ]
             if not any(targets):
                 continue
-            grads = r.op.vjp(*r.arrays, g, saved=r.saved) if r.saved else r.op.vjp(*r.arrays, g)
+            op = r.op
+            if r.full is not op and any(
+                take and k not in op._wrt for k, take in enumerate(targets)
+            ):  # a gradient asked for (wrt, unwatched) that the forward's variant leaves out
+                op, r.saved = r.full, None
+            grads = op.vjp(*r.arrays, g, saved=r.saved) if r.saved else op.vjp(*r.arrays, g)
             for a, ga, take in zip(r.args, grads, targets, strict=True):
                 if not take or ga is None:
                     continue
