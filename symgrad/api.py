@@ -11,6 +11,7 @@ module imports SymPy only on the way to deriving something.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -324,12 +325,16 @@ def _derived_with_wrt(op: ElementwiseOp | TensorOp, names: list[str]) -> Element
     if origin is not None:
         name, params = origin
         return builtin(name, wrt=names, **params)
+    # A user op: its validated spec with only the gradients changed, so every other option
+    # (out_shape, batch, constants, fastmath, parallel...) stays as the user gave it.
+    chosen = set(names)
     if isinstance(op, TensorOp):
         t = op.spec
-        return tensor_op(t.expr, t.out, t.inputs, t.name, wrt=names)
+        wrt = tuple(b for b in t.inputs if str(b.label) in chosen)
+        return _tensor_op(dataclasses.replace(t, wrt=wrt))
     e = op.spec
-    return elementwise(
-        e.expr, e.inputs, e.name, fastmath=e.fastmath, parallel=e.parallel, wrt=names
+    return _elementwise_op(
+        dataclasses.replace(e, wrt=tuple(s for s in e.inputs if s.name in chosen))
     )
 
 
