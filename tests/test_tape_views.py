@@ -32,6 +32,10 @@ CASES = [
     ("slice", [(3, 7)],
      lambda t, x: t.getitem(x, (slice(1, 3), slice(5, None, -2))),
      lambda x: x[1:3].flip(1)[:, 1::2]),  # columns 5, 3, 1
+    ("strided slice from 0", [(3, 7)],  # the last row of the gradient's bound is D/2 - 1/2
+     lambda t, x: t.getitem(x, (slice(None), slice(None, None, 2))), lambda x: x[:, ::2]),
+    ("strided slice, 1-D", [(8,)],
+     lambda t, x: t.getitem(x, slice(0, None, 3)), lambda x: x[::3]),
     ("integer index", [(3, 4, 2)],
      lambda t, x: t.getitem(x, (..., -2, 1)), lambda x: x[..., -2, 1]),
     ("concatenate", [(2, 3), (2, 1), (2, 2)],

@@ -253,11 +253,14 @@ def bound_from_condition(cond: Boolean, var: sp.Symbol) -> tuple[str, sp.Expr] |
     if found is None or not found[0].is_Integer or reads_float(found[1]):
         return None
     a, r = found
-    r = r - 1 if strict else r  # a·var + r > 0  ⇔  a·var + r - 1 ≥ 0 for integers
-    # a·var ≥ -r
+    # a·var + r ≥ 0 (> 0): var ≥ -r/a (>) for a > 0, var ≤ r/-a (<) for a < 0.  SymPy writes
+    # ``2·i ≤ D - 1`` as ``i ≤ D/2 - 1/2``, so the bound need not be an integer: rounded to
+    # the integers var takes (floor and ceiling vanish where the bound is an integer).
     if a > 0:
-        return "lo", -r if a == 1 else sp.ceiling(-r / a)
-    return "hi", r if a == -1 else sp.floor(r / -a)
+        edge = -r / a
+        return "lo", sp.floor(edge) + 1 if strict else sp.ceiling(edge)
+    edge = r / -a
+    return "hi", sp.ceiling(edge) - 1 if strict else sp.floor(edge)
 
 
 def settle(conds: list[Boolean], known: Mapping[sp.Symbol, Range]) -> list[Boolean] | None:
