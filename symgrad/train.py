@@ -131,6 +131,7 @@ def _optimizer_arrays(optimizer: Optimizer) -> dict[str, np.ndarray]:
         for name, value in values.items()
     }
     arrays["optim/param_groups"] = np.asarray(to_json(state["param_groups"]))
+    arrays["optim/class"] = np.asarray(type(optimizer).__name__)
     return arrays
 
 
@@ -217,13 +218,21 @@ def load_checkpoint(
             f"the checkpoint {path} is damaged or not a symgrad checkpoint ({cause}); delete "
             "it to start afresh"
         ) from err
+    saved_kind = str(arrays.get("optim/class", type(optimizer).__name__))
+    if saved_kind != type(optimizer).__name__:
+        raise CheckpointError(
+            f"the checkpoint {path} holds the state of the optimizer {saved_kind}, and this "
+            f"run's optimizer is {type(optimizer).__name__}: resume with {saved_kind}, or "
+            "delete the checkpoint to start afresh"
+        )
     if scheduler is not None and schedule is None:
         raise SchedulerError(
             f"the checkpoint {path} holds no scheduler state (it was saved without a "
             "scheduler): resume it without one, or start the run again"
         )
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict(optim_state)
+    groups, state = optimizer._checked_state(optim_state)  # before the model changes
+    model.load_state_dict(model_state)  # checks every entry before it writes any
+    optimizer._set_state(groups, state)
     if scheduler is not None and schedule is not None:
         scheduler.load_state_dict(schedule)
     return epoch, history

@@ -35,6 +35,7 @@ from symgrad.errors import (
     ComplexityError,
     DefinitionError,
     FormulaError,
+    OptimizerError,
 )
 from symgrad.runtime import cache
 from symgrad.symbolic import bounds
@@ -569,6 +570,59 @@ def test_a_damaged_checkpoint_is_a_checkpoint_error_and_changes_nothing(tmp_path
         load_checkpoint(path, fresh, optim.Adam(fresh.parameters(), lr=0.01))
     for k, v in fresh.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def _fresh_model() -> nn.Module:
+    r = np.random.default_rng(1)
+    return nn.Sequential(nn.Linear(3, 4, dtype=np.float64, rng=r), nn.Tanh(),
+                         nn.Linear(4, 2, dtype=np.float64, rng=r))
+
+
+@pytest.mark.parametrize("other", [
+    lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9),
+    lambda ps: optim.AdamW(ps, lr=0.01, amsgrad=True),  # same hyperparameters, another rule
+])
+def test_a_checkpoint_resumed_with_another_optimizer_is_refused_and_changes_nothing(
+    tmp_path, other
+):
+    """An Adam run's checkpoint resumed with an SGD or an AdamW: a CheckpointError naming
+    both optimizers, raised before the model or the optimizer changes."""
+    _, _, path = _small_run(tmp_path)
+    fresh = _fresh_model()
+    opt = other(fresh.parameters())
+    before, groups = fresh.state_dict(), opt.state_dict()
+    named = rf"optimizer Adam, and this run's optimizer is {type(opt).__name__}"
+    with pytest.raises(CheckpointError, match=named):
+        load_checkpoint(path, fresh, opt)
+    for k, v in fresh.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    assert opt.state_dict() == groups
+
+
+def test_another_optimizers_state_dict_is_refused_before_anything_changes(tmp_path):
+    """A state dict of another kind of optimizer (a checkpoint written before checkpoints
+    named their optimizer, or a state dict loaded by hand): an OptimizerError naming what does
+    not fit; the model and the optimizer are as they were."""
+    _, _, path = _small_run(tmp_path)
+    with np.load(path) as saved:
+        arrays = {k: saved[k] for k in saved.files if k != "optim/class"}
+    older = tmp_path / "older.npz"
+    np.savez(older, **arrays)
+    fresh = _fresh_model()
+    sgd = optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    before = fresh.state_dict()
+    with pytest.raises(OptimizerError, match=r"lacks \['momentum'.*another kind of optimizer"):
+        load_checkpoint(older, fresh, sgd)
+    for k, v in fresh.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    assert sgd.param_groups[0]["momentum"] == 0.9
+
+    adam_state = optim.Adam(_fresh_model().parameters()).state_dict()
+    adam_state["state"] = {0: {"momentum_buffer": np.zeros((4, 3))}}  # an SGD's state
+    adam = optim.Adam(fresh.parameters())
+    with pytest.raises(OptimizerError, match=r"'momentum_buffer', which Adam does not keep"):
+        adam.load_state_dict(adam_state)
+    assert not adam.state
 
 
 def test_a_temporary_file_left_by_a_killed_save_is_removed_by_the_next(tmp_path):

@@ -347,7 +347,21 @@ class Optimizer:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (for the same parameters, in the same
         groups): hyperparameters and state; arrays are copied and cast to the parameters'
-        dtype.  Anything that does not fit raises before the optimizer changes."""
+        dtype.  Anything that does not fit raises before the optimizer changes: a state dict
+        of another kind of optimizer (whose groups lack this one's hyperparameters, or whose
+        state has entries this one does not keep) included."""
+        self._set_state(*self._checked_state(state_dict))
+
+    def _set_state(self, groups: list[dict[str, Any]], state: dict[Parameter, Any]) -> None:
+        """Install what :meth:`_checked_state` returned (cannot fail)."""
+        self.param_groups = groups
+        self.state = defaultdict(dict, state)
+
+    def _checked_state(
+        self, state_dict: Mapping[str, Any]
+    ) -> tuple[list[dict[str, Any]], dict[Parameter, Any]]:
+        """The groups and the state ``state_dict`` gives this optimizer, every entry checked;
+        nothing changes."""
         try:
             saved_groups = list(state_dict["param_groups"])
             saved_state = dict(state_dict["state"])
@@ -371,8 +385,17 @@ class Optimizer:
                     f"optimizer's {len(mine['params'])}"
                 )
             by_index.update(zip((int(i) for i in ids), mine["params"], strict=True))
+        kind = type(self).__name__
         groups = []
         for k, (mine, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            missing = [key for key in self.defaults if key not in saved]
+            if missing:
+                raise OptimizerError(
+                    f"param group {k} of the state dict lacks {missing}, hyperparameters of "
+                    f"{kind}: it was saved by another kind of optimizer (its group has "
+                    f"{sorted(str(key) for key in saved if key != 'params')}); load it into "
+                    "the optimizer that saved it"
+                )
             group = copy.deepcopy({key: v for key, v in saved.items() if key != "params"})
             group["params"] = mine["params"]
             self.check_group(group, k)
@@ -397,6 +420,10 @@ class Optimizer:
                         )
                     state[p][name] = arr
                 else:
-                    state[p][name] = copy.deepcopy(value)
-        self.param_groups = groups
-        self.state = state
+                    kept = sorted(arrays | ({self.rule.counter} if self.rule.counter else set()))
+                    raise OptimizerError(
+                        f"the state dict's state of parameter {key} has {name!r}, which "
+                        f"{kind} does not keep (it keeps {kept}): it was saved by another "
+                        "kind of optimizer; load it into the optimizer that saved it"
+                    )
+        return groups, dict(state)
