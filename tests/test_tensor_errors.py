@@ -177,6 +177,26 @@ def test_output_index_that_indexes_nothing():
         sg.tensor_op(X[b, j], out=(b, j, i), inputs=[X], name="extra_index")
 
 
+@pytest.mark.parametrize("position", [sp.Rational(1, 2), j + sp.Rational(1, 2), sp.Float(1.0)])
+def test_a_subscript_that_is_not_an_integer_is_named(position):
+    with pytest.raises(DefinitionError, match=r"reads position .* which is not an integer"):
+        sg.tensor_op(X[b, position] + X[b, j], out=(b, j), inputs=[X], name="half_index")
+
+
+def test_a_piecewise_without_a_default_is_named():
+    """Where none of its conditions holds a Piecewise has no value: refused at definition,
+    for tensor and elementwise formulas; complementary conditions are a default."""
+    with pytest.raises(DefinitionError, match=r"Piecewise\(\(X\[b, j\]\*\*2, X\[b, j\] > 0\)\) "
+                       r"has no value where none of its conditions holds"):
+        sg.tensor_op(sp.Piecewise((X[b, j] ** 2, X[b, j] > 0)), out=(b, j), inputs=[X],
+                     name="pw_no_default")
+    x = sp.Symbol("x", real=True)
+    with pytest.raises(DefinitionError, match=r"end it with a default, \(value, True\)"):
+        sg.elementwise(sp.Piecewise((x, x > 0), (-x, x < 0)), inputs=[x], name="pw_gap")
+    both = sg.elementwise(sp.Piecewise((x, x > 0), (-x, x <= 0)), inputs=[x], name="pw_abs")
+    np.testing.assert_array_equal(both(np.array([-2.0, 0.0, 3.0])), [2.0, 0.0, 3.0])
+
+
 def test_repeated_output_index_and_input_names():
     with pytest.raises(DefinitionError, match=r"output indices repeat: \(b, b\)"):
         sg.tensor_op(X[b, j], out=(b, b), inputs=[X], name="twice")

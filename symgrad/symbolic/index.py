@@ -42,7 +42,7 @@ from .bounds import MAX_TERMS, check_derivatives, check_size, is_zero
 from .conditions import indicator, refold_indicators, split_indicators
 from .derive import Printouts
 from .parse import as_expression
-from .spec import bind_constants, check_name, fresh_name
+from .spec import bind_constants, check_name, check_piecewise, fresh_name
 from .stabilize import Rewrite, stabilize
 
 Range = tuple[sp.Expr, sp.Expr]  # inclusive (low, high)
@@ -185,6 +185,11 @@ def _infer_ranges(expr: sp.Expr, op: str) -> dict[sp.Symbol, Range]:
                 f"{access.base} has {len(shape)} dims {tuple(shape)}"
             )
         for index, dim in zip(access.indices, shape, strict=True):
+            if index.is_integer is False or index.atoms(sp.Float):
+                raise DefinitionError(
+                    f"op {op!r}: {access} reads position {index} of {access.base}, which is not "
+                    "an integer; subscripts are integers (integer index symbols and constants)"
+                )
             if isinstance(index, sp.Symbol):
                 new = (sp.S.Zero, dim - 1)
                 if index in ranges and not is_zero(ranges[index][1] - new[1]):
@@ -318,6 +323,7 @@ def tensor_spec(
         formula, constants, reserved=[*labels, *(str(i) for i in out), *(str(d) for d in dims)]
     )
     _check_names(name, formula, inputs, out, dims)
+    check_piecewise(name, formula)
     real = {b: _real(b) for b in inputs}
     formula = formula.xreplace(real)
     inputs = tuple(real[b] for b in inputs)

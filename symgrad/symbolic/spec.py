@@ -116,6 +116,21 @@ def bind_constants(
     return bound, tuple(sorted(record))
 
 
+def check_piecewise(op: str, formula: sp.Expr) -> None:
+    """Every ``Piecewise`` of ``formula`` has a value everywhere: its conditions together always
+    hold (SymPy folds complementary ones, ``x > 0`` then ``x <= 0``, into a last ``True``);
+    else a :class:`DefinitionError` (the formula would have no value where none holds)."""
+    for pw in formula.atoms(sp.Piecewise):
+        if pw.args[-1].cond == sp.true:
+            continue
+        if sp.Or(*(arg.cond for arg in pw.args)).simplify() == sp.true:
+            continue
+        raise DefinitionError(
+            f"op {op!r}: {pw} has no value where none of its conditions holds; end it with "
+            "a default, (value, True)"
+        )
+
+
 def elementwise_spec(
     expr: object,
     inputs: Iterable[sp.Symbol],
@@ -156,6 +171,7 @@ def elementwise_spec(
         raise DefinitionError(f"op {name!r}: input names repeat: {duplicates}")
 
     formula, bound = bind_constants(formula, constants, reserved=names)
+    check_piecewise(name, formula)
     unbound = sorted(
         s.name for s in formula.free_symbols if not (isinstance(s, sp.Symbol) and s.name in names)
     )
