@@ -33,7 +33,7 @@ from .errors import (
     UnsupportedStepError,
 )
 from .nn.losses import Loss, fuse
-from .nn.modules import Module
+from .nn.modules import Module, check_integer
 from .nn.utils import clip_grad_norm_, clip_grad_value_
 from .optim import Optimizer
 from .optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
@@ -362,6 +362,7 @@ def check_fit_options(
     the shape and dtype of the model's output on ``rows`` (a compiled step's
     :meth:`~symgrad.compile.CompiledStep.output_form`: traced, not computed), or None."""
     check_data(x, y)
+    batch_size, epochs = check_integer("batch_size", batch_size), check_integer("epochs", epochs)
     if batch_size < 1 or epochs < 0:
         raise SymgradError(f"need batch_size ≥ 1 and epochs ≥ 0, got {batch_size}, {epochs}")
     if scheduler is not None and scheduler.optimizer is not optimizer:

@@ -34,6 +34,7 @@ from symgrad.errors import (
     CheckpointError,
     ComplexityError,
     DefinitionError,
+    DTypeError,
     FormulaError,
     OptimizerError,
 )
@@ -756,3 +757,31 @@ def test_unpickled_arrays_whose_dtype_is_a_copy_compute_as_any_other():
     logits = linear(x, w, b)
     assert ce.value_and_grad(logits, copies[3])[0] == ce.value_and_grad(logits, labels)[0]
     np.testing.assert_array_equal(sg.builtin("tanh")(copies[0]), sg.builtin("tanh")(x))
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda: nn.Linear(2.5, 3), r"Linear's in_features must be an integer, got 2\.5 \(float\)"),
+    (lambda: nn.Linear(3, True), r"Linear's out_features must be an integer, got True \(bool\)"),
+    (lambda: nn.LayerNorm(4.0), r"LayerNorm's normalized_shape must be an integer, got 4\.0"),
+    (lambda: fit(nn.Sequential(nn.Linear(3, 2, dtype=np.float64)), nn.MSELoss(),
+                 optim.SGD([nn.Parameter(np.ones(2))], lr=0.1), np.ones((4, 3)),
+                 np.ones((4, 2)), epochs=1, batch_size=4.5),
+     r"batch_size must be an integer, got 4\.5"),
+    (lambda: fit(nn.Sequential(nn.Linear(3, 2, dtype=np.float64)), nn.MSELoss(),
+                 optim.SGD([nn.Parameter(np.ones(2))], lr=0.1), np.ones((4, 3)),
+                 np.ones((4, 2)), epochs=np.float64(2), batch_size=4),
+     r"epochs must be an integer, got .*float64"),
+])  # fmt: skip
+def test_a_size_that_is_not_an_integer_is_an_argument_error(make, named):
+    with pytest.raises(ArgumentError, match=named):
+        make()
+    assert nn.Linear(np.int64(3), 2).weight.shape == (2, 3)  # NumPy's integers are integers
+
+
+@pytest.mark.parametrize("dtype", [">f8", ">f4"])
+def test_an_array_in_the_other_byte_order_is_named(dtype):
+    x = np.ones(3, dtype=dtype)
+    native = np.dtype(dtype).newbyteorder("=").name
+    with pytest.raises(DTypeError, match=rf"is {native} in the other byte order.*astype"):
+        sg.builtin("tanh")(x)
+    np.testing.assert_allclose(sg.builtin("tanh")(x.astype(native)), np.tanh(1.0), rtol=1e-6)

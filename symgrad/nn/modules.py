@@ -112,6 +112,14 @@ def _check_dtype(dtype: Any) -> np.dtype:
     return dt
 
 
+def check_integer(what: str, value: object) -> int:
+    """``value`` as an ``int`` if it is an integer (Python's or NumPy's; a bool is not one);
+    else an :class:`ArgumentError` naming ``what``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ArgumentError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
 class Parameter:
     """A trainable array with its gradient: ``data``, ``grad`` (or None), ``requires_grad``."""
 
@@ -330,6 +338,8 @@ class Linear(Module):
         rng: np.random.Generator | None = None,
     ) -> None:
         super().__init__()
+        in_features = check_integer("Linear's in_features", in_features)
+        out_features = check_integer("Linear's out_features", out_features)
         if in_features < 1 or out_features < 1:
             raise ShapeError(f"Linear needs positive sizes, got ({in_features}, {out_features})")
         dt = _check_dtype(dtype)
@@ -538,7 +548,9 @@ class LayerNorm(Module):
     ) -> None:
         super().__init__()
         dt = _check_dtype(dtype)
-        self.normalized_shape = int(normalized_shape)
+        self.normalized_shape = check_integer("LayerNorm's normalized_shape", normalized_shape)
+        if self.normalized_shape < 1:
+            raise ShapeError(f"LayerNorm needs a positive size, got {self.normalized_shape}")
         self.eps = eps
         self.weight = Parameter(np.ones(self.normalized_shape, dtype=dt))
         self.bias = Parameter(np.zeros(self.normalized_shape, dtype=dt))

@@ -31,6 +31,12 @@ Reduction = Literal["none", "sum", "mean"]
 def _as_float_array(value: object, what: str) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype not in _FLOATS:
+        if array.dtype.newbyteorder("=") in _FLOATS:
+            native = array.dtype.newbyteorder("=").name
+            raise DTypeError(
+                f"{what} is {native} in the other byte order ({array.dtype.str}); symgrad "
+                f"computes in the machine's: convert it first, x.astype(np.{native})"
+            )
         raise DTypeError(
             f"{what} has dtype {array.dtype}; symgrad computes in float32 or float64: convert "
             f"it first, e.g. np.asarray(x, dtype=np.float64)"
