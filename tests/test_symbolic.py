@@ -22,7 +22,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 from symgrad.builtins import BUILTINS
 from symgrad.symbolic import simplify as simplify_module
 from symgrad.symbolic.derive import derive_elementwise, prepare
-from symgrad.symbolic.functions import sigmoid, softplus, xlogy
+from symgrad.symbolic.functions import logcosh, sigmoid, softplus, xlogy
 from symgrad.symbolic.simplify import bounded_simplify
 from symgrad.symbolic.spec import elementwise_spec
 from symgrad.symbolic.stabilize import RULES, canonicalize, stabilize
@@ -33,10 +33,13 @@ POINTS = [-37.5, -3.25, -0.5, 0.0, 0.125, 1.75, 12.0, 41.0]
 
 def elementary(expr: sp.Expr) -> sp.Expr:
     """``expr`` with symgrad's primitives and log1p/expm1 replaced by their definitions."""
-    return expr.replace(sigmoid, lambda u: 1 / (1 + sp.exp(-u))).replace(
-        softplus, lambda u: sp.log(1 + sp.exp(u))
-    ).replace(log1p, lambda u: sp.log(1 + u)).replace(expm1, lambda u: sp.exp(u) - 1).replace(
-        xlogy, lambda u, v: sp.Piecewise((0, sp.Eq(u, 0)), (u * sp.log(v), True))
+    return (
+        expr.replace(sigmoid, lambda u: 1 / (1 + sp.exp(-u)))
+        .replace(softplus, lambda u: sp.log(1 + sp.exp(u)))
+        .replace(logcosh, lambda u: sp.log(sp.cosh(u)))
+        .replace(log1p, lambda u: sp.log(1 + u))
+        .replace(expm1, lambda u: sp.exp(u) - 1)
+        .replace(xlogy, lambda u, v: sp.Piecewise((0, sp.Eq(u, 0)), (u * sp.log(v), True)))
     )
 
 
@@ -127,6 +130,24 @@ RULE_CASES = {
         (b * a * sp.log(a), b * xlogy(a, a)),
         (a * (sp.log(a) - b), xlogy(a, a) - a * b),
     ],
+    "tanh": [
+        (expm1(2 * a) * sigmoid(-2 * a), sp.tanh(a)),
+        (b * expm1(a) * sigmoid(-a) ** 2, b * sp.tanh(a / 2) * sigmoid(-a)),
+        (sp.sinh(a) / sp.cosh(a), sp.tanh(a)),
+        (b * sp.sinh(a) / sp.cosh(a) ** 3, b * sp.tanh(a) / sp.cosh(a) ** 2),
+    ],
+    "tanh_sigmoid": [
+        (2 * sigmoid(a) - 1, sp.tanh(a / 2)),
+        (1 - 2 * sigmoid(2 * a) + b, b - sp.tanh(a)),
+    ],
+    "log_cosh": [
+        (sp.log(sp.cosh(a)), logcosh(a)),
+        (sp.log(sp.cosh(2 * a - b)), logcosh(2 * a - b)),
+    ],
+    "log_add_exp": [
+        (sp.log(sp.exp(a) + sp.exp(-a)), -a + softplus(2 * a)),
+        (sp.log(sp.exp(a) + sp.exp(b)), b + softplus(a - b)),
+    ],
 }
 
 #: Forms a rule must leave alone (None): they are not instances of it.
@@ -139,6 +160,10 @@ RULE_NON_CASES = {
     "expm1": [sp.exp(a) - 2, 2 * sp.exp(a) - 1],
     "log1p": [sp.log(2 + a), sp.log(1 + sp.exp(a))],
     "xlogy": [a * sp.log(b), a * sp.log(2 * a)],
+    "tanh": [expm1(a) * sigmoid(a), expm1(a) * sigmoid(-2 * a), sp.sinh(a) * sp.cosh(a)],
+    "tanh_sigmoid": [2 * sigmoid(a) - 2, sigmoid(a) - 1],
+    "log_cosh": [sp.log(sp.sinh(a)), sp.log(1 + sp.cosh(a))],
+    "log_add_exp": [sp.log(sp.exp(a) + 1 + sp.exp(b)), sp.log(2 * sp.exp(a) + sp.exp(b))],
 }
 
 RULE_FUNCTIONS = {name: rule for name, _, rule in RULES}

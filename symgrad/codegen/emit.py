@@ -51,12 +51,12 @@ import re
 from dataclasses import dataclass
 
 import sympy as sp
-from sympy.codegen.cfunctions import log1p
+from sympy.codegen.cfunctions import expm1, log1p
 
 from .._version import __version__
 from ..symbolic.bounds import check_size
 from ..symbolic.derive import Derivation
-from ..symbolic.functions import sigmoid, softplus, xlogy
+from ..symbolic.functions import logcosh, sigmoid, softplus, xlogy
 from . import names
 from .dtypes import SUFFIXES
 from .printer import (
@@ -97,7 +97,9 @@ class KernelSource:
 
 
 def lower_primitives(expr: sp.Expr) -> sp.Expr:
-    """Replace ``sigmoid``/``softplus`` by their evaluate-by-sign forms (see module doc), and
+    """Replace ``sigmoid``/``softplus``/``logcosh`` by their evaluate-by-sign forms (see module
+    doc; ``logcosh(a)`` is ``log1p(expm1(|a|)²·exp(−|a|)/2)`` below ``|a| = 20``, else
+    ``|a| − log 2 + log1p(exp(−|a|)²)``), and
     ``xlogy(x, y)`` by ``0 if x == 0 else x·log(y)``."""
 
     def lower(node: sp.Expr) -> sp.Expr:
@@ -108,10 +110,14 @@ def lower_primitives(expr: sp.Expr) -> sp.Expr:
         e = sp.exp(-sp.Abs(a))
         if isinstance(node, sigmoid):
             return sp.Piecewise((1 / (1 + e), a >= 0), (e / (1 + e), True))
+        if isinstance(node, logcosh):  # cosh(a) - 1 = expm1(|a|)²·exp(-|a|)/2 near 0
+            near = log1p(expm1(sp.Abs(a)) ** 2 * e / 2)
+            far = sp.Abs(a) - sp.log(2) + log1p(e**2)
+            return sp.Piecewise((near, sp.Abs(a) < 20), (far, True))
         return sp.Max(a, 0) + log1p(e)
 
     return expr.replace(
-        lambda n: isinstance(n, (sigmoid, softplus, xlogy)),
+        lambda n: isinstance(n, (sigmoid, softplus, logcosh, xlogy)),
         lower,  # type: ignore[arg-type]
     )
 

@@ -85,7 +85,8 @@ NUMBA_FUNCTIONS: dict[str, str] = {
 #: the emitter lowers to the functions above before printing).
 STRUCTURAL = frozenset(
     {
-        "Abs", "Max", "Min", "sign", "Heaviside", "Piecewise", "sigmoid", "softplus", "xlogy",
+        "Abs", "Max", "Min", "sign", "Heaviside", "Piecewise",
+        "sigmoid", "softplus", "logcosh", "xlogy",
         "floor", "ceiling",  # of index expressions: a strided convolution's bounds
     }
     | {"_TanhWithExp", "_ErfWithExp"}  # printing forms (see with_helper_arguments)

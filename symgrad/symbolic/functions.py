@@ -1,9 +1,9 @@
 """Stable primitive functions of the symbolic stage.
 
-Two transcendental building blocks overflow when evaluated as written: the logistic sigmoid
-``1/(1+exp(-a))`` and softplus ``log(1+exp(a))``.  symgrad gives them names (SymPy function
-classes) so that the stabilization pass can map overflow-prone forms onto them, the chain rule
-can pass through them, and the code generator can evaluate them by sign, sharing one
+Three transcendental building blocks overflow when evaluated as written: the logistic sigmoid
+``1/(1+exp(-a))``, softplus ``log(1+exp(a))`` and ``log(cosh(a))``.  symgrad gives them names
+(SymPy function classes) so that the stabilization pass can map overflow-prone forms onto them,
+the chain rule can pass through them, and the code generator can evaluate them by sign, sharing one
 ``exp(-|a|)`` between every use of the same argument.
 
 Their derivatives are *derived* from their defining formulas, never written out: ``fdiff``
@@ -75,7 +75,25 @@ class softplus(StablePrimitive):  # noqa: N801
         return True if self.args[0].is_real else None
 
 
-PRIMITIVES: tuple[type[StablePrimitive], ...] = (sigmoid, softplus)
+class logcosh(StablePrimitive):  # noqa: N801
+    """``logcosh(a) = log(cosh(a))``, evaluated as ``|a| − log 2 + log1p(exp(−2|a|))`` (``cosh``
+    overflows past ``|a| ≈ 710``); its derivative, derived, is ``tanh(a)``."""
+
+    @classmethod
+    def definition(cls, a: sp.Expr) -> sp.Expr:
+        return sp.log(sp.cosh(a))
+
+    @classmethod
+    def eval(cls, a: sp.Expr) -> sp.Expr | None:
+        if a.is_zero:
+            return sp.S.Zero
+        return None
+
+    def _eval_is_nonnegative(self) -> bool | None:
+        return True if self.args[0].is_real else None
+
+
+PRIMITIVES: tuple[type[StablePrimitive], ...] = (sigmoid, softplus, logcosh)
 
 
 class xlogy(sp.Function):  # noqa: N801

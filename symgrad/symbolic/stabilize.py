@@ -13,7 +13,10 @@ Rules (``σ`` is :class:`~symgrad.symbolic.functions.sigmoid`):
 * ``1 - σ(a)`` → ``σ(-a)`` (cancellation loses all digits when σ(a) ≈ 1);
 * ``c·softplus(a) - c·a`` → ``c·softplus(-a)`` (the same cancellation, one level up);
 * ``exp(a) - 1`` → ``expm1(a)`` and ``log(1 + u)`` → ``log1p(u)`` (accuracy near 0);
-* ``u·log(u)`` → ``xlogy(u, u)``, 0 at ``u = 0`` (an entropy's or KL divergence's term).
+* ``u·log(u)`` → ``xlogy(u, u)``, 0 at ``u = 0`` (an entropy's or KL divergence's term);
+* ``(exp(b) − 1)/(exp(b) + 1)`` → ``tanh(b/2)`` and ``sinh(a)/cosh(a)`` → ``tanh(a)`` (inf/inf
+  for large ``|a|``), ``2σ(a) − 1`` → ``tanh(a/2)`` (cancellation near 0);
+* ``log(cosh(a))`` → ``logcosh(a)``, ``log(exp(a) + exp(b))`` → ``b + softplus(a − b)``.
 
 :func:`canonicalize` goes the other way (``σ(-a)`` → ``1 - σ(a)``, ``softplus(-a)`` →
 ``softplus(a) - a``) so that simplification can cancel terms; the derivation stage
@@ -29,7 +32,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 from .bounds import may_expand
-from .functions import sigmoid, softplus, xlogy
+from .functions import logcosh, sigmoid, softplus, xlogy
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,63 @@ def _xlogy(node: sp.Expr) -> sp.Expr | None:
     return None
 
 
+def _tanh_from_ratio(node: sp.Expr) -> sp.Expr | None:
+    """``expm1(b)·σ(-b)`` (``(exp(b) − 1)/(exp(b) + 1)``, once the sigmoid and expm1 rules
+    have run) → ``tanh(b/2)``; ``sinh(a)·cosh(a)**-n`` → ``tanh(a)·cosh(a)**(1-n)``."""
+    if not isinstance(node, sp.Mul):
+        return None
+    factors = list(node.args)
+    for n, f in enumerate(factors):
+        rest = factors[:n] + factors[n + 1 :]
+        if isinstance(f, expm1):
+            b = f.args[0]
+            for m, g in enumerate(rest):
+                base, power = g.as_base_exp()
+                if isinstance(base, sigmoid) and base.args[0] == -b and power.is_positive:
+                    others = [*rest[:m], *rest[m + 1 :]]
+                    return sp.Mul(*others) * sp.tanh(b / 2) * base ** (power - 1)
+        if isinstance(f, sp.sinh):
+            a = f.args[0]
+            for m, g in enumerate(rest):
+                base, power = g.as_base_exp()
+                if base == sp.cosh(a) and power.is_Integer and power < 0:
+                    others = [*rest[:m], *rest[m + 1 :]]
+                    return sp.Mul(*others) * sp.tanh(a) * base ** (power + 1)
+    return None
+
+
+def _tanh_from_sigmoid(node: sp.Expr) -> sp.Expr | None:
+    """``c·σ(a) − c/2`` → ``(c/2)·tanh(a/2)`` (``2σ(a) − 1`` cancels near ``a = 0``)."""
+    if not isinstance(node, sp.Add):
+        return None
+    for term in node.args:
+        coeff, rest = term.as_coeff_Mul()
+        if not isinstance(rest, sigmoid) or coeff == 0:
+            continue
+        for other in node.args:
+            if other.is_Number and float(other) == -float(coeff) / 2:
+                others = [t for t in node.args if t is not term and t is not other]
+                return sp.Add(coeff / 2 * sp.tanh(rest.args[0] / 2), *others)
+    return None
+
+
+def _log_cosh(node: sp.Expr) -> sp.Expr | None:
+    if isinstance(node, sp.log) and isinstance(node.args[0], sp.cosh):
+        return logcosh(node.args[0].args[0])
+    return None
+
+
+def _log_add_exp(node: sp.Expr) -> sp.Expr | None:
+    """``log(exp(a) + exp(b))`` → ``b + softplus(a − b)`` (``b`` the lesser-looking term
+    either way: softplus is stable for every ``a − b``)."""
+    if isinstance(node, sp.log) and isinstance(node.args[0], sp.Add):
+        terms = node.args[0].args
+        if len(terms) == 2 and all(isinstance(t, sp.exp) for t in terms):
+            a, b = (t.args[0] for t in terms)
+            return b + softplus(a - b)
+    return None
+
+
 Rule = Callable[[sp.Expr], "sp.Expr | None"]
 
 RULES: tuple[tuple[str, str, Rule], ...] = (
@@ -201,6 +261,18 @@ RULES: tuple[tuple[str, str, Rule], ...] = (
     ("expm1", "exp(a) - 1 loses digits near a = 0: expm1(a)", _expm1),
     ("log1p", "log(1 + u) loses digits near u = 0: log1p(u)", _log1p),
     ("xlogy", "u·log(u) is NaN at u = 0, where its limit is 0: xlogy(u, u)", _xlogy),
+    (
+        "tanh",
+        "(exp(b) - 1)/(exp(b) + 1) and sinh(a)/cosh(a) are inf/inf for large |a|: tanh",
+        _tanh_from_ratio,
+    ),
+    ("tanh_sigmoid", "2σ(a) - 1 cancels near a = 0: tanh(a/2)", _tanh_from_sigmoid),
+    ("log_cosh", "cosh(a) overflows past |a| ≈ 710: logcosh(a)", _log_cosh),
+    (
+        "log_add_exp",
+        "exp(a) + exp(b) overflows: log(exp(a) + exp(b)) = b + softplus(a - b)",
+        _log_add_exp,
+    ),
 )
 
 
