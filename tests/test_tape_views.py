@@ -36,6 +36,13 @@ CASES = [
      lambda t, x: t.getitem(x, (slice(None), slice(None, None, 2))), lambda x: x[:, ::2]),
     ("strided slice, 1-D", [(8,)],
      lambda t, x: t.getitem(x, slice(0, None, 3)), lambda x: x[::3]),
+    ("step 3 at length 7", [(2, 7)],  # floor((7 - 1)/3) in floats is 1, not 2
+     lambda t, x: t.getitem(x, (slice(None), slice(None, None, 3))), lambda x: x[:, ::3]),
+    ("step -3 from the end", [(2, 7)],
+     lambda t, x: t.getitem(x, (slice(None), slice(6, None, -3))),
+     lambda x: x.flip(1)[:, ::3]),
+    ("step 6 at length 13", [(13,)],
+     lambda t, x: t.getitem(x, slice(0, None, 6)), lambda x: x[::6]),
     ("integer index", [(3, 4, 2)],
      lambda t, x: t.getitem(x, (..., -2, 1)), lambda x: x[..., -2, 1]),
     ("concatenate", [(2, 3), (2, 1), (2, 2)],

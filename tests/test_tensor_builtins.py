@@ -273,6 +273,30 @@ def test_convolutions_with_stride_and_padding(name, stride, padding, x_shape, w_
         _assert_close(got, leaf.grad.numpy(), RTOL[dtype], f"{name} gradient")
 
 
+@pytest.mark.parametrize(("stride", "padding"), [(3, 0), (3, 1), (6, 0)])
+def test_strided_convolutions_at_every_length(stride, padding):
+    """Output lengths ``floor((L + 2p - K) / s) + 1`` and the loop bounds of the gradients are
+    integer arithmetic: in floats ``(1/3)·7 − 1/3`` is 1.9999999999999998 and a floor of it
+    lost the last output position (L = 7, K = 1, stride 3 gave 2 outputs, torch 3)."""
+    rng = np.random.default_rng(13)
+    op = sg.builtin("conv1d", stride=stride, padding=padding)
+    for length in range(4, 26):
+        for k in range(1, 5):
+            if length + 2 * padding < k:
+                continue
+            x, w = rng.normal(size=(1, 2, length)), rng.normal(size=(2, 2, k))
+            c = rng.normal(size=2)
+            y = op(x, w, c)
+            leaves = [torch.tensor(a, requires_grad=True) for a in (x, w, c)]
+            want = torch.nn.functional.conv1d(*leaves, stride=stride, padding=padding)
+            assert y.shape == tuple(want.shape), (length, k)
+            g = rng.normal(size=y.shape)
+            want.backward(torch.tensor(g))
+            _assert_close(y, want.detach().numpy(), RTOL[np.float64], f"L={length} K={k}")
+            for got, leaf in zip(op.vjp(x, w, c, g), leaves, strict=True):
+                _assert_close(got, leaf.grad.numpy(), RTOL[np.float64], f"L={length} K={k}")
+
+
 @pytest.mark.parametrize(("channels", "filters"), [(3, 5), (5, 3)])
 def test_a_channels_last_convolution_written_by_hand(channels, filters):
     """The shifted read on the other side of the product (the output's position index before

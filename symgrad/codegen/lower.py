@@ -78,7 +78,7 @@ from . import names
 from .dtypes import SUFFIXES
 from .emit import KernelSource, _vectorisable, lower_primitives
 from .gemm import MaterializedGemm, plan
-from .printer import VECTOR_MATH_SOURCE, NumbaPrinter
+from .printer import VECTOR_MATH_SOURCE, NumbaPrinter, index_code
 
 _CANON = sp.Symbol("_canon", integer=True)
 PARALLEL_DECORATOR = "@njit(cache=True, error_model='numpy', parallel=True)"
@@ -130,7 +130,7 @@ class _IndexPrinter(NumbaPrinter):
 
 
 def _int(expr: sp.Expr) -> str:
-    return sp.pycode(sp.sympify(expr), fully_qualified_modules=True)
+    return index_code(expr)
 
 
 def _print(expr: sp.Expr, op: str, vector: bool, dtype: str, wide: frozenset[str]) -> str:

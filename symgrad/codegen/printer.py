@@ -508,6 +508,44 @@ def nearest_float32(value: sp.Expr) -> float:
     return float(min(candidates, key=lambda c: abs(sp.Rational(float(c)) - exact)))
 
 
+def _integer_scaled(expr: sp.Expr) -> tuple[sp.Expr, int] | None:
+    """``(n, d)`` with ``expr = n / d``, ``n`` a polynomial with integer coefficients in integer
+    symbols and ``d`` a positive integer — an index expression SymPy wrote with fractions
+    (``D/3 - 1/3``); None for anything else."""
+    if expr.atoms(sp.Float) or expr.atoms(sp.Indexed) or not expr.is_polynomial():
+        return None
+    if not all(s.is_integer for s in expr.free_symbols):
+        return None
+    den = 1
+    for r in expr.atoms(sp.Rational):
+        den = int(sp.ilcm(den, r.q))
+    return sp.expand(expr * den), den
+
+
+class _IndexCodePrinter(PythonCodePrinter):
+    """Loop bounds and index arithmetic: Python's printer, with floor and ceiling of
+    fractions in integer arithmetic (:func:`_integer_scaled`)."""
+
+    def _print_floor(self, expr: sp.Expr) -> str:
+        scaled = _integer_scaled(expr.args[0])
+        if scaled is None:
+            return f"math.floor({self._print(expr.args[0])})"
+        return f"(({self._print(scaled[0])}) // {scaled[1]})"
+
+    def _print_ceiling(self, expr: sp.Expr) -> str:
+        scaled = _integer_scaled(expr.args[0])
+        if scaled is None:
+            return f"math.ceil({self._print(expr.args[0])})"
+        return f"(-((-({self._print(scaled[0])})) // {scaled[1]}))"
+
+
+def index_code(expr: sp.Expr) -> str:
+    """Python source of an integer index expression (a loop bound): exact for the fractions
+    SymPy writes in bounds (``floor(D/3 - 1/3)`` is ``(D - 1) // 3``, not a float floor that
+    gives 1 at D = 7)."""
+    return str(_IndexCodePrinter({"fully_qualified_modules": True}).doprint(sp.sympify(expr)))
+
+
 class NumbaPrinter(PythonCodePrinter):
     """``PythonCodePrinter`` restricted to :data:`NUMBA_FUNCTIONS`, strict, exact floats.
 
@@ -527,7 +565,6 @@ class NumbaPrinter(PythonCodePrinter):
         super().__init__({"strict": True, "fully_qualified_modules": True})
         self.known_functions = {
             **self._kf, "Abs": "abs", "Max": "max", "Min": "min",
-            "floor": "math.floor", "ceiling": "math.ceil",
         }
         self._vector_math = vector_math
         self._single = dtype == "float32"
@@ -617,10 +654,36 @@ class NumbaPrinter(PythonCodePrinter):
         return name
 
     def _print_Relational(self, expr: sp.Expr) -> str:
+        scaled = _integer_scaled(expr.lhs - expr.rhs)
+        if scaled is not None and scaled[1] != 1:  # i <= D/3 - 1/3 as 3*i <= D - 1: exact
+            den = scaled[1]
+            lhs, rhs = sp.expand(expr.lhs * den), sp.expand(expr.rhs * den)
+            expr = expr.func(lhs, rhs, evaluate=False)
         integers = bool(expr.lhs.is_integer and expr.rhs.is_integer)
         outer, self._integer_context = self._integer_context, integers or self._integer_context
         try:
             return str(super()._print_Relational(expr))
+        finally:
+            self._integer_context = outer
+
+    def _print_floor(self, expr: sp.Expr) -> str:
+        return self._rounded(expr, "floor")
+
+    def _print_ceiling(self, expr: sp.Expr) -> str:
+        return self._rounded(expr, "ceil")
+
+    def _rounded(self, expr: sp.Expr, how: str) -> str:
+        """floor/ceiling of an index expression with rational coefficients in integer
+        arithmetic (``floor(D/3 - 1/3)`` as ``(D - 1) // 3``: in floats it is 1 at D = 7)."""
+        scaled = _integer_scaled(expr.args[0])
+        if scaled is None:
+            return f"math.{how}({self._print(expr.args[0])})"
+        num, den = scaled
+        outer, self._integer_context = self._integer_context, True
+        try:
+            if how == "floor":
+                return f"(({self._print(num)}) // {den})"
+            return f"(-((-({self._print(num)})) // {den}))"
         finally:
             self._integer_context = outer
 

@@ -52,7 +52,9 @@ def _int_source(expr: sp.Expr, names: dict[sp.Symbol, str]) -> str:
     """Python source of an integer dim expression, with each dim read from ``names``."""
     import sympy as sp
 
-    text = sp.pycode(expr.xreplace({d: sp.Symbol(n, integer=True) for d, n in names.items()}))
+    from ..codegen.printer import index_code  # floor(D/3 - 1/3) as (D - 1) // 3: exact
+
+    text = index_code(expr.xreplace({d: sp.Symbol(n, integer=True) for d, n in names.items()}))
     exact = all(r.is_Integer for r in expr.atoms(sp.Rational)) and not expr.atoms(sp.Function)
     return text if exact else f"int({text})"
 
