@@ -177,7 +177,9 @@ def test_output_index_that_indexes_nothing():
         sg.tensor_op(X[b, j], out=(b, j, i), inputs=[X], name="extra_index")
 
 
-@pytest.mark.parametrize("position", [sp.Rational(1, 2), j + sp.Rational(1, 2), sp.Float(1.0)])
+@pytest.mark.parametrize(
+    "position", [sp.Rational(1, 2), j + sp.Rational(1, 2), sp.Float(1.0), j / 2, (j + 1) / 3]
+)
 def test_a_subscript_that_is_not_an_integer_is_named(position):
     with pytest.raises(DefinitionError, match=r"reads position .* which is not an integer"):
         sg.tensor_op(X[b, position] + X[b, j], out=(b, j), inputs=[X], name="half_index")
@@ -195,6 +197,14 @@ def test_a_piecewise_without_a_default_is_named():
         sg.elementwise(sp.Piecewise((x, x > 0), (-x, x < 0)), inputs=[x], name="pw_gap")
     both = sg.elementwise(sp.Piecewise((x, x > 0), (-x, x <= 0)), inputs=[x], name="pw_abs")
     np.testing.assert_array_equal(both(np.array([-2.0, 0.0, 3.0])), [2.0, 0.0, 3.0])
+    y = sp.Symbol("y", real=True)  # exhaustive as propositions, not by SymPy's simplify
+    gate = sp.Piecewise((x * y, (x > 0) & (y > 0)), (0, (x <= 0) | (y <= 0)))
+    gated = sg.elementwise(gate, inputs=[x, y], name="pw_gate")
+    np.testing.assert_array_equal(gated(np.array([-1.0, 2.0]), np.array([3.0, 3.0])), [0, 6])
+    # conditions on indices hold by the indices' ranges: left to them
+    halves = sg.tensor_op(sp.Piecewise((X[b, j], j <= 1), (2 * X[b, j], j >= 2)), out=(b, j),
+                          inputs=[X], name="pw_index_halves")
+    np.testing.assert_array_equal(halves(np.ones((1, 4))), [[1, 1, 2, 2]])
 
 
 def test_repeated_output_index_and_input_names():

@@ -185,7 +185,12 @@ def _infer_ranges(expr: sp.Expr, op: str) -> dict[sp.Symbol, Range]:
                 f"{access.base} has {len(shape)} dims {tuple(shape)}"
             )
         for index, dim in zip(access.indices, shape, strict=True):
-            if index.is_integer is False or index.atoms(sp.Float):
+            fractional = any(r.q != 1 for r in index.atoms(sp.Rational))
+            if (
+                index.is_integer is False
+                or index.atoms(sp.Float)
+                or (fractional and index.is_integer is not True)
+            ):
                 raise DefinitionError(
                     f"op {op!r}: {access} reads position {index} of {access.base}, which is not "
                     "an integer; subscripts are integers (integer index symbols and constants)"

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import sympy as sp
+from sympy.logic.inference import satisfiable
 
 from ..errors import DefinitionError, UnboundSymbolError
 from .parse import as_expression
@@ -117,18 +118,47 @@ def bind_constants(
 
 
 def check_piecewise(op: str, formula: sp.Expr) -> None:
-    """Every ``Piecewise`` of ``formula`` has a value everywhere: its conditions together always
-    hold (SymPy folds complementary ones, ``x > 0`` then ``x <= 0``, into a last ``True``);
-    else a :class:`DefinitionError` (the formula would have no value where none holds)."""
+    """Every ``Piecewise`` of ``formula`` whose conditions are on values (not on indices) has
+    a value everywhere: its conditions together always hold (SymPy folds complementary ones,
+    ``x > 0`` then ``x <= 0``, into a last ``True``; others are compared as propositions, a
+    relation and its negation being one); else a :class:`DefinitionError` (the formula would
+    have no value where none holds).  Conditions on integer indices (``i <= 1``, ``i >= 2``)
+    hold or not by the indices' ranges, which are not known here: they are left alone."""
     for pw in formula.atoms(sp.Piecewise):
-        if pw.args[-1].cond == sp.true:
+        conds = [arg.cond for arg in pw.args]
+        if conds[-1] == sp.true or any(_on_indices(c) for c in conds):
             continue
-        if sp.Or(*(arg.cond for arg in pw.args)).simplify() == sp.true:
-            continue
-        raise DefinitionError(
-            f"op {op!r}: {pw} has no value where none of its conditions holds; end it with "
-            "a default, (value, True)"
-        )
+        if not _exhaustive(conds):
+            raise DefinitionError(
+                f"op {op!r}: {pw} has no value where none of its conditions holds; end it "
+                "with a default, (value, True)"
+            )
+
+
+def _on_indices(cond: sp.Basic) -> bool:
+    """Whether ``cond`` tests an integer index (not only the values of tensors read at one)."""
+    values = {x: sp.Dummy(real=True) for x in cond.atoms(sp.Indexed) if not x.base.is_integer}
+    return any(s.is_integer for s in cond.xreplace(values).free_symbols)
+
+
+def _exhaustive(conds: list[sp.Basic]) -> bool:
+    """Whether one of ``conds`` always holds: by SymPy's simplification, or as propositions
+    over their relations (``a > b`` and ``a <= b`` one proposition and its negation)."""
+    if sp.Or(*conds).simplify() == sp.true:
+        return True
+    atoms: dict[sp.Basic, sp.Basic] = {}
+
+    def proposition(rel: sp.Basic) -> sp.Basic:
+        key, negated = rel.canonical, rel.negated.canonical
+        if negated in atoms:
+            return sp.Not(atoms[negated])
+        return atoms.setdefault(key, sp.Dummy("p"))
+
+    values = {x: sp.Dummy(real=True) for c in conds for x in c.atoms(sp.Indexed)}
+    relations = {r for c in conds for r in c.xreplace(values).atoms(sp.core.relational.Relational)}
+    table = {r: proposition(r) for r in sorted(relations, key=sp.default_sort_key)}
+    logic = sp.Or(*(c.xreplace(values).xreplace(table) for c in conds))
+    return not satisfiable(sp.Not(logic))
 
 
 def elementwise_spec(

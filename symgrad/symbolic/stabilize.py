@@ -15,8 +15,14 @@ Rules (``σ`` is :class:`~symgrad.symbolic.functions.sigmoid`):
 * ``exp(a) - 1`` → ``expm1(a)`` and ``log(1 + u)`` → ``log1p(u)`` (accuracy near 0);
 * ``u·log(u)`` → ``xlogy(u, u)``, 0 at ``u = 0`` (an entropy's or KL divergence's term);
 * ``(exp(b) − 1)/(exp(b) + 1)`` → ``tanh(b/2)`` and ``sinh(a)/cosh(a)`` → ``tanh(a)`` (inf/inf
-  for large ``|a|``), ``2σ(a) − 1`` → ``tanh(a/2)`` (cancellation near 0);
-* ``log(cosh(a))`` → ``logcosh(a)``, ``log(exp(a) + exp(b))`` → ``b + softplus(a − b)``.
+  for large ``|a|``);
+* ``log(cosh(a))`` → ``logcosh(a)``.
+
+Not rewritten: ``2σ(a) − 1`` (as ``tanh(a/2)`` its value keeps its digits near 0, but its
+derivative ``(1 − tanh²)/2`` loses them for large ``a``, where ``2σ(a)σ(−a)`` keeps them) and
+``log(exp(a) + exp(b))`` (``b + softplus(a − b)`` cancels when ``b`` is very negative, and is
+NaN at ``b = −inf``: a log-sum-exp needs a max and infinities handled, as torch's
+``logaddexp``).
 
 :func:`canonicalize` goes the other way (``σ(-a)`` → ``1 - σ(a)``, ``softplus(-a)`` →
 ``softplus(a) - a``) so that simplification can cancel terms; the derivation stage
@@ -206,35 +212,9 @@ def _tanh_from_ratio(node: sp.Expr) -> sp.Expr | None:
     return None
 
 
-def _tanh_from_sigmoid(node: sp.Expr) -> sp.Expr | None:
-    """``c·σ(a) − c/2`` → ``(c/2)·tanh(a/2)`` (``2σ(a) − 1`` cancels near ``a = 0``)."""
-    if not isinstance(node, sp.Add):
-        return None
-    for term in node.args:
-        coeff, rest = term.as_coeff_Mul()
-        if not isinstance(rest, sigmoid) or coeff == 0:
-            continue
-        for other in node.args:
-            if other.is_Number and float(other) == -float(coeff) / 2:
-                others = [t for t in node.args if t is not term and t is not other]
-                return sp.Add(coeff / 2 * sp.tanh(rest.args[0] / 2), *others)
-    return None
-
-
 def _log_cosh(node: sp.Expr) -> sp.Expr | None:
     if isinstance(node, sp.log) and isinstance(node.args[0], sp.cosh):
         return logcosh(node.args[0].args[0])
-    return None
-
-
-def _log_add_exp(node: sp.Expr) -> sp.Expr | None:
-    """``log(exp(a) + exp(b))`` → ``b + softplus(a − b)`` (``b`` the lesser-looking term
-    either way: softplus is stable for every ``a − b``)."""
-    if isinstance(node, sp.log) and isinstance(node.args[0], sp.Add):
-        terms = node.args[0].args
-        if len(terms) == 2 and all(isinstance(t, sp.exp) for t in terms):
-            a, b = (t.args[0] for t in terms)
-            return b + softplus(a - b)
     return None
 
 
@@ -266,13 +246,7 @@ RULES: tuple[tuple[str, str, Rule], ...] = (
         "(exp(b) - 1)/(exp(b) + 1) and sinh(a)/cosh(a) are inf/inf for large |a|: tanh",
         _tanh_from_ratio,
     ),
-    ("tanh_sigmoid", "2σ(a) - 1 cancels near a = 0: tanh(a/2)", _tanh_from_sigmoid),
     ("log_cosh", "cosh(a) overflows past |a| ≈ 710: logcosh(a)", _log_cosh),
-    (
-        "log_add_exp",
-        "exp(a) + exp(b) overflows: log(exp(a) + exp(b)) = b + softplus(a - b)",
-        _log_add_exp,
-    ),
 )
 
 
