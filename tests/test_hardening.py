@@ -785,3 +785,5 @@ def test_an_array_in_the_other_byte_order_is_named(dtype):
     with pytest.raises(DTypeError, match=rf"is {native} in the other byte order.*astype"):
         sg.builtin("tanh")(x)
     np.testing.assert_allclose(sg.builtin("tanh")(x.astype(native)), np.tanh(1.0), rtol=1e-6)
+    with pytest.raises(DTypeError, match=r"input 'y' is .* in the other byte order"):
+        sg.builtin("mse")(x.astype(native), x)

@@ -141,6 +141,9 @@ class ElementwiseOp(CompiledOp["Derivation"]):
         given = [np.asarray(a) if isinstance(a, (np.ndarray, np.generic)) else a for a in arrays]
         dtypes = {a.dtype for a in given if isinstance(a, np.ndarray)}
         if len(dtypes) > 1:
+            for nm, a in zip(self.input_names, given, strict=True):
+                if isinstance(a, np.ndarray) and not a.dtype.isnative:
+                    _as_float_array(a, f"op {self.name!r} input {nm!r}")  # names the byte order
             listing = ", ".join(
                 f"{nm}: {a.dtype}"
                 for nm, a in zip(self.input_names, given, strict=True)
