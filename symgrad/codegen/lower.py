@@ -83,7 +83,7 @@ from .printer import VECTOR_MATH_SOURCE, NumbaPrinter, index_code
 _CANON = sp.Symbol("_canon", integer=True)
 PARALLEL_DECORATOR = "@njit(cache=True, error_model='numpy', parallel=True)"
 #: Elements per block of a vectorised reduction (its buffer's length; a multiple of LANES).
-BLOCK = 256
+BLOCK = 1024
 #: Partial sums (or maxima) of a vectorised reduction: element j of the range goes to lane
 #: j % LANES.
 LANES = 8
@@ -1333,13 +1333,25 @@ class _Lowerer:
         into, tree = ("_sg_lanes_add", "_sg_lanes_sum") if r.kind == "sum" else (
             "_sg_lanes_max", "_sg_lanes_top"
         )
+        # A range of at most one block (every row of a transformer's softmax or layer norm)
+        # skips the block loop: LLVM vectorises a straight pass 3-4x better than the same pass
+        # inside a loop whose trip count it cannot see (a masked softmax's forward over a BERT
+        # layer's scores: 9.5 -> 2.7 ms).  The blocks, and so the order of the additions, are
+        # the same either way: the same bits.
         return [
             f"{pad}_sg_lanes_fill({acc}, {init})",
-            f"{pad}for {q} in range({lo}, {end}, {BLOCK}):",
-            f"{pad}    {m} = min({BLOCK}, {end} - {q})",
+            f"{pad}{m} = max({end} - {lo}, 0)",
+            f"{pad}if {m} <= {BLOCK}:",
+            f"{pad}    {q} = {lo}",
             f"{pad}    for {r.var} in range({q}, {q} + {m}):",
             f"{pad}        {write} = {body}",
             f"{pad}    {into}({acc}, {block}, {m})",
+            f"{pad}else:",
+            f"{pad}    for {q} in range({lo}, {end}, {BLOCK}):",
+            f"{pad}        {m} = min({BLOCK}, {end} - {q})",
+            f"{pad}        for {r.var} in range({q}, {q} + {m}):",
+            f"{pad}            {write} = {body}",
+            f"{pad}        {into}({acc}, {block}, {m})",
             f"{pad}{total} = {tree}({acc})",
         ]
 
