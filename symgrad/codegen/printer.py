@@ -522,21 +522,31 @@ def _integer_scaled(expr: sp.Expr) -> tuple[sp.Expr, int] | None:
     return sp.expand(expr * den), den
 
 
-class _IndexCodePrinter(PythonCodePrinter):
-    """Loop bounds and index arithmetic: Python's printer, with floor and ceiling of
-    fractions in integer arithmetic (:func:`_integer_scaled`)."""
+class _ExactRounding(PythonCodePrinter):
+    """floor and ceiling of an index expression SymPy wrote with fractions in integer
+    arithmetic (:func:`_integer_scaled`: ``floor(D/3 - 1/3)`` as ``(D - 1) // 3``; in floats
+    it is 1 at D = 7); of anything else, ``math.floor``/``math.ceil``."""
 
     def _print_floor(self, expr: sp.Expr) -> str:
-        scaled = _integer_scaled(expr.args[0])
-        if scaled is None:
-            return f"math.floor({self._print(expr.args[0])})"
-        return f"(({self._print(scaled[0])}) // {scaled[1]})"
+        return self._rounded(expr.args[0], "floor")
 
     def _print_ceiling(self, expr: sp.Expr) -> str:
-        scaled = _integer_scaled(expr.args[0])
+        return self._rounded(expr.args[0], "ceil")
+
+    def _rounded(self, arg: sp.Expr, how: str) -> str:
+        scaled = _integer_scaled(arg)
         if scaled is None:
-            return f"math.ceil({self._print(expr.args[0])})"
-        return f"(-((-({self._print(scaled[0])})) // {scaled[1]}))"
+            return f"math.{how}({self._print(arg)})"
+        num, den = self._print_integer(scaled[0]), scaled[1]
+        return f"(({num}) // {den})" if how == "floor" else f"(-((-({num})) // {den}))"
+
+    def _print_integer(self, expr: sp.Expr) -> str:
+        """``expr``, an integer expression, as integer arithmetic."""
+        return str(self._print(expr))
+
+
+class _IndexCodePrinter(_ExactRounding):
+    """Loop bounds and index arithmetic: Python's printer, floor and ceiling exact."""
 
 
 def index_code(expr: sp.Expr) -> str:
@@ -546,7 +556,7 @@ def index_code(expr: sp.Expr) -> str:
     return str(_IndexCodePrinter({"fully_qualified_modules": True}).doprint(sp.sympify(expr)))
 
 
-class NumbaPrinter(PythonCodePrinter):
+class NumbaPrinter(_ExactRounding):
     """``PythonCodePrinter`` restricted to :data:`NUMBA_FUNCTIONS`, strict, exact floats.
 
     ``dtype="float32"`` prints for float32 data: every constant as a float32 (``np.float32(
@@ -666,24 +676,10 @@ class NumbaPrinter(PythonCodePrinter):
         finally:
             self._integer_context = outer
 
-    def _print_floor(self, expr: sp.Expr) -> str:
-        return self._rounded(expr, "floor")
-
-    def _print_ceiling(self, expr: sp.Expr) -> str:
-        return self._rounded(expr, "ceil")
-
-    def _rounded(self, expr: sp.Expr, how: str) -> str:
-        """floor/ceiling of an index expression with rational coefficients in integer
-        arithmetic (``floor(D/3 - 1/3)`` as ``(D - 1) // 3``: in floats it is 1 at D = 7)."""
-        scaled = _integer_scaled(expr.args[0])
-        if scaled is None:
-            return f"math.{how}({self._print(expr.args[0])})"
-        num, den = scaled
-        outer, self._integer_context = self._integer_context, True
+    def _print_integer(self, expr: sp.Expr) -> str:
+        outer, self._integer_context = self._integer_context, True  # no float32 conversions
         try:
-            if how == "floor":
-                return f"(({self._print(num)}) // {den})"
-            return f"(-((-({self._print(num)})) // {den}))"
+            return str(self._print(expr))
         finally:
             self._integer_context = outer
 
