@@ -352,14 +352,16 @@ class Optimizer:
         state has entries this one does not keep) included."""
         self._set_state(*self._checked_state(state_dict))
 
-    def _set_state(self, groups: list[dict[str, Any]], state: dict[Parameter, Any]) -> None:
+    def _set_state(
+        self, groups: list[dict[str, Any]], state: defaultdict[Parameter, dict[str, Any]]
+    ) -> None:
         """Install what :meth:`_checked_state` returned (cannot fail)."""
         self.param_groups = groups
-        self.state = defaultdict(dict, state)
+        self.state = state
 
     def _checked_state(
         self, state_dict: Mapping[str, Any]
-    ) -> tuple[list[dict[str, Any]], dict[Parameter, Any]]:
+    ) -> tuple[list[dict[str, Any]], defaultdict[Parameter, dict[str, Any]]]:
         """The groups and the state ``state_dict`` gives this optimizer, every entry checked;
         nothing changes."""
         try:
@@ -426,4 +428,4 @@ class Optimizer:
                         f"{kind} does not keep (it keeps {kept}): it was saved by another "
                         "kind of optimizer; load it into the optimizer that saved it"
                     )
-        return groups, dict(state)
+        return groups, state
