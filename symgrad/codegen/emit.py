@@ -59,6 +59,7 @@ from ..symbolic.derive import Derivation
 from ..symbolic.functions import logcosh, sigmoid, softplus, xlogy
 from . import names
 from .dtypes import SUFFIXES
+from .jit import njit
 from .printer import (
     NUMBA_FUNCTIONS,
     SINGLE_PRECISION,
@@ -280,9 +281,7 @@ def emit_elementwise(
     variants = [("", parallel), ("_par", True)]
     for (tag, threaded), (dtype, dsuffix) in itertools.product(variants, SUFFIXES.items()):
         loop = "prange" if threaded else "range"
-        decorator = (
-            f"@njit(cache=True, error_model='numpy', fastmath={fastmath}, parallel={threaded})"
-        )
+        decorator = njit(fastmath=fastmath, parallel=threaded)
         suffix = tag + dsuffix  # forward (float64 data), forward_f32, forward_par, ...
         src += elementwise_kernel(
             f"forward{suffix}", [*arrays, "out"], [value], ["out[i] = "], False, dtype

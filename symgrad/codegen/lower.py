@@ -78,10 +78,11 @@ from . import names
 from .dtypes import SUFFIXES
 from .emit import KernelSource, _vectorisable, lower_primitives
 from .gemm import MaterializedGemm, plan
+from .jit import njit
 from .printer import VECTOR_MATH_SOURCE, NumbaPrinter, index_code
 
 _CANON = sp.Symbol("_canon", integer=True)
-PARALLEL_DECORATOR = "@njit(cache=True, error_model='numpy', parallel=True)"
+PARALLEL_DECORATOR = njit(parallel=True)
 #: Elements per block of a vectorised reduction (its buffer's length; a multiple of LANES).
 BLOCK = 1024
 #: Partial sums (or maxima) of a vectorised reduction: element j of the range goes to lane
@@ -1384,7 +1385,7 @@ def _into_lanes(update: str) -> str:
 """
 
 
-_LANE_DECORATOR = "@njit(cache=True, error_model='numpy')"
+_LANE_DECORATOR = njit()
 #: Numba source of the helpers of a blocked reduction (see the module doc): lanes filled with
 #: the start value, a block's buffer added (or maxed) into them, and the lanes' fixed tree.
 #: Small functions that LLVM inlines into each kernel; as calls they keep Numba's own passes
@@ -1567,7 +1568,7 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
     mangled = names.tensor_names(derivation)  # every user name mangled (codegen/names.py)
     shapes = dict(mangled.shapes)
     shapes["out"] = shapes["grad_out"]
-    decorator = "@njit(cache=True, error_model='numpy')"
+    decorator = njit()
     uses_blas = False
 
     def function(

@@ -56,6 +56,7 @@ from sympy.printing.precedence import precedence
 from sympy.printing.pycode import PythonCodePrinter
 
 from ..errors import CodegenError, UnsupportedFunctionError
+from .jit import njit
 
 #: SymPy function name → name in Python's ``math`` module, which Numba compiles natively.
 NUMBA_FUNCTIONS: dict[str, str] = {
@@ -103,12 +104,14 @@ VECTOR_FUNCTIONS: dict[str, str] = {
 }
 
 #: Numba source of each helper of :data:`VECTOR_FUNCTIONS` (needs ``math``, ``numpy as np`` and
-#: ``njit`` in the module).  Never fast-math: the helpers rely on exact IEEE rounding (the
-#: round-to-integer shift, Cody-Waite reduction, the two-sum of ``1 + x``); as separate functions
-#: LLVM inlines them with their own flags, so a fast-math kernel leaves them intact.
-VECTOR_MATH_SOURCE: dict[str, str] = {
+#: ``njit`` in the module; the decorator line is added below).  Never fast-math: the helpers rely
+#: on exact IEEE rounding (the round-to-integer shift, Cody-Waite reduction, the two-sum of
+#: ``1 + x``); as separate functions LLVM inlines them with their own flags, so a fast-math kernel
+#: leaves them intact.  They do let a product and a sum become one fused multiply-add (see
+#: ``codegen/jit.py``): each rounding they rely on is of a sum or of a product that is exact, except
+#: in :data:`_EXACT_HELPERS`.
+_HELPER_BODIES: dict[str, str] = {
     "_sg_exp": """\
-@njit(cache=True, error_model='numpy', fastmath=False)
 def _sg_exp(v):
     # exp(v), branch-free.  v = k*ln2 + r with |r| <= ln2/2 (ln2 in two parts: k*ln2_hi is
     # exact); exp(r) = 1 + r + r*r*q(r), q the Taylor series up to r**11/13! (Estrin's scheme);
@@ -141,7 +144,6 @@ def _sg_exp(v):
     return res if x == x else x
 """,
     "_sg_log1p": """\
-@njit(cache=True, error_model='numpy', fastmath=False)
 def _sg_log1p(v):
     # log1p(v), branch-free.  u = 1 + v rounded; its rounding error (1 + v) - u, exact by
     # two-sum, enters as c = error/u;
@@ -179,7 +181,6 @@ def _sg_log1p(v):
     return res if x == x else x
 """,
     "_sg_tanh": """\
-@njit(cache=True, error_model='numpy', fastmath=False)
 def _sg_tanh(v, e):
     # tanh(v) given e = exp(2|v|): the printer passes _sg_exp(2.0*abs(v)) (a helper calling
     # the other would be too large for LLVM to inline, and the loop would not vectorise).
@@ -215,7 +216,6 @@ def _sg_tanh(v, e):
     return small if a < 0.625 else big
 """,
     "_sg_exp_f32": """\
-@njit(cache=True, error_model='numpy', fastmath=False)
 def _sg_exp_f32(v):
     # exp(v) in float32 throughout (8 lanes per AVX2 vector, not 4): v = k*ln2 + r, ln2 in two
     # parts (Cody-Waite), exp(r) = 1 + r + r*r*P(r) with Cephes' expf polynomial (Estrin's
@@ -243,7 +243,6 @@ def _sg_exp_f32(v):
     return res if x == x else x
 """,
     "_sg_tanh_f32": """\
-@njit(cache=True, error_model='numpy', fastmath=False)
 def _sg_tanh_f32(v, e):
     # tanh(v) in float32 given e = exp(2|v|) (from _sg_exp_f32).  |x| < 0.625: Cephes' tanhf
     # polynomial x + x*z*P(z), z = x*x (x itself below 2**-12); otherwise 1 - 2/(e + 1), and 1
@@ -264,7 +263,6 @@ def _sg_tanh_f32(v, e):
     return small if a < np.float32(0.625) else big
 """,
     "_sg_erf": """\
-@njit(cache=True, error_model='numpy', fastmath=False)
 def _sg_erf(v, e):
     # erf(v) given e = exp(-v*v) (the printer passes _sg_exp(-v*v): see with_helper_arguments).
     # Both forms computed, one selected.  |x| < 1: x + x*g(x*x), g(z) = erf(sqrt(z))/sqrt(z) - 1
@@ -319,7 +317,6 @@ def _sg_erf(v, e):
     return small if a < 1.0 else big
 """,
     "_sg_erf_f32": """\
-@njit(cache=True, error_model='numpy', fastmath=False)
 def _sg_erf_f32(v, e):
     # erf(v) in float32 given e = exp(-v*v) (from _sg_exp_f32), the forms of _sg_erf with
     # polynomials of degree 7 (g) and 8 (h, in t - 0.6), fitted for float32 and evaluated by
@@ -356,7 +353,6 @@ def _sg_erf_f32(v, e):
     return small if a < np.float32(1.0) else big
 """,
     "_sg_log": """\
-@njit(cache=True, error_model='numpy', fastmath=False)
 def _sg_log(v):
     # log(v), branch-free, as _sg_log1p without the rounding correction: x = 2**k * (1 + f)
     # with sqrt(2)/2 <= 1 + f < sqrt(2) (a subnormal x scaled by 2**54 first), log(1 + f) by
@@ -390,7 +386,6 @@ def _sg_log(v):
     return res if x == x else x
 """,
     "_sg_log_f32": """\
-@njit(cache=True, error_model='numpy', fastmath=False)
 def _sg_log_f32(v):
     # log(v) in float32 throughout: _sg_log's method with float32 bit fields (a subnormal x
     # scaled by 2**25 first), R(z) the Taylor series of 2*atanh(s)/s - 2 up to s**8 and ln2 in
@@ -419,7 +414,6 @@ def _sg_log_f32(v):
     return res if x == x else x
 """,
     "_sg_log1p_f32": """\
-@njit(cache=True, error_model='numpy', fastmath=False)
 def _sg_log1p_f32(v):
     # log1p(v) in float32 throughout: _sg_log_f32 of u = 1 + v rounded, plus the rounding
     # error (1 + v) - u (exact by two-sum) over u, as _sg_log1p does in float64.
@@ -448,6 +442,15 @@ def _sg_log1p_f32(v):
     res = np.float32(math.nan) if x < np.float32(-1.0) else res
     return res if x == x else x
 """,
+}
+
+#: Helpers that must see every product rounded: the float64 ``tanh`` splits numbers (Veltkamp)
+#: and forms Dekker's exact product, which a fused multiply-add would change.
+_EXACT_HELPERS = frozenset({"_sg_tanh"})
+
+VECTOR_MATH_SOURCE: dict[str, str] = {
+    name: njit(contract=name not in _EXACT_HELPERS) + "\n" + body
+    for name, body in _HELPER_BODIES.items()
 }
 
 #: The float32 twin of each helper, called by kernels for float32 data (the ``_f32`` functions

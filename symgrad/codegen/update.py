@@ -22,6 +22,7 @@ from .._version import __version__
 from ..errors import DefinitionError
 from ..symbolic.update import UpdateRule
 from .emit import KernelSource
+from .jit import njit
 from .loops import Loops, elementwise_loop
 from .printer import VECTOR_MATH_SOURCE, print_expr
 
@@ -128,7 +129,7 @@ def emit_update(rule: UpdateRule, key: str, single: bool) -> KernelSource:
     params = [*rule.array_inputs, *rule.scalar_inputs]
     helpers = [VECTOR_MATH_SOURCE[name] + "\n\n" for name in sorted(plan.helpers)]
     lines = [
-        "@njit(cache=True, error_model='numpy')",
+        njit(),
         f"def update({', '.join(params)}):",
         *body,
         f"{_PAD}return None",

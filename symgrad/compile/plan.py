@@ -33,13 +33,14 @@ import numpy as np
 
 from .._version import __version__
 from ..codegen.dtypes import kernel_name
+from ..codegen.jit import njit
 from ..runtime.tensor import TensorOp
 from ..symbolic.update import UpdateRule
 from .graph import Graph, Ref, UnsupportedStepError
 
 _PAD = "    "
-_NJIT = "@njit(cache=True, error_model='numpy')"
-_NJIT_PARALLEL = "@njit(cache=True, error_model='numpy', parallel=True)"
+_NJIT = njit()
+_NJIT_PARALLEL = njit(parallel=True)
 
 #: A step of at most this many ops is one compiled function (no Python between its kernels);
 #: a larger one is a Python function calling the compiled kernels in order — LLVM's work on one
