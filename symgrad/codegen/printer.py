@@ -12,8 +12,8 @@ With ``vector_math=True`` the functions of :data:`VECTOR_FUNCTIONS` (``exp``, ``
 from vectorising a loop (Numba's SVML is not available here), an inlined polynomial does not.
 They are within about one unit in the last place of the exact value, handle ±0, ±inf, NaN,
 overflow, underflow and subnormal arguments and results, and use only IEEE arithmetic, selects
-and bit casts — no fast-math, no branch, so an argument far outside the range (an attention mask
-of -3.4e38) costs what any other does.  ``tanh`` and ``erf`` take their exponential as a second
+and bit casts — no fast-math but fused multiply-adds (``codegen/jit.py``), no branch, so an
+argument far outside the range (an attention mask of -3.4e38) costs what any other does.  ``tanh`` and ``erf`` take their exponential as a second
 argument (``exp(2|a|)``, ``exp(-a²)``, see :func:`with_helper_arguments`): a helper calling
 another would be too large for LLVM to inline, and CSE then shares it with the formula's own.
 
