@@ -13,9 +13,10 @@ from vectorising a loop (Numba's SVML is not available here), an inlined polynom
 They are within about one unit in the last place of the exact value, handle ±0, ±inf, NaN,
 overflow, underflow and subnormal arguments and results, and use only IEEE arithmetic, selects
 and bit casts — no fast-math but fused multiply-adds (``codegen/jit.py``), no branch, so an
-argument far outside the range (an attention mask of -3.4e38) costs what any other does.  ``tanh`` and ``erf`` take their exponential as a second
-argument (``exp(2|a|)``, ``exp(-a²)``, see :func:`with_helper_arguments`): a helper calling
-another would be too large for LLVM to inline, and CSE then shares it with the formula's own.
+argument far outside the range (an attention mask of -3.4e38) costs what any other does.
+``tanh`` and ``erf`` take their exponential as a second argument (``exp(2|a|)``, ``exp(-a²)``,
+see :func:`with_helper_arguments`): a helper calling another would be too large for LLVM to
+inline, and CSE then shares it with the formula's own.
 
 Kernels for float32 data (``dtype="float32"``) print float32 constants and call the float32
 twins of :data:`SINGLE_PRECISION`, which vectorise 8 lanes wide on AVX2, not 4.
@@ -104,12 +105,12 @@ VECTOR_FUNCTIONS: dict[str, str] = {
 }
 
 #: Numba source of each helper of :data:`VECTOR_FUNCTIONS` (needs ``math``, ``numpy as np`` and
-#: ``njit`` in the module; the decorator line is added below).  Never fast-math: the helpers rely
-#: on exact IEEE rounding (the round-to-integer shift, Cody-Waite reduction, the two-sum of
-#: ``1 + x``); as separate functions LLVM inlines them with their own flags, so a fast-math kernel
-#: leaves them intact.  They do let a product and a sum become one fused multiply-add (see
-#: ``codegen/jit.py``): each rounding they rely on is of a sum or of a product that is exact, except
-#: in :data:`_EXACT_HELPERS`.
+#: ``njit`` in the module; the decorator line is added below).  No fast-math but one flag: the
+#: helpers rely on exact IEEE rounding (the round-to-integer shift, Cody-Waite reduction, the
+#: two-sum of ``1 + x``); as separate functions LLVM inlines them with their own flags, so a
+#: fast-math kernel leaves them intact.  The flag lets a product and the sum consuming it become
+#: one fused multiply-add (``codegen/jit.py``): every rounding they rely on is of a sum or of an
+#: exact product, except in :data:`_EXACT_HELPERS`.
 _HELPER_BODIES: dict[str, str] = {
     "_sg_exp": """\
 def _sg_exp(v):
