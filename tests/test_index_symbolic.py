@@ -26,6 +26,7 @@ from symgrad.symbolic.index import (
     derive_tensor,
     index_sum,
     is_scatter_delta,
+    join_sums,
     rename_bound,
     tensor_spec,
 )
@@ -138,6 +139,34 @@ def test_contraction_does_not_expand_centered_factors():
     (centered,) = [s for s in result.atoms(sp.Sum) if s.function.has(h)]
     assert centered.function.is_Mul and any(a.is_Add for a in centered.function.args)
     assert sp.expand(_concrete(result, 3, {k: 1}) - _concrete(expr, 3, {k: 1})) == 0
+
+
+def test_join_sums_adds_sums_over_one_range_into_one():
+    X, R = sp.IndexedBase("X", shape=(B, N)), sp.IndexedBase("R", shape=(B, N))
+    u = sp.Symbol("u", integer=True)
+    expr = (sp.Sum(X[b, j], (j, 0, N - 1)) - 2 * sp.Sum(R[b, u], (u, 0, N - 1))) / N
+    joined = join_sums(expr)
+    (total,) = joined.atoms(sp.Sum)
+    ((var, lo, hi),) = total.limits
+    assert (lo, hi) == (0, N - 1) and var in (j, u)
+    assert sp.expand(total.function - (X[b, var] - 2 * R[b, var])) == 0
+    assert sp.expand(_concrete(joined, 3, {B: 1}) - _concrete(expr, 3, {B: 1})) == 0
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        # other ranges
+        sp.Sum(f(j), (j, 0, N - 1)) + sp.Sum(h(j), (j, 1, N - 1)),
+        # a coefficient that is not a number (reads an index: joined, a sum per element)
+        sp.Sum(f(j), (j, 0, N - 1)) + f(k) * sp.Sum(h(j), (j, 0, N - 1)),
+        # a product of two tensors along the index: a GEMM's sum, left to BLAS
+        sp.Sum(sp.IndexedBase("A")[k, j] * sp.IndexedBase("V")[j, m], (j, 0, N - 1))
+        + sp.Sum(sp.IndexedBase("C")[k, j], (j, 0, N - 1)),
+    ],
+)
+def test_join_sums_leaves_sums_it_cannot_join(expr):
+    assert join_sums(expr) == expr
 
 
 # -- index_sum ------------------------------------------------------------------------------

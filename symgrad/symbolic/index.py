@@ -669,6 +669,63 @@ def merge_nested(expr: sp.Expr) -> sp.Expr:
     return visit(expr)
 
 
+def join_sums(expr: sp.Expr) -> sp.Expr:
+    """``c·Σ_j f + d·Σ_j g`` (the same limits, numbers ``c``, ``d``) as ``Σ_j (c·f + d·g)``.
+
+    :func:`tighten_bounds` contracts a sum term by term, so ``Σ_j (X + R)`` comes out as
+    ``Σ_j X + Σ_j R``: two reductions, each a pass over the row (a residual layer norm's mean).
+    Sums whose ranges came out the same are added back into one.  A sum that a BLAS call may
+    take (its body a product of two or more tensors read along the summation indices) is left
+    on its own: joined, it would be a loop.
+    """
+
+    def contraction(total: sp.Sum) -> bool:
+        along = {v for v, _, _ in total.limits}
+        reads = [
+            f
+            for f in sp.Mul.make_args(total.function)
+            if f.as_base_exp()[0].has(sp.Indexed) and f.free_symbols & along
+        ]
+        return len(reads) > 1
+
+    def joined(node: sp.Add) -> sp.Expr:
+        groups: dict[tuple, list[tuple[sp.Expr, sp.Sum]]] = {}
+        rest = []
+        for term in node.args:
+            coeff, total = term.as_coeff_Mul()
+            own = [v for v, _, _ in total.limits] if type(total) in (sp.Sum, IndexSum) else []
+            bounds = {s for _, lo, hi in getattr(total, "limits", ()) for s in (lo, hi)}
+            if own and not contraction(total) and not set(own) & sp.Tuple(*bounds).free_symbols:
+                ranges = tuple((lo, hi) for _, lo, hi in total.limits)
+                groups.setdefault(ranges, []).append((coeff, total))
+            else:
+                rest.append(term)
+        for group in groups.values():
+            first = group[0][1]
+            names = [v for v, _, _ in first.limits]
+            body = []
+            for coeff, total in group:
+                own = [v for v, _, _ in total.limits]
+                if set(names) & (total.function.free_symbols - set(own)):
+                    rest.append(coeff * total)  # a name of the first sum's taken inside
+                    continue
+                body.append(coeff * total.function.xreplace(dict(zip(own, names, strict=True))))
+            if len(body) > 1:
+                rest.append(IndexSum(sp.Add(*body), *first.limits))
+            elif body:
+                rest.append(group[0][0] * first)
+        return sp.Add(*rest)
+
+    def visit(node: sp.Basic) -> sp.Basic:
+        if not node.args or isinstance(node, (sp.Indexed, sp.IndexedBase, sp.Symbol)):
+            return node
+        args = [visit(a) for a in node.args]
+        node = node.func(*args) if args != list(node.args) else node
+        return joined(node) if isinstance(node, sp.Add) else node
+
+    return visit(expr)
+
+
 def _tighten_max(node: ReduceMax, known: dict[sp.Symbol, Range]) -> sp.Expr:
     """``max_u`` of ``Piecewise((f, c), (-oo, True))``: the conditions of ``c`` on ``u`` as
     its bounds."""
@@ -1114,10 +1171,10 @@ def derive_tensor(spec: TensorSpec) -> TensorDerivation:
         check_size(final, spec.name, f"the gradient of {base}, stabilized")
         final, guards = guard_deltas(tighten_bounds(final, ranges))
         rewrites += guards
-        final = merge_nested(refold_indicators(final))
+        final = join_sums(merge_nested(refold_indicators(final)))
         partials.append(TensorPartial(base, indices, raw, contracted, final, rewrites))
     stable_forward = refold_indicators(unify_bound(tighten_bounds(forward, out_ranges)))
-    stable_forward = merge_nested(stable_forward)
+    stable_forward = join_sums(merge_nested(stable_forward))
     from .residuals import save_residuals
 
     saved = save_residuals(
