@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from symgrad.codegen.lower import emit_tensor
+from symgrad.codegen.lower import _fused_columns, emit_tensor
 from symgrad.errors import DefinitionError
 from symgrad.symbolic.conditions import bound_from_condition, interval, provably_le, tighten
 from symgrad.symbolic.index import ReduceMax, contract, derive_tensor, tensor_spec
@@ -396,10 +396,11 @@ def test_a_row_sum_whose_terms_the_output_repeats_keeps_them_in_the_output_row()
     for function in ("forward", "forward_f32", "forward_par"):
         body = _body(source, function)
         assert len(re.findall(r"\b_sg_exp(_f32)?\(", body)) == 2, body
-        assert len(re.findall(r"_sg_lanes_add\(\w+, out\[s_b, s_s, \w+:\]", body)) == 2, body
+        # the term goes to the output, and from there to the sum's buffer
+        assert len(re.findall(r"\w+_buf\[\w+ - \w+\] = out\[s_b, s_s, \w+\]", body)) == 2, body
     causal = _body(softmax(t <= s, "causal_softmax_kept"), "forward")
     assert len(re.findall(r"\b_sg_exp\(", causal)) == 3, causal  # and one for the output
-    assert not re.search(r"_sg_lanes_add\(\w+, out\[", causal), causal
+    assert not re.search(r"_buf\[\w+ - \w+\] = out\[", causal), causal
 
 
 def test_a_sum_over_rows_runs_over_whole_rows_in_chunks_in_both_variants():
@@ -411,7 +412,10 @@ def test_a_sum_over_rows_runs_over_whole_rows_in_chunks_in_both_variants():
     source = emit_tensor(derive_tensor(spec), spec.key).text
     serial, parallel = _body(source, "vjp"), _body(source, "vjp_par")
     assert "prange" not in serial and "_kb" not in serial, serial  # (one loop with X's gradient)
-    assert re.search(r"for \w+ in range\(0, s_N\):\n\s+_a\d+\[_a\d+_c, \w+\] \+=", serial), serial
+    # X's gradient and the sum's partial sums in one loop over the row's columns
+    column = (r"for (\w+) in range\(0, s_N\):\n\s+grad_t_X\[.*\n\s+(\w+) = \1\n"
+              r"\s+_a\d+\[_a\d+_c, \2\] \+=")
+    assert re.search(column, serial), serial
     chunks = (r"for (\w+) in prange\(0, \w+_n\):\n\s+for \w+ in range\(0 \+ \1\*\w+_size, "
               r"min\(s_B, .*\):\n")
     assert "_kb" not in parallel and re.search(chunks, parallel), parallel
@@ -433,6 +437,58 @@ def test_the_gradients_of_one_op_over_the_same_rows_run_in_one_loop():
     assert len(re.findall(r"^    for \w+ in prange\(", parallel, re.M)) == 1, parallel
     assert re.search(r"^        for (\w+) in range\(.*\n(.*\n)*^            \w+ = \1$",
                      parallel, re.M), parallel  # the same loop body, inside the chunk loop
+
+
+def _columns(body: str) -> str:
+    return "\n".join(_fused_columns(body.strip("\n").split("\n"), 8, "\n".join))
+
+
+def test_loops_over_the_same_columns_run_as_one_when_nothing_forbids_it():
+    # layer norm's gradients: X's, R's (a copy of X's), the weight's and the bias's sums
+    body = """
+        for i in range(0, s_N):
+            gx[b, i] = g[b, i]*w[i]
+        r = b
+        h = 2*m[r]
+        for k in range(0, s_N):
+            gr[r, k] = gx[r, k]
+            a0[c, k] += h*g[r, k]
+"""
+    fused = _columns(body)
+    assert fused.count("for ") == 1, fused
+    assert fused.index("h = 2*m[r]") < fused.index("for i in"), fused  # moved before the loop
+    assert "            k = i\n            gr[r, k] = gx[r, k]" in fused, fused
+
+
+@pytest.mark.parametrize(
+    ("first", "between", "later"),
+    [
+        # the later loop reads the first one's output at another element
+        ("gx[b, i] = g[b, i]", "", "y[b, k] = gx[b, k - 1]"),
+        # ... or what it adds up (not final inside the loop)
+        ("a[i] += g[b, i]", "", "y[b, k] = a[k]"),
+        # the first loop reads what the later one writes
+        ("gx[b, i] = y[b, i]", "", "y[b, k] = g[b, k]"),
+        # a statement between them reads a sum the first loop carries (a second derivative's
+        # nested sums: joined, it read the sum before it was complete)
+        ("s += g[b, i]", "t = s", "y[b, k] = g[b, k]*t"),
+        # ... or a helper that writes a buffer runs between them
+        ("buf[i] = g[b, i]", "t = _sg_fold_sum(buf, n)", "y[b, k] = t"),
+        # the later loop reads a value the first one assigns per column
+        ("v = g[b, i]\n            x[b, i] = v", "", "y[b, k] = v"),
+    ],
+)
+def test_loops_over_the_same_columns_stay_apart_when_joining_would_change_a_value(
+    first, between, later
+):
+    body = f"""
+        for i in range(0, s_N):
+            {first}
+        {between or "z = 1"}
+        for k in range(0, s_N):
+            {later}
+"""
+    assert _columns(body) == body.strip("\n"), _columns(body)
 
 
 # -- the condition helpers ------------------------------------------------------------------

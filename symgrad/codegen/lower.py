@@ -35,11 +35,16 @@ for both dtypes (then rounded once to the data's dtype); a row max stays in the 
 **Vectorised reductions.**  A sum or max whose body has no libm call once ``exp``, ``log``...
 are the vectorisable helpers (softmax's ``Σ exp``, a row max, layer norm's sums) is computed in
 blocks of :data:`BLOCK` elements: the block's values go to a buffer in one loop (which LLVM
-vectorises), then into :data:`LANES` partial sums, element ``j`` of the range into lane
-``j % LANES``, added in a fixed tree at the end (the lanes' loops and tree are small helpers,
-:data:`LANE_SOURCE`, that LLVM inlines).  The order depends only on the range's
-length — never on threads or load — so results are deterministic; it avoids the serial chain
-of one accumulator (4 cycles per element) that a strict-IEEE loop cannot reassociate.
+vectorises; a sum's buffer is float64), then the buffer is folded in halves — its second half
+added onto its first, element by element, until :data:`LANES` values are left, which are
+added in a fixed tree — and the blocks' results are added in order (the fold and the tree are
+small helpers, :data:`LANE_SOURCE`, that LLVM inlines).  Each fold is a loop without a
+carried dependence, which LLVM vectorises under strict IEEE rules (Numba leaves LLVM's SLP
+vectoriser off, so a loop over a few partial sums in registers is not: a row of 384 floats
+summed 1.6x faster than into 8 lanes).  The order depends only on the range's length — never
+on threads or load — so results are deterministic; it avoids the serial chain of one
+accumulator (4 cycles per element) that a strict-IEEE loop cannot reassociate, and a pairwise
+sum's rounding error grows with log n, not n.
 
 **Threads.**  Every function is printed twice from one lowering: serial (``forward``) and
 parallel (``forward_par``, ``parallel=True``), where there is something to share out.  In the
@@ -85,8 +90,8 @@ _CANON = sp.Symbol("_canon", integer=True)
 PARALLEL_DECORATOR = njit(parallel=True)
 #: Elements per block of a vectorised reduction (its buffer's length; a multiple of LANES).
 BLOCK = 1024
-#: Partial sums (or maxima) of a vectorised reduction: element j of the range goes to lane
-#: j % LANES.
+#: Values a vectorised reduction's block is folded down to before its final tree (the halves
+#: it adds are multiples of LANES long: whole vectors).
 LANES = 8
 #: A sum over rows (a bias's gradient) adds chunks of at least ROW_CHUNK consecutive rows
 #: each into partial sums of its own, at most MAX_CHUNKS of them (``_Lowerer._chunked``); a
@@ -248,8 +253,8 @@ def _split_args(text: str) -> list[str]:
 
 
 def _in_chunks(
-    group: list[_Nest], indent: int, allocations: list[str], text: Callable[[list[str]], str],
-    name: str,
+    group: list[_Nest], body: list[str], indent: int, allocations: list[str],
+    text: Callable[[list[str]], str], name: str,
 ) -> list[str] | None:
     """The parallel variant of a fused ``group`` (see :func:`_fused`): its loop over the rows
     cut into chunks — those of its sums over rows (:meth:`_Lowerer._chunked`) if it has any,
@@ -266,7 +271,6 @@ def _in_chunks(
     if found is None:
         return None
     lo, end = _split_args(found[1])
-    body = [line for n in group for line in n.body]
     used = text(body)
     scratch = [
         line.replace(_SERIAL_ONLY, "")
@@ -295,6 +299,155 @@ def _in_chunks(
     ]
 
 
+_FOR = re.compile(r"for (\w+) in range\((.*)\):$")
+_NAMES = re.compile(r"([\w, ]+?) = ")
+_ASSIGNS = re.compile(r"([\w, ]+?) (?:\+|-|\*|/|//|%|\*\*)?= ")
+_WRITE = re.compile(r"\s*(\w+)\[(.*)\] (\+?=) ")
+
+
+def _subscripts(text: str, name: str) -> list[str]:
+    """The subscripts of every read or write of the array ``name`` in ``text``."""
+    found = []
+    for match in re.finditer(rf"\b{name}\[", text):
+        depth, start = 1, match.end()
+        n = start
+        while depth:
+            depth += (text[n] == "[") - (text[n] == "]")
+            n += 1
+        found.append(text[start : n - 1])
+    return found
+
+
+@dataclass(eq=False)
+class _Item:
+    """A statement of a loop body, with the lines nested under it."""
+
+    lines: list[str]
+    loop: re.Match[str] | None = None  # a ``for`` over a range
+    names: tuple[str, ...] = ()  # a one-line assignment of plain names: the names
+
+    @property
+    def simple(self) -> bool:
+        return bool(self.names) and len(self.lines) == 1
+
+
+def _items(lines: list[str], indent: int) -> list[_Item]:
+    pad = " " * indent
+    items: list[_Item] = []
+    for line in lines:
+        if not items or not line.startswith(pad + " "):  # a statement, not a nested line
+            head = line[indent:]
+            assigned = _NAMES.match(head)
+            names = tuple(n.strip() for n in assigned[1].split(",")) if assigned else ()
+            items.append(_Item([line], _FOR.match(head), names))
+        else:
+            items[-1].lines.append(line)
+    return items
+
+
+_CALL = re.compile(r"\b(_sg_fold_\w+|_gemm\w*)\(")  # helpers that write arrays
+
+
+def _writes(text: str, same: Callable[[str], str]) -> dict[str, set[tuple[str, str]]]:
+    """The arrays ``text`` writes: name → (subscript as ``same`` writes it, ``=`` or ``+=``);
+    an array passed to a helper (which may write it anywhere) with subscript ``*``."""
+    found: dict[str, set[tuple[str, str]]] = {}
+    for line in text.splitlines():
+        write = _WRITE.match(line)
+        if write:
+            found.setdefault(write[1], set()).add((same(write[2]), write[3]))
+    for call in _CALL.finditer(text):
+        for arg in _split_args(text[call.end() : text.index(")", call.end())]):
+            if re.fullmatch(r"[A-Za-z_]\w*", arg):
+                found.setdefault(arg, set()).add(("*", "="))
+    return found
+
+
+def _assigned(lines: list[str]) -> set[str]:
+    """Names assigned anywhere in ``lines``, ``+=`` included (plain names; array writes are
+    not counted)."""
+    found: set[str] = set()
+    for line in lines:
+        assigned = _ASSIGNS.match(line.strip())
+        if assigned:
+            found |= {n.strip() for n in assigned[1].split(",")}
+        loop = _FOR.match(line.strip())
+        if loop:
+            found.add(loop[1])
+    return found
+
+
+def _fused_columns(body: list[str], indent: int, text: Callable[[list[str]], str]) -> list[str]:
+    """``body`` (statements at ``indent``) with consecutive loops over the same range merged
+    into one: the loops of a fused row loop over the row's columns (layer norm's gradients of
+    ``X``, ``R``, the weight and the bias: one pass over the row, not four).
+
+    A later loop joins an earlier one when the one-line assignments between them (its row
+    index, per-row factors) can run before the earlier loop — they read nothing it writes or
+    assigns, and it reads nothing they assign —, it reads what the earlier loop writes only
+    at the element that iteration writes, it reads no name the earlier loop assigns, and the
+    earlier loop reads nothing the later one writes or assigns.  Every element is then
+    computed by the same operations in the same order: the same bits."""
+    out: list[_Item] = []
+    loop: _Item | None = None  # the loop later ones may join: out's last loop
+    between: list[_Item] = []  # the one-line assignments after it
+    # names that stand for another (a nest's row index is the fused loop's): names are
+    # assigned once in a function's body, so one map serves all of it
+    alias: dict[str, str] = {}
+    for line in body:
+        copy = re.fullmatch(r"\s*(\w+) = ([A-Za-z_]\w*)", line)
+        if copy:
+            alias[copy[1]] = alias.get(copy[2], copy[2])
+
+    def same(sub: str) -> str:
+        return ", ".join(alias.get(p.strip(), p.strip()) for p in _split_args(sub))
+
+    def joins(first: _Item, later: _Item) -> bool:
+        assert first.loop is not None and later.loop is not None
+        var = first.loop[1]
+        if later.loop[2] != first.loop[2]:
+            return False
+        mine, theirs = text(first.lines), text(later.lines[1:])
+        moved = text([line for item in between for line in item.lines])
+        names = {n for item in between for n in item.names}
+        written = _writes(text(first.lines[1:]), same)
+        later_writes = set(_writes(theirs, same))
+        if _CALL.search(moved):  # a helper may write an array the loops read
+            return False
+        if any(re.search(rf"\b{n}\b", mine) for n in names | later_writes | _assigned(later.lines)):
+            return False
+        if any(re.search(rf"\b{n}\b", moved) for n in {*written, *_assigned(first.lines)}):
+            return False
+        if any(re.search(rf"\b{n}\b", theirs) for n in _assigned(first.lines[1:])):
+            return False
+        alias[later.loop[1]] = var  # as it will be, joined
+        for name, writes in written.items():
+            if name in later_writes or any(
+                writes != {(same(sub), "=")} for sub in _subscripts(theirs, name)
+            ):
+                del alias[later.loop[1]]
+                return False
+        return True
+
+    for item in _items(body, indent):
+        if item.loop is not None and loop is not None and joins(loop, item):
+            at = out.index(loop)
+            out[at:at] = between
+            del out[len(out) - len(between) :]
+            pad = " " * (indent + 4)
+            loop.lines += [f"{pad}{item.loop[1]} = {loop.loop[1]}", *item.lines[1:]]  # type: ignore[index]
+            between = []
+            continue
+        out.append(item)
+        if item.loop is not None:
+            loop, between = item, []
+        elif item.simple and loop is not None:
+            between.append(item)
+        else:
+            loop, between = None, []
+    return [line for item in out for line in item.lines]
+
+
 def _fused(
     nests: list[tuple[_Assignment, list[str]]],
     indent: int,
@@ -304,7 +457,8 @@ def _fused(
 ) -> list[str]:
     """The lowered nests of one function, consecutive nests over the same rows merged into
     one loop (layer norm's gradients: the rows of ``X``, ``R`` and the output's gradient are
-    read once, from cache, for all of them, not once per gradient).
+    read once, from cache, for all of them, not once per gradient), and inside it their
+    loops over the same columns merged too (:func:`_fused_columns`).
 
     Each element is computed by the same operations in the same order as in its own nest, and
     every sum over the rows adds them in the same chunks, each in row order: the same bits.
@@ -325,12 +479,13 @@ def _fused(
 
     def flush() -> None:
         together = None
+        body = _fused_columns([line for n in group for line in n.body], indent + 4, text)
         if len(group) > 1 or (group and group[0].rows):
-            together = _in_chunks(group, indent, allocations, text, f"_g{len(out)}")
+            together = _in_chunks(group, body, indent, allocations, text, f"_g{len(out)}")
         if len(group) > 1 or together is not None:
             merged = [line for n in group for line in n.pre]
             merged.append(group[0].header)
-            merged += [line for n in group for line in n.body]
+            merged += body
             merged += [line for n in group for line in n.post]
             out.extend(_SERIAL_ONLY + line for line in merged)
             if together is None:
@@ -1319,41 +1474,41 @@ class _Lowerer:
         return _print(lower_primitives(expr), self.op, False, "float64", frozenset())
 
     def _blocked(self, r: _Reduction, pad: str, total: str, init: str, body: str) -> list[str]:
-        """``r`` over blocks of BLOCK elements: values to a buffer, then into LANES lanes (by
-        the helpers of :data:`LANE_SOURCE`)."""
+        """``r`` over blocks of BLOCK elements: values to a buffer, each block folded to one
+        value (by the helpers of :data:`LANE_SOURCE`), the blocks' values joined in order."""
         n = str(r.temp)
-        buf, acc, q, m = (f"{n}_{x}" for x in ("buf", "acc", "q", "m"))
-        lanes_type = "np.float64" if r.kind == "sum" else self._dtype()
-        self.allocations.append(f"{acc} = np.empty({LANES}, {lanes_type})")
-        if r.keep is None:
-            self.allocations.append(f"{buf} = np.empty({BLOCK}, {self._dtype()})")
-            write, block = f"{buf}[{r.var} - {q}]", buf
-        else:  # the block's values go to the target's row (``_kept``), added from there
-            write, block = _kept_at(r, str(r.var)), _kept_at(r, f"{q}:")
+        buf, q, m = (f"{n}_{x}" for x in ("buf", "q", "m"))
+        buf_type = "np.float64" if r.kind == "sum" else self._dtype()
+        self.allocations.append(f"{buf} = np.empty({BLOCK}, {buf_type})")
+        write = [f"{buf}[{r.var} - {q}] = {body}"]
+        if r.keep is not None:  # the values go to the target's row (``_kept``), then to the buffer
+            kept = _kept_at(r, str(r.var))
+            write = [f"{kept} = {body}", f"{buf}[{r.var} - {q}] = {kept}"]
         lo, end = _int(r.lo), _int(r.hi + 1)
-        into, tree = ("_sg_lanes_add", "_sg_lanes_sum") if r.kind == "sum" else (
-            "_sg_lanes_max", "_sg_lanes_top"
-        )
+        if r.kind == "sum":
+            fold, join = f"_sg_fold_sum({buf}, {m})", f"{total} + _sg_fold_sum({buf}, {m})"
+        else:
+            fold = f"_sg_fold_max({buf}, {m}, {init})"
+            join = f"max({total}, _sg_fold_max({buf}, {m}, {init}))"
         # A range of at most one block (every row of a transformer's softmax or layer norm)
         # skips the block loop: LLVM vectorises a straight pass 3-4x better than the same pass
         # inside a loop whose trip count it cannot see (a masked softmax's forward over a BERT
         # layer's scores: 9.5 -> 2.7 ms).  The blocks, and so the order of the additions, are
         # the same either way: the same bits.
         return [
-            f"{pad}_sg_lanes_fill({acc}, {init})",
             f"{pad}{m} = max({end} - {lo}, 0)",
             f"{pad}if {m} <= {BLOCK}:",
             f"{pad}    {q} = {lo}",
             f"{pad}    for {r.var} in range({q}, {q} + {m}):",
-            f"{pad}        {write} = {body}",
-            f"{pad}    {into}({acc}, {block}, {m})",
+            *(f"{pad}        {line}" for line in write),
+            f"{pad}    {total} = {fold}",
             f"{pad}else:",
+            f"{pad}    {total} = {init}",
             f"{pad}    for {q} in range({lo}, {end}, {BLOCK}):",
             f"{pad}        {m} = min({BLOCK}, {end} - {q})",
             f"{pad}        for {r.var} in range({q}, {q} + {m}):",
-            f"{pad}            {write} = {body}",
-            f"{pad}        {into}({acc}, {block}, {m})",
-            f"{pad}{total} = {tree}({acc})",
+            *(f"{pad}            {line}" for line in write),
+            f"{pad}        {total} = {join}",
         ]
 
 
@@ -1365,34 +1520,40 @@ def _kept_at(r: _Reduction, last: str) -> str:
 
 
 def _tree(join: str) -> str:
-    """The LANES lanes of ``a`` joined pairwise (``join`` of two texts), in a fixed tree."""
-    tree = [f"a[{k}]" for k in range(LANES)]
+    """The first LANES values of ``buf`` joined pairwise (``join`` of two texts), in a fixed
+    tree."""
+    tree = [f"buf[{k}]" for k in range(LANES)]
     while len(tree) > 1:
         tree = [join.format(tree[k], tree[k + 1]) for k in range(0, len(tree), 2)]
     return tree[0]
 
 
-def _into_lanes(update: str) -> str:
-    """A helper adding ``buf[:m]`` into the lanes ``acc``, element ``j`` into lane
-    ``j % LANES``; ``update`` gives a lane's new value from ``{lane}`` and ``{value}``."""
+def _fold(name: str, join: str, start: str) -> str:
+    """A helper reducing ``buf[:m]`` (destroying it): while more than LANES values are left,
+    the values past the first ``h`` (``h`` ≥ half of them, a multiple of LANES) are joined
+    onto the first ones, element by element; the rest is filled up to LANES with ``start``
+    and joined in a fixed tree.  ``join`` joins two texts."""
     return f"""\
-    full = m - m % {LANES}
-    for o in range(0, full, {LANES}):
-        for k in range({LANES}):
-            acc[k] = {update.format(lane="acc[k]", value="buf[o + k]")}
-    for o in range(full, m):
-        acc[o - full] = {update.format(lane="acc[o - full]", value="buf[o]")}
+{_LANE_DECORATOR}
+def {name}(buf, m{", start" if start == "start" else ""}):
+    while m > {LANES}:
+        h = ((m + 1) // 2 + {LANES - 1}) // {LANES} * {LANES}
+        for k in range(m - h):
+            buf[k] = {join.format("buf[k]", "buf[h + k]")}
+        m = h
+    for k in range(m, {LANES}):
+        buf[k] = {start}
+    return {_tree(join)}
 """
 
 
 _LANE_DECORATOR = njit()
-#: Numba source of the helpers of a blocked reduction (see the module doc): lanes filled with
-#: the start value, a block's buffer added (or maxed) into them, and the lanes' fixed tree.
-#: Small functions that LLVM inlines into each kernel; as calls they keep Numba's own passes
-#: (whose time grows faster than a function's length) from seeing these loops once for every
-#: reduction of a kernel — the textbook attention's VJP compiled 2.5× faster.  Also the
-#: chunks of a sum over rows (``_sg_chunk_rows``: rows per chunk and chunks, from the number of
-#: rows alone).
+#: Numba source of the helpers of a blocked reduction (see the module doc): a block's buffer
+#: folded to its sum or its maximum.  Small functions that LLVM inlines into each kernel; as
+#: calls they keep Numba's own passes (whose time grows faster than a function's length) from
+#: seeing these loops once for every reduction of a kernel — the textbook attention's VJP
+#: compiled 2.5× faster.  Also the chunks of a sum over rows (``_sg_chunk_rows``: rows per
+#: chunk and chunks, from the number of rows alone).
 LANE_SOURCE: dict[str, str] = {
     "_sg_chunk_rows": f"""\
 {_LANE_DECORATOR}
@@ -1400,20 +1561,8 @@ def _sg_chunk_rows(rows, least):
     size = max(least, (rows + {MAX_CHUNKS - 1}) // {MAX_CHUNKS})
     return size, max(1, (rows + size - 1) // size)
 """,
-    "_sg_lanes_fill": f"""\
-{_LANE_DECORATOR}
-def _sg_lanes_fill(acc, value):
-    for k in range({LANES}):
-        acc[k] = value
-""",
-    "_sg_lanes_add": f"{_LANE_DECORATOR}\ndef _sg_lanes_add(acc, buf, m):\n"
-    + _into_lanes("{lane} + {value}"),
-    "_sg_lanes_max": f"{_LANE_DECORATOR}\ndef _sg_lanes_max(acc, buf, m):\n"
-    + _into_lanes("max({lane}, {value})"),
-    "_sg_lanes_sum": f"{_LANE_DECORATOR}\ndef _sg_lanes_sum(a):\n"
-    f"    return {_tree('({} + {})')}\n",
-    "_sg_lanes_top": f"{_LANE_DECORATOR}\ndef _sg_lanes_top(a):\n"
-    f"    return {_tree('max({}, {})')}\n",
+    "_sg_fold_sum": _fold("_sg_fold_sum", "({} + {})", "0.0"),
+    "_sg_fold_max": _fold("_sg_fold_max", "max({}, {})", "start"),
 }
 
 
