@@ -30,12 +30,13 @@ An *assignment* ``target[free...] = expr`` becomes a loop nest over the free ind
 throughout (float32 constants and helpers, see :class:`~symgrad.codegen.printer.NumbaPrinter`).
 While lowering, every expression and every dtype-dependent piece of text is a placeholder
 (:meth:`_Lowerer.piece`), filled in per dtype by :func:`_render`.  Sums accumulate in float64
-for both dtypes (then rounded once to the data's dtype); a row max stays in the data's dtype.
+for both dtypes (then rounded once to the data's dtype); a row max is taken in the data's
+dtype, or, vectorised, in float64 (exact either way).
 
 **Vectorised reductions.**  A sum or max whose body has no libm call once ``exp``, ``log``...
 are the vectorisable helpers (softmax's ``Σ exp``, a row max, layer norm's sums) is computed in
 blocks of :data:`BLOCK` elements: the block's values go to a buffer in one loop (which LLVM
-vectorises; a sum's buffer is float64), then the buffer is folded in halves — its second half
+vectorises; float64), then the buffer is folded in halves — its second half
 added onto its first, element by element, until :data:`LANES` values are left, which are
 added in a fixed tree — and the blocks' results are added in order (the fold and the tree are
 small helpers, :data:`LANE_SOURCE`, that LLVM inlines).  Each fold is a loop without a
@@ -90,6 +91,8 @@ _CANON = sp.Symbol("_canon", integer=True)
 PARALLEL_DECORATOR = njit(parallel=True)
 #: Elements per block of a vectorised reduction (its buffer's length; a multiple of LANES).
 BLOCK = 1024
+#: A max over at most this many elements is taken in one serial pass, not folded.
+SHORT_MAX = 128
 #: Values a vectorised reduction's block is folded down to before its final tree (the halves
 #: it adds are multiples of LANES long: whole vectors).
 LANES = 8
@@ -1452,9 +1455,13 @@ class _Lowerer:
         cast = f"{r.temp} = {self.piece(('', 'np.float32'))}({total})"
         body = self.piece(r.body)
         if not r.children and _vectorisable(self._scalar_text(r.body)):
-            return self._blocked(r, pad, total, init, body) + (
-                [f"{pad}{cast}"] if r.kind == "sum" else []
-            )
+            # in float64 (a float32 max too: exact, and twice the elements per vector loop
+            # makes the fold's loops too short to vectorise on rows of 64), then rounded
+            wide = f"{r.temp}_s"
+            return [
+                *self._blocked(r, pad, wide, "0.0" if r.kind == "sum" else "-math.inf", body),
+                f"{pad}{r.temp} = {self.piece(('', 'np.float32'))}({wide})",
+            ]
         lines = [
             f"{pad}{total} = {init}",
             f"{pad}for {r.var} in range({_int(r.lo)}, {_int(r.hi + 1)}):",
@@ -1474,12 +1481,12 @@ class _Lowerer:
         return _print(lower_primitives(expr), self.op, False, "float64", frozenset())
 
     def _blocked(self, r: _Reduction, pad: str, total: str, init: str, body: str) -> list[str]:
-        """``r`` over blocks of BLOCK elements: values to a buffer, each block folded to one
-        value (by the helpers of :data:`LANE_SOURCE`), the blocks' values joined in order."""
+        """``r`` over blocks of BLOCK elements: values to a float64 buffer, each block folded to
+        one value (by the helpers of :data:`LANE_SOURCE`), the blocks' values joined in order
+        into the float64 ``total``."""
         n = str(r.temp)
         buf, q, m = (f"{n}_{x}" for x in ("buf", "q", "m"))
-        buf_type = "np.float64" if r.kind == "sum" else self._dtype()
-        self.allocations.append(f"{buf} = np.empty({BLOCK}, {buf_type})")
+        self.allocations.append(f"{buf} = np.empty({BLOCK}, np.float64)")
         write = [f"{buf}[{r.var} - {q}] = {body}"]
         if r.keep is not None:  # the values go to the target's row (``_kept``), then to the buffer
             kept = _kept_at(r, str(r.var))
@@ -1495,9 +1502,22 @@ class _Lowerer:
         # inside a loop whose trip count it cannot see (a masked softmax's forward over a BERT
         # layer's scores: 9.5 -> 2.7 ms).  The blocks, and so the order of the additions, are
         # the same either way: the same bits.
+        short = []
+        if r.kind == "max" and r.keep is None:
+            # a short row's max in one pass, serially (a softmax's rows of 64: the fold's loops
+            # are too short to vectorise; a max is exact in any order, so the value is the same)
+            x = f"{n}_x"
+            short = [
+                f"{pad}if {m} <= {SHORT_MAX}:",
+                f"{pad}    {x} = {self.piece(('-math.inf', 'np.float32(-math.inf)'))}",
+                f"{pad}    for {r.var} in range({lo}, {lo} + {m}):",
+                f"{pad}        {x} = max({x}, {body})",
+                f"{pad}    {total} = {x}",
+            ]
         return [
             f"{pad}{m} = max({end} - {lo}, 0)",
-            f"{pad}if {m} <= {BLOCK}:",
+            *short,
+            f"{pad}{'elif' if short else 'if'} {m} <= {BLOCK}:",
             f"{pad}    {q} = {lo}",
             f"{pad}    for {r.var} in range({q}, {q} + {m}):",
             *(f"{pad}        {line}" for line in write),
