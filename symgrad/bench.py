@@ -113,6 +113,7 @@ def interleaved(
     warmup: int = 2,
     block: int = 1,
     steps: dict[str, int] | None = None,
+    settle: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Median and minimum seconds of each candidate, run round-robin after ``warmup`` calls.
 
@@ -120,6 +121,10 @@ def interleaved(
     consecutive steps as in a training loop, with the caches holding that candidate's data
     rather than the previous candidate's.  A candidate named in ``steps`` takes that many
     steps per call (a ``fit`` epoch): its turn is ``block / steps`` calls (at least one).
+    ``settle`` untimed calls start each turn: with several threads, the previous candidate's
+    thread pool is still spinning on the cores when a turn starts (torch's OpenMP workers wait
+    busily for a while after each op), and the first call of a turn shares the cores with it
+    — in a training loop nothing else runs between steps.
     """
     for fn in candidates.values():
         for _ in range(warmup):
@@ -129,6 +134,8 @@ def interleaved(
         for name, fn in candidates.items():
             per_call = (steps or {}).get(name, 1)
             calls = max(1, block // per_call)
+            for _ in range(settle):
+                fn()
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
@@ -527,13 +534,15 @@ def _rows(
         # symgrad's kernels on Numba's pool of `threads`, the BLAS they call on one thread each
         # (threadpool_limits just gave it `threads`: they would compete)
         sg_threads.limit_blas()
+        settle = 1 if threads > 1 else 0  # see interleaved()
         for batch, hidden in sizes:
             work = batch * hidden * hidden + 1
             repeats = max(15, min(100, int(5e8 / work)))
             block = max(1, min(20, int(1e7 / work)))  # 20 steps a turn at B=32, H=128
             cands = _w1_candidates(batch, hidden, with_compile and not quick)
             timings = interleaved(
-                cands, repeats, warmup=3, block=block, steps={"symgrad fit": FIT_STEPS}
+                cands, repeats, warmup=3, block=block, steps={"symgrad fit": FIT_STEPS},
+                settle=settle,
             )
             add("W1 train step", f"B={batch} H={hidden}", timings)
         n = w2_size if w2_size is not None else (1_000_000 if quick else 10_000_000)
@@ -541,7 +550,7 @@ def _rows(
             add(
                 "W2 sigmoid+BCE",
                 f"n={n:,} float64",
-                interleaved(_w2_candidates(n), 5 if quick else 15),
+                interleaved(_w2_candidates(n), 5 if quick else 15, settle=settle),
             )
         if "W4" in workloads:
             from . import bench_encoder
@@ -550,9 +559,9 @@ def _rows(
             size = f"B={batch} T={seq}"
             repeats = 5 if quick else 11
             cands = bench_encoder.candidates(batch, seq, with_compile and not quick)
-            add("W4 BERT layer", size, interleaved(cands, repeats))
+            add("W4 BERT layer", size, interleaved(cands, repeats, settle=settle))
             for part, pair in bench_encoder.parts(batch, seq).items():
-                add(f"W4 {part}", size, interleaved(pair, repeats))
+                add(f"W4 {part}", size, interleaved(pair, repeats, settle=settle))
     sg_threads.limit_blas()  # threadpool_limits restored the BLAS's threads on leaving
     if w3:
         rows += _w3_rows(threads, 1 if quick else 3)

@@ -52,6 +52,27 @@ def test_a_candidate_taking_several_steps_a_call_is_timed_per_step() -> None:
     assert found["epoch"]["repeats"] == found["one"]["repeats"] == 3
 
 
+def test_settling_calls_start_each_turn_untimed(monkeypatch) -> None:
+    calls: list[str] = []
+    clock = {"now": 0.0}
+
+    def slow_first(name: str):
+        def call() -> None:
+            # the first call of a turn is the slow one (the other candidate's threads still
+            # spinning): 10 s; the settled ones 1 s
+            clock["now"] += 10.0 if not calls or calls[-1] != name else 1.0
+            calls.append(name)
+
+        return call
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    found = bench.interleaved(
+        {"a": slow_first("a"), "b": slow_first("b")}, repeats=2, warmup=0, settle=1
+    )
+    assert calls == ["a", "a", "b", "b", "a", "a", "b", "b"]
+    assert found["a"]["median_s"] == found["b"]["min_s"] == 1.0
+
+
 def test_a_tiny_w4_run_reports_the_layer_and_each_part(torch_state) -> None:
     """W4 at B=2, T=8 (the layer keeps MiniLM's size): the whole-layer systems and every part,
     each with its torch row; a run of the workloads named only."""
