@@ -26,7 +26,9 @@ Every system gets ``threads`` threads (thread-pool settings) on as many cores (t
 affinity); symgrad's through :func:`symgrad.set_num_threads` (one pool for its loops and its
 GEMMs, the BLAS they call single-threaded).  Timings are medians of repeats after warm-up, the
 candidates of one size interleaved so drift hits them alike (W1 times a block of consecutive
-steps per turn, as a training loop runs them); ratios are to torch eager measured in the same run.
+steps per turn, as a training loop runs them; at several threads each turn starts with
+:data:`SETTLE_S` seconds of untimed calls, so that the previous system's spinning threads are
+off the cores); ratios are to torch eager measured in the same run.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ WORKLOADS = ("W1", "W2", "W3", "W4")
 LR = 0.01
 #: Steps (batches) of one ``fit`` call in W1's "symgrad fit" row, whose time is per step.
 FIT_STEPS = 16
+#: Seconds of untimed calls that start each turn of a candidate at several threads
+#: (:func:`interleaved`).
+SETTLE_S = 0.02
 
 
 def _cores() -> int:
@@ -113,7 +118,7 @@ def interleaved(
     warmup: int = 2,
     block: int = 1,
     steps: dict[str, int] | None = None,
-    settle: int = 0,
+    settle: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     """Median and minimum seconds of each candidate, run round-robin after ``warmup`` calls.
 
@@ -121,10 +126,12 @@ def interleaved(
     consecutive steps as in a training loop, with the caches holding that candidate's data
     rather than the previous candidate's.  A candidate named in ``steps`` takes that many
     steps per call (a ``fit`` epoch): its turn is ``block / steps`` calls (at least one).
-    ``settle`` untimed calls start each turn: with several threads, the previous candidate's
-    thread pool is still spinning on the cores when a turn starts (torch's OpenMP workers wait
-    busily for a while after each op), and the first call of a turn shares the cores with it
-    — in a training loop nothing else runs between steps.
+    With ``settle`` > 0, each turn starts with untimed calls, at least one, for that many
+    seconds: with several threads, the previous candidate's thread pool is still spinning on
+    the cores when a turn starts (torch's OpenMP workers wait busily for a while after each
+    op), and the calls at the start of a turn share the cores with it — in a training loop
+    nothing else runs between steps.  (At two threads, symgrad's layer norms measured 3.5 ms
+    right after torch's turn, 2.0 ms after 20 ms of settling; torch's parts gain too.)
     """
     for fn in candidates.values():
         for _ in range(warmup):
@@ -134,8 +141,11 @@ def interleaved(
         for name, fn in candidates.items():
             per_call = (steps or {}).get(name, 1)
             calls = max(1, block // per_call)
-            for _ in range(settle):
+            if settle > 0:
+                start = time.perf_counter()
                 fn()
+                while time.perf_counter() - start < settle:
+                    fn()
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
@@ -534,7 +544,7 @@ def _rows(
         # symgrad's kernels on Numba's pool of `threads`, the BLAS they call on one thread each
         # (threadpool_limits just gave it `threads`: they would compete)
         sg_threads.limit_blas()
-        settle = 1 if threads > 1 else 0  # see interleaved()
+        settle = SETTLE_S if threads > 1 else 0.0  # see interleaved()
         for batch, hidden in sizes:
             work = batch * hidden * hidden + 1
             repeats = max(15, min(100, int(5e8 / work)))

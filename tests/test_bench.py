@@ -67,8 +67,9 @@ def test_settling_calls_start_each_turn_untimed(monkeypatch) -> None:
 
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
     found = bench.interleaved(
-        {"a": slow_first("a"), "b": slow_first("b")}, repeats=2, warmup=0, settle=1
+        {"a": slow_first("a"), "b": slow_first("b")}, repeats=2, warmup=0, settle=5.0
     )
+    # 5 s of settling: the 10-s call and no more, then the timed one
     assert calls == ["a", "a", "b", "b", "a", "a", "b", "b"]
     assert found["a"]["median_s"] == found["b"]["min_s"] == 1.0
 
