@@ -174,6 +174,22 @@ def test_builtin_matches_torch_over_dims(name, dims, seed):
     check_against_torch(name, _inputs(name, dims, rng), np.float64, rng)
 
 
+#: row lengths about the vectorised reductions' branches (codegen/lower.py): the fold's levels
+#: (8 values and more, halves of whole vectors), a max's serial pass (at most SHORT_MAX = 128),
+#: one block (BLOCK = 1024) and several
+ROW_LENGTHS = [9, 17, 100, 128, 129, 384, 1024, 1025, 2500]
+
+
+@pytest.mark.parametrize("n", ROW_LENGTHS)
+@pytest.mark.parametrize("name", ["softmax", "logsumexp", "layer_norm", "softmax_cross_entropy"])
+def test_row_reductions_match_torch_on_long_rows(name, n):
+    rng = np.random.default_rng(n)
+    sizes = {"B": 2, "N": n, "M": 3, "S": 3, "H": 2}
+    check_against_torch(name, _inputs(name, sizes, rng), np.float64, rng)
+    if n in (129, 1025):
+        check_against_torch(name, _inputs(name, sizes, rng), np.float32, rng)
+
+
 # -- edges ----------------------------------------------------------------------------------
 
 SOFTMAX_FAMILY = ["softmax", "log_softmax", "logsumexp", "softmax_cross_entropy"]
