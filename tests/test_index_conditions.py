@@ -476,6 +476,10 @@ def test_loops_over_the_same_columns_run_as_one_when_nothing_forbids_it():
         ("buf[i] = g[b, i]", "t = _sg_fold_sum(buf, n)", "y[b, k] = t"),
         # the later loop reads a value the first one assigns per column
         ("v = g[b, i]\n            x[b, i] = v", "", "y[b, k] = v"),
+        # ... or an element the first one writes at the same place in every column (its last
+        # value), or the first one's column index
+        ("t[b] = g[b, i]", "", "y[b, k] = t[b]"),
+        ("x[b, i] = g[b, i]", "", "y[b, k] = g[b, i]"),
     ],
 )
 def test_loops_over_the_same_columns_stay_apart_when_joining_would_change_a_value(

@@ -163,6 +163,11 @@ def test_join_sums_adds_sums_over_one_range_into_one():
         # a product of two tensors along the index: a GEMM's sum, left to BLAS
         sp.Sum(sp.IndexedBase("A")[k, j] * sp.IndexedBase("V")[j, m], (j, 0, N - 1))
         + sp.Sum(sp.IndexedBase("C")[k, j], (j, 0, N - 1)),
+        # renamed to the other sum's index, u would be captured by the inner sum over j
+        sp.Sum(f(j) ** 2, (j, 0, N - 1))
+        + sp.Sum(sp.tanh(f(m) + sp.Sum(h(m + j), (j, 0, N - 1))), (m, 0, N - 1)),
+        sp.Sum(sp.tanh(f(m) + sp.Sum(h(m + j), (j, 0, N - 1))), (m, 0, N - 1))
+        + sp.Sum(f(j) ** 2, (j, 0, N - 1)),
     ],
 )
 def test_join_sums_leaves_sums_it_cannot_join(expr):

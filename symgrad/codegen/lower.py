@@ -360,7 +360,11 @@ def _writes(text: str, same: Callable[[str], str]) -> dict[str, set[tuple[str, s
         if write:
             found.setdefault(write[1], set()).add((same(write[2]), write[3]))
     for call in _CALL.finditer(text):
-        for arg in _split_args(text[call.end() : text.index(")", call.end())]):
+        depth, end = 1, call.end()
+        while depth:  # to the call's closing parenthesis
+            depth += (text[end] in "([") - (text[end] in ")]")
+            end += 1
+        for arg in _split_args(text[call.end() : end - 1]):
             if re.fullmatch(r"[A-Za-z_]\w*", arg):
                 found.setdefault(arg, set()).add(("*", "="))
     return found
@@ -421,14 +425,24 @@ def _fused_columns(body: list[str], indent: int, text: Callable[[list[str]], str
             return False
         if any(re.search(rf"\b{n}\b", moved) for n in {*written, *_assigned(first.lines)}):
             return False
-        if any(re.search(rf"\b{n}\b", theirs) for n in _assigned(first.lines[1:])):
+        if any(re.search(rf"\b{n}\b", theirs) for n in {*_assigned(first.lines[1:]), var}):
             return False
+        if any(  # an element written at the same place every iteration: the last one counts
+            op == "=" and var not in _split_args(sub)
+            for writes in written.values()
+            for sub, op in writes
+        ):
+            return False
+        before = alias.get(later.loop[1])
         alias[later.loop[1]] = var  # as it will be, joined
         for name, writes in written.items():
             if name in later_writes or any(
                 writes != {(same(sub), "=")} for sub in _subscripts(theirs, name)
             ):
-                del alias[later.loop[1]]
+                if before is None:
+                    del alias[later.loop[1]]
+                else:
+                    alias[later.loop[1]] = before
                 return False
         return True
 

@@ -706,7 +706,9 @@ def join_sums(expr: sp.Expr) -> sp.Expr:
             body = []
             for coeff, total in group:
                 own = [v for v, _, _ in total.limits]
-                if set(names) & (total.function.free_symbols - set(own)):
+                inner = total.function.atoms(sp.Sum, ReduceMax)
+                bound = {v for nested in inner for v, _, _ in nested.limits}
+                if set(names) & ((total.function.free_symbols - set(own)) | bound):
                     rest.append(coeff * total)  # a name of the first sum's taken inside
                     continue
                 body.append(coeff * total.function.xreplace(dict(zip(own, names, strict=True))))
