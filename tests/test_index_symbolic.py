@@ -153,6 +153,14 @@ def test_join_sums_adds_sums_over_one_range_into_one():
     assert sp.expand(_concrete(joined, 3, {B: 1}) - _concrete(expr, 3, {B: 1})) == 0
 
 
+def test_join_sums_keeps_the_value_when_the_first_sum_cannot_take_the_others():
+    # the first sum binds its own index again inside: it stays apart, the second stays whole
+    inner = sp.Sum(f(j) + sp.Sum(h(j), (j, 0, N - 1)), (j, 0, N - 1))
+    other = sp.Sum(f(m) ** 2, (m, 0, N - 1))
+    expr = sp.Add(inner, other, evaluate=False)  # in this order
+    assert sp.expand(_concrete(join_sums(expr)) - _concrete(expr)) == 0
+
+
 @pytest.mark.parametrize(
     "expr",
     [

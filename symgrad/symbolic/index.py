@@ -703,7 +703,7 @@ def join_sums(expr: sp.Expr) -> sp.Expr:
         for group in groups.values():
             first = group[0][1]
             names = [v for v, _, _ in first.limits]
-            body = []
+            kept, body = [], []
             for coeff, total in group:
                 own = [v for v, _, _ in total.limits]
                 inner = total.function.atoms(sp.Sum, ReduceMax)
@@ -711,11 +711,9 @@ def join_sums(expr: sp.Expr) -> sp.Expr:
                 if set(names) & ((total.function.free_symbols - set(own)) | bound):
                     rest.append(coeff * total)  # a name of the first sum's taken inside
                     continue
+                kept.append(coeff * total)
                 body.append(coeff * total.function.xreplace(dict(zip(own, names, strict=True))))
-            if len(body) > 1:
-                rest.append(IndexSum(sp.Add(*body), *first.limits))
-            elif body:
-                rest.append(group[0][0] * first)
+            rest += [IndexSum(sp.Add(*body), *first.limits)] if len(body) > 1 else kept
         return sp.Add(*rest)
 
     def visit(node: sp.Basic) -> sp.Basic:
