@@ -495,9 +495,9 @@ def _fused(
         return _PIECE.sub(fill, "\n".join(lines))
 
     def flush() -> None:
-        together = None
-        body = _fused_columns([line for n in group for line in n.body], indent + 4, text)
+        together, body = None, []
         if len(group) > 1 or (group and group[0].rows):
+            body = _fused_columns([line for n in group for line in n.body], indent + 4, text)
             together = _in_chunks(group, body, indent, allocations, text, f"_g{len(out)}")
         if len(group) > 1 or together is not None:
             merged = [line for n in group for line in n.pre]
@@ -1464,18 +1464,15 @@ class _Lowerer:
     def _reduction(self, r: _Reduction, pad: str) -> list[str]:
         """Lines computing ``r.temp``: blocked and vectorised when its body allows (see the
         module doc), else one loop; a sum accumulates in float64, then is rounded once."""
-        total = f"{r.temp}_s" if r.kind == "sum" else str(r.temp)
-        init = "0.0" if r.kind == "sum" else self.piece(("-math.inf", "np.float32(-math.inf)"))
-        cast = f"{r.temp} = {self.piece(('', 'np.float32'))}({total})"
+        wide = f"{r.temp}_s"  # the float64 total, rounded once to the data's dtype
+        cast = f"{r.temp} = {self.piece(('', 'np.float32'))}({wide})"
         body = self.piece(r.body)
         if not r.children and _vectorisable(self._scalar_text(r.body)):
             # in float64 (a float32 max too: exact, and twice the elements per vector loop
             # makes the fold's loops too short to vectorise on rows of 64), then rounded
-            wide = f"{r.temp}_s"
-            return [
-                *self._blocked(r, pad, wide, "0.0" if r.kind == "sum" else "-math.inf", body),
-                f"{pad}{r.temp} = {self.piece(('', 'np.float32'))}({wide})",
-            ]
+            return [*self._blocked(r, pad, wide, body), f"{pad}{cast}"]
+        total = wide if r.kind == "sum" else str(r.temp)
+        init = "0.0" if r.kind == "sum" else self._lowest()
         lines = [
             f"{pad}{total} = {init}",
             f"{pad}for {r.var} in range({_int(r.lo)}, {_int(r.hi + 1)}):",
@@ -1494,7 +1491,11 @@ class _Lowerer:
     def _scalar_text(self, expr: sp.Expr) -> str:
         return _print(lower_primitives(expr), self.op, False, "float64", frozenset())
 
-    def _blocked(self, r: _Reduction, pad: str, total: str, init: str, body: str) -> list[str]:
+    def _lowest(self) -> str:
+        """``-inf`` in the data's dtype: where a max in that dtype starts."""
+        return self.piece(("-math.inf", "np.float32(-math.inf)"))
+
+    def _blocked(self, r: _Reduction, pad: str, total: str, body: str) -> list[str]:
         """``r`` over blocks of BLOCK elements: values to a float64 buffer, each block folded to
         one value (by the helpers of :data:`LANE_SOURCE`), the blocks' values joined in order
         into the float64 ``total``."""
@@ -1507,15 +1508,12 @@ class _Lowerer:
             write = [f"{kept} = {body}", f"{buf}[{r.var} - {q}] = {kept}"]
         lo, end = _int(r.lo), _int(r.hi + 1)
         if r.kind == "sum":
+            init = "0.0"
             fold, join = f"_sg_fold_sum({buf}, {m})", f"{total} + _sg_fold_sum({buf}, {m})"
         else:
+            init = "-math.inf"
             fold = f"_sg_fold_max({buf}, {m}, {init})"
             join = f"max({total}, _sg_fold_max({buf}, {m}, {init}))"
-        # A range of at most one block (every row of a transformer's softmax or layer norm)
-        # skips the block loop: LLVM vectorises a straight pass 3-4x better than the same pass
-        # inside a loop whose trip count it cannot see (a masked softmax's forward over a BERT
-        # layer's scores: 9.5 -> 2.7 ms).  The blocks, and so the order of the additions, are
-        # the same either way: the same bits.
         short = []
         if r.kind == "max" and r.keep is None:
             # a short row's max in one pass, serially (a softmax's rows of 64: the fold's loops
@@ -1523,11 +1521,16 @@ class _Lowerer:
             x = f"{n}_x"
             short = [
                 f"{pad}if {m} <= {SHORT_MAX}:",
-                f"{pad}    {x} = {self.piece(('-math.inf', 'np.float32(-math.inf)'))}",
+                f"{pad}    {x} = {self._lowest()}",
                 f"{pad}    for {r.var} in range({lo}, {lo} + {m}):",
                 f"{pad}        {x} = max({x}, {body})",
                 f"{pad}    {total} = {x}",
             ]
+        # A range of at most one block (every row of a transformer's softmax or layer norm)
+        # skips the block loop: LLVM vectorises a straight pass 3-4x better than the same pass
+        # inside a loop whose trip count it cannot see (a masked softmax's forward over a BERT
+        # layer's scores: 9.5 -> 2.7 ms).  The blocks, and so the order of the additions, are
+        # the same either way: the same bits.
         return [
             f"{pad}{m} = max({end} - {lo}, 0)",
             *short,
