@@ -82,6 +82,9 @@ def machine() -> dict[str, Any]:
     except OSError:
         info["cpu"] = platform.processor() or "unknown"
     info["cores"] = _cores()
+    from .runtime.blas import KERNEL_BLAS
+
+    info["kernel_blas"] = KERNEL_BLAS
     info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
     return info
 
@@ -582,8 +585,10 @@ def format_table(result: dict[str, Any]) -> str:
     """The rows as a text table with ratios to torch eager."""
     m, v = result["machine"], result["versions"]
     lines = [
-        f"{m['cpu']} ({m['cores']} cores, load at start {m['load_average_at_start']}), "
-        f"{result['threads']} thread(s); " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"{m['cpu']} ({m.get('cpu_family_model', '')}, {m['cores']} cores, load at start "
+        f"{m['load_average_at_start']}), {result['threads']} thread(s); "
+        + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"kernels' BLAS: {m.get('kernel_blas', 'unknown')}",
         f"{'workload':<16} {'size':<20} {'system':<16} {'median ms':>11} {'min ms':>10} "
         f"{'× torch':>8}",
     ]
@@ -608,7 +613,7 @@ def format_markdown(result: dict[str, Any], command: str) -> str:
         f"Machine: {m['cpu']} ({m.get('cpu_family_model', '')}, "
         f"{m.get('simd', '')}), {m['cores']} cores, {m['platform']}, Python {m['python']}; "
         f"load average at start {m['load_average_at_start']}, at end "
-        f"{m.get('load_average_at_end', '?')}.",
+        f"{m.get('load_average_at_end', '?')}. Kernels' BLAS: {m.get('kernel_blas', 'unknown')}.",
         "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "",

@@ -118,6 +118,12 @@ class ThreadPoolWarning(UserWarning):
     found — the message says which and how to fix it."""
 
 
+class BlasWarning(UserWarning):
+    """symgrad's own OpenBLAS computed a wrong product in its check at load, with the kernel it
+    picked or ``SYMGRAD_BLAS_CORETYPE`` named: the kernels call SciPy's BLAS instead; the
+    message names the kernel and how to pick another."""
+
+
 class OptionError(SymgradError, ValueError):
     """A command or task option has a value outside its range (or does not apply)."""
 

@@ -9,6 +9,7 @@ import pytest
 
 from symgrad import bench, nn, optim
 from symgrad.compile import compile_step
+from symgrad.runtime import blas
 
 
 def test_a_tiny_run_reports_every_system_with_ratios_to_torch(tmp_path, torch_state) -> None:
@@ -30,10 +31,11 @@ def test_a_tiny_run_reports_every_system_with_ratios_to_torch(tmp_path, torch_st
     assert result["threads"] == 1 and result["machine"]["cores"] >= 1
     text = bench.format_table(result)
     assert "B=4 H=8" in text and "symgrad compiled" in text and "× torch" in text
+    assert f"kernels' BLAS: {blas.KERNEL_BLAS}" in text  # (which kernels the GEMMs ran)
     bench.write_json(result, tmp_path / "bench.json")
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows
     report = bench.format_markdown(result, "symgrad bench --quick")
-    assert "`symgrad bench --quick`" in report
+    assert "`symgrad bench --quick`" in report and f"BLAS: {blas.KERNEL_BLAS}." in report
     assert report.count("\n| W1 train step | B=4 H=8 |") == len(w1)
 
 

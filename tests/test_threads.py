@@ -9,6 +9,7 @@ test sizes.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -175,6 +176,80 @@ def test_without_its_own_blas_the_kernels_call_scipys():
     assert name.startswith("SciPy's BLAS") and threads_in_kernels == 1
     assert "own" not in libs and 1 in libs.values()  # SciPy's, limited for the pool
     assert out[1] == "products ok"
+
+
+_BLAS_KERNEL = (
+    "import os\n"
+    "from symgrad.runtime import blas, threads\n"
+    "print(threads.blas_core(threads.own_blas()), os.environ.get('OPENBLAS_CORETYPE'),"
+    " blas.KERNEL_BLAS.endswith(threads.blas_core(threads.own_blas()) + ' kernels)'))\n"
+)
+
+
+def test_the_kernels_blas_picks_its_kernel_for_the_processor_whatever_openblas_coretype_says():
+    """OPENBLAS_CORETYPE (set on machines whose older OpenBLAS builds fail on the processor)
+    does not choose the kernel of symgrad's own, current OpenBLAS: it runs the kernel OpenBLAS
+    picks for the processor, and the variable is left as it was for the process's other
+    OpenBLAS builds; SYMGRAD_BLAS_CORETYPE forces one on it."""
+    pytest.importorskip("scipy_openblas32")
+    unset = dict(OPENBLAS_CORETYPE=None, SYMGRAD_BLAS_CORETYPE=None)
+    native, was, named = _fresh(_BLAS_KERNEL, **unset).stdout.split()
+    assert (was, named) == ("None", "True")
+    for machine_wide in ("Haswell", "Core2"):
+        got = _fresh(_BLAS_KERNEL, **{**unset, "OPENBLAS_CORETYPE": machine_wide}).stdout.split()
+        assert got == [native, machine_wide, "True"]
+    forced = _fresh(_BLAS_KERNEL, **{**unset, "SYMGRAD_BLAS_CORETYPE": "Haswell"})
+    assert forced.stdout.split() == ["Haswell", "None", "True"]
+    both = dict(OPENBLAS_CORETYPE="Core2", SYMGRAD_BLAS_CORETYPE="haswell")
+    assert _fresh(_BLAS_KERNEL, **both).stdout.split() == ["Haswell", "Core2", "True"]
+
+
+class _FakeBlas:
+    """An OpenBLAS stand-in for the check at load: its products are off by ``error``."""
+
+    def __init__(self, error: float, dtype: type) -> None:
+        self.error, self.dtype = error, dtype
+        self.scipy_cblas_sgemm = self._gemm(np.float32)
+        self.scipy_cblas_dgemm = self._gemm(np.float64)
+
+    def _gemm(self, dtype):
+        def gemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+            def matrix(pointer, rows, cols):
+                size = rows * cols * np.dtype(dtype).itemsize
+                buffer = (ctypes.c_char * size).from_address(pointer.value)
+                return np.frombuffer(buffer, dtype).reshape(cols, rows).T  # column-major
+
+            op_a = matrix(a, *((k, m) if ta == 112 else (m, k)))
+            op_b = matrix(b, *((n, k) if tb == 112 else (k, n)))
+            op_a, op_b = (op_a.T if ta == 112 else op_a), (op_b.T if tb == 112 else op_b)
+            out = matrix(c, m, n)
+            result = alpha.value * (op_a.astype(float) @ op_b) + beta.value * out
+            out[...] = result + (self.error if dtype == self.dtype else 0.0)
+
+        return gemm
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_check_at_load_finds_a_wrong_product(dtype):
+    """The check of the kernels' BLAS as it loads passes a right sgemm and dgemm and fails
+    either off by a little more than its precision's rounding."""
+    assert threads._products_agree(_FakeBlas(0.0, dtype))
+    assert not threads._products_agree(_FakeBlas(0.05 if dtype == np.float32 else 1e-9, dtype))
+
+
+def test_a_kernels_blas_failing_its_check_is_not_used():
+    """symgrad's OpenBLAS computing a wrong product at load: a BlasWarning naming the kernel
+    and the variable that picks another, and the kernels call SciPy's BLAS."""
+    pytest.importorskip("scipy_openblas32")
+    code = (
+        "from symgrad.runtime import threads\n"
+        "threads._products_agree = lambda library: False\n"
+        "from symgrad.runtime import blas\n"
+        "print(blas.KERNEL_BLAS)\n"
+    )
+    got = _fresh(code)
+    assert got.stdout.startswith("SciPy's BLAS")
+    assert "BlasWarning" in got.stderr and "SYMGRAD_BLAS_CORETYPE" in got.stderr
 
 
 @pytest.mark.parametrize("layer", [None, "tbb", "workqueue"])

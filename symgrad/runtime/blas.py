@@ -46,7 +46,7 @@ import numpy as np
 from llvmlite import binding
 from numba import cfunc, njit, prange, types
 
-from .threads import configure, kernel_blas, own_blas
+from .threads import blas_core, configure, kernel_blas, own_blas
 
 configure()  # before any kernel calls BLAS: SYMGRAD_NUM_THREADS read (the pool, BLAS on one thread)
 
@@ -127,7 +127,7 @@ def _bind_blas() -> str:
     if own is not None:
         for name in ("sgemm", "dgemm", "sgemv", "dgemv"):
             binding.add_symbol(f"symgrad_{name}", _address(getattr(own, f"scipy_cblas_{name}")))
-        return "symgrad's own OpenBLAS (scipy-openblas32)"
+        return f"symgrad's own OpenBLAS (scipy-openblas32, {blas_core(own)} kernels)"
     # (compiled only here, where they are needed; cached like the kernels)
     for name, function, sig in (
         ("sgemm", _sgemm_via_numba, _GEMM_SIGS[_F32]),

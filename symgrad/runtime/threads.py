@@ -40,6 +40,7 @@ import ctypes
 import functools
 import importlib
 import importlib.metadata
+import itertools
 import os
 import platform
 import sys
@@ -50,7 +51,7 @@ from typing import Any
 
 import numba  # symgrad/__init__.py sized Numba's pool before numba was first imported
 
-from ..errors import OptionError, ThreadPoolWarning
+from ..errors import BlasWarning, OptionError, ThreadPoolWarning
 
 #: Elements of a call's largest array below which a kernel runs its serial variant: below
 #: this, starting the pool costs more than it saves.
@@ -161,22 +162,106 @@ def _check(n: object) -> int:
 OWN_BLAS_PACKAGE = "scipy_openblas32"
 
 
+#: Environment variable that forces a kernel on symgrad's own OpenBLAS (OpenBLAS's core names:
+#: ``Haswell``, ``SkylakeX``, ``Zen``, ...); unset, OpenBLAS picks the kernel for the processor.
+BLAS_CORETYPE_ENV = "SYMGRAD_BLAS_CORETYPE"
+
+#: The variable by which OpenBLAS, as it loads, is told to use one kernel, on every OpenBLAS in
+#: the process that loads after it is set.
+_OPENBLAS_CORETYPE = "OPENBLAS_CORETYPE"
+
+
 @functools.cache
 def own_blas() -> ctypes.CDLL | None:
-    """symgrad's own OpenBLAS, the BLAS generated kernels call (loaded here, locally: its
-    symbols stay out of the process's namespace), or None when the ``scipy-openblas32`` wheel is
-    not there — kernels then call SciPy's BLAS through Numba's ``numba_xxgemm``
-    (:mod:`symgrad.runtime.blas`).  A copy of its own, so that running it on one thread for the
-    pool changes no other library's BLAS (NumPy's, SciPy's); and a newer OpenBLAS than SciPy's
-    (its GEMMs 5–9 % faster on a BERT layer's products, benchmarks/RESULTS-threads.md)."""
-    try:
+    """symgrad's own OpenBLAS, the BLAS generated kernels call (loaded here; its symbols carry
+    the wheel's ``scipy_`` prefix, so no other BLAS's calls reach it), or None when the
+    ``scipy-openblas32`` wheel is not there — kernels then call SciPy's BLAS through Numba's
+    ``numba_xxgemm`` (:mod:`symgrad.runtime.blas`).  A copy of its own, so that running it on
+    one thread for the pool changes no other library's BLAS (NumPy's, SciPy's); and a newer
+    OpenBLAS than SciPy's (its GEMMs 5–9 % faster on a BERT layer's products,
+    benchmarks/RESULTS-threads.md).
+
+    **Its kernel.**  ``OPENBLAS_CORETYPE`` makes every OpenBLAS that loads after it is set use
+    the kernel it names; machines set it (``Haswell``) to keep older builds — NumPy's, SciPy's —
+    off the kernels they get wrong on a newer processor.  symgrad's copy is a current build
+    (``scipy-openblas32`` ≥ 0.3.34, a dependency): it loads with the kernel OpenBLAS itself
+    picks for the processor (``OPENBLAS_CORETYPE`` is left as it was, for the others), or the one
+    ``SYMGRAD_BLAS_CORETYPE`` names (as OpenBLAS takes ``OPENBLAS_CORETYPE``: a kernel this build
+    lacks runs as the one it stands for, ``Zen`` as ``Haswell``; a name it does not know is
+    ignored — ``OPENBLAS_VERBOSE=2`` prints its choice, :data:`symgrad.runtime.blas.KERNEL_BLAS`
+    names it), and its products are checked once as it loads
+    (:func:`_products_agree`); a kernel that fails the check is not used (a
+    :class:`~symgrad.errors.BlasWarning`, SciPy's BLAS instead).  On an AMD Zen 5 with
+    ``OPENBLAS_CORETYPE=Haswell`` set: 205–215 GFLOP/s a core (SkylakeX's AVX-512 kernels)
+    against 97–110 (Haswell's) on a BERT layer's products (benchmarks/RESULTS-encoder.md)."""
+    forced = os.environ.get(BLAS_CORETYPE_ENV, "").strip()
+    machine_wide = os.environ.get(_OPENBLAS_CORETYPE)
+    try:  # (importing the package loads the library: OpenBLAS picks its kernel then, once)
+        if forced:
+            os.environ[_OPENBLAS_CORETYPE] = forced
+        else:
+            os.environ.pop(_OPENBLAS_CORETYPE, None)
         package = importlib.import_module(OWN_BLAS_PACKAGE)
         path = os.path.join(package.get_lib_dir(), package.get_library(fullname=True))
         library = ctypes.CDLL(path)
         library.scipy_cblas_sgemm  # noqa: B018  # (the symbols the kernels bind)
     except (ImportError, OSError, AttributeError, IndexError):
         return None
+    finally:
+        if machine_wide is None:
+            os.environ.pop(_OPENBLAS_CORETYPE, None)
+        else:
+            os.environ[_OPENBLAS_CORETYPE] = machine_wide
+    core = blas_core(library)
+    if not _products_agree(library):
+        warnings.warn(
+            f"symgrad's own OpenBLAS ({core} kernel) computed a wrong product in its check at "
+            f"load: the kernels call SciPy's BLAS instead. Name another kernel in "
+            f"{BLAS_CORETYPE_ENV} (e.g. Haswell) to use symgrad's OpenBLAS",
+            BlasWarning,
+            stacklevel=2,
+        )
+        return None
     return library
+
+
+def blas_core(library: ctypes.CDLL) -> str:
+    """The kernel an OpenBLAS library runs (``SkylakeX``, ``Haswell``, ...), ``"unknown"`` when
+    it does not say."""
+    function = getattr(library, "scipy_openblas_get_corename", None)
+    if function is None:
+        return "unknown"
+    function.restype = ctypes.c_char_p
+    return (function() or b"unknown").decode()
+
+
+def _products_agree(library: ctypes.CDLL) -> bool:
+    """Whether the library's ``sgemm`` and ``dgemm`` compute products right: every pair of
+    transposes, sizes that are no multiple of a kernel's block and one that takes several
+    blocks, against NumPy's own float64 sums (``einsum``, no BLAS)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pointer = ctypes.c_void_p
+    for dtype, function, scalar, rtol in (
+        (np.float32, library.scipy_cblas_sgemm, ctypes.c_float, 1e-4),
+        (np.float64, library.scipy_cblas_dgemm, ctypes.c_double, 1e-12),
+    ):
+        for (m, n, k), ta, tb in itertools.product(((37, 29, 67), (161, 147, 300)), (0, 1), (0, 1)):
+            # column-major C (m x n) = 0.5 op(A) op(B) + 2 C, op(A) m x k, op(B) k x n
+            a = rng.uniform(-1, 1, (m, k) if ta else (k, m)).astype(dtype)
+            b = rng.uniform(-1, 1, (k, n) if tb else (n, k)).astype(dtype)
+            c = rng.uniform(-1, 1, (n, m)).astype(dtype)
+            op_a, op_b = (a if ta else a.T), (b if tb else b.T)
+            want = 0.5 * np.einsum("ik,kj->ij", op_a.astype(float), op_b.astype(float))
+            want += 2.0 * c.T.astype(float)
+            function(102, 112 if ta else 111, 112 if tb else 111, m, n, k, scalar(0.5),
+                     pointer(a.ctypes.data), a.shape[1], pointer(b.ctypes.data), b.shape[1],
+                     scalar(2.0), pointer(c.ctypes.data), m)
+            scale = np.abs(want).max()
+            if not np.all(np.abs(c.T - want) <= rtol * (scale + 1.0)):
+                return False
+    return True
 
 
 @functools.cache
