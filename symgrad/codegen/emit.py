@@ -24,10 +24,14 @@ vectorising the element loop, and those calls are most of a kernel's time.  When
 kernel uses has a branch-free implementation (:data:`~symgrad.codegen.printer.VECTOR_FUNCTIONS`),
 the kernel calls those instead (emitted into the module, within one ulp of libm) and its loop
 vectorises; a kernel that still needs a libm call (``sin``, ``pow``...) keeps ``math.*``
-throughout, since a scalar loop is faster with libm.  ``Σ f`` is accumulated in element order, as a
-scalar loop would, so the reduction does not block vectorisation either: values go to a small
-buffer, block by block, and are added in order.  The sum is over fixed chunks of
-:data:`CHUNK` elements, added in chunk order, so that it does not depend on the number of threads.
+throughout, since a scalar loop is faster with libm.  ``Σ f`` does not block vectorisation
+either: values go to a small buffer, block by block, which is folded to its sum
+(:mod:`symgrad.codegen.folds`: pairwise, in an order fixed by the block's length — a serial
+accumulator cannot be reassociated under IEEE rules and cost an addition's latency per element,
+13 % of a 10M-element loss with its gradient on one thread), and the blocks' sums are added in
+order (a kernel without the vectorisable helpers accumulates in element order).  The sum is over
+fixed chunks of :data:`CHUNK` elements, added in chunk order, so that it does not depend on the
+number of threads.
 
 **Threads.**  Every kernel also exists as a parallel variant (``forward_par``, ``vjp_par_f32``...):
 its element loop (or its loop over chunks) is a ``prange`` loop, each element computed as in the
@@ -59,6 +63,7 @@ from ..symbolic.derive import Derivation
 from ..symbolic.functions import logcosh, sigmoid, softplus, xlogy
 from . import names
 from .dtypes import SUFFIXES
+from .folds import FOLD_SOURCE
 from .jit import njit
 from .printer import (
     NUMBA_FUNCTIONS,
@@ -71,7 +76,8 @@ from .printer import (
 
 KERNELS = ("forward", "vjp", "value_and_vjp", "value_and_vjp_sum")
 
-#: Elements per block of a reducing kernel: their values are buffered, then added in order.
+#: Elements per block of a reducing kernel: their values are buffered, then folded to their sum
+#: (:mod:`symgrad.codegen.folds`), and the blocks' sums added in order.
 BLOCK = 512
 #: Elements per chunk of a parallel reducing kernel; fixed, so the sum is the same on any
 #: number of threads.
@@ -232,7 +238,8 @@ def emit_elementwise(
         ]
 
         def blocked(lo: str, hi: str, acc: str, buf: str) -> list[str]:
-            # Values of a block to a buffer (the loop vectorises), then added in element order.
+            # Values of a block to a buffer (the loop vectorises), then folded to their sum
+            # (codegen.folds: pairwise, in an order fixed by the block's length).
             # ``i`` is unsigned: Numba then drops its negative-index wraparound, which LLVM
             # cannot prove dead here (``i`` is not a plain range index) and which would turn
             # every load and store of the vector loop into scalar ones.
@@ -244,8 +251,7 @@ def emit_elementwise(
                 "    for _j in range(_m):",
                 "        i = np.uint64(_start + _j)",
                 *_indent(element(body, [f"{buf}[_j] = ", *stores]), 2),
-                "    for _j in range(_m):",
-                f"        {acc} += {buf}[_j]",
+                f"    {acc} += _sg_fold_sum({buf}, _m)",
             ]
 
         def plain(lo: str, hi: str, acc: str) -> list[str]:
@@ -264,6 +270,7 @@ def emit_elementwise(
             lines.append(f"_bufs = np.empty((_nc, {BLOCK}), dtype=np.float64)")
         chunk = [f"_lo = _c * {CHUNK}", f"_hi = min(_lo + {CHUNK}, n)", "_s = 0.0"]
         if body.vector:
+            helpers.add("_sg_fold_sum")
             chunk += ["_buf = _bufs[_c]", *blocked("_lo", "_hi", "_s", "_buf")]
         else:
             chunk += plain("_lo", "_hi", "_s")
@@ -319,8 +326,9 @@ def emit_elementwise(
         "",
         "",
     ]
+    sources = {**VECTOR_MATH_SOURCE, **FOLD_SOURCE}
     for name in sorted(helpers):
-        prelude += [VECTOR_MATH_SOURCE[name], ""]
+        prelude += [sources[name], ""]
     body = "\n".join([*prelude, *src]).rstrip() + "\n"
     body_hash = hashlib.sha256(body.encode()).hexdigest()
     header = (

@@ -36,10 +36,10 @@ dtype, or, vectorised, in float64 (exact either way).
 **Vectorised reductions.**  A sum or max whose body has no libm call once ``exp``, ``log``...
 are the vectorisable helpers (softmax's ``Σ exp``, a row max, layer norm's sums) is computed in
 blocks of :data:`BLOCK` elements: the block's values go to a buffer in one loop (which LLVM
-vectorises; float64), then the buffer is folded in halves — its second half
-added onto its first, element by element, until :data:`LANES` values are left, which are
-added in a fixed tree — and the blocks' results are added in order (the fold and the tree are
-small helpers, :data:`LANE_SOURCE`, that LLVM inlines).  Each fold is a loop without a
+vectorises; float64), then the buffer is folded in halves — its second half added onto its
+first, element by element, until :data:`~symgrad.codegen.folds.LANES` values are left, which
+are added in a fixed tree — and the blocks' results are added in order (the fold and the tree
+are small helpers, :mod:`symgrad.codegen.folds`, that LLVM inlines).  Each fold is a loop without a
 carried dependence, which LLVM vectorises under strict IEEE rules (Numba leaves LLVM's SLP
 vectoriser off, so a loop over a few partial sums in registers is not: a row of 384 floats
 summed 1.6x faster than into 8 lanes).  The order depends only on the range's length — never
@@ -83,19 +83,18 @@ from ..symbolic.residuals import normal
 from . import names
 from .dtypes import SUFFIXES
 from .emit import KernelSource, _vectorisable, lower_primitives
+from .folds import FOLD_SOURCE
 from .gemm import MaterializedGemm, plan
 from .jit import njit
 from .printer import VECTOR_MATH_SOURCE, NumbaPrinter, index_code
 
 _CANON = sp.Symbol("_canon", integer=True)
 PARALLEL_DECORATOR = njit(parallel=True)
-#: Elements per block of a vectorised reduction (its buffer's length; a multiple of LANES).
+#: Elements per block of a vectorised reduction (its buffer's length; a multiple of
+#: ``folds.LANES``).
 BLOCK = 1024
 #: A max over at most this many elements is taken in one serial pass, not folded.
 SHORT_MAX = 128
-#: Values a vectorised reduction's block is folded down to before its final tree (the halves
-#: it adds are multiples of LANES long: whole vectors).
-LANES = 8
 #: A sum over rows (a bias's gradient) adds chunks of at least ROW_CHUNK consecutive rows
 #: each into partial sums of its own, at most MAX_CHUNKS of them (``_Lowerer._chunked``); a
 #: loop over rows without such sums runs in at most MAX_CHUNKS chunks of any length
@@ -1556,34 +1555,6 @@ def _kept_at(r: _Reduction, last: str) -> str:
     return f"{target}[{', '.join([*(_int(v) for v in outer), last])}]"
 
 
-def _tree(join: str) -> str:
-    """The first LANES values of ``buf`` joined pairwise (``join`` of two texts), in a fixed
-    tree."""
-    tree = [f"buf[{k}]" for k in range(LANES)]
-    while len(tree) > 1:
-        tree = [join.format(tree[k], tree[k + 1]) for k in range(0, len(tree), 2)]
-    return tree[0]
-
-
-def _fold(name: str, join: str, start: str) -> str:
-    """A helper reducing ``buf[:m]`` (destroying it): while more than LANES values are left,
-    the values past the first ``h`` (``h`` ≥ half of them, a multiple of LANES) are joined
-    onto the first ones, element by element; the rest is filled up to LANES with ``start``
-    and joined in a fixed tree.  ``join`` joins two texts."""
-    return f"""\
-{_LANE_DECORATOR}
-def {name}(buf, m{", start" if start == "start" else ""}):
-    while m > {LANES}:
-        h = ((m + 1) // 2 + {LANES - 1}) // {LANES} * {LANES}
-        for k in range(m - h):
-            buf[k] = {join.format("buf[k]", "buf[h + k]")}
-        m = h
-    for k in range(m, {LANES}):
-        buf[k] = {start}
-    return {_tree(join)}
-"""
-
-
 _LANE_DECORATOR = njit()
 #: Numba source of the helpers of a blocked reduction (see the module doc): a block's buffer
 #: folded to its sum or its maximum.  Small functions that LLVM inlines into each kernel; as
@@ -1598,8 +1569,7 @@ def _sg_chunk_rows(rows, least):
     size = max(least, (rows + {MAX_CHUNKS - 1}) // {MAX_CHUNKS})
     return size, max(1, (rows + size - 1) // size)
 """,
-    "_sg_fold_sum": _fold("_sg_fold_sum", "({} + {})", "0.0"),
-    "_sg_fold_max": _fold("_sg_fold_max", "max({}, {})", "start"),
+    **FOLD_SOURCE,
 }
 
 
