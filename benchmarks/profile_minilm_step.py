@@ -23,8 +23,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
-
 
 def _median_ms(f: Any, repeat: int) -> float:
     times = []
@@ -49,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from symgrad.runtime import threads
     from symgrad.tasks import minilm
-    from symgrad.train import batch_order
 
     torch.set_num_threads(opts.threads)
     threadpool_limits(opts.threads)
@@ -59,27 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.2f}; {opts.threads} thread(s), level {opts.level}")
 
-    cfg = minilm.MinilmConfig(level=opts.level, limit=None)
-    train = minilm.load_splits(cfg)["train"]
-    ours, twin = minilm._sides(opts.level, np.dtype(np.float32), cfg.seed)
-    opt, topt = minilm._optimizers(cfg, ours, twin)
-    ours.compile(opt)
-    cached = ours.cache(train)
-    twin_cached = minilm._twin_cache(twin, train)
-    by_length: dict[int, np.ndarray] = {}
-    for idx in batch_order(len(train.labels), cfg.batch_size, cfg.seed, 0):
-        by_length.setdefault(train.batch(idx)[0].shape[1], idx)
+    work = minilm.step_workload(opts.level)
+    train, ours, by_length = work.train, work.ours, work.by_length
+    ours_step, twin_step = work.symgrad_step(), work.torch_step()
     lengths = sorted(by_length)
     picked = [by_length[t] for t in lengths[:: max(1, len(lengths) // 6)]]
-
-    def ours_step(idx: np.ndarray) -> None:
-        ours.train_step(train, cached, idx)
-
-    def twin_step(idx: np.ndarray) -> None:
-        ids, mask, labels = train.batch(idx)
-        twin.step(ids, mask, labels, [twin_cached[n] for n in idx])
-        topt.step()
-        topt.zero_grad()
 
     for idx in picked:  # warm-up: every shape compiled and traced
         ours_step(idx)

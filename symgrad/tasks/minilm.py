@@ -57,7 +57,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import median
@@ -361,6 +361,52 @@ def _sides(level: str, dtype: np.dtype, seed: int, twin: bool = True) -> tuple[_
     if not twin:
         return ours, None
     return ours, TwinRunner(ours.head.state_dict(), dtype, LEVELS[level])
+
+
+@dataclass
+class StepWorkload:
+    """The main job's training set-up as ``finetune --limit all`` builds it (float32), for the
+    benchmarks that time or measure one side's step (``benchmarks/profile_minilm_step.py``,
+    ``benchmarks/memory_minilm_step.py``): the training split, both sides and their optimizers,
+    and one batch of the first epoch for each padded length (``by_length``)."""
+
+    cfg: MinilmConfig
+    train: _Data
+    ours: _Ours
+    twin: Any
+    opt: optim.AdamW
+    twin_opt: Any
+    by_length: dict[int, np.ndarray]
+
+    def symgrad_step(self) -> Callable[[np.ndarray], object]:
+        """symgrad's training step (compiled) on the messages ``idx``, as ``finetune`` runs it."""
+        self.ours.compile(self.opt)
+        cached = self.ours.cache(self.train)
+        return lambda idx: self.ours.train_step(self.train, cached, idx)
+
+    def torch_step(self) -> Callable[[np.ndarray], object]:
+        """The twin's training step (forward, backward, AdamW) on the messages ``idx``."""
+        cached = _twin_cache(self.twin, self.train)
+
+        def step(idx: np.ndarray) -> None:
+            ids, mask, labels = self.train.batch(idx)
+            self.twin.step(ids, mask, labels, [cached[n] for n in idx])
+            self.twin_opt.step()
+            self.twin_opt.zero_grad()
+
+        return step
+
+
+def step_workload(level: str) -> StepWorkload:
+    """:class:`StepWorkload` at ``level`` (``"b"`` or ``"c"``)."""
+    cfg = MinilmConfig(level=level, limit=None)
+    train = load_splits(cfg)["train"]
+    ours, twin = _sides(level, np.dtype(np.float32), cfg.seed)
+    opt, twin_opt = _optimizers(cfg, ours, twin)
+    by_length: dict[int, np.ndarray] = {}
+    for idx in batch_order(len(train.labels), cfg.batch_size, cfg.seed, 0):
+        by_length.setdefault(train.batch(idx)[0].shape[1], idx)
+    return StepWorkload(cfg, train, ours, twin, opt, twin_opt, by_length)
 
 
 def _twin_cache(twin: Any, data: _Data, chunks: Iterable[np.ndarray] | None = None) -> list[Any]:
