@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--side", required=True, choices=["symgrad", "torch"])
     parser.add_argument("--level", default="c", choices=["b", "c"])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="threads for both sides (default: the cores this process may use)")
     opts = parser.parse_args(argv)
 
     import torch

@@ -585,7 +585,7 @@ def format_table(result: dict[str, Any]) -> str:
     """The rows as a text table with ratios to torch eager."""
     m, v = result["machine"], result["versions"]
     lines = [
-        f"{m['cpu']} ({m.get('cpu_family_model', '')}, {m['cores']} cores, load at start "
+        f"{m['cpu']} ({m.get('cpu_family_model', 'family ?')}, {m['cores']} cores, load at start "
         f"{m['load_average_at_start']}), {result['threads']} thread(s); "
         + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"kernels' BLAS: {m.get('kernel_blas', 'unknown')}",

@@ -204,8 +204,33 @@ def test_the_kernels_blas_picks_its_kernel_for_the_processor_whatever_openblas_c
     assert _fresh(_BLAS_KERNEL, **both).stdout.split() == ["Haswell", "Core2", "True"]
 
 
+def test_two_threads_loading_the_kernels_blas_at_once_leave_openblas_coretype_as_it_was():
+    """Two threads' first calls of own_blas at once (its cache has no lock): the environment is
+    changed and restored by one at a time, so the second does not save the first's change and
+    leave the variable removed."""
+    pytest.importorskip("scipy_openblas32")
+    code = (
+        "import os, threading, time, importlib\n"
+        "from symgrad.runtime import threads\n"
+        "real = importlib.import_module\n"
+        "def slow(name, *args):\n"
+        "    if name == threads.OWN_BLAS_PACKAGE:\n"
+        "        time.sleep(0.3)\n"
+        "    return real(name, *args)\n"
+        "threads.importlib = type('m', (), {'import_module': staticmethod(slow)})\n"
+        "first = threading.Thread(target=threads.own_blas); first.start()\n"
+        "time.sleep(0.1)\n"
+        "second = threading.Thread(target=threads.own_blas); second.start()\n"
+        "first.join(); second.join()\n"
+        "print(os.environ.get('OPENBLAS_CORETYPE'))\n"
+    )
+    got = _fresh(code, OPENBLAS_CORETYPE="Haswell", SYMGRAD_BLAS_CORETYPE=None)
+    assert got.stdout.split() == ["Haswell"]
+
+
 class _FakeBlas:
-    """An OpenBLAS stand-in for the check at load: its products are off by ``error``."""
+    """A column-major CBLAS ``gemm`` stand-in for the check at load (leading dimensions as
+    given): its ``dtype`` products are off by ``error``."""
 
     def __init__(self, error: float, dtype: type) -> None:
         self.error, self.dtype = error, dtype
@@ -214,15 +239,16 @@ class _FakeBlas:
 
     def _gemm(self, dtype):
         def gemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-            def matrix(pointer, rows, cols):
-                size = rows * cols * np.dtype(dtype).itemsize
+            def matrix(pointer, rows, cols, ld):
+                assert ld >= rows
+                size = cols * ld * np.dtype(dtype).itemsize
                 buffer = (ctypes.c_char * size).from_address(pointer.value)
-                return np.frombuffer(buffer, dtype).reshape(cols, rows).T  # column-major
+                return np.frombuffer(buffer, dtype).reshape(cols, ld)[:, :rows].T
 
-            op_a = matrix(a, *((k, m) if ta == 112 else (m, k)))
-            op_b = matrix(b, *((n, k) if tb == 112 else (k, n)))
+            op_a = matrix(a, *((k, m) if ta == 112 else (m, k)), lda)
+            op_b = matrix(b, *((n, k) if tb == 112 else (k, n)), ldb)
             op_a, op_b = (op_a.T if ta == 112 else op_a), (op_b.T if tb == 112 else op_b)
-            out = matrix(c, m, n)
+            out = matrix(c, m, n, ldc)
             result = alpha.value * (op_a.astype(float) @ op_b) + beta.value * out
             out[...] = result + (self.error if dtype == self.dtype else 0.0)
 
@@ -231,8 +257,9 @@ class _FakeBlas:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_check_at_load_finds_a_wrong_product(dtype):
-    """The check of the kernels' BLAS as it loads passes a right sgemm and dgemm and fails
-    either off by a little more than its precision's rounding."""
+    """The check of the kernels' BLAS as it loads passes a right sgemm and dgemm (leading
+    dimensions read as given) and fails either off by far less than the least slip of a real
+    kernel (a term dropped or read twice)."""
     assert threads._products_agree(_FakeBlas(0.0, dtype))
     assert not threads._products_agree(_FakeBlas(0.05 if dtype == np.float32 else 1e-9, dtype))
 

@@ -8,8 +8,9 @@ a loop without a carried dependence, which LLVM vectorises under strict IEEE rul
 leaves LLVM's SLP vectoriser off, so partial sums kept in registers would run scalar); the
 serial chain of one accumulator costs a floating-point addition's latency per element.  The
 order depends only on the number of values — never on threads or load — and the rounding error
-of a sum grows with log n, not n.  Used by the tensor kernels' blocked reductions
-(:mod:`symgrad.codegen.lower`) and the elementwise kernels' sums (:mod:`symgrad.codegen.emit`).
+of a buffer's sum grows with log n, not n (the buffers' sums are then added in order).  Used by
+the tensor kernels' blocked reductions (:mod:`symgrad.codegen.lower`) and the elementwise
+kernels' sums (:mod:`symgrad.codegen.emit`).
 """
 
 from __future__ import annotations

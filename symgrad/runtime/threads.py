@@ -44,6 +44,7 @@ import itertools
 import os
 import platform
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -191,9 +192,35 @@ def own_blas() -> ctypes.CDLL | None:
     ignored — ``OPENBLAS_VERBOSE=2`` prints its choice, :data:`symgrad.runtime.blas.KERNEL_BLAS`
     names it), and its products are checked once as it loads
     (:func:`_products_agree`); a kernel that fails the check is not used (a
-    :class:`~symgrad.errors.BlasWarning`, SciPy's BLAS instead).  On an AMD Zen 5 with
-    ``OPENBLAS_CORETYPE=Haswell`` set: 205–215 GFLOP/s a core (SkylakeX's AVX-512 kernels)
-    against 97–110 (Haswell's) on a BERT layer's products (benchmarks/RESULTS-encoder.md)."""
+    :class:`~symgrad.errors.BlasWarning`, SciPy's BLAS instead).  A process that imported the
+    ``scipy_openblas32`` package before symgrad loaded the library then, with the environment of
+    that moment (``KERNEL_BLAS`` says which kernel runs).  On an AMD Zen 5 with
+    ``OPENBLAS_CORETYPE=Haswell`` set: 188–215 GFLOP/s a core (SkylakeX's AVX-512 kernels)
+    against 97–112 (Haswell's) on a BERT layer's products (benchmarks/RESULTS-encoder.md)."""
+    with _ENVIRONMENT:  # (two threads' first calls: the second would save the first's change)
+        library = _load_own_blas()
+    if library is None:
+        return None
+    core = blas_core(library)
+    if not _products_agree(library):
+        warnings.warn(
+            f"symgrad's own OpenBLAS ({core} kernel) computed a wrong product in its check at "
+            f"load: the kernels call SciPy's BLAS instead. Name another kernel in "
+            f"{BLAS_CORETYPE_ENV} (e.g. Haswell) to use symgrad's OpenBLAS",
+            BlasWarning,
+            stacklevel=2,
+        )
+        return None
+    return library
+
+
+#: Held while the environment is changed to load symgrad's OpenBLAS.
+_ENVIRONMENT = threading.Lock()
+
+
+def _load_own_blas() -> ctypes.CDLL | None:
+    """symgrad's OpenBLAS loaded with the kernel OpenBLAS picks, or SYMGRAD_BLAS_CORETYPE's
+    (:func:`own_blas`); None without the wheel."""
     forced = os.environ.get(BLAS_CORETYPE_ENV, "").strip()
     machine_wide = os.environ.get(_OPENBLAS_CORETYPE)
     try:  # (importing the package loads the library: OpenBLAS picks its kernel then, once)
@@ -212,16 +239,6 @@ def own_blas() -> ctypes.CDLL | None:
             os.environ.pop(_OPENBLAS_CORETYPE, None)
         else:
             os.environ[_OPENBLAS_CORETYPE] = machine_wide
-    core = blas_core(library)
-    if not _products_agree(library):
-        warnings.warn(
-            f"symgrad's own OpenBLAS ({core} kernel) computed a wrong product in its check at "
-            f"load: the kernels call SciPy's BLAS instead. Name another kernel in "
-            f"{BLAS_CORETYPE_ENV} (e.g. Haswell) to use symgrad's OpenBLAS",
-            BlasWarning,
-            stacklevel=2,
-        )
-        return None
     return library
 
 
@@ -236,32 +253,48 @@ def blas_core(library: ctypes.CDLL) -> str:
 
 
 def _products_agree(library: ctypes.CDLL) -> bool:
-    """Whether the library's ``sgemm`` and ``dgemm`` compute products right: every pair of
-    transposes, sizes that are no multiple of a kernel's block and one that takes several
-    blocks, against NumPy's own float64 sums (``einsum``, no BLAS)."""
+    """Whether the library's ``sgemm`` and ``dgemm`` compute products right, on one thread (as
+    the kernels call it): every pair of transposes, sizes that are no multiple of a kernel's
+    block and, with leading dimensions longer than the columns (strided views, as the kernels
+    pass), one whose sum takes several of OpenBLAS's blocks; against NumPy's float64 product
+    (its own BLAS, loaded as the machine says)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     pointer = ctypes.c_void_p
-    for dtype, function, scalar, rtol in (
-        (np.float32, library.scipy_cblas_sgemm, ctypes.c_float, 1e-4),
-        (np.float64, library.scipy_cblas_dgemm, ctypes.c_double, 1e-12),
-    ):
-        for (m, n, k), ta, tb in itertools.product(((37, 29, 67), (161, 147, 300)), (0, 1), (0, 1)):
-            # column-major C (m x n) = 0.5 op(A) op(B) + 2 C, op(A) m x k, op(B) k x n
-            a = rng.uniform(-1, 1, (m, k) if ta else (k, m)).astype(dtype)
-            b = rng.uniform(-1, 1, (k, n) if tb else (n, k)).astype(dtype)
-            c = rng.uniform(-1, 1, (n, m)).astype(dtype)
-            op_a, op_b = (a if ta else a.T), (b if tb else b.T)
-            want = 0.5 * np.einsum("ik,kj->ij", op_a.astype(float), op_b.astype(float))
-            want += 2.0 * c.T.astype(float)
-            function(102, 112 if ta else 111, 112 if tb else 111, m, n, k, scalar(0.5),
-                     pointer(a.ctypes.data), a.shape[1], pointer(b.ctypes.data), b.shape[1],
-                     scalar(2.0), pointer(c.ctypes.data), m)
-            scale = np.abs(want).max()
-            if not np.all(np.abs(c.T - want) <= rtol * (scale + 1.0)):
-                return False
-    return True
+    get_threads = getattr(library, "scipy_openblas_get_num_threads", None)
+    set_threads = getattr(library, "scipy_openblas_set_num_threads", None)
+    before = get_threads() if get_threads is not None else None
+    if set_threads is not None:
+        set_threads(1)
+
+    def column_major(rows: int, cols: int, pad: int, dtype: type) -> tuple[Any, Any]:
+        store: Any = rng.uniform(-1, 1, (cols, rows + pad)).astype(dtype)
+        return store, store[:, :rows].T  # the buffer BLAS reads, the matrix in it (a view)
+
+    try:
+        for dtype, function, scalar, rtol in (
+            (np.float32, library.scipy_cblas_sgemm, ctypes.c_float, 1e-4),
+            (np.float64, library.scipy_cblas_dgemm, ctypes.c_double, 1e-12),
+        ):
+            shapes = ((37, 29, 67, 0), (97, 83, 520, 3))
+            for (m, n, k, pad), ta, tb in itertools.product(shapes, (0, 1), (0, 1)):
+                # C (m x n) = 0.5 op(A) op(B) + 2 C, op(A) m x k, op(B) k x n, column-major
+                store_a, a = column_major(*((k, m) if ta else (m, k)), pad, dtype)
+                store_b, b = column_major(*((n, k) if tb else (k, n)), pad, dtype)
+                store_c, c = column_major(m, n, pad, dtype)
+                op_a, op_b = (a.T if ta else a), (b.T if tb else b)
+                want = 0.5 * (op_a.astype(float) @ op_b.astype(float)) + 2.0 * c.astype(float)
+                function(102, 112 if ta else 111, 112 if tb else 111, m, n, k, scalar(0.5),
+                         pointer(store_a.ctypes.data), store_a.shape[1],
+                         pointer(store_b.ctypes.data), store_b.shape[1], scalar(2.0),
+                         pointer(store_c.ctypes.data), store_c.shape[1])
+                if not np.all(np.abs(c - want) <= rtol * (np.abs(want).max() + 1.0)):
+                    return False
+        return True
+    finally:
+        if set_threads is not None and before is not None:
+            set_threads(before)
 
 
 @functools.cache
