@@ -1496,7 +1496,7 @@ class _Lowerer:
 
     def _blocked(self, r: _Reduction, pad: str, total: str, body: str) -> list[str]:
         """``r`` over blocks of BLOCK elements: values to a float64 buffer, each block folded to
-        one value (by the helpers of :data:`LANE_SOURCE`), the blocks' values joined in order
+        one value (by the folds of :data:`HELPER_SOURCE`), the blocks' values joined in order
         into the float64 ``total``."""
         n = str(r.temp)
         buf, q, m = (f"{n}_{x}" for x in ("buf", "q", "m"))
@@ -1555,16 +1555,16 @@ def _kept_at(r: _Reduction, last: str) -> str:
     return f"{target}[{', '.join([*(_int(v) for v in outer), last])}]"
 
 
-_LANE_DECORATOR = njit()
-#: Numba source of the helpers of a blocked reduction (see the module doc): a block's buffer
-#: folded to its sum or its maximum.  Small functions that LLVM inlines into each kernel; as
+#: Numba source of the helpers a tensor kernel may call besides the vectorised math: a blocked
+#: reduction's folds (:mod:`symgrad.codegen.folds`: a block's buffer folded to its sum or its
+#: maximum) and the chunks of a sum over rows (``_sg_chunk_rows``: rows per chunk and chunks,
+#: from the number of rows alone).  Small functions that LLVM inlines into each kernel; as
 #: calls they keep Numba's own passes (whose time grows faster than a function's length) from
 #: seeing these loops once for every reduction of a kernel — the textbook attention's VJP
-#: compiled 2.5× faster.  Also the chunks of a sum over rows (``_sg_chunk_rows``: rows per
-#: chunk and chunks, from the number of rows alone).
-LANE_SOURCE: dict[str, str] = {
+#: compiled 2.5× faster.
+HELPER_SOURCE: dict[str, str] = {
     "_sg_chunk_rows": f"""\
-{_LANE_DECORATOR}
+{njit()}
 def _sg_chunk_rows(rows, least):
     size = max(least, (rows + {MAX_CHUNKS - 1}) // {MAX_CHUNKS})
     return size, max(1, (rows + size - 1) // size)
@@ -1820,7 +1820,7 @@ def emit_tensor(derivation: TensorDerivation, key: str) -> KernelSource:
         layout = tuple(tuple(spec.out.index(i) for i in r.indices) for r in saved.residuals)
         constants += [f"RESIDUALS = {layout!r}", f"READS_OUTPUT = {saved.reads_output!r}", ""]
     text = "\n".join(src)
-    sources = {**VECTOR_MATH_SOURCE, **LANE_SOURCE}
+    sources = {**VECTOR_MATH_SOURCE, **HELPER_SOURCE}
     helpers = [sources[h] + "\n" for h in sorted(sources) if re.search(rf"\b{h}\(", text)]
     imports = ["import math", "", "import numpy as np", "from numba import njit, prange"]
     if uses_blas:

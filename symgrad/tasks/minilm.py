@@ -370,7 +370,6 @@ class StepWorkload:
     ``benchmarks/memory_minilm_step.py``): the training split, both sides and their optimizers,
     and one batch of the first epoch for each padded length (``by_length``)."""
 
-    cfg: MinilmConfig
     train: _Data
     ours: _Ours
     twin: Any
@@ -406,7 +405,7 @@ def step_workload(level: str) -> StepWorkload:
     by_length: dict[int, np.ndarray] = {}
     for idx in batch_order(len(train.labels), cfg.batch_size, cfg.seed, 0):
         by_length.setdefault(train.batch(idx)[0].shape[1], idx)
-    return StepWorkload(cfg, train, ours, twin, opt, twin_opt, by_length)
+    return StepWorkload(train, ours, twin, opt, twin_opt, by_length)
 
 
 def _twin_cache(twin: Any, data: _Data, chunks: Iterable[np.ndarray] | None = None) -> list[Any]:
